@@ -1,0 +1,1 @@
+"""Command-line interface. Every command module imports only light modules at top level."""

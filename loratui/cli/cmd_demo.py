@@ -1,0 +1,32 @@
+"""`loratui demo`: the whole job on bundled tiny models and data, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def demo(
+    task: str = typer.Option("image", "--task", help="image (Stable Diffusion LoRA) or text (LLM LoRA)."),
+    out: Path = typer.Option(Path("loratui-demo"), "--out", help="Folder for the demo's models, data and run."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (default: the demo's own)."),
+) -> None:
+    """Run the whole job offline on a tiny bundled model and dataset (no download, no GPU).
+
+    Builds a tiny random-weight model from bundled configs, checks a bundled dataset, trains a few dozen
+    steps, exports the LoRA and reloads it to render a before/after sample.
+    """
+    from loratui.cli.common import EXIT_UNUSABLE, console, not_implemented
+
+    if task not in ("image", "text"):
+        typer.echo("error: --task must be image or text", err=True)
+        raise typer.Exit(EXIT_UNUSABLE)
+    try:
+        if task == "image":
+            from loratui.demo.image_demo import run_demo
+        else:
+            from loratui.demo.text_demo import run_demo
+    except ModuleNotFoundError:
+        not_implemented(f"demo --task {task}")
+    raise typer.Exit(run_demo(out, steps=steps, console=console()))

@@ -1,0 +1,137 @@
+"""`loratui train`: resolve the config, check the data, and run training in a worker process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
+
+
+def train(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config."),
+    preset: str | None = typer.Option(None, "--preset", help="VRAM-tier preset (see `loratui presets list`)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set lora_rank=16 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and sources; train nothing."),
+    json_out: bool = typer.Option(False, "--json", help="With --dry-run: machine-readable output."),
+    resume: str | None = typer.Option(None, "--resume", help="latest, a run directory, or a checkpoint folder."),
+    skip_checks: bool = typer.Option(False, "--skip-checks", help="Train even if the dataset check has errors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing a different run's exported files."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Plain progress lines instead of the training view."),
+    detach: bool = typer.Option(False, "--detach", help="Start the worker and return at once."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model path or local HF id."),
+    train_data_dir: str | None = typer.Option(None, "--train-data-dir", help="Dataset folder or file."),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Where the exported LoRA goes."),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", "--rank", help="LoRA rank."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", "--alpha", help="LoRA alpha."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Micro-batch size."),
+    gradient_accumulation_steps: int | None = typer.Option(None, "--grad-accum", help="Accumulation steps."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", "--lr", help="Learning rate."),
+    resolution: int | None = typer.Option(None, "--resolution", help="Image resolution."),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="LLM max sequence length."),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="auto, no, fp16 or bf16."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    allow_pickle: bool | None = typer.Option(None, "--allow-pickle", help="Allow .ckpt/.bin pickle weights."),
+    trust_remote_code: bool | None = typer.Option(
+        None, "--trust-remote-code", help="Allow code shipped in the model folder to run."
+    ),
+    simulate_vram: str | None = typer.Option(None, "--simulate-vram", help="Simulate a card, e.g. 3GiB."),
+    runs_dir: Path | None = typer.Option(None, "--runs-dir", help="Where run directories are created."),
+    gpus: str | None = typer.Option(None, "--gpus", help="Multi-GPU: a count (4) or a list (0,2)."),
+    cpu_processes: int | None = typer.Option(None, "--cpu-processes", help="Distributed test on CPU (gloo)."),
+    accelerate_config: Path | None = typer.Option(None, "--accelerate-config", help="accelerate config file."),
+) -> None:
+    """Train a LoRA (image or text) from a YAML config, in a worker process that survives the terminal.
+
+    Values resolve as: defaults < --preset < config file < --set < explicit flags.
+
+    The worker runs in its own session, so training survives the terminal or SSH connection closing;
+    follow it again with `loratui attach`.
+    """
+    from loratui.cli.common import console, not_implemented
+    from loratui.config import ConfigError, check_paths, load_config
+
+    if gpus or cpu_processes or accelerate_config:
+        not_implemented("train --gpus/--cpu-processes/--accelerate-config")
+    flags = {
+        "base_model": base_model,
+        "train_data_dir": train_data_dir,
+        "output_dir": output_dir,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "resolution": resolution,
+        "max_seq_len": max_seq_len,
+        "mixed_precision": mixed_precision,
+        "seed": seed,
+        "allow_pickle": allow_pickle,
+        "trust_remote_code": trust_remote_code,
+        "simulate_vram": simulate_vram,
+        "runs_dir": str(runs_dir) if runs_dir else None,
+    }
+    if config is None and resume is None and not base_model:
+        typer.echo("error: give --config x.yaml (or --resume latest|RUN)", err=True)
+        raise typer.Exit(EXIT_UNUSABLE)
+    try:
+        resolved = load_config(config, preset=preset, overrides=set_, flags=flags)
+    except ConfigError as exc:
+        typer.echo(exc.render(), err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
+    path_problems = check_paths(resolved)
+
+    if dry_run:
+        _print_dry_run(resolved, path_problems, json_out)
+        raise typer.Exit(EXIT_ERRORS if path_problems else 0)
+    if path_problems:
+        typer.echo(ConfigError(path_problems).render(), err=True)
+        raise typer.Exit(EXIT_ERRORS)
+
+    from loratui.train.launch import launch_training
+
+    code = launch_training(
+        resolved,
+        resume=resume,
+        skip_checks=skip_checks,
+        overwrite=overwrite,
+        detach=detach,
+        tui=not no_tui,
+        out=console(),
+    )
+    raise typer.Exit(code)
+
+
+def _print_dry_run(resolved, problems, json_out: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from loratui.cli.common import console
+
+    if json_out:
+        payload = {
+            "config": resolved.config.model_dump(mode="json"),
+            "sources": {key: source for key, _, source in resolved.source_rows()},
+            "family": resolved.family,
+            "preset": resolved.preset,
+            "problems": [str(p) for p in problems],
+        }
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+        return
+    out = console()
+    table = Table(title=f"resolved config (family: {resolved.family})", title_justify="left")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("from")
+    for key, value, source in resolved.source_rows():
+        style = "dim" if source == "default" else ""
+        table.add_row(escape(key), escape(json.dumps(value, ensure_ascii=False)), escape(source), style=style)
+    out.print(table)
+    for problem in problems:
+        out.print(f"[red]problem:[/red] {problem}", highlight=False)

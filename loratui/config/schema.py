@@ -1,0 +1,158 @@
+"""The one typed training config shared by the image (SD) and text (LLM) trainers.
+
+Field names here are the canonical YAML keys; `aliases.py` maps the other spellings users bring from
+kohya, diffusers and LLM tools. Every field carries a description that the docs and `--dry-run` show.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TaskType = Literal["image-generation", "text-generation"]
+ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
+Precision = Literal["auto", "no", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw8bit"]
+Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
+
+
+class TrainConfig(BaseModel):
+    """A fully resolved training configuration (both task types)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- what and where ---------------------------------------------------------------------------
+    task_type: TaskType = Field("image-generation", description="image-generation (SD) or text-generation (LLM).")
+    base_model: str = Field("", description="Base model: diffusers folder, .safetensors checkpoint, HF folder or id.")
+    model_family: ModelFamily = Field("auto", description="sd15, sd2, sdxl or llm; auto detects it.")
+    train_data_dir: str = Field("", description="Dataset folder (images + captions) or JSON/JSONL file/folder.")
+    metadata_path: str | None = Field(None, description="metadata.csv with filename,prompt columns (images).")
+    output_dir: str = Field("./output/lora", description="Where the exported LoRA is written.")
+    output_name: str | None = Field(None, description="Name of the exported file; default: output_dir's name.")
+    runs_dir: str = Field("runs", description="Where run directories (events, checkpoints, logs) are created.")
+    run_name: str | None = Field(None, description="Run directory prefix; default: output_name.")
+
+    # --- LoRA ---------------------------------------------------------------------------------------
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network_dim).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / rank. Default: rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Modules to adapt; default per family. 'all-linear' for LLMs."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    train_text_encoder: bool = Field(False, description="SD: also train LoRA on the text encoder(s).")
+    text_encoder_lr: float | None = Field(None, gt=0, description="SD: text-encoder LR (default: learning_rate).")
+    init_lora: str | None = Field(None, description="Start from this existing LoRA (file or adapter folder).")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    batch_size: int = Field(1, ge=1, description="Samples per micro-batch (per device).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the dataset (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Scheduler = Field("constant", description="constant, constant_with_warmup, cosine or linear.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    optimizer: Optimizer = Field("adamw", description="adamw or adamw8bit (needs bitsandbytes).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables it.")
+    mixed_precision: Precision = Field("auto", description="auto, no (fp32), fp16 or bf16.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
+    seed: int = Field(42, description="Seed for weights init, data order, noise and augmentations.")
+
+    # --- checkpoints, logging, sampling ---------------------------------------------------------
+    save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N optimizer steps.")
+    keep_last_n: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    log_every_steps: int = Field(1, ge=1, description="Write a progress event every N steps.")
+    sample_prompts: list[str] = Field(default_factory=list, description="Prompts rendered during training.")
+    sample_every_steps: int | None = Field(None, ge=1, description="Render sample_prompts every N steps.")
+
+    # --- images (SD) ------------------------------------------------------------------------
+    resolution: int = Field(512, ge=64, le=4096, description="Training resolution (multiple of 8).")
+    bucket: bool = Field(False, description="Aspect-ratio bucketing instead of centre crop.")
+    bucket_no_upscale: bool = Field(True, description="Never upscale images to fill a bucket.")
+    random_crop: bool = Field(False, description="Random instead of centre crop.")
+    flip_aug: bool = Field(False, description="Random horizontal flip.")
+    caption_extension: str = Field(".txt", description="Sidecar caption extension (.txt or .caption).")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of an empty caption.")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags.")
+    keep_tokens: int = Field(0, ge=0, description="Leading tags kept in place when shuffling.")
+    trigger_word: str | None = Field(None, description="Prepended to captions that lack it.")
+    cache_latents: bool = Field(False, description="Encode images once and keep the VAE off the GPU.")
+    cache_latents_to_disk: bool = Field(False, description="Store cached latents on disk next to the run.")
+    cache_text_encoder_outputs: bool = Field(False, description="Encode captions once (frozen text encoder).")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (e.g. 5).")
+    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset (e.g. 0.05) for darker/brighter images.")
+    prediction_type: PredictionType = Field("auto", description="epsilon or v_prediction; auto from the model.")
+
+    # --- text (LLM) --------------------------------------------------------------------------
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Maximum tokens per sample.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit NF4 (CUDA only).")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    packing: bool = Field(False, description="Pack short samples into max_seq_len sequences.")
+    val_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for eval loss.")
+    chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
+
+    # --- safety and recovery ----------------------------------------------------------------
+    allow_pickle: bool = Field(False, description="Allow loading pickle weights (.ckpt/.bin): runs code.")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the model folder.")
+    oom_recovery: bool = Field(True, description="Lower settings and carry on after out-of-memory.")
+    oom_allow_quality_reduction: bool = Field(True, description="OOM ladder may lower resolution/seq length.")
+    simulate_vram: str | None = Field(None, description="Simulate a card of this size, e.g. 3GiB (testing).")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("sample_prompts", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _square_resolution(cls, value: object) -> object:
+        """Accept kohya's "512,512" and [512, 512] for square resolutions."""
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",")]
+        if isinstance(value, list | tuple) and len(value) == 2 and str(value[0]) == str(value[1]):
+            return value[0]
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dot_extension(cls, value: str) -> str:
+        return value if value.startswith(".") else "." + value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"{value} is not a multiple of 8; use e.g. {value // 8 * 8} or {value // 8 * 8 + 8}")
+        return value
+
+
+    @property
+    def effective_alpha(self) -> float:
+        """lora_alpha, defaulting to the rank."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step on one device."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def name(self) -> str:
+        """The output name: output_name or the output folder's name."""
+        from pathlib import PurePath
+
+        return self.output_name or PurePath(self.output_dir).name or "lora"
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(TrainConfig.model_fields)
+PATH_FIELDS: tuple[str, ...] = ("base_model", "train_data_dir", "metadata_path", "init_lora")

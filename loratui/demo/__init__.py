@@ -1,0 +1,1 @@
+"""`loratui demo`: end-to-end runs on tiny bundled models and data."""

@@ -1,0 +1,1 @@
+"""Base-model inspection (light: headers and configs only) and, in submodules, loading."""

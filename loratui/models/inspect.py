@@ -1,0 +1,203 @@
+"""Tell what a base-model path is without loading weights: family, file kind, size class.
+
+Reads only small things: a safetensors header (JSON), `model_index.json`, `config.json`, file magic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SD_FAMILIES = ("sd15", "sd2", "sdxl")
+GGML_MAGICS = {b"lmgg", b"tjgg", b"fmgg", b"ggml", b"ggjt", b"ggmf"}
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+@dataclass
+class ModelInfo:
+    """What a base-model path looks like."""
+
+    path: str
+    kind: str  # diffusers-folder, sd-checkpoint, hf-folder, gguf, ggml, pickle, lora, vae, unknown, missing, hub-id
+    family: str | None = None  # sd15 | sd2 | sdxl | llm
+    params: int | None = None  # LLM parameter count estimate from config.json
+    architecture: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def preset_family(self) -> str | None:
+        """The preset section that fits: sd15/sdxl (sd2 uses sd15's), llm-7b or llm-13b by size."""
+        if self.family in ("sd15", "sd2"):
+            return "sd15"
+        if self.family == "sdxl":
+            return "sdxl"
+        if self.family == "llm":
+            return "llm-13b" if (self.params or 0) > 9e9 else "llm-7b"
+        return None
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Return the JSON header of a .safetensors file (tensor names -> dtype/shape/offsets)."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise ValueError("file too short to be safetensors")
+        (length,) = struct.unpack("<Q", raw)
+        if length <= 1 or length > SAFETENSORS_HEADER_LIMIT:
+            raise ValueError("not a safetensors file (bad header length)")
+        header = handle.read(length)
+        if len(header) < length:
+            raise ValueError("truncated safetensors header")
+    return json.loads(header)
+
+
+def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
+    """Classify a checkpoint by its tensor names: (kind, family)."""
+    keyset = set(keys)
+    if any(".lora_down." in k or ".lora_A." in k or k.startswith("lora_unet_") for k in keys[:2000]):
+        return "lora", None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sd-checkpoint", "sdxl"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            return "sd-checkpoint", "sd2"
+        return "sd-checkpoint", "sd15"
+    if "encoder.conv_in.weight" in keyset and "decoder.conv_out.weight" in keyset:
+        return "vae", None
+    if any(k.startswith(("model.layers.", "transformer.h.", "model.embed_tokens")) for k in keys):
+        return "llm-weights", "llm"
+    return "unknown", None
+
+
+def _llm_params(config: dict) -> int | None:
+    """Rough parameter count of a decoder-only LM from its config.json."""
+    text = config.get("text_config", config)
+    try:
+        hidden = int(text["hidden_size"])
+        layers = int(text["num_hidden_layers"])
+        vocab = int(text["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    inter = int(text.get("intermediate_size") or 4 * hidden)
+    heads = int(text.get("num_attention_heads") or 1)
+    kv = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // max(heads, 1))
+    attn = hidden * head_dim * (heads * 2 + kv * 2)
+    mlp = 3 * hidden * inter
+    tied = bool(text.get("tie_word_embeddings", False))
+    return layers * (attn + mlp) + vocab * hidden * (1 if tied else 2)
+
+
+def _inspect_diffusers(folder: Path) -> ModelInfo:
+    info = ModelInfo(str(folder), "diffusers-folder")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    info.architecture = str(index.get("_class_name"))
+    if "text_encoder_2" in index or "XL" in info.architecture:
+        info.family = "sdxl"
+        return info
+    info.family = "sd15"
+    unet_cfg = folder / "unet" / "config.json"
+    sched_cfg = folder / "scheduler" / "scheduler_config.json"
+    try:
+        unet = json.loads(unet_cfg.read_text(encoding="utf-8"))
+        if unet.get("cross_attention_dim") == 1024 or unet.get("use_linear_projection"):
+            info.family = "sd2"
+        sched = json.loads(sched_cfg.read_text(encoding="utf-8")) if sched_cfg.exists() else {}
+        if sched.get("prediction_type") == "v_prediction":
+            info.notes.append("v-prediction")
+    except (OSError, ValueError):
+        info.notes.append("unet/config.json unreadable")
+    return info
+
+
+def _inspect_hf_folder(folder: Path) -> ModelInfo:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or [config.get("model_type", "unknown")]
+    info = ModelInfo(str(folder), "hf-folder", family="llm", architecture=str(archs[0]))
+    info.params = _llm_params(config)
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")):
+            info.notes.append("weights are pickle .bin files (need --allow-pickle)")
+        else:
+            info.notes.append("no weight files found")
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists():
+        if not (folder / "tokenizer_config.json").exists():
+            info.notes.append("no tokenizer files")
+    return info
+
+
+def _inspect_file(path: Path) -> ModelInfo:
+    suffix = path.suffix.lower()
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic == b"GGUF":
+        return ModelInfo(str(path), "gguf", family="llm")
+    if magic in GGML_MAGICS or re.search(r"ggml", path.name, re.IGNORECASE):
+        return ModelInfo(str(path), "ggml", family="llm")
+    if suffix == ".safetensors":
+        try:
+            header = read_safetensors_header(path)
+        except (ValueError, OSError) as exc:
+            return ModelInfo(str(path), "unknown", notes=[f"unreadable safetensors: {exc}"])
+        keys = [k for k in header if k != "__metadata__"]
+        kind, family = classify_state_keys(keys)
+        return ModelInfo(str(path), kind, family=family)
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return ModelInfo(str(path), "pickle", notes=["pickle checkpoint: loading it runs code"])
+    return ModelInfo(str(path), "unknown")
+
+
+def inspect_base_model(base_model: str) -> ModelInfo:
+    """Inspect a local path (or note that it is a hub id / missing). Never raises for bad files."""
+    path = Path(base_model).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "model_index.json").exists():
+                return _inspect_diffusers(path)
+            if (path / "config.json").exists():
+                return _inspect_hf_folder(path)
+            return ModelInfo(str(path), "unknown", notes=["folder has neither model_index.json nor config.json"])
+        if path.is_file():
+            return _inspect_file(path)
+    except (OSError, ValueError) as exc:
+        return ModelInfo(str(path), "unknown", notes=[str(exc)])
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not base_model.startswith("."):
+        return ModelInfo(base_model, "hub-id")
+    return ModelInfo(str(path), "missing")
+
+
+def guess_family_from_name(base_model: str, task_type: str) -> str:
+    """Fallback when nothing can be read: a guess from the file name."""
+    if task_type == "text-generation":
+        return "llm"
+    name = Path(base_model).name.lower()
+    if "xl" in name:
+        return "sdxl"
+    if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|sd2)", name):
+        return "sd2"
+    return "sd15"
+
+
+def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
+    """Infer the task type from the model path or dataset, or None when nothing tells."""
+    info = inspect_base_model(base_model) if base_model else None
+    if info and info.family in SD_FAMILIES:
+        return "image-generation"
+    if info and info.family == "llm":
+        return "text-generation"
+    lowered = base_model.lower()
+    if lowered.endswith((".gguf", ".bin")) or "llama" in lowered or "ggml" in lowered:
+        return "text-generation"
+    data = Path(train_data_dir) if train_data_dir else None
+    if data is not None:
+        if data.suffix.lower() in (".jsonl", ".json"):
+            return "text-generation"
+        if data.is_dir():
+            if any(data.glob("*.jsonl")) or any(data.glob("*.json")):
+                return "text-generation"
+    if lowered.endswith((".safetensors", ".ckpt")) or "stable-diffusion" in lowered:
+        return "image-generation"
+    return None

@@ -1,0 +1,58 @@
+"""Plain-text rendering of run events, for headless output, logs and `attach --no-tui`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FINAL_EVENTS = ("run_finished", "run_failed", "run_stopped")
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.0f} MiB" if isinstance(value, int | float) else "-"
+
+
+def format_event(event: dict[str, Any]) -> str | None:
+    """One line for an event, or None for events not worth a line."""
+    kind = event.get("type")
+    step = event.get("step")
+    if kind == "run_started":
+        return f"started: {event.get('total_steps')} steps ({event.get('family', '')} {event.get('device', '')})"
+    if kind == "step":
+        loss = event.get("loss")
+        loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else str(loss)
+        rate = event.get("samples_per_s")
+        parts = [
+            f"step {step}",
+            f"epoch {int(event.get('epoch', 0)) + 1}",
+            f"loss {loss_text}",
+            f"lr {event.get('lr', 0):.2e}",
+        ]
+        if isinstance(rate, int | float):
+            parts.append(f"{rate:.2f} samples/s")
+        if "memory_peak" in event:
+            parts.append(f"peak {_mib(event['memory_peak'])}")
+        return " ".join(parts)
+    if kind == "checkpoint":
+        return f"checkpoint: {event.get('path')}"
+    if kind == "sample":
+        return f"sample: {event.get('path') or event.get('text', '')}"
+    if kind == "eval":
+        return f"eval loss {event.get('eval_loss')}"
+    if kind in ("oom", "oom_recovered"):
+        return f"out of memory at step {step}: {event.get('old')} -> {event.get('new')} ({event.get('rung', '')})"
+    if kind == "warning":
+        return f"warning: {event.get('message')}"
+    if kind == "error":
+        return f"error: {event.get('message')}"
+    if kind == "export":
+        text = f"exported: {event.get('path')}"
+        if event.get("usage"):
+            text += f"\n  use it: {event['usage']}"
+        return text
+    if kind == "run_finished":
+        return "finished"
+    if kind == "run_stopped":
+        return f"stopped ({event.get('reason', '')})"
+    if kind == "run_failed":
+        return f"failed: {event.get('error')}"
+    return None

@@ -1,0 +1,133 @@
+"""Start a training worker process for a resolved config and follow it.
+
+The worker runs in its own session (`start_new_session=True`), so closing the terminal or the SSH
+connection does not stop it. This process only reads the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loratui.config import ResolvedConfig
+from loratui.runs.events import EventReader
+from loratui.runs.follow import FINAL_EVENTS, format_event
+from loratui.runs.rundir import RunDir, create_run_dir
+from loratui.runs.status import RunStatus, pid_alive
+
+EXIT_STOPPED = 130
+
+
+def prepare_run(resolved: ResolvedConfig, *, resume: str | None, overwrite: bool) -> tuple[RunDir, Path | None]:
+    """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json."""
+    cfg = resolved.config
+    runs_dir = Path(cfg.runs_dir)
+    checkpoint = None
+    if resume:
+        from loratui.train.checkpointing import resolve_resume
+
+        run, checkpoint = resolve_resume(resume, runs_dir, cfg.run_name or cfg.name)
+    else:
+        run = create_run_dir(runs_dir, cfg.run_name or cfg.name)
+    if cfg.model_family == "auto" and resolved.family in ("sd15", "sd2", "sdxl", "llm"):
+        cfg.model_family = resolved.family
+    run.write_config(resolved.to_yaml())
+    launch = {"resume_from": str(checkpoint) if checkpoint else None, "overwrite": overwrite}
+    (run.path / "launch.json").write_text(json.dumps(launch, indent=1), encoding="utf-8")
+    RunStatus(state="starting").write(run.status_path) if not run.status_path.exists() else None
+    return run, checkpoint
+
+
+def start_worker(run: RunDir) -> subprocess.Popen:
+    """Spawn `python -m loratui.train.worker RUN_DIR` detached from this terminal."""
+    log = (run.path / "worker.log").open("ab")
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "loratui.train.worker", str(run.path)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def follow_plain(run: RunDir, process: subprocess.Popen | None, out) -> int:
+    """Print events as plain lines until the run ends. Ctrl-C asks the worker to checkpoint and stop;
+    a second Ctrl-C detaches (training goes on)."""
+    reader = EventReader(run.events_path)
+    interrupts = 0
+    final: str | None = None
+    while True:
+        try:
+            for event in reader.poll():
+                line = format_event(event)
+                if line:
+                    out.print(line, markup=False, highlight=False)
+                if event.get("type") in FINAL_EVENTS:
+                    final = event["type"]
+            exited = process.poll() is not None if process else not pid_alive((run.status() or RunStatus()).pid)
+            if final or exited:
+                for event in reader.poll():
+                    line = format_event(event)
+                    if line:
+                        out.print(line, markup=False, highlight=False)
+                    final = event["type"] if event.get("type") in FINAL_EVENTS else final
+                break
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupts += 1
+            pid = process.pid if process else (run.status() or RunStatus()).pid
+            if interrupts == 1 and pid:
+                out.print("stopping: saving a checkpoint first (Ctrl-C again to detach and leave it running)")
+                os.kill(pid, signal.SIGINT)
+            else:
+                out.print(f"detached; training continues. Follow it with: loratui attach {run.name}")
+                return 0
+    if process is not None:
+        code = process.wait()
+        if code == 2 and final is None:
+            return 2
+    if final == "run_finished":
+        return 0
+    if final == "run_stopped":
+        return EXIT_STOPPED
+    log = run.path / "worker.log"
+    out.print(f"training did not finish; see {log}", markup=False)
+    return 1
+
+
+def launch_training(
+    resolved: ResolvedConfig,
+    *,
+    resume: str | None,
+    skip_checks: bool,
+    overwrite: bool,
+    detach: bool,
+    tui: bool,
+    out,
+) -> int:
+    """Check, prepare the run directory, start the worker, and follow it (or detach)."""
+    from loratui.train.preflight import run_preflight
+
+    if not run_preflight(resolved, skip_checks=skip_checks, out=out):
+        return 1
+    try:
+        run, checkpoint = prepare_run(resolved, resume=resume, overwrite=overwrite)
+    except FileNotFoundError as exc:
+        out.print(f"error: {exc}", markup=False)
+        return 1
+    if checkpoint:
+        out.print(f"resuming from {checkpoint}", markup=False)
+    process = start_worker(run)
+    out.print(f"run directory: {run.path} (worker pid {process.pid})", markup=False)
+    if detach:
+        out.print(f"training in the background; follow it with: loratui attach {run.name}", markup=False)
+        return 0
+    return follow_plain(run, process, out)

@@ -1,0 +1,67 @@
+"""One optimizer step over several micro-batches (gradient accumulation), shared by both trainers.
+
+The trainer's `micro_loss(batch_indices)` returns that micro-batch's loss already divided by the
+normaliser of the WHOLE optimizer step (number of samples for SD, number of target tokens for LLMs), so
+the accumulated gradient is identical however the step is split into micro-batches. This is what lets the
+OOM ladder halve the micro-batch mid-run without changing the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float
+    grad_norm: float | None
+    micro_batches: int
+    lr: float
+
+
+def optimizer_step(
+    micro_batches: Sequence[Sequence[int]],
+    micro_loss: Callable[[Sequence[int]], torch.Tensor],
+    *,
+    accelerator,
+    optimizer,
+    scheduler,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float | None,
+    model=None,
+) -> StepResult:
+    """Run forward/backward for every micro-batch, then clip, step, schedule and zero the gradients.
+
+    `accelerator` is an `accelerate.Accelerator` (handles the fp16 grad scaler and multi-process sync).
+    """
+    total = 0.0
+    last = len(micro_batches) - 1
+    for position, batch in enumerate(micro_batches):
+        sync = position == last or model is None or accelerator.num_processes == 1
+        context = accelerator.no_sync(model) if not sync else _nullcontext()
+        with context:
+            loss = micro_loss(batch)
+            accelerator.backward(loss)
+        total += float(loss.detach())
+        del loss
+    grad_norm = None
+    if max_grad_norm is not None and max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total, grad_norm, len(micro_batches), float(scheduler.get_last_lr()[0]))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,84 @@
+"""The training worker: `python -m loratui.train.worker RUN_DIR`.
+
+Reads the run directory's resolved `config.yaml` and `launch.json`, runs the trainer for the task type, and
+records the outcome in `events.jsonl` / `status.json`. Exit codes: 0 finished, 130 stopped, 1 failed,
+2 the trainer for this task is not available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratui.config import ResolvedConfig, load_config
+from loratui.runs.events import EventWriter
+from loratui.runs.rundir import RunDir
+from loratui.runs.status import RunState, RunStatus
+
+
+@dataclass
+class WorkerJob:
+    """Everything a trainer needs: where to write and what to train."""
+
+    run: RunDir
+    resolved: ResolvedConfig
+    resume_from: Path | None
+    overwrite: bool
+
+
+def _record_failure(run: RunDir, message: str, details: str = "") -> None:
+    with EventWriter(run.events_path) as events:
+        events.write("run_failed", None, error=message, traceback=details)
+    status = run.status() or RunStatus()
+    status.state, status.message, status.pid = RunState.FAILED.value, message[:500], os.getpid()
+    run.write_status(status)
+
+
+def run_job(job: WorkerJob) -> int:
+    """Dispatch to the trainer of the task type; returns the process exit code."""
+    task = job.resolved.config.task_type
+    try:
+        if task == "image-generation":
+            from loratui.train.sd_trainer import train as trainer
+        else:
+            from loratui.train.llm_trainer import train as trainer
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("loratui.train."):
+            _record_failure(job.run, f"training for {task} is not implemented yet")
+            return 2
+        raise
+    state = trainer(job)
+    return {"finished": 0, "stopped": 130}.get(state, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m loratui.train.worker RUN_DIR", file=sys.stderr)
+        return 2
+    run = RunDir(Path(args[0]))
+    launch = json.loads((run.path / "launch.json").read_text(encoding="utf-8"))
+    status = run.status() or RunStatus()
+    status.pid, status.state = os.getpid(), RunState.RUNNING.value
+    run.write_status(status)
+    try:
+        resolved = load_config(run.config_path)
+        job = WorkerJob(
+            run=run,
+            resolved=resolved,
+            resume_from=Path(launch["resume_from"]) if launch.get("resume_from") else None,
+            overwrite=bool(launch.get("overwrite")),
+        )
+        return run_job(job)
+    except Exception as exc:
+        _record_failure(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
