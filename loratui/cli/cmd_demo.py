@@ -9,7 +9,9 @@ import typer
 
 def demo(
     task: str = typer.Option("image", "--task", help="image (Stable Diffusion LoRA) or text (LLM LoRA)."),
-    out: Path = typer.Option(Path("loratui-demo"), "--out", help="Folder for the demo's models, data and run."),
+    out: Path = typer.Option(
+        Path("loratui-demo"), "--out", help="Folder for the demo's models, data and run."
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default: the demo's own)."),
 ) -> None:
     """Run the whole job offline on a tiny bundled model and dataset (no download, no GPU).

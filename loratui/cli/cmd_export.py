@@ -13,7 +13,9 @@ def export(
         None, "--format", help="kohya | diffusers (image LoRAs) or peft (LLM adapters); default by task."
     ),
     dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 for the written tensors."),
-    merge: bool = typer.Option(False, "--merge", help="LLM: write a merged full model instead of an adapter."),
+    merge: bool = typer.Option(
+        False, "--merge", help="LLM: write a merged full model instead of an adapter."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output file or folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
@@ -36,4 +38,6 @@ def export(
             from loratui.export.llm_export import export_cli
     except ModuleNotFoundError:
         not_implemented(f"export ({task})")
-    raise typer.Exit(export_cli(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, console=console()))
+    raise typer.Exit(
+        export_cli(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, console=console())
+    )

@@ -6,7 +6,9 @@ import typer
 
 from loratui.cli.common import EXIT_ERRORS, console
 
-app = typer.Typer(help="List and show the bundled VRAM-tier presets.", no_args_is_help=True)
+app = typer.Typer(
+    help="List and show the bundled VRAM-tier presets.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @app.command("list")
@@ -33,7 +35,9 @@ def list_presets() -> None:
 @app.command("show")
 def show(
     name: str = typer.Argument(..., help="Preset name, e.g. low-vram or 24gb."),
-    check: bool = typer.Option(False, "--check", help="Also predict peak memory per family (memory planner)."),
+    check: bool = typer.Option(
+        False, "--check", help="Also predict peak memory per family (memory planner)."
+    ),
 ) -> None:
     """Every setting of a preset, per model family."""
     import yaml

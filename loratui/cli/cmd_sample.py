@@ -8,9 +8,15 @@ import typer
 
 
 def sample(
-    base: str = typer.Option(..., "--base", help="Base model: diffusers folder, .safetensors checkpoint or HF LLM."),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA file or adapter, optionally PATH:WEIGHT. Repeatable."),
-    lora_dir: Path | None = typer.Option(None, "--lora-dir", help="Folder to resolve <lora:NAME:W> prompt tags."),
+    base: str = typer.Option(
+        ..., "--base", help="Base model: diffusers folder, .safetensors checkpoint or HF LLM."
+    ),
+    lora: list[str] = typer.Option(
+        [], "--lora", help="LoRA file or adapter, optionally PATH:WEIGHT. Repeatable."
+    ),
+    lora_dir: Path | None = typer.Option(
+        None, "--lora-dir", help="Folder to resolve <lora:NAME:W> prompt tags."
+    ),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text (may contain <lora:NAME:W>)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Image models: negative prompt."),
     seed: int = typer.Option(1, "--seed", help="Random seed."),
@@ -19,7 +25,9 @@ def sample(
     height: int | None = typer.Option(None, "--height", help="Image models: height (default: model's)."),
     guidance: float = typer.Option(7.0, "--guidance", help="Image models: classifier-free guidance scale."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Image models: output PNG path."),
-    compare: bool = typer.Option(False, "--compare", help="LLMs: print base vs adapter answers side by side."),
+    compare: bool = typer.Option(
+        False, "--compare", help="LLMs: print base vs adapter answers side by side."
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="LLMs: tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="LLMs: 0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="LLMs: nucleus sampling."),

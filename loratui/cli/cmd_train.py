@@ -12,13 +12,23 @@ from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
 
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config."),
-    preset: str | None = typer.Option(None, "--preset", help="VRAM-tier preset (see `loratui presets list`)."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="VRAM-tier preset (see `loratui presets list`)."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set lora_rank=16 (repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and sources; train nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config and sources; train nothing."
+    ),
     json_out: bool = typer.Option(False, "--json", help="With --dry-run: machine-readable output."),
-    resume: str | None = typer.Option(None, "--resume", help="latest, a run directory, or a checkpoint folder."),
-    skip_checks: bool = typer.Option(False, "--skip-checks", help="Train even if the dataset check has errors."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing a different run's exported files."),
+    resume: str | None = typer.Option(
+        None, "--resume", help="latest, a run directory, or a checkpoint folder."
+    ),
+    skip_checks: bool = typer.Option(
+        False, "--skip-checks", help="Train even if the dataset check has errors."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Allow replacing a different run's exported files."
+    ),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain progress lines instead of the training view."),
     detach: bool = typer.Option(False, "--detach", help="Start the worker and return at once."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model path or local HF id."),
@@ -43,7 +53,9 @@ def train(
     runs_dir: Path | None = typer.Option(None, "--runs-dir", help="Where run directories are created."),
     gpus: str | None = typer.Option(None, "--gpus", help="Multi-GPU: a count (4) or a list (0,2)."),
     cpu_processes: int | None = typer.Option(None, "--cpu-processes", help="Distributed test on CPU (gloo)."),
-    accelerate_config: Path | None = typer.Option(None, "--accelerate-config", help="accelerate config file."),
+    accelerate_config: Path | None = typer.Option(
+        None, "--accelerate-config", help="accelerate config file."
+    ),
 ) -> None:
     """Train a LoRA (image or text) from a YAML config, in a worker process that survives the terminal.
 

@@ -21,7 +21,11 @@ class ConfigProblem:
         return self.source or "config"
 
     def __str__(self) -> str:
-        text = f"{self.location()}: `{self.key}`: {self.message}" if self.key else f"{self.location()}: {self.message}"
+        text = (
+            f"{self.location()}: `{self.key}`: {self.message}"
+            if self.key
+            else f"{self.location()}: {self.message}"
+        )
         return f"{text} ({self.hint})" if self.hint else text
 
 

@@ -24,26 +24,40 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- what and where ---------------------------------------------------------------------------
-    task_type: TaskType = Field("image-generation", description="image-generation (SD) or text-generation (LLM).")
-    base_model: str = Field("", description="Base model: diffusers folder, .safetensors checkpoint, HF folder or id.")
+    task_type: TaskType = Field(
+        "image-generation", description="image-generation (SD) or text-generation (LLM)."
+    )
+    base_model: str = Field(
+        "", description="Base model: diffusers folder, .safetensors checkpoint, HF folder or id."
+    )
     model_family: ModelFamily = Field("auto", description="sd15, sd2, sdxl or llm; auto detects it.")
-    train_data_dir: str = Field("", description="Dataset folder (images + captions) or JSON/JSONL file/folder.")
+    train_data_dir: str = Field(
+        "", description="Dataset folder (images + captions) or JSON/JSONL file/folder."
+    )
     metadata_path: str | None = Field(None, description="metadata.csv with filename,prompt columns (images).")
     output_dir: str = Field("./output/lora", description="Where the exported LoRA is written.")
-    output_name: str | None = Field(None, description="Name of the exported file; default: output_dir's name.")
-    runs_dir: str = Field("runs", description="Where run directories (events, checkpoints, logs) are created.")
+    output_name: str | None = Field(
+        None, description="Name of the exported file; default: output_dir's name."
+    )
+    runs_dir: str = Field(
+        "runs", description="Where run directories (events, checkpoints, logs) are created."
+    )
     run_name: str | None = Field(None, description="Run directory prefix; default: output_name.")
 
     # --- LoRA ---------------------------------------------------------------------------------------
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (network_dim).")
-    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / rank. Default: rank.")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; scale = alpha / rank. Default: rank."
+    )
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | None = Field(
         None, description="Modules to adapt; default per family. 'all-linear' for LLMs."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
     train_text_encoder: bool = Field(False, description="SD: also train LoRA on the text encoder(s).")
-    text_encoder_lr: float | None = Field(None, gt=0, description="SD: text-encoder LR (default: learning_rate).")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="SD: text-encoder LR (default: learning_rate)."
+    )
     init_lora: str | None = Field(None, description="Start from this existing LoRA (file or adapter folder).")
 
     # --- optimisation ---------------------------------------------------------------------------
@@ -52,13 +66,17 @@ class TrainConfig(BaseModel):
     epochs: int = Field(1, ge=1, description="Passes over the dataset (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Scheduler = Field("constant", description="constant, constant_with_warmup, cosine or linear.")
+    lr_scheduler: Scheduler = Field(
+        "constant", description="constant, constant_with_warmup, cosine or linear."
+    )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     optimizer: Optimizer = Field("adamw", description="adamw or adamw8bit (needs bitsandbytes).")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables it.")
     mixed_precision: Precision = Field("auto", description="auto, no (fp32), fp16 or bf16.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations to save memory (~30% slower)."
+    )
     seed: int = Field(42, description="Seed for weights init, data order, noise and augmentations.")
 
     # --- checkpoints, logging, sampling ---------------------------------------------------------
@@ -83,8 +101,12 @@ class TrainConfig(BaseModel):
     cache_latents_to_disk: bool = Field(False, description="Store cached latents on disk next to the run.")
     cache_text_encoder_outputs: bool = Field(False, description="Encode captions once (frozen text encoder).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (e.g. 5).")
-    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset (e.g. 0.05) for darker/brighter images.")
-    prediction_type: PredictionType = Field("auto", description="epsilon or v_prediction; auto from the model.")
+    noise_offset: float = Field(
+        0.0, ge=0.0, description="Noise offset (e.g. 0.05) for darker/brighter images."
+    )
+    prediction_type: PredictionType = Field(
+        "auto", description="epsilon or v_prediction; auto from the model."
+    )
 
     # --- text (LLM) --------------------------------------------------------------------------
     max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Maximum tokens per sample.")
@@ -132,9 +154,10 @@ class TrainConfig(BaseModel):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"{value} is not a multiple of 8; use e.g. {value // 8 * 8} or {value // 8 * 8 + 8}")
+            raise ValueError(
+                f"{value} is not a multiple of 8; use e.g. {value // 8 * 8} or {value // 8 * 8 + 8}"
+            )
         return value
-
 
     @property
     def effective_alpha(self) -> float:

@@ -29,7 +29,9 @@ def read_yaml_mapping(text: str, source: str) -> YamlMapping:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         result.problems.append(
-            ConfigProblem("", f"YAML syntax error: {getattr(exc, 'problem', exc)}", "fix the YAML", source, line)
+            ConfigProblem(
+                "", f"YAML syntax error: {getattr(exc, 'problem', exc)}", "fix the YAML", source, line
+            )
         )
         return result
     if node is None:
@@ -45,13 +47,17 @@ def read_yaml_mapping(text: str, source: str) -> YamlMapping:
         line = key_node.start_mark.line + 1
         if key in result.values:
             result.problems.append(
-                ConfigProblem(key, f"given twice (first on line {result.lines[key]})", "keep one", source, line)
+                ConfigProblem(
+                    key, f"given twice (first on line {result.lines[key]})", "keep one", source, line
+                )
             )
             continue
         try:
             value = constructor.construct_object(value_node, deep=True)
         except yaml.YAMLError as exc:
-            result.problems.append(ConfigProblem(key, f"unreadable value: {exc}", "fix the YAML", source, line))
+            result.problems.append(
+                ConfigProblem(key, f"unreadable value: {exc}", "fix the YAML", source, line)
+            )
             continue
         result.values[key] = value
         result.lines[key] = line
@@ -79,7 +85,9 @@ def parse_set_overrides(items: list[str]) -> YamlMapping:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            result.problems.append(ConfigProblem(item, "expected key=value", "e.g. --set lora_rank=16", "--set"))
+            result.problems.append(
+                ConfigProblem(item, "expected key=value", "e.g. --set lora_rank=16", "--set")
+            )
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""

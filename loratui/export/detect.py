@@ -37,5 +37,7 @@ def source_task(source: Path) -> str | None:
             return None
         kind, _ = classify_state_keys(keys)
         if kind == "lora":
-            return "text-generation" if any("base_model.model.model." in k for k in keys) else "image-generation"
+            return (
+                "text-generation" if any("base_model.model.model." in k for k in keys) else "image-generation"
+            )
     return None

@@ -9,6 +9,7 @@ For tests and demos, `$LORATUI_FAKE_NVML` may point at a JSON file describing fa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -117,10 +118,8 @@ def reset() -> None:
     with _lock:
         module = _state["module"]
         if module is not None:
-            try:
+            with contextlib.suppress(Exception):
                 module.nvmlShutdown()
-            except Exception:
-                pass
         _state.update(module=None, initialised=False, error=None, key=None)
 
 

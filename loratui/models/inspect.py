@@ -123,9 +123,9 @@ def _inspect_hf_folder(folder: Path) -> ModelInfo:
             info.notes.append("weights are pickle .bin files (need --allow-pickle)")
         else:
             info.notes.append("no weight files found")
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists():
-        if not (folder / "tokenizer_config.json").exists():
-            info.notes.append("no tokenizer files")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((folder / name).exists() for name in tokenizer_files):
+        info.notes.append("no tokenizer files")
     return info
 
 
@@ -159,11 +159,15 @@ def inspect_base_model(base_model: str) -> ModelInfo:
                 return _inspect_diffusers(path)
             if (path / "config.json").exists():
                 return _inspect_hf_folder(path)
-            return ModelInfo(str(path), "unknown", notes=["folder has neither model_index.json nor config.json"])
+            return ModelInfo(
+                str(path), "unknown", notes=["folder has neither model_index.json nor config.json"]
+            )
         if path.is_file():
             return _inspect_file(path)
     except (OSError, ValueError) as exc:
         return ModelInfo(str(path), "unknown", notes=[str(exc)])
+    if re.search(r"ggml", path.name, re.IGNORECASE) and path.suffix.lower() == ".bin":
+        return ModelInfo(str(path), "ggml", family="llm", notes=["file not found; named like a GGML file"])
     if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not base_model.startswith("."):
         return ModelInfo(base_model, "hub-id")
     return ModelInfo(str(path), "missing")
@@ -195,9 +199,8 @@ def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
     if data is not None:
         if data.suffix.lower() in (".jsonl", ".json"):
             return "text-generation"
-        if data.is_dir():
-            if any(data.glob("*.jsonl")) or any(data.glob("*.json")):
-                return "text-generation"
+        if data.is_dir() and (any(data.glob("*.jsonl")) or any(data.glob("*.json"))):
+            return "text-generation"
     if lowered.endswith((".safetensors", ".ckpt")) or "stable-diffusion" in lowered:
         return "image-generation"
     return None

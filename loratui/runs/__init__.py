@@ -1,12 +1,12 @@
 """The run-directory contract shared by the trainers, the TUI, `runs`/`attach` and the OOM supervisor.
 
-    runs/<name>-<timestamp>/
-        config.yaml       resolved config (loadable with `loratui train --config`)
-        events.jsonl      one JSON object per line: {"type", "time", "step", ...}
-        status.json       {"pid", "state", "step", "total_steps", ...}, replaced atomically
-        checkpoints/      step-N/ folders written atomically
-        logs/             TensorBoard event files
-        samples/          images or texts rendered during training
+runs/<name>-<timestamp>/
+    config.yaml       resolved config (loadable with `loratui train --config`)
+    events.jsonl      one JSON object per line: {"type", "time", "step", ...}
+    status.json       {"pid", "state", "step", "total_steps", ...}, replaced atomically
+    checkpoints/      step-N/ folders written atomically
+    logs/             TensorBoard event files
+    samples/          images or texts rendered during training
 """
 
 from loratui.runs.events import EventReader, EventWriter, read_events

@@ -16,7 +16,9 @@ def format_event(event: dict[str, Any]) -> str | None:
     kind = event.get("type")
     step = event.get("step")
     if kind == "run_started":
-        return f"started: {event.get('total_steps')} steps ({event.get('family', '')} {event.get('device', '')})"
+        return (
+            f"started: {event.get('total_steps')} steps ({event.get('family', '')} {event.get('device', '')})"
+        )
     if kind == "step":
         loss = event.get("loss")
         loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else str(loss)

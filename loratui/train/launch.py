@@ -23,7 +23,9 @@ from loratui.runs.status import RunStatus, pid_alive
 EXIT_STOPPED = 130
 
 
-def prepare_run(resolved: ResolvedConfig, *, resume: str | None, overwrite: bool) -> tuple[RunDir, Path | None]:
+def prepare_run(
+    resolved: ResolvedConfig, *, resume: str | None, overwrite: bool
+) -> tuple[RunDir, Path | None]:
     """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json."""
     cfg = resolved.config
     runs_dir = Path(cfg.runs_dir)
@@ -72,7 +74,9 @@ def follow_plain(run: RunDir, process: subprocess.Popen | None, out) -> int:
                     out.print(line, markup=False, highlight=False)
                 if event.get("type") in FINAL_EVENTS:
                     final = event["type"]
-            exited = process.poll() is not None if process else not pid_alive((run.status() or RunStatus()).pid)
+            exited = (
+                process.poll() is not None if process else not pid_alive((run.status() or RunStatus()).pid)
+            )
             if final or exited:
                 for event in reader.poll():
                     line = format_event(event)

@@ -12,7 +12,9 @@ class MissingDependency(RuntimeError):
     """A feature needs an optional package; the message says how to install it."""
 
 
-def build_optimizer(param_groups: Iterable, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: Iterable, name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW, or 8-bit AdamW from bitsandbytes (`pip install 'loratui[quant]'`)."""
     if name == "adamw8bit":
         try:
