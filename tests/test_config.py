@@ -155,3 +155,10 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     resolved = load_config(EXAMPLES / "sd15_style.yaml", preset="12gb", overrides=["trigger_word=zxc"])
     again = load_config(write(tmp_path, resolved.to_yaml(), "resolved.yaml"))
     assert again.config == resolved.config
+
+
+def test_config_reference_doc_is_current() -> None:
+    from loratui.config.reference import render
+
+    doc = (EXAMPLES.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert doc == render(), "regenerate with: python -m loratui.config.reference > docs/config.md"

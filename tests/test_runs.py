@@ -112,3 +112,30 @@ def test_list_and_find_runs_and_cli(tmp_path) -> None:
     assert "finished" in table.output and "3/10" in table.output
     empty = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "none")])
     assert empty.exit_code == 0 and "No runs" in empty.output
+
+
+def test_attach_replays_history_of_a_finished_run(tmp_path) -> None:
+    run = create_run_dir(tmp_path, "done")
+    run.write_status(RunStatus(state="finished", step=2, total_steps=2))
+    with run.event_writer() as events:
+        events.write("run_started", 0, total_steps=2)
+        events.write("step", 1, epoch=0, loss=0.5, lr=1e-4, samples_per_s=3.0)
+        events.write("step", 2, epoch=0, loss=0.25, lr=1e-4, samples_per_s=3.0)
+        events.write("export", 2, path="out/x.safetensors", usage="<lora:x:0.8>")
+        events.write("run_finished", 2)
+    result = CliRunner().invoke(app, ["attach", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for text in ("step 1", "loss 0.2500", "exported: out/x.safetensors", "<lora:x:0.8>", "finished"):
+        assert text in result.output
+    missing = CliRunner().invoke(app, ["attach", "nope", "--runs-dir", str(tmp_path)])
+    assert missing.exit_code == 2
+
+
+def test_attach_stops_when_worker_is_gone(tmp_path) -> None:
+    run = create_run_dir(tmp_path, "dead")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    run.write_status(RunStatus(state="running", pid=proc.pid))
+    run.event_writer().write("step", 1, epoch=0, loss=1.0, lr=1e-4)
+    result = CliRunner().invoke(app, ["attach", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "run is failed" in result.output

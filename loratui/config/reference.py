@@ -1,0 +1,49 @@
+"""Render the config reference (docs/config.md) from the schema: `python -m loratui.config.reference`."""
+
+from __future__ import annotations
+
+import json
+
+from loratui.config.aliases import KEY_ALIASES
+from loratui.config.schema import TrainConfig
+
+INTRO = """# Config reference
+
+One YAML file describes a training run. Values are resolved in this order, lowest first:
+
+1. built-in defaults (below),
+2. `--preset NAME`: the preset's section for the model family (`sd15`, `sdxl`, `llm-7b`, `llm-13b`;
+   SD2 models use the `sd15` section),
+3. the config file (`--config x.yaml`),
+4. `--set key=value` overrides (values are parsed as YAML: `--set target_modules=[to_q,to_k]`),
+5. explicit flags (`--lora-rank 16`, `--batch-size 2`, ...).
+
+`loratui train --config x.yaml --dry-run` prints every value and where it came from; the resolved config is
+written into each run directory as `config.yaml` and can be rerun as is. Relative paths are relative to the
+directory you run loratui from. All mistakes are reported at once, with file, line, key and a hint.
+
+This file is generated from the schema (`python -m loratui.config.reference > docs/config.md`).
+"""
+
+
+def _default(name: str) -> str:
+    field = TrainConfig.model_fields[name]
+    if field.default_factory is not None:
+        return json.dumps(field.default_factory())
+    return json.dumps(field.default)
+
+
+def render() -> str:
+    """The whole markdown page."""
+    aliases: dict[str, list[str]] = {}
+    for alias, canon in sorted(KEY_ALIASES.items()):
+        aliases.setdefault(canon, []).append(alias)
+    lines = [INTRO, "| key | default | meaning | also accepted as |", "|---|---|---|---|"]
+    for name, field in TrainConfig.model_fields.items():
+        also = ", ".join(f"`{a}`" for a in aliases.get(name, []))
+        lines.append(f"| `{name}` | `{_default(name)}` | {field.description or ''} | {also} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
