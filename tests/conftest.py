@@ -1,0 +1,84 @@
+"""Shared pytest fixtures.
+
+Sections: offline environment, tiny models. Add new fixtures in their own section below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loratui.tiny_models import build_tiny_blip, build_tiny_llama, build_tiny_sd
+
+# --------------------------------------------------------------------------------------------------
+# Offline environment: nothing in the test-suite may reach the Hugging Face hub.
+# --------------------------------------------------------------------------------------------------
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Set at import as well: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported,
+# which can happen while test modules are collected (before any fixture runs).
+os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env() -> Iterator[None]:
+    """Keep the hub-offline / no-telemetry / quiet-tokenizers variables set for the whole session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE_ENV.items():
+            mp.setenv(key, value)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random-weight models (built once per session from the configs bundled in loratui.tiny_models).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session folder holding the tiny model builds."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tiny_models_dir: Path) -> Path:
+    """Tiny SD 1.5-layout diffusers pipeline folder (epsilon prediction, PNDM scheduler)."""
+    return build_tiny_sd(tiny_models_dir / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tiny_models_dir: Path) -> Path:
+    """Tiny SD 2.x-layout (768-v) diffusers pipeline folder (v-prediction, DDIM scheduler)."""
+    return build_tiny_sd(tiny_models_dir / "sd2-v", "sd2-v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_models_dir: Path) -> Path:
+    """Tiny SDXL-layout diffusers pipeline folder (two text encoders, text_time embeddings)."""
+    return build_tiny_sd(tiny_models_dir / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models_dir: Path) -> Path:
+    """Tiny Llama causal LM folder with a pad token and a chat template."""
+    return build_tiny_llama(tiny_models_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_nopad(tiny_models_dir: Path) -> Path:
+    """Tiny Llama folder whose tokenizer has no pad token (like the original Llama releases)."""
+    return build_tiny_llama(tiny_models_dir / "llama-nopad", pad_token=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tiny_models_dir: Path) -> Path:
+    """Tiny BLIP captioning model + processor folder (64x64 images)."""
+    return build_tiny_blip(tiny_models_dir / "blip")
