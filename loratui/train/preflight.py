@@ -19,7 +19,7 @@ def run_preflight(resolved: ResolvedConfig, *, skip_checks: bool, out) -> bool:
         resolution=cfg.resolution,
         batch_size=cfg.batch_size,
         metadata_path=cfg.metadata_path,
-        caption_extension=cfg.caption_extension,
+        caption_extensions=(cfg.caption_extension,),
         trigger_word=cfg.trigger_word,
         max_seq_len=cfg.max_seq_len,
     )

@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _target_mode(path: Path) -> int:
+    """Keep an existing file's permissions; new files get the usual 0o666 minus the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so readers see the old or the new file, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +29,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -27,9 +37,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of `atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Text version of `atomic_write_bytes` (no newline translation)."""
+    atomic_write_bytes(path, text.encode(encoding))
 
 
 @contextlib.contextmanager

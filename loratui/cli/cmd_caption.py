@@ -1,0 +1,57 @@
+"""`loratui caption`: automatic captioning with a local model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from loratui.cli.common import console, plain_output
+
+
+def caption(
+    path: Path = typer.Argument(..., help="Folder of images to caption."),
+    model: str = typer.Option(
+        "blip-base", "--model", help="blip-base, blip-large, or a local model folder (never downloaded)."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write captions to this metadata.csv."),
+    fmt: str = typer.Option("csv", "--format", help="csv (one metadata.csv) or txt (sidecar files)."),
+    prefix: str = typer.Option("", "--prefix", help='Text put before every caption, e.g. "mychar, ".'),
+    skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite", help="Keep existing captions."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
+    device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    style: str = typer.Option("caption", "--style", help="caption (sentences) or tags (comma-separated)."),
+    replace: list[str] | None = typer.Option(
+        None, "--replace", help="OLD=NEW text replacement on generated captions. Repeatable."
+    ),
+    append: str = typer.Option("", "--append", help='Text added after every caption, e.g. "masterpiece".'),
+    caption_extension: str = typer.Option(
+        ".txt", "--caption-extension", help="Sidecar extension for --format txt."
+    ),
+    max_new_tokens: int = typer.Option(
+        48, "--max-new-tokens", help="Longest caption the model may generate."
+    ),
+) -> None:
+    """Caption images with BLIP (or a compatible local model) and write metadata.csv or .txt files.
+
+    Existing captions are never overwritten unless --overwrite; writes are atomic.
+    """
+    from loratui.data.caption_job import CaptionOptions, run_caption_job
+
+    opts = CaptionOptions(
+        root=path,
+        model=model,
+        output=output,
+        fmt=fmt,
+        prefix=prefix,
+        overwrite=not skip_existing,
+        batch_size=batch_size,
+        device=device,
+        style=style,
+        replace=list(replace or []),
+        append=append,
+        caption_extension=caption_extension,
+        max_new_tokens=max_new_tokens,
+    )
+    plain = plain_output()
+    raise typer.Exit(run_caption_job(opts, console(), plain=plain))

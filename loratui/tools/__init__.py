@@ -1,0 +1,1 @@
+"""Script-style entry points kept for compatibility with existing workflows (``python -m loratui.tools.X``)."""
