@@ -185,6 +185,18 @@ def guess_family_from_name(base_model: str, task_type: str) -> str:
     return "sd15"
 
 
+def _cached_hub_task(repo_id: str) -> str | None:
+    """The task of a hub id found in the local HF cache: a diffusers pipeline or a transformers model."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename, task in (("model_index.json", "image-generation"), ("config.json", "text-generation")):
+        if isinstance(try_to_load_from_cache(repo_id, filename), str):
+            return task
+    return None
+
+
 def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
     """Infer the task type from the model path or dataset, or None when nothing tells."""
     info = inspect_base_model(base_model) if base_model else None
@@ -192,6 +204,10 @@ def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
         return "image-generation"
     if info and info.family == "llm":
         return "text-generation"
+    if info and info.kind == "hub-id":
+        cached = _cached_hub_task(base_model)
+        if cached:
+            return cached
     lowered = base_model.lower()
     if lowered.endswith((".gguf", ".bin")) or "llama" in lowered or "ggml" in lowered:
         return "text-generation"

@@ -60,10 +60,11 @@ def start_worker(run: RunDir) -> subprocess.Popen:
     )
 
 
-def follow_plain(run: RunDir, process: subprocess.Popen | None, out) -> int:
+def follow_plain(run: RunDir, process: subprocess.Popen | None, out, reader: EventReader | None = None) -> int:
     """Print events as plain lines until the run ends. Ctrl-C asks the worker to checkpoint and stop;
-    a second Ctrl-C detaches (training goes on)."""
-    reader = EventReader(run.events_path)
+    a second Ctrl-C detaches (training goes on). `reader` starts where it stands (a resumed run's earlier
+    events are skipped); by default the whole log is shown."""
+    reader = reader or EventReader(run.events_path)
     interrupts = 0
     final: str | None = None
     while True:
@@ -129,9 +130,11 @@ def launch_training(
         return 1
     if checkpoint:
         out.print(f"resuming from {checkpoint}", markup=False)
+    reader = EventReader(run.events_path)
+    reader.poll()  # a resumed run's earlier events (its run_stopped too) are history, not this session's progress
     process = start_worker(run)
     out.print(f"run directory: {run.path} (worker pid {process.pid})", markup=False)
     if detach:
         out.print(f"training in the background; follow it with: loratui attach {run.name}", markup=False)
         return 0
-    return follow_plain(run, process, out)
+    return follow_plain(run, process, out, reader)

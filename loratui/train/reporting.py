@@ -10,6 +10,8 @@ from typing import Any
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
 
+STATUS_INTERVAL_S = 1.0
+
 
 def memory_stats() -> dict[str, int]:
     """Current/peak CUDA memory of this process in bytes ({} on CPU)."""
@@ -41,6 +43,7 @@ class Reporter:
         self._tb_enabled = tensorboard
         self._last_time: float | None = None
         self._start = time.time()
+        self._status_written = 0.0
 
     @property
     def tensorboard(self):
@@ -63,6 +66,7 @@ class Reporter:
         for key, value in fields.items():
             setattr(self.status, key, value)
         self.run.write_status(self.status)
+        self._status_written = time.time()
 
     def started(self, **info: Any) -> None:
         self._start = self._last_time = time.time()
@@ -78,7 +82,10 @@ class Reporter:
         rate = samples / elapsed
         fields = {"epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": rate, **memory_stats(), **extra}
         self.event("step", step, **fields)
-        self._set_status(step=step, epoch=epoch)
+        self.status.step, self.status.epoch = step, epoch
+        # status.json (an fsync'd atomic replace) at most every STATUS_INTERVAL_S; events carry every step.
+        if now - self._status_written >= STATUS_INTERVAL_S or step >= (self.status.total_steps or 0):
+            self._set_status()
         tb = self.tensorboard
         if tb is not None:
             tb.add_scalar("loss", loss, step)

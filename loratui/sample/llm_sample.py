@@ -1,0 +1,183 @@
+"""Try an LLM LoRA: generate with the chat template used in training, optionally base vs adapter side by side.
+
+`loratui sample --base MODEL --lora ADAPTER[:WEIGHT] --prompt "..." [--compare]`. Several `--lora` adapters are
+active together; a weight scales an adapter's update (its lora_B). The prompt is one user turn rendered with the
+first adapter's `chat_template.jinja` (else the tokenizer's template, else the plain template), exactly as the
+trainer rendered its data. `--temperature 0` (default) is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora PATH[:WEIGHT]`."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def parse_lora(spec: str, lora_dir: Path | None = None) -> LoraSpec:
+    """`PATH` or `PATH:WEIGHT`; a bare name is looked up in `lora_dir`."""
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            path = spec
+    candidate = Path(path).expanduser()
+    if not candidate.exists() and lora_dir is not None and (Path(lora_dir) / path).exists():
+        candidate = Path(lora_dir) / path
+    return LoraSpec(candidate, weight)
+
+
+def adapter_template(adapter: Path) -> str | None:
+    """The chat template saved with an adapter, if any."""
+    path = Path(adapter) / TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def generate_answer(
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 1,
+) -> str:
+    """The model's answer to one user prompt (greedy when temperature is 0). Leaves global RNG untouched."""
+    import torch
+    from transformers import GenerationConfig
+
+    from loratui.train.llm_chat import prompt_ids
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, template, [{"role": "user", "content": prompt}])], device=device)
+    eos = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
+    eos.discard(None)
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos),
+        eos_token_id=sorted(eos),
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def load_with_adapters(
+    base: str, loras: list[LoraSpec], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, chat template): the base with every adapter loaded and active at its weight."""
+    from loratui.models.llm_loading import load_base
+    from loratui.train.llm_chat import choose_template
+
+    model, tokenizer, _ = load_base(base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    template = next((t for t in (adapter_template(s.path) for s in loras) if t), None)
+    template, _ = choose_template(tokenizer, template)
+    if not loras:
+        return model.eval(), tokenizer, template
+    from peft import PeftModel
+
+    names = []
+    for i, spec in enumerate(loras):
+        if not (spec.path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{spec.path} is not a PEFT adapter folder (no adapter_config.json)")
+        name = f"lora{i}"
+        if i == 0:
+            model = PeftModel.from_pretrained(model, str(spec.path), adapter_name=name)
+        else:
+            model.load_adapter(str(spec.path), adapter_name=name)
+        if spec.weight != 1.0:
+            _scale_adapter(model, name, spec.weight)
+        names.append(name)
+    model.base_model.set_adapter(names if len(names) > 1 else names[0])
+    return model.eval(), tokenizer, template
+
+
+def _scale_adapter(model: Any, name: str, weight: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, torch.nn.ModuleDict) and name in lora_b:
+                lora_b[name].weight.mul_(weight)
+
+
+def _print_compare(console: Any, prompt: str, base_answer: str, lora_answer: str) -> None:
+    if getattr(console, "is_terminal", False):
+        from rich.table import Table
+
+        table = Table(title=prompt, show_lines=True, expand=True)
+        table.add_column("base")
+        table.add_column("base + LoRA")
+        table.add_row(base_answer, lora_answer)
+        console.print(table)
+        return
+    for title, text in (("base", base_answer), ("base + LoRA", lora_answer)):
+        console.print(f"--- {title} ---", markup=False, highlight=False)
+        console.print(text, markup=False, highlight=False)
+
+
+def sample_cli(
+    *,
+    console: Any,
+    base: str,
+    lora: list[str] | None = None,
+    lora_dir: Path | None = None,
+    prompt: str,
+    compare: bool = False,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 1,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    **_image_options: Any,
+) -> int:
+    """`loratui sample` for LLMs. Exit code 0 done, 1 failed to load."""
+    from loratui.models.llm_loading import ModelLoadError
+
+    specs = [parse_lora(item, lora_dir) for item in lora or []]
+    try:
+        model, tokenizer, template = load_with_adapters(
+            base, specs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        return 1
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    answer = generate_answer(model, tokenizer, template, prompt, **options)
+    if compare and specs:
+        with model.disable_adapter():
+            base_answer = generate_answer(model, tokenizer, template, prompt, **options)
+        _print_compare(console, prompt, base_answer, answer)
+    else:
+        console.print(answer, markup=False, highlight=False)
+    return 0

@@ -1,0 +1,380 @@
+"""LoRA / QLoRA training of causal language models (task_type: text-generation).
+
+One straight loop over the shared pieces: `StepPlan` (data order and position), `optimizer_step` (accumulated
+micro-batches, loss normalised by the target tokens of the whole optimizer step), `Reporter` (events, status,
+TensorBoard), `save_checkpoint`/`load_checkpoint` (exact resume) and `StopRequest` (Ctrl-C/SIGTERM: checkpoint,
+then stop). The `_setup_*` functions build what the loop needs; the loop itself is `run_training`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loratui.config import TrainConfig
+from loratui.train.llm_chat import IGNORE_INDEX, choose_template
+from loratui.train.llm_data import Batch, LLMData, build_llm_data, collate
+from loratui.train.worker import WorkerJob
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SAMPLE_TOKENS = 64
+
+
+@dataclass
+class TrainResult:
+    """How a run ended, plus the trained model (in-process callers: tests, demo, benchmarks)."""
+
+    state: str  # finished | stopped
+    step: int
+    adapter_dir: Path | None
+    model: Any
+    tokenizer: Any
+    template: str
+    data: LLMData
+
+
+def train(job: WorkerJob) -> str:
+    """Worker entry point: 'finished' or 'stopped' (errors raise; the worker records them)."""
+    from loratui.train.signals import StopRequest
+
+    return run_training(job, stop=StopRequest().install()).state
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def _setup_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
+    """A fresh `Accelerator` (no accelerate-side accumulation) and the precision in use."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from loratui.train.precision import pick_device, resolve_precision
+
+    precision = resolve_precision(cfg.mixed_precision, pick_device().type)
+    AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, demo)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=pick_device().type == "cpu"), precision
+
+
+def _setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, source) with frozen base weights in the precision's dtype (or 4-bit NF4)."""
+    from loratui.models.llm_loading import load_base
+    from loratui.train.precision import weight_dtype
+
+    model, tokenizer, source = load_base(
+        cfg.base_model,
+        dtype=weight_dtype(precision),
+        load_in_4bit=cfg.load_in_4bit,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model.config.use_cache = False
+    return model, tokenizer, source
+
+
+def _setup_data(cfg: TrainConfig, tokenizer: Any, template: str) -> LLMData:
+    return build_llm_data(
+        cfg.train_data_dir,
+        tokenizer,
+        template,
+        max_seq_len=cfg.max_seq_len,
+        train_on_prompt=cfg.train_on_prompt,
+        packing=cfg.packing,
+        val_split=cfg.val_split,
+        seed=cfg.seed,
+    )
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    """The PEFT LoraConfig for this config (q,k,v,o projections by default; `all-linear` supported)."""
+    from peft import LoraConfig
+
+    targets: Any = cfg.target_modules or DEFAULT_TARGETS
+    if [t.lower() for t in targets] == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.effective_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _setup_lora(cfg: TrainConfig, model: Any) -> Any:
+    """Gradient checkpointing / k-bit preparation, then LoRA (new, or continued from `init_lora`)."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from loratui.train.seeding import set_global_seed
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    set_global_seed(cfg.seed)
+    if cfg.init_lora:
+        folder = Path(cfg.init_lora)
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"init_lora: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot place LoRA on target_modules {cfg.target_modules or DEFAULT_TARGETS}: {exc}. "
+            "Set target_modules to this model's linear layer names, or target_modules: all-linear"
+        ) from exc
+
+
+def _settings(cfg: TrainConfig, data: LLMData, precision: str) -> dict[str, Any]:
+    """Settings a resumed run must share with its checkpoint (recorded in meta.json)."""
+    return {
+        "rows": len(data.train),
+        "effective_batch": cfg.effective_batch,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "seed": cfg.seed,
+        "max_seq_len": cfg.max_seq_len,
+        "packing": cfg.packing,
+        "precision": precision,
+    }
+
+
+def _restore(checkpoint_path: Path, model: Any, optimizer: Any, scheduler: Any, settings: dict) -> tuple[int, dict]:
+    """Load LoRA weights and optimizer/scheduler state; returns (step, saved training state for RNG etc.)."""
+    from peft import set_peft_model_state_dict
+
+    from loratui.train.checkpointing import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_path)
+    result = set_peft_model_state_dict(model, ckpt.lora_state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"checkpoint {checkpoint_path} does not match this LoRA: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(ckpt.training_state["optimizer"])
+    scheduler.load_state_dict(ckpt.training_state["scheduler"])
+    state = dict(ckpt.training_state)
+    saved = ckpt.meta.get("settings", {})
+    state["mismatch"] = {k: (saved.get(k), v) for k, v in settings.items() if k in saved and saved[k] != v}
+    return ckpt.step, state
+
+
+# --- loss and evaluation ---------------------------------------------------------------------------------
+
+
+def token_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Sum of the cross-entropy of every target token in the batch (fp32)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    labels = batch.labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    logits = out.logits[:, :-1][keep]
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
+def evaluate(model: Any, data: LLMData, batch_size: int, pad_id: int, device: Any) -> float:
+    """Mean token loss over the validation units."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data.val), batch_size):
+            batch = collate(data.val[start : start + batch_size], pad_id).to(device)
+            total += float(token_loss_sum(model, batch))
+            count += batch.num_targets
+    model.train(was_training)
+    return total / max(1, count)
+
+
+# --- side outputs: samples, checkpoints, export ----------------------------------------------------------
+
+
+def _write_samples(cfg: TrainConfig, job: WorkerJob, reporter: Any, model: Any, tokenizer: Any, template: str,
+                   step: int) -> None:
+    from loratui.sample.llm_sample import generate_answer
+    from loratui.util.atomic import atomic_write_text
+
+    lines = []
+    for prompt in cfg.sample_prompts:
+        text = generate_answer(model, tokenizer, template, prompt, max_new_tokens=SAMPLE_TOKENS, seed=cfg.seed)
+        lines.append(f"### prompt\n{prompt}\n### answer\n{text}\n")
+        path = job.run.samples_dir / f"step-{step:06d}.txt"
+        reporter.event("sample", step, prompt=prompt, text=text, path=str(path))
+    atomic_write_text(job.run.samples_dir / f"step-{step:06d}.txt", "\n".join(lines))
+
+
+def _save(job: WorkerJob, step: int, epoch: int, model: Any, optimizer: Any, scheduler: Any, accelerator: Any,
+          meta: dict[str, Any]) -> Path:
+    from loratui.export.llm_export import lora_tensors
+    from loratui.train.checkpointing import rng_state, save_checkpoint
+
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if getattr(accelerator, "scaler", None) is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    return save_checkpoint(
+        job.run,
+        step,
+        lora_state=lora_tensors(accelerator.unwrap_model(model)),
+        training_state=state,
+        meta={"epoch": epoch, "data_position": step, **meta},
+        config_yaml=job.resolved.to_yaml(),
+        keep_last_n=job.resolved.config.keep_last_n,
+    )
+
+
+def _export(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Any) -> Path:
+    """Write the adapter to output_dir (or into the run directory when output_dir belongs to another run)."""
+    from loratui.export.llm_export import OutputConflict, save_trained_adapter, usage_snippet
+
+    args = {
+        "base_model": meta["base_model"],
+        "chat_template": meta["chat_template"],
+        "run_name": job.run.name,
+        "step": step,
+        "overwrite": job.overwrite,
+    }
+    try:
+        path = save_trained_adapter(model, Path(job.resolved.config.output_dir), **args)
+    except OutputConflict as exc:
+        path = save_trained_adapter(model, job.run.path / "adapter", **{**args, "overwrite": True})
+        reporter.event("warning", step, message=f"{exc}; the adapter was written to {path} instead")
+    reporter.event("export", step, path=str(path.resolve()), usage=usage_snippet(path.resolve(), meta["base_model"]),
+                   format="peft")
+    return path
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> TrainResult:
+    """Train, checkpoint, and export; returns how the run ended. Raises on errors."""
+    from loratui.export.llm_export import adapter_config_dict, check_output
+    from loratui.models.llm_loading import base_model_reference
+    from loratui.train.checkpointing import restore_rng_state
+    from loratui.train.optim import build_optimizer, build_scheduler
+    from loratui.train.plan import StepPlan, split_micro_batches
+    from loratui.train.reporting import Reporter
+    from loratui.train.signals import StopRequest
+    from loratui.train.stepping import optimizer_step
+
+    cfg = job.resolved.config
+    stop = stop or StopRequest()
+    check_output(Path(cfg.output_dir), run_name=job.run.name, overwrite=job.overwrite)
+    accelerator, precision = _setup_accelerator(cfg)
+    model, tokenizer, source = _setup_base(cfg, precision)
+    template, template_origin = choose_template(tokenizer, cfg.chat_template)
+    data = _setup_data(cfg, tokenizer, template)
+    model = _setup_lora(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plan = StepPlan(len(data.train), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
+    optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, plan.total_steps)
+    settings = _settings(cfg, data, precision)
+    start, saved_state = 0, None
+    if job.resume_from:
+        start, saved_state = _restore(Path(job.resume_from), model, optimizer, scheduler, settings)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    base_ref = base_model_reference(source)
+    meta = {
+        "family": "llm",
+        "task_type": "text-generation",
+        "base_model": base_ref,
+        "settings": settings,
+        "adapter_config": adapter_config_dict(accelerator.unwrap_model(model).peft_config["default"], base_ref),
+        "chat_template": template,
+    }
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+
+    reporter = Reporter(job.run, plan.total_steps, console=console)
+    if start:
+        reporter.resumed_from(start)
+    for message in data.warnings:
+        reporter.event("warning", start, message=message)
+    if saved_state and saved_state["mismatch"]:
+        reporter.event("warning", start, message=f"settings differ from the checkpoint: {saved_state['mismatch']}")
+    reporter.started(
+        family="llm",
+        device=str(device),
+        precision=precision,
+        resumed_from=start or None,
+        chat_template=template_origin,
+        trainable_params=sum(p.numel() for p in params),
+        **data.stats,
+    )
+    if saved_state:
+        restore_rng_state(saved_state["rng"])
+        if "scaler" in saved_state and getattr(accelerator, "scaler", None) is not None:
+            accelerator.scaler.load_state_dict(saved_state["scaler"])
+
+    def micro_loss(indices: list[int], normaliser: int) -> torch.Tensor:
+        """Token-loss sum of one micro-batch over the target tokens of the WHOLE optimizer step."""
+        batch = collate([data.train[i] for i in indices], pad_id).to(device)
+        return token_loss_sum(model, batch) / normaliser
+
+    step, epoch, last_log = start, plan.epoch_of(start), time.perf_counter()
+    tokens_since_log = samples_since_log = 0
+    for step_index, epoch, indices in plan.iter_steps(start):
+        step_targets = data.target_tokens(indices)
+        result = optimizer_step(
+            split_micro_batches(indices, cfg.batch_size),
+            functools.partial(micro_loss, normaliser=step_targets),
+            accelerator=accelerator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            max_grad_norm=cfg.max_grad_norm,
+            model=model,
+        )
+        step = step_index + 1
+        tokens_since_log += sum(len(data.train[i].input_ids) for i in indices)
+        samples_since_log += sum(data.train[i].num_samples for i in indices)
+        last_step = step == plan.total_steps
+        if step % cfg.log_every_steps == 0 or last_step:
+            now = time.perf_counter()
+            reporter.step(step, epoch, result.loss, result.lr, samples_since_log, grad_norm=result.grad_norm,
+                          tokens=tokens_since_log, tokens_per_s=tokens_since_log / max(1e-9, now - last_log),
+                          target_tokens=step_targets, process_cpu_s=time.process_time())
+            last_log, tokens_since_log, samples_since_log = now, 0, 0
+        if data.val and (step % plan.steps_per_epoch == 0 or last_step):
+            eval_loss = evaluate(model, data, cfg.batch_size, pad_id, device)
+            reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
+            if reporter.tensorboard is not None:
+                reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
+        if cfg.sample_prompts and cfg.sample_every_steps and (step % cfg.sample_every_steps == 0 or last_step):
+            _write_samples(cfg, job, reporter, model, tokenizer, template, step)
+        stopping = stop.requested and not last_step
+        save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
+        if (save_due or stopping) and not last_step:
+            stop.checkpoint_now.clear()
+            reporter.checkpoint(step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta))
+        if stopping:
+            reporter.stopped(stop.signal_name or "requested")
+            reporter.close()
+            return TrainResult("stopped", step, None, accelerator.unwrap_model(model), tokenizer, template, data)
+
+    reporter.checkpoint(step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta))
+    unwrapped = accelerator.unwrap_model(model)
+    adapter = _export(job, unwrapped, meta, step, reporter)
+    reporter.finished(adapter=str(adapter.resolve()))
+    reporter.close()
+    return TrainResult("finished", step, adapter, unwrapped, tokenizer, template, data)
