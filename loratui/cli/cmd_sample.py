@@ -35,10 +35,10 @@ def sample(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folder code."),
 ) -> None:
     """Generate an image (SD) or an answer (LLM) with the given LoRAs at the given weights."""
+    options = dict(locals())  # the command's parameters only (taken before the imports below)
     from loratui.cli.common import console, not_implemented
     from loratui.models.inspect import guess_task_type
 
-    options = dict(locals())
     task = guess_task_type(base, "") or "image-generation"
     try:
         if task == "image-generation":

@@ -1,0 +1,210 @@
+"""Generate images with one or several LoRAs at given weights (`loratui sample` for image models).
+
+LoRAs come from `--lora PATH[:WEIGHT]` (repeatable) and from A1111-style prompt tags `<lora:NAME:WEIGHT>`,
+resolved as `NAME.safetensors` in `--lora-dir`. The tags are removed from the prompt. LoRAs are loaded with
+diffusers' `load_lora_weights(..., adapter_name=)` and combined with `set_adapters(weights)`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROMPT_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
+DEFAULT_WEIGHT = 1.0
+
+
+class SampleError(ValueError):
+    """A bad --lora spec, a missing LoRA or one made for another model family."""
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    path: Path
+    weight: float
+
+
+def parse_lora_spec(spec: str) -> LoraRequest:
+    """`path`, `path:0.7` (a trailing `:number` is the weight; Windows drive letters are left alone)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and re.fullmatch(r"[-+]?\d*\.?\d+", tail):
+        return LoraRequest(Path(head).expanduser(), float(tail))
+    return LoraRequest(Path(spec).expanduser(), DEFAULT_WEIGHT)
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(prompt without `<lora:NAME:W>` tags, [(NAME, W), ...])."""
+    found = [
+        (m.group(1).strip(), float(m.group(2)) if m.group(2) else DEFAULT_WEIGHT)
+        for m in PROMPT_TAG.finditer(prompt)
+    ]
+    clean = re.sub(r"\s{2,}", " ", PROMPT_TAG.sub("", prompt)).strip(" ,")
+    return clean, found
+
+
+def resolve_lora_name(name: str, lora_dir: Path | None) -> Path:
+    """`NAME` -> `lora_dir/NAME.safetensors` (searched recursively, as A1111 does)."""
+    if lora_dir is None:
+        raise SampleError(
+            f"the prompt uses <lora:{name}:...>; pass --lora-dir FOLDER to find {name}.safetensors"
+        )
+    folder = Path(lora_dir).expanduser()
+    direct = folder / f"{name}.safetensors"
+    if direct.is_file():
+        return direct
+    matches = sorted(folder.rglob(f"{name}.safetensors"))
+    if not matches:
+        raise SampleError(f"<lora:{name}:...>: no {name}.safetensors in {folder}")
+    return matches[0]
+
+
+def collect_loras(specs: list[str], prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraRequest]]:
+    """All LoRAs to apply (flags first, then prompt tags) and the cleaned prompt."""
+    requests = [parse_lora_spec(spec) for spec in specs]
+    clean, tags = prompt_loras(prompt)
+    requests += [LoraRequest(resolve_lora_name(name, lora_dir), weight) for name, weight in tags]
+    for request in requests:
+        if not request.path.is_file():
+            raise SampleError(f"LoRA file not found: {request.path}")
+        if request.path.suffix != ".safetensors":
+            raise SampleError(
+                f"{request.path}: only .safetensors LoRA files are loaded (pickles can run code)"
+            )
+    return clean, requests
+
+
+def _adapter_name(path: Path, position: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{position}"
+
+
+def check_family(request: LoraRequest, family: str) -> None:
+    """Refuse a LoRA trained for another model family, with a clear message."""
+    from loratui.export.kohya import family_from_lora_keys, read_lora_file
+
+    tensors, meta = read_lora_file(request.path)
+    versions = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+    declared = versions.get(meta.get("ss_base_model_version", ""))
+    lora_family = declared or family_from_lora_keys(tensors)
+    mismatch = lora_family != family if declared else (lora_family == "sdxl") != (family == "sdxl")
+    if mismatch:
+        raise SampleError(f"{request.path.name} is a {lora_family} LoRA; the base model is {family}")
+
+
+def load_pipeline(base: str, *, allow_pickle: bool = False):
+    """The base pipeline on the best device (fp16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    from loratui.models.sd_loading import load_sd_pipeline
+
+    cuda = torch.cuda.is_available()
+    loaded = load_sd_pipeline(
+        base, allow_pickle=allow_pickle, torch_dtype=torch.float16 if cuda else torch.float32
+    )
+    pipe = loaded.pipeline.to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, loaded
+
+
+def apply_loras(pipe, requests: list[LoraRequest], family: str) -> list[str]:
+    """Load every LoRA as its own adapter and activate them with their weights."""
+    from loratui.models.sd_loading import quiet_libraries
+
+    names = []
+    for position, request in enumerate(requests):
+        check_family(request, family)
+        name = _adapter_name(request.path, position)
+        with quiet_libraries(), warnings.catch_warnings():  # notices about UNet-only LoRAs / several adapters
+            warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+            pipe.load_lora_weights(str(request.path), adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[r.weight for r in requests])
+    return names
+
+
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    seed: int = 1,
+    steps: int = 25,
+    width: int | None = None,
+    height: int | None = None,
+    guidance: float = 7.0,
+):
+    """One image (PIL) with a fixed CPU-seeded generator (the same picture on every machine type)."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(
+        prompt,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        guidance_scale=guidance,
+        generator=generator,
+    ).images[0]
+
+
+def save_png(image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    from loratui.util.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def sample_cli(
+    *,
+    console=None,
+    base: str,
+    lora: list[str] | None = None,
+    lora_dir: Path | None = None,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 1,
+    steps: int = 25,
+    width: int | None = None,
+    height: int | None = None,
+    guidance: float = 7.0,
+    out: Path | None = None,
+    allow_pickle: bool = False,
+    **_llm_options: Any,
+) -> int:
+    """`loratui sample` for Stable Diffusion; returns the exit code."""
+    from loratui.models.sd_loading import BaseModelError
+
+    def say(text: str) -> None:
+        if console is not None:
+            console.print(text, markup=False, highlight=False)
+
+    try:
+        clean, requests = collect_loras(list(lora or []), prompt, lora_dir)
+        pipe, loaded = load_pipeline(base, allow_pickle=allow_pickle)
+        apply_loras(pipe, requests, loaded.family)
+        image = generate(
+            pipe,
+            clean,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            width=width,
+            height=height,
+            guidance=guidance,
+        )
+    except (SampleError, BaseModelError, FileNotFoundError) as exc:
+        say(f"error: {exc}")
+        return 1
+    target = Path(out) if out else Path(f"sample-{seed}.png")
+    save_png(image, target)
+    used = ", ".join(f"{r.path.name}:{r.weight:g}" for r in requests) or "no LoRA"
+    say(f"saved {target} ({image.width}x{image.height}, seed {seed}, {used})")
+    return 0

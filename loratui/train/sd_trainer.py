@@ -1,0 +1,583 @@
+"""Stable Diffusion LoRA training (SD 1.x, SD 2.x incl. v-prediction, SDXL).
+
+One readable trainer: small `_setup_*` functions, then one straight loop over optimizer steps. The shared
+pieces do the bookkeeping: `StepPlan` (which samples each step uses), `optimizer_step` (gradient
+accumulation), `Reporter` (events, TensorBoard, console), `save_checkpoint`/`load_checkpoint` (exact
+resume) and `StopRequest` (Ctrl-C / SIGTERM: checkpoint, then stop).
+
+Entry point: `train(job)` -> "finished" | "stopped" (errors raise; the worker records them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratui.export.kohya import KohyaInfo
+from loratui.export.sd_export import ExportError, check_output, export_checkpoint, usage_string
+from loratui.train.checkpointing import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from loratui.train.optim import build_optimizer, build_scheduler
+from loratui.train.plan import StepPlan, split_micro_batches
+from loratui.train.precision import pick_device, resolve_precision, weight_dtype
+from loratui.train.reporting import Reporter
+from loratui.train.sd_conditioning import TextConditioner, sdxl_added_conditions
+from loratui.train.sd_dataset import SampleView, SDDataset, load_dataset
+from loratui.train.sd_latent_cache import LatentSource
+from loratui.train.sd_lora import (
+    LoraPlan,
+    apply_init_lora,
+    inject_lora,
+    lora_state,
+    plan_targets,
+    read_init_lora,
+)
+from loratui.train.sd_loss import batch_noise, per_sample_loss, training_target
+from loratui.train.seeding import set_global_seed
+from loratui.train.signals import StopRequest
+from loratui.train.stepping import optimizer_step
+from loratui.train.worker import WorkerJob
+
+SAMPLE_STEPS = 20
+
+
+@dataclass
+class Models:
+    """The pipeline parts the loop uses."""
+
+    pipeline: Any
+    family: str
+    prediction_type: str
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+    forward_unet: Any = None  # what the loop calls (prepared by accelerate)
+    forward_text_encoders: list | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return {"unet": self.unet, **dict(zip(names, self.text_encoders, strict=True))}
+
+
+# --- setup ------------------------------------------------------------------------------------------------
+
+
+def _setup_output(job: WorkerJob) -> Path:
+    """The exported file's path; refuses early when it belongs to a different run."""
+    cfg = job.resolved.config
+    target = Path(cfg.output_dir).expanduser() / f"{cfg.name}.safetensors"
+    try:
+        check_output(target, job.run.name, overwrite=job.overwrite, resuming=job.resume_from is not None)
+    except ExportError as exc:
+        raise ExportError(f"output_dir check: {exc}") from None
+    return target
+
+
+def _setup_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, demo)
+    GradientState._reset_state()
+    device = pick_device()
+    precision = resolve_precision(cfg.mixed_precision, device.type)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    return accelerator, precision
+
+
+def _setup_dataset(cfg, reporter: Reporter) -> SDDataset:
+    dataset = load_dataset(cfg, warn=lambda message: reporter.event("warning", message=message))
+    return dataset
+
+
+def _setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models:
+    """Load the base model, freeze it, and move it to the device in the training dtype."""
+    from diffusers import DDPMScheduler
+
+    from loratui.models.sd_loading import load_sd_pipeline
+
+    cfg = job.resolved.config
+    dtype = weight_dtype(precision)
+    loaded = load_sd_pipeline(
+        cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=cfg.prediction_type, torch_dtype=dtype
+    )
+    pipe = loaded.pipeline
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if loaded.is_sdxl else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if loaded.is_sdxl else [])
+    if loaded.is_sdxl and dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
+    for module in [pipe.unet, pipe.vae, *text_encoders]:
+        module.requires_grad_(False)
+        module.to(device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=loaded.prediction_type)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable()
+    return Models(
+        pipe,
+        loaded.family,
+        loaded.prediction_type,
+        pipe.unet,
+        pipe.vae,
+        text_encoders,
+        tokenizers,
+        noise_scheduler,
+        device,
+        dtype,
+        loaded.notes,
+    )
+
+
+def _setup_lora(cfg, models: Models, reporter: Reporter) -> tuple[LoraPlan, list[torch.nn.Parameter]]:
+    """Inject LoRA layers (seeded), optionally starting from `init_lora`."""
+    components = models.components()
+    plan = LoraPlan(
+        targets=plan_targets(cfg.target_modules, components, train_text_encoder=cfg.train_text_encoder),
+        rank=cfg.lora_rank,
+        alpha=cfg.effective_alpha,
+        dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+    )
+    set_global_seed(cfg.seed)
+    params = inject_lora(components, plan)
+    if cfg.init_lora:
+        layers = int(models.unet.config.layers_per_block)
+        modules = read_init_lora(Path(cfg.init_lora).expanduser(), components, models.family, layers)
+        loaded, skipped = apply_init_lora(modules, components, plan)
+        reporter.event(
+            "warning" if skipped else "info",
+            message=f"init_lora: started from {loaded} module(s) of {cfg.init_lora}",
+        )
+        if skipped:
+            reporter.event(
+                "warning",
+                message=f"init_lora: {len(skipped)} module(s) are not trained in this run and are dropped "
+                f"(e.g. {skipped[0]}); set target_modules/train_text_encoder to keep them",
+            )
+    return plan, params
+
+
+def _setup_optimizer(cfg, models: Models, plan: LoraPlan, total_steps: int):
+    groups = []
+    for name, model in models.components().items():
+        if name not in plan.targets:
+            continue
+        params = [p for n, p in model.named_parameters() if ".lora_" in n]
+        lr = cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
+        groups.append({"params": params, "lr": lr})
+    optimizer = build_optimizer(groups, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, total_steps)
+    return optimizer, scheduler
+
+
+def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, reporter: Reporter):
+    """Latent source (cached when asked) and text conditioner (cached when frozen and captions are fixed)."""
+    cache_latents = cfg.cache_latents or cfg.cache_latents_to_disk
+    if cache_latents and cfg.random_crop:
+        reporter.event("warning", message="random_crop changes every epoch: latent caching is turned off")
+        cache_latents = False
+    disk = (
+        Path(cfg.runs_dir).expanduser() / ".cache" / "latents"
+        if cache_latents and cfg.cache_latents_to_disk
+        else None
+    )
+    vae_dtype = next(models.vae.parameters()).dtype
+    latents = LatentSource(
+        models.vae, dataset, device=models.device, dtype=vae_dtype, cache=cache_latents, disk_dir=disk
+    )
+    if cache_latents:
+        started = time.time()
+        encoded = latents.precompute(batch_size=max(1, cfg.batch_size))
+        reporter.event("info", message=f"cached latents: {encoded} encoded in {time.time() - started:.1f}s")
+        models.vae.to("cpu")  # not needed on the accelerator any more
+    cache_text = cfg.cache_text_encoder_outputs
+    if cache_text and (cfg.train_text_encoder or not dataset.options.captions_fixed):
+        why = "the text encoder is trained" if cfg.train_text_encoder else "captions change (dropout/shuffle)"
+        reporter.event("warning", message=f"cache_text_encoder_outputs is off: {why}")
+        cache_text = False
+    text = TextConditioner(
+        models.tokenizers,
+        models.forward_text_encoders or models.text_encoders,
+        sdxl=models.sdxl,
+        device=models.device,
+        cache=cache_text,
+    )
+    return latents, text
+
+
+# --- one micro-batch ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossContext:
+    """Everything `micro_loss` reads."""
+
+    cfg: Any
+    models: Models
+    dataset: SDDataset
+    latents: LatentSource
+    text: TextConditioner
+
+    def micro_loss(self, indices: Sequence[int], epoch: int, step_samples: int) -> torch.Tensor:
+        """Sum of per-sample losses of this micro-batch / samples in the whole optimizer step."""
+        views = [self.dataset.view(i, epoch) for i in indices]
+        groups: dict[tuple[int, int], list[SampleView]] = {}
+        for view in views:
+            groups.setdefault(view.bucket, []).append(view)
+        total = None
+        for group in groups.values():
+            losses = self._group_loss(group, epoch)
+            total = losses.sum() if total is None else total + losses.sum()
+        return total / step_samples
+
+    def _group_loss(self, views: list[SampleView], epoch: int) -> torch.Tensor:
+        cfg, models = self.cfg, self.models
+        latents = self.latents.latents(views)
+        noise, timesteps = batch_noise(
+            latents,
+            [v.index for v in views],
+            seed=cfg.seed,
+            epoch=epoch,
+            num_timesteps=models.noise_scheduler.config.num_train_timesteps,
+            noise_offset=cfg.noise_offset,
+        )
+        noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+        grad = torch.enable_grad() if cfg.train_text_encoder else torch.no_grad()
+        with grad:
+            embeds, pooled = self.text.encode([v.caption for v in views])
+        kwargs = {}
+        if models.sdxl:
+            kwargs["added_cond_kwargs"] = sdxl_added_conditions(
+                pooled, [v.sdxl_time_ids for v in views], models.dtype
+            )
+        prediction = models.forward_unet(
+            noisy.to(models.dtype), timesteps, embeds.to(models.dtype), **kwargs
+        ).sample
+        target = training_target(models.noise_scheduler, latents, noise, timesteps, models.prediction_type)
+        return per_sample_loss(
+            prediction,
+            target,
+            timesteps,
+            alphas_cumprod=models.noise_scheduler.alphas_cumprod,
+            prediction_type=models.prediction_type,
+            min_snr_gamma=cfg.min_snr_gamma,
+        )
+
+
+# --- checkpoints, samples, export ---------------------------------------------------------------------------
+
+
+def _kohya_info(
+    job: WorkerJob,
+    models: Models,
+    dataset: SDDataset,
+    plan: LoraPlan,
+    steps: StepPlan,
+    precision: str,
+    started: float,
+) -> KohyaInfo:
+    cfg = job.resolved.config
+    return KohyaInfo(
+        name=cfg.name,
+        family=models.family,
+        rank=plan.rank,
+        alpha=plan.kohya_alpha,
+        prediction_type=models.prediction_type,
+        dropout=plan.dropout,
+        learning_rate=cfg.learning_rate,
+        text_encoder_lr=cfg.text_encoder_lr,
+        train_text_encoder=cfg.train_text_encoder,
+        num_train_images=len(dataset),
+        num_epochs=math.ceil(steps.total_steps / steps.steps_per_epoch),
+        max_train_steps=steps.total_steps,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=precision,
+        resolution=cfg.resolution,
+        seed=cfg.seed,
+        started_at=started,
+        tag_frequency=dataset.tag_frequency(),
+        dataset_dirs=dataset.dataset_dirs(),
+        base_model_name=Path(cfg.base_model).name,
+        trigger_word=cfg.trigger_word,
+        run=job.run.name,
+        # kohya's network args are strings (`--network_args key=value`)
+        network_args={
+            "target_modules": ",".join(sorted({_short_name(p) for ps in plan.targets.values() for p in ps}))
+        },
+    )
+
+
+def _short_name(path: str) -> str:
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+@dataclass
+class Session:
+    """The loop's mutable state and the objects checkpoints save."""
+
+    job: WorkerJob
+    models: Models
+    dataset: SDDataset
+    lora: LoraPlan
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    step_plan: StepPlan
+    precision: str
+    started_at: float
+    reporter: Reporter
+    last_saved: int = -1
+
+    def save(self, step: int) -> Path:
+        cfg = self.job.resolved.config
+        scaler = getattr(self.accelerator, "scaler", None)
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        }
+        epochs_done = self.step_plan.epoch_of(step - 1) + 1 if step else 0
+        info = _kohya_info(
+            self.job, self.models, self.dataset, self.lora, self.step_plan, self.precision, self.started_at
+        )
+        info.epoch = epochs_done
+        meta = {
+            "epoch": self.step_plan.epoch_of(max(0, step - 1)),
+            "epochs_done": epochs_done,
+            "data_position": step,
+            "total_steps": self.step_plan.total_steps,
+            "family": self.models.family,
+            "prediction_type": self.models.prediction_type,
+            "precision": self.precision,
+            "run": self.job.run.name,
+            "name": cfg.name,
+            "output_dir": str(Path(cfg.output_dir).expanduser()),
+            "kohya_alpha": self.lora.kohya_alpha,
+            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": self.lora.targets},
+            "unet_layers_per_block": int(self.models.unet.config.layers_per_block),
+            "started_at": self.started_at,
+            "num_samples": len(self.dataset),
+            "kohya": asdict(info),
+        }
+        path = save_checkpoint(
+            self.job.run,
+            step,
+            lora_state=lora_state(self.models.components(), self.lora),
+            training_state=training_state,
+            meta=meta,
+            config_yaml=self.job.resolved.to_yaml(),
+            keep_last_n=cfg.keep_last_n,
+        )
+        self.last_saved = step
+        self.reporter.checkpoint(step, path)
+        return path
+
+    def restore(self, checkpoint_path: Path) -> int:
+        """Load LoRA, optimizer, scheduler, scaler and RNG states; returns the step to continue from."""
+        from loratui.train.sd_lora import load_lora_state
+
+        ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+        load_lora_state(self.models.components(), ckpt.lora_state)
+        state = ckpt.training_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        if ckpt.meta.get("total_steps") not in (None, self.step_plan.total_steps):
+            self.reporter.event(
+                "warning",
+                message=f"the checkpoint was planned for {ckpt.meta['total_steps']} steps, this run has "
+                f"{self.step_plan.total_steps} (changed epochs/max_steps/batch?)",
+            )
+        self.started_at = float(ckpt.meta.get("started_at") or self.started_at)
+        self.last_saved = ckpt.step
+        return ckpt.step
+
+
+@torch.no_grad()
+def render_samples(models: Models, prompts: list[str], step: int, folder: Path, cfg) -> list[Path]:
+    """Render `prompts` (fixed seed) with the LoRA as it is now; returns the PNG paths."""
+    from loratui.sample.sd_sample import save_png
+
+    vae_device = next(models.vae.parameters()).device
+    models.vae.to(models.device)
+    models.unet.eval()
+    models.pipeline.set_progress_bar_config(disable=True)
+    paths = []
+    try:
+        for number, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(cfg.seed)
+            image = models.pipeline(
+                prompt,
+                num_inference_steps=SAMPLE_STEPS,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=generator,
+            ).images[0]
+            paths.append(save_png(image, folder / f"step-{step:06d}-{number}.png"))
+    finally:
+        models.unet.train()
+        models.vae.to(vae_device)
+    return paths
+
+
+def _export(session: Session, output: Path) -> Path:
+    """Write the kohya file from the newest checkpoint and announce it."""
+    job = session.job
+    written = export_checkpoint(
+        job.run.latest_checkpoint(),
+        fmt="kohya",
+        out=output,
+        overwrite=job.overwrite,
+        resuming=job.resume_from is not None,
+        finished_at=time.time(),
+    )
+    name = written.stem
+    session.reporter.event(
+        "export", session.last_saved, path=str(written), usage=usage_string(name), format="kohya"
+    )
+    return written
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+
+def train(job: WorkerJob, *, stop_after_step: int | None = None) -> str:
+    """Train a LoRA for `job`; "finished" or "stopped". `stop_after_step` acts like Ctrl-C at that step."""
+    reporter = Reporter(job.run, total_steps=0)
+    handlers = _signal_handlers()
+    try:
+        return _train(job, reporter, stop_after_step)
+    finally:
+        reporter.close()
+        _restore_signal_handlers(handlers)
+
+
+def _signal_handlers() -> dict:
+    import signal
+
+    names = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP")
+    return {
+        sig: signal.getsignal(sig) for sig in (getattr(signal, n, None) for n in names) if sig is not None
+    }
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """Put back the handlers `StopRequest.install` replaced (matters when training runs in-process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> str:
+    cfg = job.resolved.config
+    stop = StopRequest().install()
+    output = _setup_output(job)
+    accelerator, precision = _setup_accelerator(cfg)
+    dataset = _setup_dataset(cfg, reporter)
+    models = _setup_models(job, precision, accelerator.device)
+    for note in models.notes:
+        reporter.event("warning", message=note)
+    lora, params = _setup_lora(cfg, models, reporter)
+    step_plan = StepPlan(len(dataset), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
+    optimizer, scheduler = _setup_optimizer(cfg, models, lora, step_plan.total_steps)
+    models.unet.train()
+    models.forward_unet = accelerator.prepare(models.unet)  # autocast (and DDP) wrapper; state stays on .unet
+    if cfg.train_text_encoder:
+        models.forward_text_encoders = [accelerator.prepare(encoder) for encoder in models.text_encoders]
+    optimizer = accelerator.prepare(optimizer)
+    latents, text = _setup_caches(cfg, job, models, dataset, reporter)
+    context = LossContext(cfg, models, dataset, latents, text)
+    session = Session(
+        job,
+        models,
+        dataset,
+        lora,
+        optimizer,
+        scheduler,
+        accelerator,
+        step_plan,
+        precision,
+        time.time(),
+        reporter,
+    )
+
+    start = 0
+    if job.resume_from is not None:
+        start = session.restore(Path(job.resume_from))
+        reporter.resumed_from(start)
+    reporter.status.total_steps = step_plan.total_steps
+    reporter.started(
+        family=models.family,
+        device=str(accelerator.device),
+        precision=precision,
+        prediction_type=models.prediction_type,
+        images=dataset.num_images,
+        samples_per_epoch=len(dataset),
+        resumed_from=start or None,
+        lora_modules={k: len(v) for k, v in lora.targets.items()},
+    )
+
+    step, unlogged = start, 0
+    for global_step, epoch, indices in step_plan.iter_steps(start):
+        micro_batches = split_micro_batches(indices, cfg.batch_size)
+        result = optimizer_step(
+            micro_batches,
+            lambda batch, epoch=epoch, n=len(indices): context.micro_loss(batch, epoch, n),
+            accelerator=accelerator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            max_grad_norm=cfg.max_grad_norm,
+            model=models.forward_unet,
+        )
+        step, unlogged = global_step + 1, unlogged + len(indices)
+        if step % cfg.log_every_steps == 0 or step == step_plan.total_steps:
+            # step_samples: samples since the previous step event; process_cpu_s: for benchmarks on shared machines
+            extra = {"step_samples": unlogged, "process_cpu_s": time.process_time()}
+            if result.grad_norm is not None:
+                extra["grad_norm"] = result.grad_norm
+            reporter.step(step, epoch, result.loss, result.lr, unlogged, **extra)
+            unlogged = 0
+        stopping = stop.requested or (stop_after_step is not None and step >= stop_after_step)
+        if (cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set() or stopping:
+            stop.checkpoint_now.clear()
+            if session.last_saved != step:
+                session.save(step)
+        if cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
+            for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
+                reporter.event("sample", step, path=str(path))
+        if stopping and step < step_plan.total_steps:
+            reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
+            return "stopped"
+
+    if session.last_saved != step:
+        session.save(step)
+    _export(session, output)
+    reporter.finished(steps=step)
+    return "finished"
