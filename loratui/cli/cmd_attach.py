@@ -15,8 +15,8 @@ def attach(
 ) -> None:
     """Attach to a run: replay its history, then follow it live (Ctrl-C detaches; training goes on).
 
-    Progress is shown as plain lines (suitable for logs and `TERM=dumb`); the full-screen training view
-    opens from `loratui wizard`.
+    On a terminal this opens the training view (d detaches, s checkpoints, c stops, ? help). With
+    --no-tui, on a non-TTY or with TERM=dumb, progress is printed as plain lines.
     """
     from loratui.cli.common import EXIT_UNUSABLE, console, default_runs_dir
     from loratui.runs import find_run
@@ -30,6 +30,12 @@ def attach(
         what = f"run {run!r}" if run else "any run"
         typer.echo(f"error: could not find {what} in {folder} (see `loratui runs`)", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
+    from loratui.cli.common import plain_output
+
+    if not no_tui and not no_follow and not plain_output():
+        from loratui.tui.launch import open_training_view
+
+        raise typer.Exit(open_training_view(found.path))
     out = console()
     out.print(f"attached to {found.path}", markup=False)
     reader = EventReader(found.events_path)

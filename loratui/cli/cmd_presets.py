@@ -57,6 +57,18 @@ def show(
         out.print(f"\n[bold]{family}[/bold]")
         out.print(yaml.safe_dump(section, sort_keys=False).rstrip(), markup=False, highlight=False)
     if check:
-        from loratui.cli.common import not_implemented
+        from loratui.memory.integration import preset_predictions
+        from loratui.memory.sizes import format_bytes
 
-        not_implemented("presets show --check")
+        out.print(
+            f"\nmemory check on a {preset.vram_gb:g} GB card (predicted peak, usable memory, headroom):"
+        )
+        for row in preset_predictions(preset):
+            mark = "fits" if row["fits"] else "DOES NOT FIT"
+            out.print(
+                f"  {row['family']:<8} {row['predicted_peak']:>10} (±{row['error_band']:.0%}) of "
+                f"{format_bytes(row['usable_bytes'])}, headroom {format_bytes(row['headroom_bytes'], signed=True)}"
+                f" [{row['architecture']}]: {mark}",
+                markup=False,
+                highlight=False,
+            )

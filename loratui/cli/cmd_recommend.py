@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
-from loratui.cli.common import not_implemented
+from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
 
 
 def recommend(
@@ -26,4 +27,90 @@ def recommend(
 
     Each option shows its predicted peak memory, headroom and relative speed. No weights are loaded.
     """
-    not_implemented("recommend")
+    from loratui.config import ConfigError, load_config
+    from loratui.memory.cards import CARDS, UnknownCard
+    from loratui.memory.integration import NoUsableMemory, usable_memory
+    from loratui.memory.sizes import SizeError
+
+    if card is not None and card.lower() == "list":
+        for name, mib in CARDS.items():
+            typer.echo(f"{name:<20} {mib / 1024:6.1f} GiB")
+        return
+    try:
+        resolved = load_config(config, preset=preset)
+    except ConfigError as exc:
+        typer.echo(exc.render(), err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
+    try:
+        budget = usable_memory(gpu=gpu, vram=vram, card=card)
+    except (SizeError, UnknownCard, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
+    except NoUsableMemory as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNUSABLE) from None
+    _run(resolved, budget, json_out)
+
+
+def _run(resolved, budget, json_out: bool) -> None:
+    from loratui.memory.recommend import explore, no_fit_message, rank_options
+
+    options, planner = explore(resolved, budget.bytes)
+    current = next(o for o in options if not o.changes)
+    ranked = rank_options(options, 5)
+    message = None if ranked else no_fit_message(resolved, budget.bytes)
+    if json_out:
+        payload = {
+            "target": budget.label,
+            "usable_bytes": budget.bytes,
+            "family": resolved.family,
+            "architecture": planner.spec.source,
+            "current": current.to_dict(),
+            "options": [o.to_dict() for o in ranked],
+            "message": message,
+            "notes": current.estimate.notes,
+        }
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        _print(resolved, budget, current, ranked, message)
+    if message:
+        raise typer.Exit(EXIT_ERRORS)
+
+
+def _print(resolved, budget, current, ranked, message) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from loratui.cli.common import console
+    from loratui.memory.sizes import format_bytes
+
+    out = console()
+    est = current.estimate
+    verdict = "fits" if current.fits else "does not fit"
+    out.print(
+        f"{resolved.family}: your config needs about {format_bytes(est.total_bytes)} (±{est.error_band:.0%}), "
+        f"{verdict} in {format_bytes(budget.bytes)} usable on {escape(budget.label)}",
+        highlight=False,
+    )
+    for note in est.notes:
+        out.print(f"note: {escape(note)}", highlight=False)
+    if message:
+        out.print(f"[red]{escape(message)}[/red]", highlight=False)
+        return
+    table = Table(title="options that fit (best first)", title_justify="left")
+    for column in ("#", "changes", "peak", "headroom", "speed", "effect"):
+        table.add_column(column)
+    for number, option in enumerate(ranked, 1):
+        changes = ", ".join(f"{k}={v}" for k, v in option.changes.items()) or "(none)"
+        table.add_row(
+            str(number),
+            escape(changes),
+            format_bytes(option.estimate.total_bytes),
+            format_bytes(option.headroom_bytes, signed=True),
+            f"{option.relative_speed:.2f}x",
+            escape(option.quality_note),
+        )
+    out.print(table)
+    out.print(
+        "apply one with --set KEY=VALUE, or train with --preset auto to take the first.", highlight=False
+    )

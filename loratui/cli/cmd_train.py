@@ -50,6 +50,9 @@ def train(
         None, "--trust-remote-code", help="Allow code shipped in the model folder to run."
     ),
     simulate_vram: str | None = typer.Option(None, "--simulate-vram", help="Simulate a card, e.g. 3GiB."),
+    no_oom_cache: bool = typer.Option(
+        False, "--no-oom-cache", help="Do not start from settings that fitted this model on this GPU before."
+    ),
     runs_dir: Path | None = typer.Option(None, "--runs-dir", help="Where run directories are created."),
     gpus: str | None = typer.Option(None, "--gpus", help="Multi-GPU: a count (4) or a list (0,2)."),
     cpu_processes: int | None = typer.Option(None, "--cpu-processes", help="Distributed test on CPU (gloo)."),
@@ -87,6 +90,7 @@ def train(
         "allow_pickle": allow_pickle,
         "trust_remote_code": trust_remote_code,
         "simulate_vram": simulate_vram,
+        "oom_cache": False if no_oom_cache else None,
         "runs_dir": str(runs_dir) if runs_dir else None,
     }
     if config is None and resume is None and not base_model:

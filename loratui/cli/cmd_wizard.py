@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
-
-from loratui.cli.common import not_implemented
 
 
 def wizard(
@@ -20,5 +20,25 @@ def wizard(
     memory-aware settings, review, then training with live panels.
 
     Everything chosen becomes a config file you can save and rerun with `loratui train --config`.
+    Keys: Ctrl+N / Ctrl+P next / previous step, F1 help, Ctrl+Q quit. Needs a terminal.
     """
-    not_implemented("wizard")
+    from loratui.cli.common import EXIT_UNUSABLE, fail
+
+    if os.environ.get("TERM") == "dumb" or not sys.stdout.isatty() or not sys.stdin.isatty():
+        fail(
+            "the wizard needs an interactive terminal; use `loratui train --config x.yaml` instead",
+            EXIT_UNUSABLE,
+        )
+    if config is not None:
+        from loratui.config import ConfigError, load_config
+
+        try:
+            load_config(config)
+        except ConfigError as exc:
+            typer.echo(exc.render(), err=True)
+            raise typer.Exit(EXIT_UNUSABLE) from None
+        except OSError as exc:
+            fail(f"cannot read config {config}: {exc}", EXIT_UNUSABLE)
+    from loratui.tui.launch import run_wizard
+
+    raise typer.Exit(run_wizard(config))

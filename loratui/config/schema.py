@@ -122,6 +122,13 @@ class TrainConfig(BaseModel):
     oom_recovery: bool = Field(True, description="Lower settings and carry on after out-of-memory.")
     oom_allow_quality_reduction: bool = Field(True, description="OOM ladder may lower resolution/seq length.")
     simulate_vram: str | None = Field(None, description="Simulate a card of this size, e.g. 3GiB (testing).")
+    oom_max_restarts: int = Field(
+        3, ge=0, description="Worker restarts from the last checkpoint when in-process OOM recovery fails."
+    )
+    oom_cache: bool = Field(True, description="Start from settings that fitted this model on this GPU before.")
+    chunked_loss: bool = Field(
+        False, description="LLM: compute the loss in chunks of tokens (saves logits memory; OOM ladder)."
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

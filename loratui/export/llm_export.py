@@ -97,16 +97,20 @@ def usage_snippet(adapter: Path, base_model: str) -> str:
     )
 
 
-def _readme(adapter: Path, config: dict[str, Any], run_name: str | None, step: int | None) -> str:
+def _readme(
+    adapter: Path, config: dict[str, Any], run_name: str | None, step: int | None, training: dict[str, Any] | None = None
+) -> str:
     base = config.get("base_model_name_or_path", "BASE_MODEL")
     modules = config.get("target_modules")
+    settings = ", ".join(f"{k} {v}" for k, v in (training or {}).items())
+    trained = f"\n- training settings really used: {settings}" if settings else ""
     return f"""# LoRA adapter
 
 Trained with loratui{f" (run {run_name}, step {step})" if run_name else ""}.
 
 - base model: `{base}`
 - rank {config.get("r")}, alpha {config.get("lora_alpha")}, rsLoRA {config.get("use_rslora")}, target modules `{modules}`
-- chat template: `{TEMPLATE_FILE}` (the one used in training; use it for inference too)
+- chat template: `{TEMPLATE_FILE}` (the one used in training; use it for inference too){trained}
 
 ## Load it
 
@@ -139,9 +143,11 @@ def write_adapter(
     overwrite: bool = False,
     dtype: str | None = None,
     same_run_ok: bool = True,
+    training: dict[str, Any] | None = None,
 ) -> Path:
     """Write an adapter folder atomically (after `check_output`). Tensor names must be PEFT names without
-    the adapter name (`base_model.model.<module>.lora_A.weight`)."""
+    the adapter name (`base_model.model.<module>.lora_A.weight`). `training`: the settings the run really
+    used (after any out-of-memory recovery), written into README.md and loratui_adapter.json."""
     import torch
     from safetensors.torch import save_file
 
@@ -160,9 +166,11 @@ def write_adapter(
         if chat_template:
             (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         (tmp / "README.md").write_text(
-            _readme(out.resolve(), adapter_config, run_name, step), encoding="utf-8"
+            _readme(out.resolve(), adapter_config, run_name, step, training), encoding="utf-8"
         )
         marker = {"run": run_name, "step": step, "base_model": adapter_config.get("base_model_name_or_path")}
+        if training:
+            marker["training"] = training
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1), encoding="utf-8")
     return out
 
@@ -183,8 +191,9 @@ def save_trained_adapter(
     run_name: str | None,
     step: int | None,
     overwrite: bool,
+    training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the adapter of a PeftModel being trained."""
+    """Write the adapter of a PeftModel being trained (`training`: the settings really used)."""
     config = adapter_config_dict(model.peft_config["default"], base_model)
     return write_adapter(
         out,
@@ -194,6 +203,7 @@ def save_trained_adapter(
         run_name=run_name,
         step=step,
         overwrite=overwrite,
+        training=training,
     )
 
 

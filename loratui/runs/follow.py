@@ -11,6 +11,26 @@ def _mib(value: Any) -> str:
     return f"{value / 2**20:.0f} MiB" if isinstance(value, int | float) else "-"
 
 
+def _changes(old: Any, new: Any) -> str:
+    """'batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2' (only what changed)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"{old} -> {new}"
+    parts = [f"{k} {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(parts) or "no change"
+
+
+def _format_oom(event: dict[str, Any]) -> str:
+    step, rung = event.get("step"), event.get("label") or event.get("rung") or ""
+    change = _changes(event.get("old"), event.get("new"))
+    if event.get("type") == "oom_recovered":
+        seconds = event.get("seconds")
+        took = f" in {seconds:.2f} s" if isinstance(seconds, int | float) else ""
+        return f"recovered from out of memory at step {step}{took}: {change} ({rung})"
+    error = str(event.get("error") or "")[:160]
+    then = f"; restarting the worker ({event['restart']})" if event.get("restart") else ""
+    return f"out of memory at step {step} ({error}); trying {rung}: {change}{then}"
+
+
 def format_event(event: dict[str, Any]) -> str | None:
     """One line for an event, or None for events not worth a line."""
     kind = event.get("type")
@@ -41,7 +61,7 @@ def format_event(event: dict[str, Any]) -> str | None:
     if kind == "eval":
         return f"eval loss {event.get('eval_loss')}"
     if kind in ("oom", "oom_recovered"):
-        return f"out of memory at step {step}: {event.get('old')} -> {event.get('new')} ({event.get('rung', '')})"
+        return _format_oom(event)
     if kind == "warning":
         return f"warning: {event.get('message')}"
     if kind == "error":
@@ -52,6 +72,10 @@ def format_event(event: dict[str, Any]) -> str | None:
             text += f"\n  use it: {event['usage']}"
         return text
     if kind == "run_finished":
+        recoveries = event.get("oom_recoveries") or []
+        if recoveries:
+            changes = "; ".join(f"step {r.get('step')}: {_changes(r.get('old'), r.get('new'))}" for r in recoveries)
+            return f"finished (recovered from out of memory {len(recoveries)} time(s): {changes})"
         return "finished"
     if kind == "run_stopped":
         return f"stopped ({event.get('reason', '')})"

@@ -1,7 +1,9 @@
 """Start a training worker process for a resolved config and follow it.
 
-The worker runs in its own session (`start_new_session=True`), so closing the terminal or the SSH
-connection does not stop it. This process only reads the run directory.
+The worker runs under a supervisor (`loratui.train.supervisor`) in its own session
+(`start_new_session=True`), so closing the terminal or the SSH connection does not stop it, and a worker that
+runs out of memory beyond in-process recovery (or is killed) is restarted from its last checkpoint. This
+process only reads the run directory.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ EXIT_STOPPED = 130
 
 
 def prepare_run(
-    resolved: ResolvedConfig, *, resume: str | None, overwrite: bool
+    resolved: ResolvedConfig, *, resume: str | None, overwrite: bool, skip_checks: bool = False
 ) -> tuple[RunDir, Path | None]:
     """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json."""
     cfg = resolved.config
@@ -39,28 +40,32 @@ def prepare_run(
     if cfg.model_family == "auto" and resolved.family in ("sd15", "sd2", "sdxl", "llm"):
         cfg.model_family = resolved.family
     run.write_config(resolved.to_yaml())
-    launch = {"resume_from": str(checkpoint) if checkpoint else None, "overwrite": overwrite}
+    launch = {
+        "resume_from": str(checkpoint) if checkpoint else None,
+        "overwrite": overwrite,
+        "skip_checks": skip_checks,
+    }
     (run.path / "launch.json").write_text(json.dumps(launch, indent=1), encoding="utf-8")
     RunStatus(state="starting").write(run.status_path) if not run.status_path.exists() else None
     return run, checkpoint
 
 
 def start_worker(run: RunDir) -> subprocess.Popen:
-    """Spawn `python -m loratui.train.worker RUN_DIR` detached from this terminal."""
-    log = (run.path / "worker.log").open("ab")
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "loratui.train.worker", str(run.path)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-    )
+    """Spawn the training for `run` detached from this terminal and return that process.
+
+    The process is the supervisor (`python -m loratui.train.supervisor RUN_DIR`, in its own session), which
+    starts the worker (`python -m loratui.train.worker RUN_DIR`) and restarts it from the last checkpoint
+    after an unrecoverable out-of-memory error or a kill. Signals sent to it (SIGINT/SIGTERM: checkpoint and
+    stop; SIGUSR1: checkpoint) are forwarded to the worker; its exit code is the worker's. status.json's
+    `pid` is the worker's own pid while one runs."""
+    from loratui.train.supervisor import spawn_supervisor
+
+    return spawn_supervisor(run)
 
 
-def follow_plain(run: RunDir, process: subprocess.Popen | None, out, reader: EventReader | None = None) -> int:
+def follow_plain(
+    run: RunDir, process: subprocess.Popen | None, out, reader: EventReader | None = None
+) -> int:
     """Print events as plain lines until the run ends. Ctrl-C asks the worker to checkpoint and stop;
     a second Ctrl-C detaches (training goes on). `reader` starts where it stands (a resumed run's earlier
     events are skipped); by default the whole log is shown."""
@@ -124,7 +129,7 @@ def launch_training(
     if not run_preflight(resolved, skip_checks=skip_checks, out=out):
         return 1
     try:
-        run, checkpoint = prepare_run(resolved, resume=resume, overwrite=overwrite)
+        run, checkpoint = prepare_run(resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks)
     except FileNotFoundError as exc:
         out.print(f"error: {exc}", markup=False)
         return 1
@@ -133,8 +138,14 @@ def launch_training(
     reader = EventReader(run.events_path)
     reader.poll()  # a resumed run's earlier events (its run_stopped too) are history, not this session's progress
     process = start_worker(run)
-    out.print(f"run directory: {run.path} (worker pid {process.pid})", markup=False)
+    out.print(f"run directory: {run.path} (supervisor pid {process.pid})", markup=False)
     if detach:
         out.print(f"training in the background; follow it with: loratui attach {run.name}", markup=False)
         return 0
+    from loratui.cli.common import plain_output
+
+    if tui and not plain_output():
+        from loratui.tui.launch import open_training_view
+
+        return open_training_view(run.path)
     return follow_plain(run, process, out, reader)

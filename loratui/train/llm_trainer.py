@@ -79,12 +79,12 @@ def _setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
     return model, tokenizer, source
 
 
-def _setup_data(cfg: TrainConfig, tokenizer: Any, template: str) -> LLMData:
+def _setup_data(cfg: TrainConfig, tokenizer: Any, template: str, max_seq_len: int | None = None) -> LLMData:
     return build_llm_data(
         cfg.train_data_dir,
         tokenizer,
         template,
-        max_seq_len=cfg.max_seq_len,
+        max_seq_len=max_seq_len or cfg.max_seq_len,
         train_on_prompt=cfg.train_on_prompt,
         packing=cfg.packing,
         val_split=cfg.val_split,
@@ -240,6 +240,13 @@ def _save(job: WorkerJob, step: int, epoch: int, model: Any, optimizer: Any, sch
     )
 
 
+def _live_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Memory-related settings as really used (the OOM ladder may have changed them), for the adapter."""
+    from loratui.train.oom_ladder import settings_of
+
+    return {**settings_of(cfg, "llm"), "effective_batch": cfg.effective_batch}
+
+
 def _export(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Any) -> Path:
     """Write the adapter to output_dir (or into the run directory when output_dir belongs to another run)."""
     from loratui.export.llm_export import OutputConflict, save_trained_adapter, usage_snippet
@@ -250,6 +257,7 @@ def _export(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporte
         "run_name": job.run.name,
         "step": step,
         "overwrite": job.overwrite,
+        "training": _live_settings(job.resolved.config),
     }
     try:
         path = save_trained_adapter(model, Path(job.resolved.config.output_dir), **args)
@@ -269,11 +277,12 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     from loratui.export.llm_export import adapter_config_dict, check_output
     from loratui.models.llm_loading import base_model_reference
     from loratui.train.checkpointing import restore_rng_state
+    from loratui.train.oom import RecoveringStep
+    from loratui.train.oom_llm import chunked_token_loss_sum, cut_data, data_seq_len, llm_rung_applier
     from loratui.train.optim import build_optimizer, build_scheduler
-    from loratui.train.plan import StepPlan, split_micro_batches
+    from loratui.train.plan import StepPlan
     from loratui.train.reporting import Reporter
     from loratui.train.signals import StopRequest
-    from loratui.train.stepping import optimizer_step
 
     cfg = job.resolved.config
     stop = stop or StopRequest()
@@ -281,7 +290,8 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     accelerator, precision = _setup_accelerator(cfg)
     model, tokenizer, source = _setup_base(cfg, precision)
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
-    data = _setup_data(cfg, tokenizer, template)
+    data = _setup_data(cfg, tokenizer, template, data_seq_len(job))
+    cut_data(data, cfg.max_seq_len)  # a worker restarted after the OOM ladder lowered max_seq_len
     model = _setup_lora(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     plan = StepPlan(len(data.train), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
@@ -326,25 +336,24 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
         if "scaler" in saved_state and getattr(accelerator, "scaler", None) is not None:
             accelerator.scaler.load_state_dict(saved_state["scaler"])
 
-    def micro_loss(indices: list[int], normaliser: int) -> torch.Tensor:
+    def micro_loss(indices: list[int], step_indices: list[int]) -> torch.Tensor:
         """Token-loss sum of one micro-batch over the target tokens of the WHOLE optimizer step."""
         batch = collate([data.train[i] for i in indices], pad_id).to(device)
-        return token_loss_sum(model, batch) / normaliser
+        chunked = cfg.chunked_loss  # set by the OOM ladder (rung 3) or the config
+        loss_sum = chunked_token_loss_sum(model, batch, autocast=accelerator.autocast) if chunked else (
+            token_loss_sum(model, batch))
+        return loss_sum / max(1, data.target_tokens(step_indices))
+
+    recovering = RecoveringStep(  # optimizer_step with out-of-memory recovery (loratui.train.oom)
+        job, reporter, apply=llm_rung_applier(model, data, settings), accelerator=accelerator,
+        optimizer=optimizer, scheduler=scheduler, params=params, max_grad_norm=cfg.max_grad_norm, model=model,
+    )
 
     step, epoch, last_log = start, plan.epoch_of(start), time.perf_counter()
     tokens_since_log = samples_since_log = 0
     for step_index, epoch, indices in plan.iter_steps(start):
+        result = recovering.run(step_index + 1, indices, functools.partial(micro_loss, step_indices=indices))
         step_targets = data.target_tokens(indices)
-        result = optimizer_step(
-            split_micro_batches(indices, cfg.batch_size),
-            functools.partial(micro_loss, normaliser=step_targets),
-            accelerator=accelerator,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            params=params,
-            max_grad_norm=cfg.max_grad_norm,
-            model=model,
-        )
         step = step_index + 1
         tokens_since_log += sum(len(data.train[i].input_ids) for i in indices)
         samples_since_log += sum(data.train[i].num_samples for i in indices)
@@ -353,7 +362,8 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
             now = time.perf_counter()
             reporter.step(step, epoch, result.loss, result.lr, samples_since_log, grad_norm=result.grad_norm,
                           tokens=tokens_since_log, tokens_per_s=tokens_since_log / max(1e-9, now - last_log),
-                          target_tokens=step_targets, process_cpu_s=time.process_time())
+                          target_tokens=step_targets, process_cpu_s=time.process_time(),
+                          **recovering.step_fields())
             last_log, tokens_since_log, samples_since_log = now, 0, 0
         if data.val and (step % plan.steps_per_epoch == 0 or last_step):
             eval_loss = evaluate(model, data, cfg.batch_size, pad_id, device)
@@ -375,6 +385,6 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     reporter.checkpoint(step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta))
     unwrapped = accelerator.unwrap_model(model)
     adapter = _export(job, unwrapped, meta, step, reporter)
-    reporter.finished(adapter=str(adapter.resolve()))
+    reporter.finished(adapter=str(adapter.resolve()), **recovering.summary())
     reporter.close()
     return TrainResult("finished", step, adapter, unwrapped, tokenizer, template, data)

@@ -300,8 +300,9 @@ def _finding_text(finding, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def scan_dataset(cfg) -> ImageDatasetScan:
-    """Scan the dataset folder; DatasetError when it is missing, empty or has errors."""
+def scan_dataset(cfg, *, allow_errors: bool = False) -> ImageDatasetScan:
+    """Scan the dataset folder; DatasetError when it is missing, empty or (unless `allow_errors`, from
+    `--skip-checks`) has errors."""
     root = Path(cfg.train_data_dir).expanduser()
     metadata = Path(cfg.metadata_path).expanduser() if cfg.metadata_path else None
     if metadata is not None and not metadata.is_file():
@@ -316,7 +317,7 @@ def scan_dataset(cfg) -> ImageDatasetScan:
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise DatasetError(str(exc)) from exc
     errors = [f for f in scan.findings if f.severity == "error"]
-    if errors or not scan.items:
+    if (errors and not allow_errors) or not scan.items:
         body = "\n".join(_finding_text(f) for f in errors) or f"- no training images in {root}"
         raise DatasetError(
             f"the dataset in {root} cannot be trained on:\n{body}\n(`loratui check {root}` shows the full report)"
@@ -332,15 +333,17 @@ def _digest(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def load_dataset(cfg, *, warn: Callable[[str], None] = lambda _msg: None) -> SDDataset:
+def load_dataset(
+    cfg, *, warn: Callable[[str], None] = lambda _msg: None, allow_errors: bool = False
+) -> SDDataset:
     """Scan, check and read every image once (sizes, content hashes); unreadable images are skipped.
 
     Raises DatasetError for unusable datasets, and when more than 10 % of the images cannot be read.
     """
-    scan = scan_dataset(cfg)
+    scan = scan_dataset(cfg, allow_errors=allow_errors)
     options = DatasetOptions.from_config(cfg)
     for finding in scan.findings:
-        if finding.severity == "warning":
+        if finding.severity == "warning" or (allow_errors and finding.severity == "error"):
             where = ", ".join(e.location() for e in finding.examples[:5])
             more = f" (+{finding.count - 5} more)" if finding.count > 5 else ""
             warn(f"{finding.message} {where}{more}".strip())

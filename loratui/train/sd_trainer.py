@@ -10,6 +10,7 @@ Entry point: `train(job)` -> "finished" | "stopped" (errors raise; the worker re
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -22,8 +23,10 @@ import torch
 from loratui.export.kohya import KohyaInfo
 from loratui.export.sd_export import ExportError, check_output, export_checkpoint, usage_string
 from loratui.train.checkpointing import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from loratui.train.oom import RecoveringStep
+from loratui.train.oom_sd import sd_meter_modules, sd_rung_applier
 from loratui.train.optim import build_optimizer, build_scheduler
-from loratui.train.plan import StepPlan, split_micro_batches
+from loratui.train.plan import StepPlan
 from loratui.train.precision import pick_device, resolve_precision, weight_dtype
 from loratui.train.reporting import Reporter
 from loratui.train.sd_conditioning import TextConditioner, sdxl_added_conditions
@@ -40,7 +43,6 @@ from loratui.train.sd_lora import (
 from loratui.train.sd_loss import batch_noise, per_sample_loss, training_target
 from loratui.train.seeding import set_global_seed
 from loratui.train.signals import StopRequest
-from loratui.train.stepping import optimizer_step
 from loratui.train.worker import WorkerJob
 
 SAMPLE_STEPS = 20
@@ -99,8 +101,9 @@ def _setup_accelerator(cfg):
     return accelerator, precision
 
 
-def _setup_dataset(cfg, reporter: Reporter) -> SDDataset:
-    dataset = load_dataset(cfg, warn=lambda message: reporter.event("warning", message=message))
+def _setup_dataset(cfg, reporter: Reporter, allow_errors: bool = False) -> SDDataset:
+    warn = lambda message: reporter.event("warning", message=message)  # noqa: E731
+    dataset = load_dataset(cfg, warn=warn, allow_errors=allow_errors)
     return dataset
 
 
@@ -499,7 +502,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
     stop = StopRequest().install()
     output = _setup_output(job)
     accelerator, precision = _setup_accelerator(cfg)
-    dataset = _setup_dataset(cfg, reporter)
+    dataset = _setup_dataset(cfg, reporter, allow_errors=job.skip_checks)
     models = _setup_models(job, precision, accelerator.device)
     for note in models.notes:
         reporter.event("warning", message=note)
@@ -543,26 +546,31 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
         lora_modules={k: len(v) for k, v in lora.targets.items()},
     )
 
+    recovering = RecoveringStep(  # optimizer_step with out-of-memory recovery (loratui.train.oom)
+        job,
+        reporter,
+        apply=sd_rung_applier(job, models, context, reporter, session),
+        meter_modules=sd_meter_modules(models, context),
+        can_cache_latents=not cfg.random_crop,
+        can_cache_text=not cfg.train_text_encoder and dataset.options.captions_fixed,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        max_grad_norm=cfg.max_grad_norm,
+        model=models.forward_unet,
+    )
     step, unlogged = start, 0
     for global_step, epoch, indices in step_plan.iter_steps(start):
-        micro_batches = split_micro_batches(indices, cfg.batch_size)
-        result = optimizer_step(
-            micro_batches,
-            lambda batch, epoch=epoch, n=len(indices): context.micro_loss(batch, epoch, n),
-            accelerator=accelerator,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            params=params,
-            max_grad_norm=cfg.max_grad_norm,
-            model=models.forward_unet,
-        )
+        loss = functools.partial(context.micro_loss, epoch=epoch, step_samples=len(indices))
+        result = recovering.run(global_step + 1, indices, loss)
         step, unlogged = global_step + 1, unlogged + len(indices)
         if step % cfg.log_every_steps == 0 or step == step_plan.total_steps:
             # step_samples: samples since the previous step event; process_cpu_s: for benchmarks on shared machines
             extra = {"step_samples": unlogged, "process_cpu_s": time.process_time()}
             if result.grad_norm is not None:
                 extra["grad_norm"] = result.grad_norm
-            reporter.step(step, epoch, result.loss, result.lr, unlogged, **extra)
+            reporter.step(step, epoch, result.loss, result.lr, unlogged, **extra, **recovering.step_fields())
             unlogged = 0
         stopping = stop.requested or (stop_after_step is not None and step >= stop_after_step)
         if (cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set() or stopping:
@@ -579,5 +587,5 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
     if session.last_saved != step:
         session.save(step)
     _export(session, output)
-    reporter.finished(steps=step)
+    reporter.finished(steps=step, **recovering.summary())
     return "finished"

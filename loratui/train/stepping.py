@@ -34,10 +34,13 @@ def optimizer_step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float | None,
     model=None,
+    before_update: Callable[[], None] | None = None,
 ) -> StepResult:
     """Run forward/backward for every micro-batch, then clip, step, schedule and zero the gradients.
 
     `accelerator` is an `accelerate.Accelerator` (handles the fp16 grad scaler and multi-process sync).
+    `before_update` runs after the last backward and before the update (the OOM ladder uses it to let every
+    process agree that none ran out of memory; it may raise to abandon the step).
     """
     total = 0.0
     last = len(micro_batches) - 1
@@ -49,6 +52,8 @@ def optimizer_step(
             accelerator.backward(loss)
         total += float(loss.detach())
         del loss
+    if before_update is not None:
+        before_update()
     grad_norm = None
     if max_grad_norm is not None and max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)

@@ -2,7 +2,8 @@
 
 Reads the run directory's resolved `config.yaml` and `launch.json`, runs the trainer for the task type, and
 records the outcome in `events.jsonl` / `status.json`. Exit codes: 0 finished, 130 stopped, 1 failed,
-2 the trainer for this task is not available.
+2 the trainer for this task is not available, 75 (`oom.EXIT_RESTART`) out of memory that only a restart from
+the last checkpoint can fix (the supervisor does it, with the lowered settings already in config.yaml).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class WorkerJob:
     resolved: ResolvedConfig
     resume_from: Path | None
     overwrite: bool
+    skip_checks: bool = False  # train despite dataset-check errors (bad items are skipped with warnings)
 
 
 def _record_failure(run: RunDir, message: str, details: str = "") -> None:
@@ -40,7 +42,19 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
 
 def run_job(job: WorkerJob) -> int:
     """Dispatch to the trainer of the task type; returns the process exit code."""
+    from loratui.train.oom import EXIT_RESTART, RestartNeeded
+    from loratui.train.oom_cache import apply_cached_settings
+
     task = job.resolved.config.task_type
+    cached = apply_cached_settings(job)
+    if cached:
+        with EventWriter(job.run.events_path) as events:
+            events.write(
+                "warning",
+                None,
+                message=f"starting from settings that fitted this model on this GPU "
+                f"before (OOM cache; --no-oom-cache to turn off): {cached}",
+            )
     try:
         if task == "image-generation":
             from loratui.train.sd_trainer import train as trainer
@@ -51,7 +65,11 @@ def run_job(job: WorkerJob) -> int:
             _record_failure(job.run, f"training for {task} is not implemented yet")
             return 2
         raise
-    state = trainer(job)
+    try:
+        state = trainer(job)
+    except RestartNeeded as exc:
+        print(f"out of memory: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RESTART
     return {"finished": 0, "stopped": 130}.get(state, 1)
 
 
@@ -72,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             resolved=resolved,
             resume_from=Path(launch["resume_from"]) if launch.get("resume_from") else None,
             overwrite=bool(launch.get("overwrite")),
+            skip_checks=bool(launch.get("skip_checks")),
         )
         return run_job(job)
     except Exception as exc:

@@ -1,0 +1,71 @@
+"""Closed-form fallback when an architecture cannot be built from its config (see memory.md formulas)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loratui.memory.arch import ArchSpec
+
+GIB = 2**30
+#: per-sample activation bytes of the SD families at 512² (16-bit, fused attention), from the shipped tables'
+#: order of magnitude; only used when no table or trace is available
+SD_ACTIVATIONS_512 = {"sd15": 2.4 * GIB, "sd2": 2.4 * GIB, "sdxl": 3.0 * GIB}
+SD_PARAMS = {"sd15": 1.07e9, "sd2": 1.29e9, "sdxl": 3.47e9}
+
+
+def _llm(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
+    from loratui.models.inspect import _llm_params
+
+    text = spec.configs["model"].get("text_config", spec.configs["model"])
+    params = _llm_params(spec.configs["model"]) or 7_000_000_000
+    hidden = int(text.get("hidden_size") or 4096)
+    layers = int(text.get("num_hidden_layers") or 32)
+    vocab = int(text.get("vocab_size") or 32000)
+    b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
+    width = 4 if (device == "cpu" or cfg.mixed_precision == "no") and not cfg.load_in_4bit else 2
+    if cfg.load_in_4bit and device == "cuda":
+        weights = int(params * 0.52 + 2 * vocab * hidden * 4)
+    else:
+        weights = params * width
+    lora = 4 * layers * r * 8 * hidden  # q, k, v, o: about r * 2h each
+    per_layer = 41 * s * b * hidden * width // 2  # LLaMA-style layer, 16-bit (Korthikanti et al. 2022)
+    stored = (2 * s * b * hidden * layers + per_layer) if cfg.gradient_checkpointing else per_layer * layers
+    logits = 12 * b * s * vocab
+    return {
+        "weights": weights,
+        "lora_params": lora,
+        "optimizer_state": 2 * lora,
+        "gradients": lora,
+        "activations": stored,
+        "logits_loss": logits,
+    }, 0.35
+
+
+def _sd(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
+    family = spec.family if spec.family in SD_PARAMS else "sd15"
+    width = 4 if device == "cpu" or cfg.mixed_precision == "no" else 2
+    weights = int(SD_PARAMS[family] * width)
+    scale = (cfg.resolution / 512) ** 2 * cfg.batch_size * width / 2
+    acts = SD_ACTIVATIONS_512[family] * scale * (0.35 if cfg.gradient_checkpointing else 1.0)
+    lora = 4 * 2_000_000 * cfg.lora_rank // 8
+    return {
+        "weights": weights,
+        "lora_params": lora,
+        "optimizer_state": 2 * lora,
+        "gradients": lora,
+        "activations": int(acts),
+    }, 0.40
+
+
+def analytic_estimate(spec: ArchSpec, cfg: Any, device: str, notes: list[str]):
+    """An `Estimate` from closed-form rules; error band 35-40 %."""
+    from loratui.memory.estimate import Estimate, cuda_overheads
+
+    parts, band = _llm(spec, cfg, device) if spec.kind == "llm" else _sd(spec, cfg, device)
+    if device == "cuda":
+        static = parts["weights"] + parts["lora_params"] + parts["optimizer_state"]
+        parts.update(cuda_overheads(spec.kind, parts["activations"], static))
+    method = "analytic formulas (architecture could not be built from its config)"
+    return Estimate(
+        sum(parts.values()), parts, method, band, list(notes), "micro-batch forward/backward", device
+    )

@@ -1,0 +1,95 @@
+"""Regenerate the shipped memory tables: `python -m loratui.memory.calibrate [NAME ...]`.
+
+For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, TinyLlama-1.1B) this builds the model
+on the meta device, summarises its parameters, traces the reference training step over the calibration design
+for every regime the estimator can ask for, and writes `arch_configs/tables/NAME.json`. Takes minutes per SD
+architecture on a laptop CPU; nothing is downloaded and no weights are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+from loratui.memory.arch import ArchSpec, bundled_llm_config, bundled_sd_configs
+from loratui.memory.fit import FIT_VERSION, _versions, calibrate_llm, calibrate_sd, fit_key
+from loratui.memory.regime import Regime
+
+SD_NAMES = ("sd15", "sd2", "sdxl")
+LLM_NAMES = ("llama-2-7b", "llama-2-13b", "tinyllama-1.1b")
+TABLE_DIR = Path(__file__).resolve().parent / "arch_configs" / "tables"
+
+
+def spec_for(name: str) -> ArchSpec:
+    if name in SD_NAMES:
+        return ArchSpec("sd", name, bundled_sd_configs(name), f"bundled:{name}")
+    return ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}")
+
+
+def regimes(kind: str) -> list[Regime]:
+    if kind == "sd":
+        return [Regime(p, c, d) for p, c, d in product(("amp16", "fp32"), (False, True), (False, True))]
+    targets = (None, ("all-linear",))
+    return [
+        Regime(p, c, d, t)
+        for p, c, d, t in product(("amp16", "qlora", "fp32"), (False, True), (False, True), targets)
+    ]
+
+
+def build_table(name: str, log=print) -> dict:
+    from loratui.memory.summary import build_summary
+    from loratui.models.sd_loading import quiet_libraries
+
+    spec = spec_for(name)
+    started = time.time()
+    summary = build_summary(spec)
+    fits = {}
+    with quiet_libraries():
+        for regime in regimes(spec.kind):
+            if spec.kind == "llm":
+                fits[fit_key(spec, regime, "meta", "step")] = calibrate_llm(spec, regime, "meta").to_dict()
+            else:
+                fits[fit_key(spec, regime, "meta", "step")] = calibrate_sd(
+                    spec, regime, "meta", "unet"
+                ).to_dict()
+                fits[fit_key(spec, regime, "meta", "text_training")] = calibrate_sd(
+                    spec, regime, "meta", "text_training"
+                ).to_dict()
+            log(f"{name}: {regime.key()} done ({time.time() - started:.0f}s)")
+        if spec.kind == "sd":
+            for precision, what in product(("amp16", "fp32"), ("vae", "text")):
+                regime = Regime(precision)
+                fits[fit_key(spec, regime, "meta", what)] = calibrate_sd(spec, regime, "meta", what).to_dict()
+    return {
+        "name": name,
+        "fingerprint": spec.fingerprint,
+        "family": spec.family,
+        "summary": summary.to_dict(),
+        "fits": fits,
+        "generated_with": {
+            "fit_version": FIT_VERSION[spec.kind],
+            "versions": _versions(),
+            "seconds": round(time.time() - started),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=[*SD_NAMES, *LLM_NAMES])
+    args = parser.parse_args(argv)
+    TABLE_DIR.mkdir(parents=True, exist_ok=True)
+    for name in args.names:
+        table = build_table(name)
+        path = TABLE_DIR / f"{name}.json"
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

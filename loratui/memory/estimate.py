@@ -1,0 +1,406 @@
+"""Predict the peak device memory of a training config, with a breakdown, before any weights are loaded.
+
+peak = frozen weights + LoRA parameters + optimizer state
+       + max(forward/backward of one micro-batch, optimizer step, VAE / text encoding)
+       (+ on CUDA: context, library workspaces, allocator fragmentation)
+
+Parameter counts come from the model's own configs (built on the meta device, or shipped tables); the
+forward/backward term comes from a fitted model of traced reference steps (`fit`); optimizer state and
+temporaries, 4-bit storage and CUDA overheads are computed. See docs/memory.md for the method and its
+measured error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratui.memory.arch import ArchSpec
+from loratui.memory.regime import Regime
+from loratui.memory.summary import ArchSummary
+
+MIB = 2**20
+CUDA_CONTEXT = 450 * MIB  # torch 2.x / CUDA 12-13 context (memory.md: 0.3-0.6 GB, 426 MiB measured)
+WORKSPACE = {"llm": 64 * MIB, "sd": 256 * MIB}  # cuBLAS/cuBLASLt handles; cuDNN convolution workspaces
+FRAGMENTATION = 0.10  # caching-allocator reserve over live tensors, as a share of the per-step memory
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit block absmax + fp32 second-level absmax
+BAND = {"cpu": 0.05, "meta": 0.10, "analytic": 0.35}
+CUDA_EXTRA_BAND = 0.05  # context/workspace/fragmentation are not measured on a GPU here
+
+
+@dataclass
+class Estimate:
+    """A predicted peak with its parts (they sum to `total_bytes`)."""
+
+    total_bytes: int
+    breakdown: dict[str, int]
+    method: str
+    error_band: float
+    notes: list[str] = field(default_factory=list)
+    phase: str = ""  # what the peak happens in: micro-batch, optimizer step, VAE encoding, ...
+    device: str = "cuda"
+
+    @property
+    def low_bytes(self) -> int:
+        return int(self.total_bytes * (1 - self.error_band))
+
+    @property
+    def high_bytes(self) -> int:
+        return int(self.total_bytes * (1 + self.error_band))
+
+    def to_dict(self) -> dict[str, Any]:
+        from loratui.memory.sizes import format_bytes
+
+        return {
+            "total_bytes": self.total_bytes,
+            "total": format_bytes(self.total_bytes),
+            "breakdown": dict(self.breakdown),
+            "method": self.method,
+            "error_band": self.error_band,
+            "phase": self.phase,
+            "device": self.device,
+            "notes": list(self.notes),
+        }
+
+
+class UnknownArchitecture(ValueError):
+    """The model's configs cannot be turned into a model here (unknown model type, broken config)."""
+
+
+# --- planning objects ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Planner:
+    """Architecture + summary of one base model; estimates many configs of it quickly."""
+
+    spec: ArchSpec
+    summary: ArchSummary | None  # None: analytic fallback
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.summary.components.values()) if self.summary else 0
+
+    def trace_source(self) -> str:
+        """Where fits come from: this CPU for small architectures, the meta device otherwise."""
+        from loratui.memory.fit import CPU_TRACE_PARAM_LIMIT, table_for
+
+        if table_for(self.spec.fingerprint) is not None:
+            return "meta"
+        return "cpu" if 0 < self.params <= CPU_TRACE_PARAM_LIMIT else "meta"
+
+    def estimate(self, cfg: Any, device: str = "cuda") -> Estimate:
+        if self.summary is None:
+            from loratui.memory.analytic import analytic_estimate
+
+            return analytic_estimate(self.spec, cfg, device, self.notes)
+        if self.spec.kind == "llm":
+            return _estimate_llm(self, cfg, device)
+        return _estimate_sd(self, cfg, device)
+
+
+_PLANNERS: dict[tuple, Planner] = {}
+
+
+def planner_for(cfg: Any, family: str | None = None) -> Planner:
+    """The `Planner` for a config's base model (cached per base model and family)."""
+    from loratui.memory.arch import arch_from_config
+
+    inner = getattr(cfg, "config", cfg)
+    spec = arch_from_config(cfg, family)
+    key = (spec.fingerprint, spec.kind)
+    if key in _PLANNERS:
+        found = _PLANNERS[key]
+        return Planner(spec, found.summary, list(spec.notes) + found.notes[len(found.spec.notes) :])
+    notes = list(spec.notes)
+    summary = _summary(spec, notes, inner)
+    planner = Planner(spec, summary, notes)
+    _PLANNERS[key] = planner
+    return planner
+
+
+def _summary(spec: ArchSpec, notes: list[str], cfg: Any) -> ArchSummary | None:
+    from loratui.memory.fit import table_for
+
+    table = table_for(spec.fingerprint)
+    if table is not None:
+        return ArchSummary.from_dict(table["summary"])
+    from loratui.memory.summary import build_summary
+
+    try:
+        return build_summary(spec)
+    except Exception as exc:  # unknown model_type, config the libraries reject, missing optional package
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+        notes.append(
+            f"cannot build the architecture of {cfg.base_model or spec.source} from its config ({reason}); "
+            "using the analytic estimate (wider error)"
+        )
+        return None
+
+
+# --- shared pieces ---------------------------------------------------------------------------------------------
+
+
+def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
+    """The precision regime a config trains in on `device`, and notes about it."""
+    notes: list[str] = []
+    targets = tuple(cfg.target_modules) if cfg.target_modules else None
+    dropout = cfg.lora_dropout > 0
+    if device == "cuda":
+        if cfg.load_in_4bit and kind == "llm":
+            precision = "qlora"
+        else:
+            precision = "fp32" if cfg.mixed_precision == "no" else "amp16"
+    else:
+        if cfg.load_in_4bit and kind == "llm":
+            notes.append("load_in_4bit needs a CUDA GPU; estimated without 4-bit loading")
+        precision = "amp16" if cfg.mixed_precision == "bf16" else "fp32"
+        if precision == "amp16":
+            notes.append("bf16 on the CPU is estimated with CUDA's autocast rules")
+    return Regime(precision, cfg.gradient_checkpointing, dropout, targets), notes
+
+
+def weight_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device: str) -> tuple[int, int]:
+    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)]."""
+    numels = [(per_rank * rank, count) for per_rank, count in tensors]
+    total = sum(n * c for n, c in numels)
+    biggest = max((n for n, _ in numels), default=0)
+    count = sum(c for _, c in numels)
+    if name == "adamw8bit":
+        state = 0
+        for n, c in numels:
+            state += c * (2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n)
+        return state, 0
+    state = 8 * total + (4 * count if device == "cpu" else 0)  # exp_avg + exp_avg_sq (+ CPU step tensors)
+    temporaries = 4 * total if device == "cuda" else 2 * 4 * biggest  # foreach sqrt copy / per-tensor
+    return state, temporaries
+
+
+def cuda_overheads(kind: str, dynamic: int, static: int) -> dict[str, int]:
+    return {
+        "cuda_context": CUDA_CONTEXT,
+        "workspace": WORKSPACE[kind],
+        "fragmentation": int(FRAGMENTATION * dynamic + 0.01 * static),
+    }
+
+
+def _band(source: str, residual: float, device: str) -> float:
+    band = max(BAND[source], round(residual + 0.03, 3))
+    return round(band + (CUDA_EXTRA_BAND if device == "cuda" else 0.0), 3)
+
+
+def _method(source: str, table: bool) -> str:
+    where = "this CPU (random weights)" if source == "cpu" else "the meta device (CUDA autocast emulated)"
+    shipped = ", shipped table" if table else ""
+    return f"traced reference step on {where}, fitted in batch/tokens/rank{shipped}; optimizer and overheads computed"
+
+
+def _finish(
+    parts: dict[str, int], phases: dict[str, float], static: int, kind: str, device: str
+) -> tuple[dict[str, int], str]:
+    phase = max(phases, key=lambda k: phases[k])
+    if device == "cuda":
+        parts.update(cuda_overheads(kind, int(phases[phase]), static))
+    return {k: int(v) for k, v in parts.items()}, phase
+
+
+def step_parts(peak: float, acts: float, lora: int, accumulating: bool) -> tuple[float, int, int]:
+    """(micro-batch peak, activations, gradients at that peak).
+
+    The first micro-batch's peak includes the gradients produced so far; with accumulation, later micro-batches
+    run with every gradient already allocated."""
+    grads_at_peak = int(min(lora, max(peak - acts, 0)))
+    if accumulating and acts + lora > peak:
+        return acts + lora, int(acts), lora
+    return peak, int(peak - grads_at_peak), grads_at_peak
+
+
+# --- causal LMs ------------------------------------------------------------------------------------------------
+
+
+def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
+    from loratui.memory.fit import get_fit, table_for
+
+    summary = planner.summary
+    model = summary.components["model"]
+    regime, notes = regime_for(cfg, device, "llm")
+    notes = planner.notes + notes
+    source = planner.trace_source()
+    fit = get_fit(planner.spec, regime, source)
+    b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
+    layers = int(summary.info.get("layers", 1))
+    if regime.precision == "qlora":
+        weights = model.quantizable * NF4_BYTES + (model.params - model.quantizable) * 4
+    else:
+        weights = model.params * weight_bytes(regime.precision)
+    weights += model.buffers * 4
+    lora = 4 * summary.lora_params(r, cfg.target_modules)
+    state, temporaries = optimizer_bytes(cfg.optimizer, summary.lora_tensors(cfg.target_modules), r, device)
+    peak, acts = fit.evaluate(b, s, r, layers)
+    mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
+    peak, acts = peak + mask, acts + mask
+    if regime.precision == "qlora":
+        peak += 2 * model.max_linear  # one base weight dequantised to 16-bit at a time
+        acts += 2 * model.max_linear
+    step, activations, grads_at_peak = step_parts(peak, acts, lora, cfg.gradient_accumulation_steps > 1)
+    head, _ = fit.evaluate(b, s, r, 0)
+    logits = int(min(max(head, 0), activations))
+    phases = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
+    static = weights + lora + state
+    if phases["optimizer step"] >= step:
+        parts = {
+            "weights": weights,
+            "lora_params": lora,
+            "optimizer_state": state,
+            "gradients": lora,
+            "optimizer_temporaries": temporaries,
+        }
+    else:
+        parts = {
+            "weights": weights,
+            "lora_params": lora,
+            "optimizer_state": state,
+            "gradients": grads_at_peak,
+            "activations": activations - logits,
+            "logits_loss": logits,
+        }
+    parts, phase = _finish(parts, phases, int(static), "llm", device)
+    return Estimate(
+        sum(parts.values()),
+        parts,
+        _method(source, table_for(planner.spec.fingerprint) is not None),
+        _band(source, fit.residual, device),
+        notes,
+        phase,
+        device,
+    )
+
+
+# --- Stable Diffusion ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SDWeights:
+    unet: int
+    text_encoders: int
+    vae: int
+
+
+def _sd_weights(summary: ArchSummary, precision: str) -> _SDWeights:
+    """Frozen weights in the SD trainer's dtypes (16-bit, or fp32; SDXL's VAE always fp32)."""
+    comps = summary.components
+    width = weight_bytes(precision)
+    vae_width = 4 if summary.info.get("sdxl") or precision == "fp32" else 2
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if n in comps]
+    return _SDWeights(
+        (comps["unet"].params + comps["unet"].buffers) * width,
+        sum(comps[n].params + comps[n].buffers for n in encoders) * width,
+        (comps["vae"].params + comps["vae"].buffers) * vae_width,
+    )
+
+
+def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
+    from loratui.memory.fit import get_fit, table_for
+
+    summary = planner.summary
+    regime, notes = regime_for(cfg, device, "sd")
+    notes = planner.notes + notes
+    source = planner.trace_source()
+    w = _sd_weights(summary, regime.precision)
+    cache_latents = (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.random_crop
+    vae_on_device = device == "cpu" or not cache_latents  # the trainer moves the VAE to the CPU after caching
+    b, r, train_te = cfg.batch_size, cfg.lora_rank, cfg.train_text_encoder
+    tokens = (cfg.resolution // int(summary.info.get("vae_factor", 8))) ** 2
+    lora = 4 * summary.lora_params(r, cfg.target_modules, train_text_encoder=train_te)
+    tensors = summary.lora_tensors(cfg.target_modules, train_text_encoder=train_te)
+    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
+
+    unet_fit = get_fit(planner.spec, regime, source, "step")
+    peak, acts = unet_fit.evaluate(b, tokens, r)
+    if train_te:  # the text encoders' saved activations are held through the UNet pass
+        held, _ = get_fit(planner.spec, regime, source, "text_training").evaluate(b, 77, r)
+        peak, acts = peak + held, acts + held
+    accumulating = cfg.gradient_accumulation_steps > 1
+    step, activations, grads_at_peak = step_parts(peak, acts, lora, accumulating)
+    carried = lora if accumulating else 0  # gradients of earlier micro-batches
+    plain = Regime(regime.precision)
+    vae_peak = get_fit(planner.spec, plain, source, "vae").evaluate(b, tokens, 0)[0]
+    phases: dict[str, float] = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
+    if not cache_latents:
+        phases["VAE encoding"] = vae_peak + carried
+    if not train_te:
+        phases["text encoding"] = get_fit(planner.spec, plain, source, "text").evaluate(b, 77, 0)[0] + carried
+    weights = w.unet + w.text_encoders + (w.vae if vae_on_device else 0)
+    static = weights + lora + state
+    phase = max(phases, key=lambda k: phases[k])
+    common = {
+        "unet_weights": w.unet,
+        "text_encoders": w.text_encoders,
+        "lora_params": lora,
+        "optimizer_state": state,
+    }
+    if phase == "optimizer step":
+        parts = {**common, "gradients": lora, "optimizer_temporaries": temporaries}
+    elif phase == "micro-batch forward/backward":
+        parts = {**common, "gradients": grads_at_peak, "activations": activations}
+    else:
+        parts = {**common, "gradients": carried, "encoding": phases[phase] - carried}
+    if vae_on_device:
+        parts["vae"] = w.vae
+    # caching encodes every image before training, with the UNet, text encoders and VAE on the device
+    caching = w.unet + w.text_encoders + w.vae + lora + vae_peak if cache_latents else 0
+    if caching > static + phases[phase]:
+        phases = {"latent caching (before training)": caching - static}
+        notes.append("caching latents: the VAE encodes every image while the UNet is already on the device")
+        parts = {
+            "unet_weights": w.unet,
+            "text_encoders": w.text_encoders,
+            "vae": w.vae,
+            "lora_params": lora,
+            "encoding": vae_peak,
+        }
+    parts, phase = _finish(parts, phases, int(static), "sd", device)
+    if device == "cuda" and cfg.cache_text_encoder_outputs:
+        notes.append("the text encoders stay on the GPU even with cached text-encoder outputs")
+    return Estimate(
+        sum(parts.values()),
+        parts,
+        _method(source, table_for(planner.spec.fingerprint) is not None),
+        _band(source, unet_fit.residual, device),
+        notes,
+        phase,
+        device,
+    )
+
+
+# --- entry point -----------------------------------------------------------------------------------------------
+
+
+def unpack_config(resolved_or_config: Any, family: str | None = None) -> tuple[Any, str | None]:
+    """(TrainConfig, family) from a ResolvedConfig, TrainConfig or mapping."""
+    from loratui.config import TrainConfig
+
+    if isinstance(resolved_or_config, dict):
+        return TrainConfig(**resolved_or_config), family
+    inner = getattr(resolved_or_config, "config", resolved_or_config)
+    return inner, family or getattr(resolved_or_config, "family", None)
+
+
+def estimate_peak(resolved_or_config: Any, *, family: str | None = None, device: str = "cuda") -> Estimate:
+    """Predicted peak memory of training this config on `device` ("cuda" or "cpu"), with a breakdown."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+    cfg, family = unpack_config(resolved_or_config, family)
+    planner = planner_for(cfg if family is None else _WithFamily(cfg, family), family)
+    return planner.estimate(cfg, device)
+
+
+@dataclass
+class _WithFamily:
+    config: Any
+    family: str

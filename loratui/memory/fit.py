@@ -1,0 +1,451 @@
+"""Activation-memory models fitted from traced reference steps, cached per architecture.
+
+For one architecture and one `Regime`, the memory a micro-batch adds above the weights is fitted as
+
+    f(b, T, r) = c0 + b·(c1 + c2·T + c3·T² + c4·T·r + c5·r) + c6·r
+
+(b: micro-batch, T: tokens — sequence length, or latent pixels for SD —, r: LoRA rank). Activations are linear
+in b and, with fused attention, in T; the T² term absorbs attention matrices where they are materialised; LoRA's
+own intermediates are linear in r, its gradients (c6) too. Where the peak of a step happens can move (early in
+backward when activations dominate, late when LoRA gradients do), so for SD the whole memory timeline of the
+step is fitted: f is fitted at each of the moments where some traced step came near its peak, and the
+prediction is the highest of them. Causal LMs are traced with 1 and 2 decoder layers and extrapolated linearly
+to the real depth (checkpointing keeps one input per layer plus one layer's recomputation, also linear).
+
+Where the traces come from (`source`): ``cpu`` — the reference step run for real on this CPU with random
+weights (small architectures, CPU estimates); ``meta`` — traced on the meta device with CUDA autocast and fused
+attention (GPU estimates, and any architecture too big to run here). Fits are cached in memory, on disk
+(`$LORATUI_CACHE_DIR/memory/`), and shipped as tables for SD1.5, SD2.x, SDXL and three Llama sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from loratui.memory.arch import ArchSpec
+from loratui.memory.regime import Point, Regime
+
+FIT_VERSION = {"sd": 5, "llm": 6}  # bump when a kind's tracing or fitting changes
+N_COEF = 7
+ENVELOPE_SIZE = 48  # moments of the step timeline kept as candidate peaks
+NEAR_PEAK = 0.6
+#: traced shapes: tokens per size class and task
+CALIBRATION = {
+    ("sd", "cpu"): {"tokens": (64, 144, 256), "ranks": (4, 64)},  # 64², 96², 128² px
+    ("sd", "meta"): {"tokens": (4096, 9216, 16384), "ranks": (8, 64)},  # 512², 768², 1024² px
+    ("llm", "cpu"): {"tokens": (64, 128, 256), "ranks": (4, 64)},
+    ("llm", "meta"): {"tokens": (256, 1024, 2048), "ranks": (8, 64)},
+}
+#: encode fits (no gradients) depend on batch and tokens only
+ENCODE_TOKENS = {"cpu": (64, 256), "meta": (4096, 16384)}
+CPU_TRACE_PARAM_LIMIT = 50_000_000
+
+
+def basis(batch: float, tokens: float, rank: float) -> list[float]:
+    """Features of f(b, T, r)."""
+    return [1.0, batch, batch * tokens, batch * tokens * tokens, batch * tokens * rank, batch * rank, rank]
+
+
+def design(ranks: tuple[int, int], tokens: tuple[int, ...], max_batch: int = 2) -> list[Point]:
+    """Eight shapes that determine the seven coefficients with one to spare (nine with `max_batch` 4)."""
+    t1, t2, t3 = tokens
+    r1, r2 = ranks
+    points = [
+        Point(1, t1, r1),
+        Point(2, t1, r1),
+        Point(1, t2, r1),
+        Point(1, t3, r1),
+        Point(1, t1, r2),
+        Point(1, t3, r2),
+        Point(2, t3, r2),
+        Point(2, t2, r2),
+    ]
+    return points + ([Point(max_batch, t2, r2)] if max_batch > 2 else [])
+
+
+def solve(rows: list[list[float]], values: list[float]) -> tuple[list[float], float]:
+    """Least squares on relative error; returns (coefficients, worst relative residual)."""
+    import numpy as np
+
+    a = np.array(rows, dtype=np.float64)
+    y = np.array(values, dtype=np.float64)
+    weights = 1.0 / np.maximum(np.abs(y), 1.0)
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    coef, *_ = np.linalg.lstsq((a / scale) * weights[:, None], y * weights, rcond=None)
+    coef = coef / scale
+    fitted = a @ coef
+    residual = float(np.max(np.abs(fitted - y) * weights)) if len(y) else 0.0
+    return [float(c) for c in coef], residual
+
+
+@dataclass
+class Fit:
+    """f for the peak above the weights, and for activations alone; `per_layer` parts scale with LLM depth."""
+
+    peak: list[float]
+    activations: list[float]
+    peak_per_layer: list[float] = field(default_factory=lambda: [0.0] * N_COEF)
+    activations_per_layer: list[float] = field(default_factory=lambda: [0.0] * N_COEF)
+    residual: float = 0.0
+    source: str = "meta"
+    traces: int = 0
+    peak_envelope: list[list[float]] | None = None  # one coefficient vector per candidate peak moment
+    activations_envelope: list[list[float]] | None = None
+    peak_envelope_per_layer: list[list[float]] | None = None  # LLM: growth per decoder layer of each moment
+    activations_envelope_per_layer: list[list[float]] | None = None
+
+    def evaluate(self, batch: int, tokens: int, rank: int, layers: int = 1) -> tuple[float, float]:
+        """(peak, activations) bytes above the weights for one micro-batch of a model with `layers` decoder
+        layers (LLMs; `layers=0` gives the part outside the decoder layers: embeddings, logits, loss)."""
+        phi = basis(batch, tokens, rank)
+        extra = layers - 1
+        if self.peak_envelope and self.activations_envelope:
+            peak = _envelope_max(phi, self.peak_envelope, self.peak_envelope_per_layer, extra)
+            acts = _envelope_max(phi, self.activations_envelope, self.activations_envelope_per_layer, extra)
+            return max(peak, 0.0), max(acts, 0.0)
+        peak = sum(p * (c + extra * d) for p, c, d in zip(phi, self.peak, self.peak_per_layer, strict=True))
+        acts = sum(
+            p * (c + extra * d)
+            for p, c, d in zip(phi, self.activations, self.activations_per_layer, strict=True)
+        )
+        return max(peak, 0.0), max(acts, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fit:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _envelope_max(
+    phi: list[float], base: list[list[float]], per_layer: list[list[float]] | None, extra: int
+) -> float:
+    if not per_layer:
+        return max(_dot(phi, c) for c in base)
+    return max(_dot(phi, c) + extra * _dot(phi, d) for c, d in zip(base, per_layer, strict=True))
+
+
+def _phase_series(trace, layers: int, pick) -> list[float]:
+    """The highest value in three phases of an LLM step whose growth with depth is linear: the forward pass;
+    backward through the top decoder layer (checkpoints of every layer below still held); backward through the
+    bottom layer (gradients of every layer above already held). Backward progress is the share of LoRA
+    gradients produced, which is the same for every batch, length and rank."""
+    timeline = trace.timeline or []
+    start = trace.backward_start if trace.backward_start is not None else len(timeline)
+    final = max(trace.gradients, 1)
+    values = [float(pick(a, g)) for a, g, *_ in timeline]
+    shares = [g / final for _, g, *_ in timeline]
+    forward = max(values[:start], default=0.0)
+    backward = list(zip(values[start:], shares[start:], strict=True))
+    top = max((v for v, f in backward if f <= 1 / layers + 1e-9), default=forward)
+    bottom = max((v for v, f in backward if f >= (layers - 1) / layers - 1e-9), default=forward)
+    return [forward, top, bottom]
+
+
+def _phase_fit(traces: list, rows: list[list[float]], layers: int, pick) -> tuple[list[list[float]], float]:
+    """Coefficients per phase, and the worst relative error of the predicted peak on the traces."""
+    series = [_phase_series(t, layers, pick) for t in traces]
+    envelope = [solve(rows, [s[k] for s in series])[0] for k in range(3)]
+    worst = 0.0
+    for row, values in zip(rows, series, strict=True):
+        predicted = max(_dot(row, c) for c in envelope)
+        worst = max(worst, abs(predicted - max(values)) / max(max(values), 1))
+    return envelope, worst
+
+
+def _candidates(series: list[list[int]]) -> list[int]:
+    """Moments of the timeline where some trace is near its own peak (local maxima), most prominent first."""
+    import numpy as np
+
+    values = np.array(series, dtype=np.float64)
+    tops = np.maximum(values.max(axis=1, keepdims=True), 1.0)
+    share = (values / tops).max(axis=0)
+    left = np.concatenate([values[:, :1] - 1, values[:, :-1]], axis=1)
+    right = np.concatenate([values[:, 1:], values[:, -1:] - 1], axis=1)
+    local = ((values >= left) & (values >= right)).any(axis=0)
+    chosen = np.flatnonzero(local & (share >= NEAR_PEAK))
+    chosen = chosen[np.argsort(-share[chosen], kind="stable")][:ENVELOPE_SIZE]
+    must = set(int(i) for i in values.argmax(axis=1))
+    return sorted(must | {int(i) for i in chosen})
+
+
+_SAME_OP = {"bmm": "mm", "addmm": "mm", "baddbmm": "mm"}  # batch 1 folds batched matmuls into plain ones
+
+
+def _op(name: str) -> str:
+    base = name.split(".")[0]
+    return _SAME_OP.get(base, base)
+
+
+def _align(reference: list[str], other: list[str], window: int = 64) -> list[int] | None:
+    """For each event of `reference`, the index of the same event in `other`, which may have a few extra
+    allocations (batch 1 takes view paths where larger batches copy). None when they do not line up."""
+    mapping, j = [], 0
+    for name in reference:
+        found = next((k for k in range(j, min(len(other), j + window)) if other[k] == name), None)
+        if found is None:
+            return None
+        mapping.append(found)
+        j = found + 1
+    return mapping
+
+
+def _envelope(traces: list, rows: list[list[float]], pick) -> tuple[list[list[float]], float] | None:
+    """Coefficients at each candidate peak moment of the traces' aligned timelines (None if not aligned)."""
+    timelines = [t.timeline for t in traces]
+    if not all(timelines):
+        return None
+    reference = min(timelines, key=len)
+    names = [_op(event[2]) for event in reference]
+    series = []
+    for timeline in timelines:
+        mapping = _align(names, [_op(event[2]) for event in timeline])
+        if mapping is None:
+            return None
+        series.append([pick(timeline[k][0], timeline[k][1]) for k in mapping])
+    envelope = []
+    for moment in _candidates(series):
+        coef, _ = solve(rows, [s[moment] for s in series])
+        envelope.append(coef)
+    worst = 0.0
+    for row, trace in zip(rows, traces, strict=True):
+        actual = max(pick(a, g) for a, g, *_ in trace.timeline)
+        predicted = max(_dot(row, c) for c in envelope)
+        worst = max(worst, abs(predicted - actual) / max(actual, 1))
+    return envelope, worst
+
+
+def _fit_traces(traces: list) -> tuple[list[float], list[float], float]:
+    rows = [basis(t.point.batch, t.point.tokens, t.point.rank) for t in traces]
+    peak, res_p = solve(rows, [t.peak for t in traces])
+    acts, res_a = solve(rows, [t.activations for t in traces])
+    return peak, acts, max(res_p, res_a)
+
+
+def _calibration(kind: str, source: str) -> tuple[tuple[int, ...], tuple[int, int]]:
+    plan = CALIBRATION[(kind, source)]
+    return plan["tokens"], plan["ranks"]
+
+
+def calibrate_llm(spec: ArchSpec, regime: Regime, source: str) -> Fit:
+    """Trace the LLM step at 1 and 2 decoder layers over the design and fit both."""
+    from loratui.memory.probe import trace_llm
+
+    tokens, ranks = _calibration("llm", source)
+    device = "cpu" if source == "cpu" else "meta"
+    points = design(ranks, tokens)
+    rows = [basis(p.batch, p.tokens, p.rank) for p in points]
+    fits, envelopes = [], []
+    for layers in (1, 2):
+        with _single_thread():
+            traces = trace_llm(spec.configs["model"], layers, regime, points, device)
+        fits.append(_fit_traces(traces))
+        envelopes.append(
+            (
+                _phase_fit(traces, rows, layers, lambda a, g: a + g),
+                _phase_fit(traces, rows, layers, lambda a, g: a),
+            )
+        )
+    (p1, a1, r1), (p2, a2, r2) = fits
+    fit = Fit(p1, a1, _minus(p2, p1), _minus(a2, a1), max(r1, r2), source, 2 * len(points))
+    ((peak1, res_p1), (acts1, res_a1)), ((peak2, res_p2), (acts2, res_a2)) = envelopes
+    fit.peak_envelope, fit.activations_envelope = peak1, acts1
+    fit.peak_envelope_per_layer = [_minus(b, a) for a, b in zip(peak1, peak2, strict=True)]
+    fit.activations_envelope_per_layer = [_minus(b, a) for a, b in zip(acts1, acts2, strict=True)]
+    fit.residual = max(res_p1, res_a1, res_p2, res_a2)
+    return fit
+
+
+def _minus(a: list[float], b: list[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def calibrate_sd(spec: ArchSpec, regime: Regime, source: str, what: str = "unet") -> Fit:
+    """Trace an SD part over the design: `unet` (training step), `text_training` (held by trained text
+    encoders), `vae` / `text` (encoding without gradients, batch and tokens only)."""
+    from loratui.memory import probe
+
+    device = "cpu" if source == "cpu" else "meta"
+    tokens, ranks = _calibration("sd", source)
+    with _single_thread():
+        if what == "unet":
+            points = design(ranks, tokens, 4 if source == "cpu" else 2)
+            traces = probe.trace_sd_unet(spec.configs, regime, points, device)
+        elif what == "text_training":
+            points = [
+                Point(1, 77, ranks[0]),
+                Point(2, 77, ranks[0]),
+                Point(1, 77, ranks[1]),
+                Point(2, 77, ranks[1]),
+            ]
+            traces = probe.trace_sd_text_training(spec.configs, regime, points, device)
+        else:
+            t1, t2 = ENCODE_TOKENS[source] if what == "vae" else (77, 77)
+            points = [Point(1, t1, 0), Point(2, t1, 0), Point(1, t2, 0), Point(2, t2, 0)]
+            traces = probe.trace_sd_encode(spec.configs, regime.precision, points, what, device)
+    if what != "unet":
+        peak, acts, residual = _fit_reduced(traces, with_tokens=what == "vae")
+        return Fit(peak, acts, residual=residual, source=source, traces=len(traces))
+    peak, acts, residual = _fit_traces(traces)
+    rows = [basis(t.point.batch, t.point.tokens, t.point.rank) for t in traces]
+    total = _envelope(traces, rows, lambda a, g: a + g)
+    alone = _envelope(traces, rows, lambda a, g: a)
+    fit = Fit(peak, acts, residual=residual, source=source, traces=len(traces))
+    if total is not None and alone is not None:
+        fit.peak_envelope, fit.activations_envelope = total[0], alone[0]
+        fit.residual = max(total[1], alone[1])
+    return fit
+
+
+def _fit_reduced(traces: list, *, with_tokens: bool) -> tuple[list[float], list[float], float]:
+    """Fits for parts that only depend on batch (and tokens, or rank): unused coefficients stay zero."""
+    cols = [0, 1, 2] if with_tokens else [0, 1, 5]
+    rows = [[basis(t.point.batch, t.point.tokens, t.point.rank)[c] for c in cols] for t in traces]
+    out = []
+    worst = 0.0
+    for values in ([t.peak for t in traces], [t.activations for t in traces]):
+        coef, residual = solve(rows, values)
+        full = [0.0] * N_COEF
+        for c, v in zip(cols, coef, strict=True):
+            full[c] = v
+        out.append(full)
+        worst = max(worst, residual)
+    return out[0], out[1], worst
+
+
+class _single_thread:
+    """Small CPU kernels run fastest on one thread (and memory does not depend on the thread count)."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.saved)
+
+
+# --- caches and shipped tables -------------------------------------------------------------------------------
+
+_MEMORY: dict[str, Fit] = {}
+
+
+def cache_dir() -> Path:
+    from loratui.models.sd_loading import cache_root
+
+    return cache_root() / "memory"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for package in ("torch", "transformers", "diffusers", "peft"):
+        try:
+            parts.append(version(package))
+        except PackageNotFoundError:
+            parts.append("-")
+    return "-".join(parts)
+
+
+def fit_key(spec: ArchSpec, regime: Regime, source: str, what: str) -> str:
+    return f"{spec.fingerprint}|{what}|{source}|{regime.key()}|v{FIT_VERSION[spec.kind]}"
+
+
+def shipped_tables() -> dict[str, dict[str, Any]]:
+    """Tables shipped with loratui: name -> {"fingerprint", "summary", "fits": {key: fit}}."""
+    if "_tables" not in _TABLES:
+        found: dict[str, dict[str, Any]] = {}
+        root = resources.files("loratui.memory").joinpath("arch_configs", "tables")
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.name.endswith(".json"):
+                    found[entry.name[:-5]] = json.loads(entry.read_text("utf-8"))
+        _TABLES["_tables"] = found
+    return _TABLES["_tables"]
+
+
+_TABLES: dict[str, Any] = {}
+
+
+def table_for(fingerprint: str) -> dict[str, Any] | None:
+    for table in shipped_tables().values():
+        if table.get("fingerprint") == fingerprint:
+            return table
+    return None
+
+
+def _disk_path(key: str) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256((key + _versions()).encode()).hexdigest()[:24]
+    return cache_dir() / f"fit-{digest}.json"
+
+
+def cached_fit(spec: ArchSpec, regime: Regime, source: str, what: str) -> Fit | None:
+    """A fit from memory, the shipped tables, or the disk cache, without tracing."""
+    key = fit_key(spec, regime, source, what)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    table = table_for(spec.fingerprint)
+    if table and key in table.get("fits", {}):
+        _MEMORY[key] = Fit.from_dict(table["fits"][key])
+        return _MEMORY[key]
+    path = _disk_path(key)
+    if path.is_file():
+        try:
+            _MEMORY[key] = Fit.from_dict(json.loads(path.read_text("utf-8")))
+            return _MEMORY[key]
+        except (ValueError, TypeError, KeyError):
+            return None
+    return None
+
+
+def get_fit(spec: ArchSpec, regime: Regime, source: str, what: str = "step") -> Fit:
+    """The fit for (architecture, regime, source, part), tracing and caching it when it is not known yet."""
+    found = cached_fit(spec, regime, source, what)
+    if found is not None:
+        return found
+    from loratui.models.sd_loading import quiet_libraries
+
+    with quiet_libraries():
+        if spec.kind == "llm":
+            fit = calibrate_llm(spec, regime, source)
+        else:
+            fit = calibrate_sd(spec, regime, source, "unet" if what == "step" else what)
+    key = fit_key(spec, regime, source, what)
+    _MEMORY[key] = fit
+    _write_disk(key, fit)
+    return fit
+
+
+def _write_disk(key: str, fit: Fit) -> None:
+    if os.environ.get("LORATUI_MEMORY_NO_DISK_CACHE"):
+        return
+    path = _disk_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**fit.to_dict(), "key": key}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def clear_memory_cache() -> None:
+    """Forget in-process fits (tests)."""
+    _MEMORY.clear()
+    _TABLES.clear()

@@ -1,0 +1,28 @@
+"""Plain descriptions of a traced training shape (no torch import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Settings that change the shape of activation memory (one fitted model each)."""
+
+    precision: str = "fp32"  # fp32 | amp16 | qlora
+    checkpointing: bool = False
+    dropout: bool = False
+    targets: tuple[str, ...] | None = None  # None: the trainer's default targets
+
+    def key(self) -> str:
+        targets = "default" if self.targets is None else ",".join(self.targets)
+        return f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One traced shape: micro-batch, tokens (sequence length, or latent pixels for SD) and LoRA rank."""
+
+    batch: int
+    tokens: int
+    rank: int

@@ -1,0 +1,223 @@
+"""Parameter counts and LoRA-adaptable layers of an architecture, from a model built on the meta device.
+
+No weights are read or allocated. The summary is plain data (JSON-serialisable), so the estimator can use it
+without importing torch; summaries of the architectures loratui knows are shipped as tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loratui.memory.arch import ArchSpec
+
+#: mirrors loratui.train.sd_lora (tested to agree); kept here so estimates need no torch import
+SD_DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+SD_DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+#: mirrors loratui.train.llm_trainer.DEFAULT_TARGETS
+LLM_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class Layer:
+    """A Linear or Conv2d module LoRA can adapt."""
+
+    name: str
+    d_in: int
+    d_out: int
+    kernel: int = 1  # kernel area (k*k) for Conv2d, 1 for Linear
+    count: int = 1  # how many times it occurs (decoder layers of an LLM share one entry)
+    linear: bool = True
+
+    def lora_params(self, rank: int) -> int:
+        """Trainable parameters of a rank-`rank` LoRA on this module (A: in*k -> r, B: r -> out)."""
+        return rank * (self.d_in * self.kernel + self.d_out) * self.count
+
+
+@dataclass
+class Component:
+    """One model of the architecture (UNet, VAE, a text encoder, or the causal LM)."""
+
+    params: int
+    buffers: int = 0  # floating-point buffer elements (cast with the weights)
+    layers: list[Layer] = field(default_factory=list)
+    quantizable: int = 0  # parameters in decoder Linear weights (stored in 4-bit by QLoRA)
+    max_linear: int = 0  # elements of the largest such weight
+
+
+@dataclass
+class ArchSummary:
+    """Everything the estimator needs to know about an architecture's parameters."""
+
+    kind: str
+    family: str
+    fingerprint: str
+    components: dict[str, Component]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchSummary:
+        comps = {}
+        for name, comp in data["components"].items():
+            layers = [Layer(**layer) for layer in comp.get("layers", [])]
+            comps[name] = Component(**{**comp, "layers": layers})
+        return cls(data["kind"], data["family"], data["fingerprint"], comps, dict(data.get("info", {})))
+
+    # --- LoRA parameter counts ---------------------------------------------------------------------------
+
+    def lora_layers(self, target_modules: list[str] | None, *, train_text_encoder: bool = False) -> dict:
+        """component -> adapted layers, as the trainers choose them (memoised: the recommender asks often)."""
+        key = (tuple(target_modules) if target_modules else None, train_text_encoder)
+        cache = self.__dict__.setdefault("_chosen", {})
+        if key not in cache:
+            if self.kind == "llm":
+                cache[key] = {"model": llm_targets(self.components["model"].layers, target_modules)}
+            else:
+                cache[key] = sd_targets(self.components, target_modules, train_text_encoder=train_text_encoder)
+        return cache[key]
+
+    def lora_params(
+        self, rank: int, target_modules: list[str] | None, *, train_text_encoder: bool = False
+    ) -> int:
+        """Trainable LoRA parameters at `rank` (linear in the rank)."""
+        tensors = self.lora_tensors(target_modules, train_text_encoder=train_text_encoder)
+        return rank * sum(per_rank * count for per_rank, count in tensors)
+
+    def lora_tensors(self, target_modules: list[str] | None, *, train_text_encoder: bool = False) -> list[tuple]:
+        """(elements per rank, how many tensors) of the LoRA weights (A and B), grouped by size."""
+        key = ("tensors", tuple(target_modules) if target_modules else None, train_text_encoder)
+        cache = self.__dict__.setdefault("_chosen", {})
+        if key not in cache:
+            sizes: dict[int, int] = {}
+            for layers in self.lora_layers(target_modules, train_text_encoder=train_text_encoder).values():
+                for layer in layers:
+                    for per_rank in (layer.d_in * layer.kernel, layer.d_out):
+                        sizes[per_rank] = sizes.get(per_rank, 0) + layer.count
+            cache[key] = sorted(sizes.items())
+        return cache[key]
+
+
+def match_sd(paths: list[str], target: str) -> list[str]:
+    """`loratui.train.sd_lora.match_targets`: exact path, suffix or sub-path."""
+    needle = f".{target.strip('.')}."
+    return [p for p in paths if p == target or needle in f".{p}."]
+
+
+def sd_targets(
+    components: dict[str, Component], requested: list[str] | None, *, train_text_encoder: bool
+) -> dict[str, list[Layer]]:
+    """`loratui.train.sd_lora.plan_targets` on a summary (unknown targets are ignored here)."""
+    by_name = {name: {layer.name: layer for layer in comp.layers} for name, comp in components.items()}
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if n in components]
+    unet_req = [t for t in requested or [] if match_sd(list(by_name["unet"]), t)]
+    te_req = [t for t in requested or [] if any(match_sd(list(by_name[n]), t) for n in encoders)]
+    chosen = {"unet": _pick(by_name["unet"], unet_req or list(SD_DEFAULT_UNET_TARGETS))}
+    if train_text_encoder:
+        for name in encoders:
+            chosen[name] = _pick(by_name[name], te_req or list(SD_DEFAULT_TE_TARGETS))
+    return chosen
+
+
+def _pick(layers: dict[str, Layer], targets: list[str]) -> list[Layer]:
+    names = sorted({p for t in targets for p in match_sd(list(layers), t)})
+    return [layers[n] for n in names]
+
+
+def llm_targets(layers: list[Layer], requested: list[str] | None) -> list[Layer]:
+    """PEFT's choice: `all-linear` = every Linear but the output layer; else names ending in a target."""
+    if requested and [t.lower() for t in requested] == ["all-linear"]:
+        return [layer for layer in layers if layer.linear and not layer.name.endswith("lm_head")]
+    targets = list(requested or LLM_DEFAULT_TARGETS)
+    return [
+        layer for layer in layers if any(layer.name == t or layer.name.endswith("." + t) for t in targets)
+    ]
+
+
+# --- building summaries (torch, meta device) -----------------------------------------------------------------
+
+
+def _component(model: Any, decoder_prefix: str | None = None) -> Component:
+    import torch
+
+    layers = []
+    quantizable = max_linear = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            layers.append(Layer(name, module.in_features, module.out_features))
+            if decoder_prefix and decoder_prefix in name:
+                quantizable += module.weight.numel()
+                max_linear = max(max_linear, module.weight.numel())
+        elif isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            layers.append(Layer(name, module.in_channels, module.out_channels, k, linear=False))
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    return Component(sum(p.numel() for p in model.parameters()), buffers, layers, quantizable, max_linear)
+
+
+def _llm_summary(spec: ArchSpec) -> ArchSummary:
+    from loratui.memory.probe import build_llm
+
+    config = spec.configs["model"]
+    total_layers = spec.num_layers
+    one = _component(build_llm(config, 1, "meta", _float32()), ".layers.")
+    two = _component(build_llm(config, 2, "meta", _float32()), ".layers.")
+    extra = total_layers - 1
+
+    def grow(a: int, b: int) -> int:
+        return a + extra * (b - a)
+
+    layers = []
+    for layer in one.layers:
+        if ".layers.0." in layer.name:
+            layer.count = total_layers
+        layers.append(layer)
+    comp = Component(
+        grow(one.params, two.params),
+        grow(one.buffers, two.buffers),
+        layers,
+        grow(one.quantizable, two.quantizable),
+        one.max_linear,
+    )
+    text = config.get("text_config", config)
+    info = {
+        "layers": total_layers,
+        "hidden": int(text.get("hidden_size", 0)),
+        "vocab": int(text.get("vocab_size", 0)),
+        "heads": int(text.get("num_attention_heads", 0)),
+        "intermediate": int(text.get("intermediate_size", 0)),
+    }
+    return ArchSummary("llm", "llm", spec.fingerprint, {"model": comp}, info)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _sd_summary(spec: ArchSpec) -> ArchSummary:
+    from loratui.memory.probe import build_sd
+
+    models = build_sd(spec.configs, "meta", "fp32")
+    comps = {"unet": _component(models.unet), "vae": _component(models.vae)}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False):
+        comps[name] = _component(encoder)
+    vae_cfg = spec.configs["vae"]
+    info = {
+        "latent_channels": int(spec.configs["unet"].get("in_channels", 4)),
+        "vae_factor": 2 ** (len(vae_cfg.get("block_out_channels", [1, 1, 1, 1])) - 1),
+        "text_tokens": 77,
+        "sdxl": spec.sdxl,
+    }
+    return ArchSummary("sd", spec.family, spec.fingerprint, comps, info)
+
+
+def build_summary(spec: ArchSpec) -> ArchSummary:
+    """Summarise an architecture by building it on the meta device (imports torch and diffusers/transformers)."""
+    from loratui.models.sd_loading import quiet_libraries
+
+    with quiet_libraries():
+        return _llm_summary(spec) if spec.kind == "llm" else _sd_summary(spec)

@@ -1,0 +1,73 @@
+"""The SD trainer's side of the OOM ladder: applying rungs to the live models, data and caches.
+
+- `gradient_checkpointing`: turned on in the running UNet (and trained text encoders);
+- `cache_latents` / `cache_text_encoder_outputs` (rung 3): every latent and caption embedding is computed once
+  (latents are the VAE posterior's mean, so cached training sees the same numbers), then the VAE and the frozen
+  text encoders leave the GPU;
+- `resolution` (rung 5, quality): the dataset is rebuilt at the new resolution (same samples, same order) and
+  the caches with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+TEXT_BATCH = 8
+
+
+def sd_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
+    """The modules whose weights sit on the (simulated) card: the UNet, the text encoders unless the ladder
+    moved them off, the VAE unless latents are cached."""
+
+    def modules() -> list[Any]:
+        out = [models.unet]
+        if getattr(models, "text_on_device", True):
+            out += list(models.text_encoders)
+        if not context.latents.cache_enabled:
+            out.append(models.vae)
+        return out
+
+    return modules
+
+
+def _cache_all_captions(text: Any, dataset: Any) -> None:
+    captions = sorted({dataset.view(i, 0).caption for i in range(len(dataset))})
+    for start in range(0, len(captions), TEXT_BATCH):
+        text.encode(captions[start : start + TEXT_BATCH])
+
+
+def sd_rung_applier(
+    job: Any, models: Any, context: Any, reporter: Any, session: Any = None
+) -> Callable[[dict[str, Any]], bool]:
+    """The callback `RecoveringStep` calls with a rung's changes (the config already holds them)."""
+
+    def apply(changes: dict[str, Any]) -> bool:
+        from loratui.train.sd_trainer import _setup_caches, _setup_dataset
+
+        cfg = job.resolved.config
+        if changes.get("gradient_checkpointing"):
+            models.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for encoder in models.text_encoders:
+                    encoder.gradient_checkpointing_enable()
+        if "resolution" in changes:
+            dataset = _setup_dataset(cfg, reporter)
+            if len(dataset) != len(context.dataset):
+                return False  # a different number of samples would change the plan
+            context.dataset = dataset
+            if session is not None:
+                session.dataset = dataset
+        caching = {"cache_latents", "cache_text_encoder_outputs", "resolution"} & set(changes)
+        if caching:
+            models.vae.to(models.device)
+            context.latents, context.text = _setup_caches(cfg, job, models, context.dataset, reporter)
+            if context.text.cache_enabled and not cfg.train_text_encoder and not cfg.sample_prompts:
+                # (sampling during training runs the whole pipeline on the GPU: the encoders then stay)
+                _cache_all_captions(context.text, context.dataset)
+                for encoder in models.text_encoders:
+                    encoder.to("cpu")
+                models.text_on_device = False
+        return True
+
+    return apply

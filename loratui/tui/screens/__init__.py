@@ -1,0 +1,1 @@
+"""Screens: the wizard, the training view, and the modals (confirm, help, error)."""

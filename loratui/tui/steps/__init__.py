@@ -1,0 +1,1 @@
+"""The wizard's steps, one per file, in order (see `wizard_state.STEP_NAMES`)."""

@@ -1,0 +1,361 @@
+"""Step 5: memory-aware settings: the planner's ranked options for the chosen card, each with a predicted
+VRAM bar, and the main knobs, whose prediction updates as they are edited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Checkbox, DataTable, Input, Select, Static
+
+from loratui.tui.background import Cancelled, call_cancellable
+from loratui.tui.formatting import SHORT_KEYS, bar_text, fmt_bytes, fmt_number
+from loratui.tui.messages import EstimateReady, OptionsReady, PresetChosen, ValueChosen
+from loratui.tui.steps.base import WizardStep
+from loratui.tui.widgets.memory_bar import MemoryBar
+from loratui.tui.wizard_state import WizardState
+
+# (config key, label) of the knobs edited here; resolution or max_seq_len follows the task.
+INT_KNOBS = (("lora_rank", "rank"), ("batch_size", "batch"), ("gradient_accumulation_steps", "accum"))
+TASK_KNOB = {"image": ("resolution", "res"), "text": ("max_seq_len", "seq")}
+PLANNER_MISSING = "The memory planner is not available in this installation, so there is no prediction."
+
+
+def planner() -> tuple[Any, Any, Any] | None:
+    """(estimate_peak, recommend, no_fit_message) from the memory planner, or None when not installed."""
+    try:
+        from loratui.memory.estimate import estimate_peak
+        from loratui.memory.recommend import recommend
+    except ImportError:
+        return None
+    try:
+        from loratui.memory.recommend import no_fit_message
+    except ImportError:
+        no_fit_message = None
+    return estimate_peak, recommend, no_fit_message
+
+
+def planner_available() -> bool:
+    """True when the memory planner is installed (checked without importing it)."""
+    from importlib.util import find_spec
+
+    try:
+        return (
+            find_spec("loratui.memory.estimate") is not None
+            and find_spec("loratui.memory.recommend") is not None
+        )
+    except (ImportError, ValueError):
+        return False
+
+
+def copy_state(state: WizardState) -> WizardState:
+    """A detached copy for worker threads (they resolve it themselves)."""
+    return WizardState(
+        config_path=state.config_path, values=dict(state.values), preset=state.preset, gpu=state.gpu
+    )
+
+
+def fmt_band(estimate: Any) -> str:
+    """The estimate's error band as text: '± 10%' or '4.8–5.9 GiB'."""
+    band = getattr(estimate, "error_band", None)
+    if isinstance(band, int | float) and band:
+        return f" ± {band:.0%}" if band < 1 else f" ± {fmt_bytes(band)}"
+    if isinstance(band, tuple | list) and len(band) == 2:
+        return f" ({fmt_bytes(band[0])}–{fmt_bytes(band[1])})"
+    return ""
+
+
+def fmt_changes(changes: Any) -> str:
+    """An option's changes: {'lora_rank': 8, 'batch_size': 2} -> 'rank 8, batch 2'."""
+    if isinstance(changes, dict):
+        if not changes:
+            return "as configured"
+        return ", ".join(f"{SHORT_KEYS.get(k, k)} {fmt_number(v)}" for k, v in changes.items())
+    return str(changes)
+
+
+def estimate_sentence(estimate: Any, usable: int | None) -> str:
+    """'Predicted peak 5.3 GiB ± 10% (analytic): fits with 12.2 GiB to spare.'"""
+    total = int(estimate.total_bytes)
+    method = str(getattr(estimate, "method", "") or "").split(",")[0].split(" (")[0]
+    method = f" ({method})" if method else ""
+    text = f"Predicted peak {fmt_bytes(total)}{fmt_band(estimate)}{method}"
+    if usable is None:
+        return text + ": no GPU chosen to compare with."
+    if total <= usable:
+        return text + f": fits, {fmt_bytes(usable - total)} to spare. Bars: █ in use ▒ this run ░ free."
+    return (
+        text + f": does NOT fit ({fmt_bytes(total - usable)} over). Pick an option below or lower the knobs."
+    )
+
+
+class SettingsStep(WizardStep):
+    """Preset, knobs, predicted-VRAM bar and the planner's options table."""
+
+    STEP_TITLE = "Settings that fit"
+    BINDINGS = [Binding("ctrl+r", "replan", "re-plan")]
+
+    def __init__(self, state, **kwargs) -> None:
+        super().__init__(state, **kwargs)
+        self._options: list[Any] = []
+        self._filling = False
+
+    def compose(self) -> ComposeResult:
+        yield self.heading()
+        with Horizontal(classes="field"):
+            yield Static("Preset", classes="label")
+            yield Select([], prompt="no preset (config and defaults)", id="preset", compact=True)
+        with Horizontal(classes="knobs"):
+            for key, label in INT_KNOBS:
+                yield Static(label, classes="knob-label")
+                yield Input(type="integer", id=key, compact=True, classes="knob")
+            yield Static("res", classes="knob-label", id="task-knob-label")
+            yield Input(type="integer", id="task-knob", compact=True, classes="knob")
+            yield Checkbox("checkpointing", id="gradient_checkpointing", compact=True)
+        with Horizontal(classes="knobs"):
+            yield Static("epochs", classes="knob-label")
+            yield Input(type="integer", id="epochs", compact=True, classes="knob")
+            yield Static("lr", classes="knob-label")
+            yield Input(id="learning_rate", compact=True, classes="knob wide")
+            yield Static("output", classes="knob-label")
+            yield Input(id="output_dir", compact=True, classes="knob path")
+        yield self.summary()
+        yield MemoryBar(id="prediction")
+        yield Static("", markup=False, id="options-title")
+        yield DataTable(id="options", cursor_type="row", zebra_stripes=True)
+        yield Static("", markup=False, id="option-note")
+
+    def on_mount(self) -> None:
+        from loratui.presets import load_preset, preset_names
+
+        options = []
+        for name in preset_names():
+            try:
+                options.append((f"{name}: {load_preset(name).vram}", name))
+            except Exception:
+                options.append((name, name))
+        self.query_one("#preset", Select).set_options(options)
+        table = self.query_one("#options", DataTable)
+        table.add_columns("#", "changes", "peak", "vs card", "speed")
+
+    def focus_first(self) -> None:
+        self.query_one("#lora_rank", Input).focus()
+
+    # --- showing the state ---------------------------------------------------------------------
+    def enter(self) -> None:
+        if planner_available():
+            self.say(
+                f"{gpu_title(self.state)}\nPredicting peak memory… (the first prediction for a model "
+                "traces a small reference step; later edits update in a moment)"
+            )
+        self._fill()
+        self.estimate(copy_state(self.state))
+        self.plan(copy_state(self.state))
+
+    def _fill(self) -> None:
+        """Put the current values in the inputs without echoing them back as changes."""
+        self._filling = True
+        try:
+            for key, _ in INT_KNOBS:
+                self._set_input(key, str(self.state.get(key)))
+            task_key, label = TASK_KNOB[self.state.task]
+            self.query_one("#task-knob-label", Static).update(label)
+            self._set_input("task-knob", str(self.state.get(task_key)))
+            self._set_input("epochs", str(self.state.get("epochs")))
+            self._set_input("learning_rate", fmt_number(float(self.state.get("learning_rate"))))
+            self._set_input("output_dir", str(self.state.get("output_dir")))
+            box = self.query_one("#gradient_checkpointing", Checkbox)
+            box.value = bool(self.state.get("gradient_checkpointing"))
+            select = self.query_one("#preset", Select)
+            wanted = self.state.preset if self.state.preset else Select.NULL
+            if select.value != wanted:
+                select.value = wanted
+        finally:
+            self.call_after_refresh(self._done_filling)
+
+    def _done_filling(self) -> None:
+        self._filling = False
+
+    def _set_input(self, widget_id: str, value: str) -> None:
+        field = self.query_one(f"#{widget_id}", Input)
+        if field.value != value:
+            field.value = value
+
+    def state_changed(self, key: str) -> None:
+        self.estimate(copy_state(self.state))
+        if key in ("gpu", "preset", "base_model", "task_type"):
+            self.plan(copy_state(self.state))
+        if key in ("preset", "option", "task_type"):
+            self._fill()
+
+    # --- edits -------------------------------------------------------------------------------------
+    @on(Input.Changed, ".knob")
+    def _knob_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        if self._filling or not event.input.id:
+            return
+        key = event.input.id
+        if key == "task-knob":
+            key = TASK_KNOB[self.state.task][0]
+        text = event.value.strip()
+        value: Any
+        try:
+            if key == "learning_rate":
+                value = float(text)
+            elif key == "output_dir":
+                value = text or None
+            else:
+                value = int(text)
+        except ValueError:
+            return
+        if value is not None and key != "output_dir" and value <= 0:
+            return
+        if value == self.state.get(key):
+            return  # the value shown came from the state (filled in), not from an edit
+        self.post_message(ValueChosen(key, value))
+
+    @on(Checkbox.Changed, "#gradient_checkpointing")
+    def _checkpointing(self, event: Checkbox.Changed) -> None:
+        event.stop()
+        if not self._filling and event.value != bool(self.state.get("gradient_checkpointing")):
+            self.post_message(ValueChosen("gradient_checkpointing", event.value))
+
+    @on(Select.Changed, "#preset")
+    def _preset(self, event: Select.Changed) -> None:
+        event.stop()
+        name = None if event.value is Select.NULL else str(event.value)
+        if not self._filling and name != self.state.preset:
+            self.post_message(PresetChosen(name))
+
+    @on(DataTable.RowSelected, "#options")
+    def _apply_option(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        index = event.cursor_row
+        if 0 <= index < len(self._options):
+            changes = getattr(self._options[index], "changes", None)
+            if isinstance(changes, dict):
+                for key, value in changes.items():
+                    self.post_message(ValueChosen(key, value))
+                self.notify(f"Applied option {index + 1}: {fmt_changes(changes)}", timeout=4)
+
+    def action_replan(self) -> None:
+        self.plan(copy_state(self.state))
+
+    # --- planner workers ---------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, exit_on_error=False, group="estimate")
+    def estimate(self, state: WizardState) -> None:
+        """Predict the peak for the current settings."""
+        tools = planner()
+        if tools is None:
+            self.post_message(EstimateReady(None, PLANNER_MISSING))
+            return
+        estimate_peak = tools[0]
+
+        resolved = state.try_resolve()
+        if resolved is None:
+            self.post_message(EstimateReady(None, "No prediction: " + "; ".join(state.problems()[:2])))
+            return
+        try:
+            self.post_message(EstimateReady(call_cancellable(estimate_peak, resolved)))
+        except Cancelled:
+            return
+        except Exception as exc:
+            self.post_message(EstimateReady(None, f"No prediction ({type(exc).__name__}: {exc})."))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
+    def plan(self, state: WizardState) -> None:
+        """Ask the planner for the top options that fit the chosen card."""
+        tools = planner()
+        if tools is None:
+            self.post_message(OptionsReady([], "Options need the memory planner; presets are listed above."))
+            return
+        recommend, no_fit_message = tools[1], tools[2]
+
+        usable = state_gpu_usable(state)
+        resolved = state.try_resolve()
+        if resolved is None or usable is None:
+            why = "choose a GPU or a card size in step 1" if usable is None else "fix the config first"
+            self.post_message(OptionsReady([], f"No options: {why}."))
+            return
+        try:
+            options = call_cancellable(recommend, resolved, usable, top=5)
+            note = ""
+            if not options and no_fit_message is not None:
+                message = call_cancellable(no_fit_message, resolved, usable)
+                note = "No option fits: " + " ".join(str(message).split())
+        except Cancelled:
+            return
+        except Exception as exc:
+            self.post_message(OptionsReady([], f"No options ({type(exc).__name__}: {exc})."))
+            return
+        self.post_message(OptionsReady(list(options), note))
+
+    @on(EstimateReady)
+    def _estimate_ready(self, message: EstimateReady) -> None:
+        gpu = self.state.gpu
+        usable = gpu.usable_bytes if gpu else None
+        title = gpu_title(self.state)
+        bar = self.query_one("#prediction", MemoryBar)
+        if message.estimate is None:
+            self.say(f"{title}\n{message.note}")
+            bar.total, bar.segments = (gpu.total_bytes if gpu else None), ()
+            return
+        self.say(f"{title}\n{estimate_sentence(message.estimate, usable)}")
+        total = gpu.total_bytes if gpu and gpu.total_bytes else None
+        taken = (total - usable) if total and usable is not None else 0
+        bar.total = total or int(message.estimate.total_bytes * 1.25)
+        bar.segments = ((taken, "others"), (int(message.estimate.total_bytes), "predicted"))
+
+    @on(OptionsReady)
+    def _options_ready(self, message: OptionsReady) -> None:
+        message.stop()
+        self._options = list(message.options)
+        table = self.query_one("#options", DataTable)
+        table.clear()
+        gpu = self.state.gpu
+        if not self._options:
+            self.query_one("#options-title", Static).update(message.note or "No options.")
+            return
+        where = gpu.name if gpu else "this card"
+        self.query_one("#options-title", Static).update(f"Options that fit {where} (Enter applies one):")
+        total = gpu.total_bytes if gpu and gpu.total_bytes else None
+        taken = total - gpu.usable_bytes if total and gpu.usable_bytes is not None else 0
+        for rank, option in enumerate(self._options, 1):
+            estimate = getattr(option, "estimate", None)
+            peak_bytes = int(getattr(estimate, "total_bytes", 0) or 0)
+            speed = getattr(option, "relative_speed", None)
+            speed_text = f"{speed:.0%}" if isinstance(speed, int | float) else "-"
+            bar = bar_text(taken, peak_bytes, total) if total else "-"
+            table.add_row(
+                str(rank), fmt_changes(getattr(option, "changes", "")), fmt_bytes(peak_bytes), bar, speed_text
+            )
+
+    @on(DataTable.RowHighlighted, "#options")
+    def _option_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        index = event.cursor_row
+        if 0 <= index < len(self._options):
+            option = self._options[index]
+            spare = fmt_bytes(getattr(option, "headroom_bytes", None))
+            note = str(getattr(option, "quality_note", "") or "")
+            self.query_one("#option-note", Static).update(
+                f"Option {index + 1}: {spare} to spare. {note}".strip()
+            )
+
+
+def gpu_title(state: WizardState) -> str:
+    """'For GPU 0 (NVIDIA GeForce RTX 4090): 17.5 GiB usable.'"""
+    gpu = state.gpu
+    if gpu is None or (gpu.index is None and not gpu.total_bytes):
+        return "For the CPU (no GPU chosen): predictions are for reference."
+    if gpu.index is None:
+        return f"For a {gpu.name}: {fmt_bytes(gpu.usable_bytes)}."
+    return f"For GPU {gpu.index} ({gpu.name}): {fmt_bytes(gpu.usable_bytes)} usable now."
+
+
+def state_gpu_usable(state: WizardState) -> int | None:
+    """Usable bytes of the chosen card (None: CPU)."""
+    return state.gpu.usable_bytes if state.gpu else None
