@@ -26,18 +26,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def accuracy(root: Path, quick: bool) -> list:
-    from loratui.memory.accuracy import session_rows
+def accuracy_models(root: Path) -> tuple[dict[str, Path], dict[int, Path]]:
+    """Tiny and mid-size model folders and image folders under `root`."""
     from loratui.memory.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
     from loratui.tiny_models import build_tiny_llama, build_tiny_sd
 
     models = root / "models"
-    llama = build_tiny_llama(models / "llama")
-    sd15 = build_tiny_sd(models / "sd15", "sd15")
-    sdxl = build_tiny_sd(models / "sdxl", "sdxl")
-    mid_llama = build_mid_llama(llama, models / "mid-llama")
-    mid_sd15 = build_mid_sd15(sd15, models / "mid-sd15")
+    found = {"llama": build_tiny_llama(models / "llama"), "sd15": build_tiny_sd(models / "sd15", "sd15")}
+    found["sdxl"] = build_tiny_sd(models / "sdxl", "sdxl")
+    found["mid-llama"] = build_mid_llama(found["llama"], models / "mid-llama")
+    found["mid-sd15"] = build_mid_sd15(found["sd15"], models / "mid-sd15")
     images = {res: write_image_dataset(root / "images" / str(res), 4, res) for res in (64, 128)}
+    return found, images
+
+
+def accuracy(root: Path, quick: bool) -> list:
+    from loratui.memory.accuracy import session_rows
+
+    found, images = accuracy_models(root)
+    llama, sd15, sdxl = found["llama"], found["sd15"], found["sdxl"]
+    mid_llama, mid_sd15 = found["mid-llama"], found["mid-sd15"]
     ranks = (4, 64) if quick else (4, 16, 64)
     grid = list(itertools.product((64, 128), (False, True), ranks))
     plans = [
@@ -127,9 +135,9 @@ def overhead(root: Path) -> dict[str, float]:
 def planning_speed() -> dict[str, float]:
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.memory import estimate
-    from loratui.memory.fit import clear_memory_cache
     from loratui.memory.recommend import recommend
     from loratui.memory.sizes import GIB
+    from loratui.memory.tables import clear_memory_cache
 
     cases = {
         "SD1.5 512² r32 b4 on 8 GB": {
@@ -180,25 +188,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ranks 4 and 64 only")
     parser.add_argument("--json", type=Path, help="write all rows and summaries here")
+    parser.add_argument(
+        "--parts", default="accuracy,overhead,planning", help="comma-separated: accuracy, overhead, planning"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     from loratui.memory.accuracy import markdown_table, summarize
 
+    rows, by_model, total, ratios, speed, seconds = [], {}, {"median": 0.0, "worst": 0.0}, {}, {}, 0.0
     with tempfile.TemporaryDirectory(prefix="loratui-bench-memory-") as tmp:
         root = Path(tmp)
         os.environ["LORATUI_CACHE_DIR"] = str(root / "cache")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        started = time.perf_counter()
-        rows = accuracy(root, args.quick)
-        seconds = time.perf_counter() - started
-        print(markdown_table(rows))
-        by_model = {}
-        for name in dict.fromkeys(r.model for r in rows):
-            by_model[name] = summarize([r for r in rows if r.model == name])
-        total = summarize(rows)
-        for name, stats in {**by_model, "all": total}.items():
-            print(f"{name}: n={stats['count']} median {stats['median']:.2%} worst {stats['worst']:.2%}")
-        ratios = overhead(root)
-        speed = planning_speed()
+        if parts & {"accuracy", "overhead"}:
+            started = time.perf_counter()
+            rows = accuracy(root, args.quick) if "accuracy" in parts else []
+            seconds = time.perf_counter() - started
+        if rows:
+            print(markdown_table(rows))
+            for name in dict.fromkeys(r.model for r in rows):
+                by_model[name] = summarize([r for r in rows if r.model == name])
+            total = summarize(rows)
+            for name, stats in {**by_model, "all": total}.items():
+                print(f"{name}: n={stats['count']} median {stats['median']:.2%} worst {stats['worst']:.2%}")
+        if "overhead" in parts:
+            if not rows:
+                accuracy_models(root)
+            ratios = overhead(root)
+        if "planning" in parts:
+            speed = planning_speed()
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -25,6 +25,7 @@ class Preset:
     vram: str  # human tier, e.g. "6-8 GB"
     vram_gb: float  # the card size the settings are verified against
     families: dict[str, dict[str, object]] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)  # family -> why no setting fits this tier
     path: Path | None = None
     lines: dict[str, int] = field(default_factory=dict)
 
@@ -87,6 +88,23 @@ def load_preset(name: str) -> Preset:
             )
         elif not isinstance(section, dict):
             problems.append(ConfigProblem(f"families.{family}", "must be a mapping", "", str(path)))
+    unsupported = data.values.get("unsupported") or {}
+    if not isinstance(unsupported, dict) or not all(isinstance(v, str) for v in unsupported.values()):
+        problems.append(
+            ConfigProblem("unsupported", "must be a mapping of family -> reason", "", str(path))
+        )
+        unsupported = {}
+    for family in unsupported:
+        if family in families or family not in PRESET_FAMILIES:
+            problems.append(
+                ConfigProblem(
+                    f"unsupported.{family}",
+                    "must be a known family without a settings section",
+                    f"use one of {', '.join(PRESET_FAMILIES)}",
+                    str(path),
+                    data.lines.get("unsupported"),
+                )
+            )
     try:
         vram_gb = float(data.values.get("vram_gb", 0))
     except (TypeError, ValueError):
@@ -100,6 +118,7 @@ def load_preset(name: str) -> Preset:
         vram=str(data.values.get("vram", f"{vram_gb:g} GB")),
         vram_gb=vram_gb,
         families={k: dict(v) for k, v in families.items()},
+        unsupported={str(k): str(v) for k, v in unsupported.items()},
         path=path,
         lines=data.lines,
     )

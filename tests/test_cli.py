@@ -68,10 +68,79 @@ def test_help_imports_no_heavy_module() -> None:
     assert "HEAVY=\n" in out, out
 
 
-def test_not_implemented_commands_exit_2_honestly() -> None:
+def test_gpus_without_a_visible_gpu_exit_2_with_a_hint() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    result = CliRunner().invoke(app, ["train", "--config", "x.yaml", "--gpus", "2"])
+    assert result.exit_code == 2 and "--cpu-processes" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "0,0"], "distinct GPU ids"),
+        (["--gpus", "zero"], "a count (4)"),
+        (["--cpu-processes", "2", "--gpus", "2"], "cannot be combined"),
+        (["--accelerate-config", "missing.yaml"], "no such file"),
+    ],
+)
+def test_bad_multi_process_options_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["train", "--config", "x.yaml", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_dry_run_with_gpus_states_per_gpu_batch_and_memory(tmp_path) -> None:
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"base_model: {model}\ntrain_data_dir: {data}\nbatch_size: 2\ngradient_accumulation_steps: 3\n"
+    )
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--config", "x.yaml", "--gpus", "2"])
-    assert result.exit_code == 2 and "not implemented yet" in result.output
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--gpus", "0,2", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    spread = json.loads(result.output)["processes"]
+    assert (spread["processes"], spread["gpus"], spread["global_batch"]) == (2, [0, 2], 12)
+    assert spread["batch_size_per_device"] == 2 and spread["memory_is_per_gpu"]
+    table = runner.invoke(
+        app, ["train", "--config", str(cfg), "--gpus", "4", "--dry-run"], env={"COLUMNS": "200"}
+    )
+    assert table.exit_code == 0, table.output
+    assert "batch_size 2 per GPU x 3 accumulation x 4 processes = 24 samples" in table.output
+
+
+def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
+    from loratui.train.launcher import LaunchError, launcher_command, processes_from_options
+
+    node = tmp_path / "node.yaml"
+    node.write_text(
+        "distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 8\nmachine_rank: 1\n"
+        "main_process_ip: 10.0.0.1\nmain_process_port: 29500\n"
+    )
+    spec = processes_from_options(None, None, node)
+    assert (spec.processes, spec.num_machines, spec.machine_rank, spec.per_node) == (8, 2, 1, 4)
+    argv, _env = launcher_command(tmp_path / "run", spec)
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and str(node.resolve()) in argv
+    assert argv[-3:] == ["-m", "loratui.train.worker", str(tmp_path / "run")]
+    (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    with pytest.raises(LaunchError, match="not supported yet"):
+        processes_from_options(None, None, tmp_path / "fsdp.yaml")
+    argv, env = launcher_command(tmp_path / "run", processes_from_options("0,2", None, None))
+    assert (
+        env["CUDA_VISIBLE_DEVICES"] == "0,2"
+        and "--multi_gpu" in argv
+        and argv[argv.index("--num_processes") + 1] == "2"
+    )
+    assert processes_from_options("1", None, None) is None  # one GPU: a bare worker, as without --gpus
+    argv, env = launcher_command(tmp_path / "run", processes_from_options("3,", None, None))  # GPU 3 alone
+    assert "--multi_gpu" not in argv and argv[-3:] == ["-m", "loratui.train.worker", str(tmp_path / "run")]
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 def test_train_without_config_is_unusable() -> None:

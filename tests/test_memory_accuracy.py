@@ -4,7 +4,7 @@ Default run (about a minute): the tiny Llama and the tiny SD1.5 over a balanced 
 1/2/4 at an effective batch of 4, sequence 64/128 or resolution 64/128, checkpointing on/off, rank 4/16/64),
 each trainer session measured at all three micro-batch sizes. The slow run covers the full grid for tiny
 SD1.5, tiny SDXL, tiny Llama and the mid-size models (bench/bench_memory_cpu.py writes the tables to
-docs/benchmarks_memory.md).
+docs/benchmarks.md, memory planner section).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import itertools
 import pytest
 
 from loratui.memory.accuracy import session_rows, summarize
-from loratui.memory.fit import clear_memory_cache
 from loratui.memory.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
+from loratui.memory.tables import clear_memory_cache
 
 MEDIAN_LIMIT = 0.05
 WORST_LIMIT = 0.10

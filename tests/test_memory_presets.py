@@ -6,43 +6,43 @@ import pytest
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
+from loratui.config import ConfigError, ResolvedConfig, load_config
 from loratui.memory.estimate import estimate_peak
 from loratui.memory.integration import preset_family_config, tier_budget
+from loratui.memory.recommend import recommend
 from loratui.presets import PRESET_FAMILIES, load_preset, preset_names
 
 MARGIN = 0.05  # on top of the tier's own reserve (driver share + 3 %)
-
-#: sections predicted NOT to fit, with the fix proposed to the presets' owner; strict xfail, so the test
-#: starts failing (XPASS) once the preset or trainer is changed and the entry must go.
-KNOWN_MISFITS: dict[tuple[str, str], str] = {
-    ("low-vram", "sdxl"): (
-        "10.2 GiB predicted: the SD trainer encodes latents (fp32 SDXL VAE at 1024²) with the UNet and text "
-        "encoders already on the GPU, and keeps the text encoders there with cached outputs; no setting fits 8 GB "
-        "(about 6.4 GiB once latents are cached before the UNet moves and the text encoders are offloaded)"
-    ),
-    ("low-vram", "llm-13b"): (
-        "8.8 GiB predicted: 13B NF4 weights plus fp32 embeddings/lm_head (PEFT's k-bit preparation) and the "
-        "CUDA context take 7.8 GiB before any activation; no setting fits 8 GB (10 GB does)"
-    ),
-}
 
 CASES = [(name, family) for name in preset_names() for family in PRESET_FAMILIES]
 
 
 @pytest.mark.parametrize(("name", "family"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
-def test_preset_fits_its_tier(name: str, family: str, request) -> None:
-    if (name, family) in KNOWN_MISFITS:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_MISFITS[(name, family)], strict=True))
+def test_preset_fits_its_tier(name: str, family: str) -> None:
     preset = load_preset(name)
-    section = preset.families.get(family)
-    if section is None:
-        pytest.skip(f"{name} has no {family} section")
-    estimate = estimate_peak(preset_family_config(family, section), device="cuda")
     budget = tier_budget(preset.vram_gb)
+    if family in preset.unsupported:
+        # the preset says no setting fits this tier: the planner must agree (nothing it can change fits)
+        cfg = preset_family_config(family, {})
+        resolved = ResolvedConfig(cfg, {}, family)
+        assert recommend(resolved, budget, top=1) == [], f"{name}[{family}] is marked unsupported but fits"
+        return
+    section = preset.families.get(family)
+    assert section is not None, f"{name} has neither settings nor an `unsupported` reason for {family}"
+    estimate = estimate_peak(preset_family_config(family, section), device="cuda")
     assert estimate.total_bytes * (1 + MARGIN) <= budget, (
         f"{name}[{family}] predicted {estimate.total_bytes / 2**30:.2f} GiB (+{MARGIN:.0%} margin) > usable "
         f"{budget / 2**30:.2f} GiB of the {preset.vram_gb:g} GB tier; peak during {estimate.phase}"
     )
+
+
+def test_unsupported_family_is_refused_with_the_reason(tmp_path) -> None:
+    config = tmp_path / "x.yaml"
+    config.write_text("base_model: meta-llama/Llama-2-13b-hf\ntask_type: text-generation\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, preset="low-vram")
+    text = caught.value.render()
+    assert "llm-13b" in text and "12gb" in text and "--preset auto" in text
 
 
 def test_presets_show_check_prints_predictions() -> None:
@@ -52,3 +52,10 @@ def test_presets_show_check_prints_predictions() -> None:
     for family in PRESET_FAMILIES:
         assert family in result.output
     assert "headroom" in result.output and "GiB" in result.output
+
+
+def test_presets_show_names_unsupported_families() -> None:
+    result = CliRunner().invoke(app, ["presets", "show", "low-vram", "--check"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "llm-13b" in result.output and "not supported" in result.output
+    assert "DOES NOT FIT" not in result.output

@@ -13,7 +13,6 @@ from loratui.config import ResolvedConfig, TrainConfig, load_config
 from loratui.gpu import nvml
 from loratui.memory import estimate as estimate_module
 from loratui.memory.cards import UnknownCard, card_memory
-from loratui.memory.fit import clear_memory_cache
 from loratui.memory.integration import (
     AUTO_SOURCE,
     NoFittingOption,
@@ -25,6 +24,7 @@ from loratui.memory.integration import (
 )
 from loratui.memory.recommend import no_fit_message, recommend
 from loratui.memory.sizes import GIB
+from loratui.memory.tables import clear_memory_cache
 
 SD15 = {
     "task_type": "image-generation",

@@ -20,7 +20,8 @@ def test_six_tiers_in_vram_order() -> None:
 def test_preset_sections_validate(name: str) -> None:
     preset = load_preset(name)
     assert preset.vram_gb > 0 and preset.description
-    assert set(preset.families) == set(PRESET_FAMILIES)
+    assert set(preset.families) | set(preset.unsupported) == set(PRESET_FAMILIES)
+    assert not set(preset.families) & set(preset.unsupported)
     for family, section in preset.families.items():
         cfg = TrainConfig(**section)  # raises on any bad key or value
         for key in ("lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "optimizer"):

@@ -170,3 +170,57 @@ async def test_two_viewers_watch_one_run(tmp_path, fake_nvml, worker) -> None:
     after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != "events.jsonl"}
     assert after == {k: v for k, v in before.items() if k != "events.jsonl"}  # viewers only read
     assert os.path.exists(run / "status.json")
+
+
+def test_one_run_on_several_gpus_shows_each_gpus_memory() -> None:
+    from loratui.runs.follow import format_event
+    from loratui.tui.widgets.run_stats import stats_lines
+
+    gib = 2**30
+    events = synthetic_events(steps=3, total_steps=10)
+    events[0].update(processes=2, batch_size_per_device=2, global_batch=4)
+    events.append(
+        {
+            "type": "step",
+            "time": T0 + 10,
+            "step": 4,
+            "epoch": 0,
+            "loss": 0.5,
+            "lr": 1e-4,
+            "samples_per_s": 8.0,
+            "rank_memory": [int(3.1 * gib), int(3.0 * gib)],
+            "rank_memory_kind": "gpu",
+        }
+    )
+    model = RunModel("demo")
+    model.feed(events)
+    view = model.view()
+    assert view.processes == 2 and view.rank_memory == (int(3.1 * gib), int(3.0 * gib))
+    rows = dict(stats_lines(view))
+    assert rows["per GPU"] == "0: 3.1 GiB · 1: 3.0 GiB"
+    assert "per GPU" not in dict(stats_lines(RunModel("single").view()))  # one process: no extra row
+    assert "2 processes, batch_size 2 per GPU, 4 samples per step" in format_event(events[0])
+    assert format_event(events[-1]).endswith("per GPU 3174 MiB/3072 MiB")
+
+
+@run_async
+async def test_training_view_lists_per_gpu_memory(tmp_path, fake_nvml, worker) -> None:
+    proc, _ = worker
+    run = write_synthetic_run(tmp_path / "runs" / "demo-20261121-120000", pid=proc.pid)
+    step = {
+        "type": "step",
+        "time": T0 + 300,
+        "step": 121,
+        "epoch": 2,
+        "loss": 0.4,
+        "lr": 1e-4,
+        "samples_per_s": 8.0,
+        "rank_memory": [5 * 2**30, 4 * 2**30],
+        "rank_memory_kind": "gpu",
+    }
+    with (run / "events.jsonl").open("a") as handle:
+        handle.write(json.dumps(step) + "\n")
+    app = TrainingApp(run, telemetry_interval=0, poll_interval=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: "per GPU" in screen_text(app))
+        assert "0: 5.0 GiB · 1: 4.0 GiB" in screen_text(app)

@@ -56,6 +56,9 @@ def show(
     for family, section in preset.families.items():
         out.print(f"\n[bold]{family}[/bold]")
         out.print(yaml.safe_dump(section, sort_keys=False).rstrip(), markup=False, highlight=False)
+    for family, reason in preset.unsupported.items():
+        out.print(f"\n[bold]{family}[/bold]: not supported on this tier", highlight=False)
+        out.print(f"  {reason}", markup=False, highlight=False)
     if check:
         from loratui.memory.integration import preset_predictions
         from loratui.memory.sizes import format_bytes
@@ -72,3 +75,5 @@ def show(
                 markup=False,
                 highlight=False,
             )
+        for family, reason in preset.unsupported.items():
+            out.print(f"  {family:<8} not supported: {reason}", markup=False, highlight=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
+from loratui.cli.common import EXIT_ERRORS
 
 
 def recommend(
@@ -27,10 +27,9 @@ def recommend(
 
     Each option shows its predicted peak memory, headroom and relative speed. No weights are loaded.
     """
+    from loratui.cli.memory_args import usable_memory_or_exit
     from loratui.config import ConfigError, load_config
-    from loratui.memory.cards import CARDS, UnknownCard
-    from loratui.memory.integration import NoUsableMemory, usable_memory
-    from loratui.memory.sizes import SizeError
+    from loratui.memory.cards import CARDS
 
     if card is not None and card.lower() == "list":
         for name, mib in CARDS.items():
@@ -41,14 +40,7 @@ def recommend(
     except ConfigError as exc:
         typer.echo(exc.render(), err=True)
         raise typer.Exit(EXIT_ERRORS) from None
-    try:
-        budget = usable_memory(gpu=gpu, vram=vram, card=card)
-    except (SizeError, UnknownCard, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_ERRORS) from None
-    except NoUsableMemory as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_UNUSABLE) from None
+    budget = usable_memory_or_exit(gpu=gpu, vram=vram, card=card)
     _run(resolved, budget, json_out)
 
 

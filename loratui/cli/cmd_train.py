@@ -13,11 +13,21 @@ from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config."),
     preset: str | None = typer.Option(
-        None, "--preset", help="VRAM-tier preset (see `loratui presets list`)."
+        None,
+        "--preset",
+        help="VRAM-tier preset (see `loratui presets list`), or `auto`: the memory planner's top option.",
+    ),
+    vram: str | None = typer.Option(
+        None, "--vram", help="With --preset auto or --dry-run: plan for a card of this size, e.g. 8GB."
+    ),
+    card: str | None = typer.Option(
+        None, "--card", help='With --preset auto or --dry-run: plan for a known card, e.g. "RTX 4060".'
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set lora_rank=16 (repeatable)."),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the resolved config and sources; train nothing."
+        False,
+        "--dry-run",
+        help="Print the resolved config, its sources and the predicted peak memory; load and train nothing.",
     ),
     json_out: bool = typer.Option(False, "--json", help="With --dry-run: machine-readable output."),
     resume: str | None = typer.Option(
@@ -54,10 +64,19 @@ def train(
         False, "--no-oom-cache", help="Do not start from settings that fitted this model on this GPU before."
     ),
     runs_dir: Path | None = typer.Option(None, "--runs-dir", help="Where run directories are created."),
-    gpus: str | None = typer.Option(None, "--gpus", help="Multi-GPU: a count (4) or a list (0,2)."),
-    cpu_processes: int | None = typer.Option(None, "--cpu-processes", help="Distributed test on CPU (gloo)."),
+    gpus: str | None = typer.Option(
+        None,
+        "--gpus",
+        help="Multi-GPU: a count (4) or a list (0,2); one process per GPU, batch_size per GPU.",
+    ),
+    cpu_processes: int | None = typer.Option(
+        None, "--cpu-processes", help="Run N processes on the CPU (gloo), to test multi-process training."
+    ),
     accelerate_config: Path | None = typer.Option(
-        None, "--accelerate-config", help="accelerate config file."
+        None,
+        "--accelerate-config",
+        help="An accelerate config file (multi-node: run the same command on every machine, each with its "
+        "machine_rank).",
     ),
 ) -> None:
     """Train a LoRA (image or text) from a YAML config, in a worker process that survives the terminal.
@@ -67,11 +86,10 @@ def train(
     The worker runs in its own session, so training survives the terminal or SSH connection closing;
     follow it again with `loratui attach`.
     """
-    from loratui.cli.common import console, not_implemented
+    from loratui.cli.common import console
     from loratui.config import ConfigError, check_paths, load_config
 
-    if gpus or cpu_processes or accelerate_config:
-        not_implemented("train --gpus/--cpu-processes/--accelerate-config")
+    processes = _processes(gpus, cpu_processes, accelerate_config, dry_run=dry_run)
     flags = {
         "base_model": base_model,
         "train_data_dir": train_data_dir,
@@ -96,15 +114,19 @@ def train(
     if config is None and resume is None and not base_model:
         typer.echo("error: give --config x.yaml (or --resume latest|RUN)", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
+    auto = preset is not None and preset.lower() == "auto"
     try:
-        resolved = load_config(config, preset=preset, overrides=set_, flags=flags)
+        resolved = load_config(config, preset=None if auto else preset, overrides=set_, flags=flags)
     except ConfigError as exc:
         typer.echo(exc.render(), err=True)
         raise typer.Exit(EXIT_ERRORS) from None
+    if auto:
+        resolved = _apply_auto(resolved, vram, card, out=None if json_out else console())
     path_problems = check_paths(resolved)
 
     if dry_run:
-        _print_dry_run(resolved, path_problems, json_out)
+        prediction = _prediction(resolved, vram, card)
+        _print_dry_run(resolved, path_problems, json_out, prediction, processes)
         raise typer.Exit(EXIT_ERRORS if path_problems else 0)
     if path_problems:
         typer.echo(ConfigError(path_problems).render(), err=True)
@@ -120,11 +142,93 @@ def train(
         detach=detach,
         tui=not no_tui,
         out=console(),
+        processes=processes,
     )
     raise typer.Exit(code)
 
 
-def _print_dry_run(resolved, problems, json_out: bool) -> None:
+def _processes(gpus: str | None, cpu_processes: int | None, accelerate_config: Path | None, *, dry_run: bool):
+    """The multi-process spec of --gpus/--cpu-processes/--accelerate-config (None: one process)."""
+    from loratui.train.launcher import LaunchError, processes_from_options
+
+    try:
+        spec = processes_from_options(gpus, cpu_processes, accelerate_config)
+    except LaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNUSABLE) from None
+    if spec is None or spec.cpu or dry_run:
+        return spec
+    visible = _cuda_devices()
+    if visible == 0:
+        typer.echo(
+            "error: --gpus/--accelerate-config need CUDA GPUs and none is visible here; "
+            "use --cpu-processes N to try multi-process training on the CPU",
+            err=True,
+        )
+        raise typer.Exit(EXIT_UNUSABLE)
+    wanted = max(spec.gpus) + 1 if spec.gpus else spec.per_node
+    if visible is not None and wanted > visible:
+        typer.echo(f"error: {spec.describe()} asked for, but only {visible} GPU(s) are visible", err=True)
+        raise typer.Exit(EXIT_UNUSABLE)
+    return spec
+
+
+def _cuda_devices() -> int | None:
+    """Visible CUDA devices (None when it cannot be told)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return int(torch.cuda.device_count())
+
+
+def _budget(vram: str | None, card: str | None):
+    from loratui.cli.memory_args import usable_memory_or_exit
+
+    return usable_memory_or_exit(vram=vram, card=card, purpose="--preset auto needs the card's memory")
+
+
+def _apply_auto(resolved, vram: str | None, card: str | None, out):
+    """`--preset auto`: the planner's top option for the card; keys given by --set or flags stay fixed."""
+    from loratui.memory.integration import NoFittingOption, apply_auto_preset
+    from loratui.memory.sizes import format_bytes
+
+    budget = _budget(vram, card)
+    fixed = frozenset(key for key, source in resolved.sources.items() if source in ("--set", "flag"))
+    try:
+        updated = apply_auto_preset(resolved, budget.bytes, fixed=fixed)
+    except NoFittingOption as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
+    if out is not None:
+        changed = [
+            f"{key}={getattr(updated.config, key)!r}"
+            for key, source in updated.sources.items()
+            if resolved.sources.get(key) != source
+        ]
+        out.print(
+            f"preset auto for {budget.label} ({format_bytes(budget.bytes)} usable): "
+            + (", ".join(changed) if changed else "your settings already fit"),
+            highlight=False,
+            markup=False,
+        )
+    return updated
+
+
+def _prediction(resolved, vram: str | None, card: str | None) -> dict | None:
+    """The planner's prediction for the resolved config (None, with a note, when it cannot be made)."""
+    from loratui.memory.integration import dry_run_prediction
+
+    budget = _budget(vram, card) if (vram or card) else None
+    try:
+        return dry_run_prediction(resolved, budget)
+    except Exception as exc:  # the dry run must still show the config when the planner fails
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _print_dry_run(
+    resolved, problems, json_out: bool, prediction: dict | None = None, processes=None
+) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -137,7 +241,20 @@ def _print_dry_run(resolved, problems, json_out: bool) -> None:
             "family": resolved.family,
             "preset": resolved.preset,
             "problems": [str(p) for p in problems],
+            "memory": prediction,
         }
+        if processes is not None:
+            from loratui.train.distributed import global_batch
+
+            cfg = resolved.config
+            payload["processes"] = {
+                **processes.to_json(),
+                "batch_size_per_device": cfg.batch_size,
+                "global_batch": global_batch(
+                    cfg.batch_size, cfg.gradient_accumulation_steps, processes.processes
+                ),
+                "memory_is_per_gpu": True,
+            }
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     out = console()
@@ -149,5 +266,18 @@ def _print_dry_run(resolved, problems, json_out: bool) -> None:
         style = "dim" if source == "default" else ""
         table.add_row(escape(key), escape(json.dumps(value, ensure_ascii=False)), escape(source), style=style)
     out.print(table)
+    if prediction is not None:
+        from loratui.memory.integration import dry_run_lines
+
+        if "error" in prediction:
+            out.print(f"memory prediction unavailable: {prediction['error']}", highlight=False, markup=False)
+        else:
+            per_gpu = " (per GPU: each process holds the model and batch_size samples)" if processes else ""
+            for number, line in enumerate(dry_run_lines(prediction)):
+                out.print(line + (per_gpu if number == 0 else ""), highlight=False, markup=False)
+    if processes is not None:
+        from loratui.train.launch import distributed_summary
+
+        out.print(distributed_summary(resolved, processes), highlight=False, markup=False)
     for problem in problems:
         out.print(f"[red]problem:[/red] {problem}", highlight=False)

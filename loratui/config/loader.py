@@ -145,9 +145,12 @@ def _infer_task_and_family(merged: dict[str, object]) -> tuple[str | None, str]:
 def _preset_family(family: str, base_model: str) -> str:
     if family != "llm":
         return "sd15" if family == "sd2" else family
-    from loratui.models.inspect import inspect_base_model
+    from loratui.models.inspect import inspect_base_model, params_from_name
 
-    return inspect_base_model(base_model).preset_family or "llm-7b"
+    found = inspect_base_model(base_model).preset_family
+    if found is None:  # nothing readable (e.g. a hub id not in the local cache): the name's size, if any
+        found = "llm-13b" if (params_from_name(base_model) or 0) > 9e9 else "llm-7b"
+    return found
 
 
 def load_config(
@@ -185,6 +188,16 @@ def load_config(
             problems += exc.problems
         else:
             section_name = _preset_family(family, str(merged.get("base_model") or ""))
+            if section_name in preset_obj.unsupported:
+                problems.append(
+                    ConfigProblem(
+                        "preset",
+                        f"preset `{preset}` has no {section_name} settings: "
+                        f"{preset_obj.unsupported[section_name]}",
+                        "use a preset for a larger card, or --preset auto to search settings for this card",
+                        "--preset",
+                    )
+                )
             section = preset_section(preset_obj, section_name)
             label = f"preset {preset}[{section_name}]"
             section_map = YamlMapping(str(preset_obj.path), values=section)

@@ -245,8 +245,10 @@ class KohyaInfo:
     max_train_steps: int = 0
     steps: int = 0
     epoch: int = 0
-    batch_size: int = 1
+    batch_size: int = 1  # per device
     gradient_accumulation_steps: int = 1
+    num_processes: int = 1  # training processes (GPUs); the global batch is per device x accumulation x this
+    total_batch_size: int | None = None  # samples per optimizer step over all processes (None: the product)
     mixed_precision: str = "no"
     resolution: int = 512
     seed: int = 0
@@ -303,6 +305,10 @@ def build_metadata(info: KohyaInfo) -> dict[str, str]:
         "ss_epoch": str(info.epoch),
         "ss_batch_size_per_device": str(info.batch_size),
         "ss_gradient_accumulation_steps": str(info.gradient_accumulation_steps),
+        "ss_total_batch_size": str(
+            info.total_batch_size or info.batch_size * info.gradient_accumulation_steps * info.num_processes
+        ),
+        "ss_num_processes": str(info.num_processes),
         "ss_mixed_precision": info.mixed_precision,
         "ss_resolution": f"({info.resolution}, {info.resolution})",
         "ss_seed": str(info.seed),

@@ -131,7 +131,9 @@ def fingerprint(kind: str, configs: dict[str, dict[str, Any]]) -> str:
         if payload["head_dim"] is None and text.get("hidden_size") and text.get("num_attention_heads"):
             payload["head_dim"] = int(text["hidden_size"]) // int(text["num_attention_heads"])
     else:
-        payload = {name: _normalise(name, cfg) for name, cfg in sorted(configs.items()) if name in SD_COMPONENTS}
+        payload = {
+            name: _normalise(name, cfg) for name, cfg in sorted(configs.items()) if name in SD_COMPONENTS
+        }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -16,8 +16,9 @@ from itertools import product
 from pathlib import Path
 
 from loratui.memory.arch import ArchSpec, bundled_llm_config, bundled_sd_configs
-from loratui.memory.fit import FIT_VERSION, _versions, calibrate_llm, calibrate_sd, fit_key
+from loratui.memory.fit import FIT_VERSION, calibrate_llm, calibrate_sd
 from loratui.memory.regime import Regime
+from loratui.memory.tables import _versions, fit_key
 
 SD_NAMES = ("sd15", "sd2", "sdxl")
 LLM_NAMES = ("llama-2-7b", "llama-2-13b", "tinyllama-1.1b")

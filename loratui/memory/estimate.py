@@ -12,7 +12,7 @@ measured error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loratui.memory.arch import ArchSpec
@@ -84,7 +84,8 @@ class Planner:
 
     def trace_source(self) -> str:
         """Where fits come from: this CPU for small architectures, the meta device otherwise."""
-        from loratui.memory.fit import CPU_TRACE_PARAM_LIMIT, table_for
+        from loratui.memory.fit import CPU_TRACE_PARAM_LIMIT
+        from loratui.memory.tables import table_for
 
         if table_for(self.spec.fingerprint) is not None:
             return "meta"
@@ -121,7 +122,7 @@ def planner_for(cfg: Any, family: str | None = None) -> Planner:
 
 
 def _summary(spec: ArchSpec, notes: list[str], cfg: Any) -> ArchSummary | None:
-    from loratui.memory.fit import table_for
+    from loratui.memory.tables import table_for
 
     table = table_for(spec.fingerprint)
     if table is not None:
@@ -224,7 +225,7 @@ def step_parts(peak: float, acts: float, lora: int, accumulating: bool) -> tuple
 
 
 def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
-    from loratui.memory.fit import get_fit, table_for
+    from loratui.memory.tables import get_fit, table_for
 
     summary = planner.summary
     model = summary.components["model"]
@@ -305,16 +306,22 @@ def _sd_weights(summary: ArchSummary, precision: str) -> _SDWeights:
 
 
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
-    from loratui.memory.fit import get_fit, table_for
+    """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (sd_trainer)."""
+    from loratui.memory.tables import get_fit, table_for
+    from loratui.train.oom_sd import TEXT_BATCH
 
     summary = planner.summary
     regime, notes = regime_for(cfg, device, "sd")
     notes = planner.notes + notes
     source = planner.trace_source()
     w = _sd_weights(summary, regime.precision)
-    cache_latents = (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.random_crop
-    vae_on_device = device == "cpu" or not cache_latents  # the trainer moves the VAE to the CPU after caching
     b, r, train_te = cfg.batch_size, cfg.lora_rank, cfg.train_text_encoder
+    cache_latents = (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.random_crop
+    captions_fixed = cfg.caption_dropout == 0 and not cfg.shuffle_tags
+    cache_text = cfg.cache_text_encoder_outputs and not train_te and captions_fixed
+    on_gpu = device == "cuda"  # (on the CPU nothing moves: every module stays in memory)
+    vae_on_device = not (on_gpu and cache_latents)
+    text_on_device = not (on_gpu and cache_text)
     tokens = (cfg.resolution // int(summary.info.get("vae_factor", 8))) ** 2
     lora = 4 * summary.lora_params(r, cfg.target_modules, train_text_encoder=train_te)
     tensors = summary.lora_tensors(cfg.target_modules, train_text_encoder=train_te)
@@ -330,20 +337,18 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     carried = lora if accumulating else 0  # gradients of earlier micro-batches
     plain = Regime(regime.precision)
     vae_peak = get_fit(planner.spec, plain, source, "vae").evaluate(b, tokens, 0)[0]
+    text_fit = get_fit(planner.spec, plain, source, "text") if not train_te else None
     phases: dict[str, float] = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
     if not cache_latents:
         phases["VAE encoding"] = vae_peak + carried
-    if not train_te:
-        phases["text encoding"] = get_fit(planner.spec, plain, source, "text").evaluate(b, 77, 0)[0] + carried
-    weights = w.unet + w.text_encoders + (w.vae if vae_on_device else 0)
+    if text_fit is not None and not cache_text:
+        phases["text encoding"] = text_fit.evaluate(b, 77, 0)[0] + carried
+    weights = w.unet + (w.text_encoders if text_on_device else 0) + (w.vae if vae_on_device else 0)
     static = weights + lora + state
     phase = max(phases, key=lambda k: phases[k])
-    common = {
-        "unet_weights": w.unet,
-        "text_encoders": w.text_encoders,
-        "lora_params": lora,
-        "optimizer_state": state,
-    }
+    common = {"unet_weights": w.unet, "lora_params": lora, "optimizer_state": state}
+    if text_on_device:
+        common["text_encoders"] = w.text_encoders
     if phase == "optimizer step":
         parts = {**common, "gradients": lora, "optimizer_temporaries": temporaries}
     elif phase == "micro-batch forward/backward":
@@ -352,21 +357,34 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         parts = {**common, "gradients": carried, "encoding": phases[phase] - carried}
     if vae_on_device:
         parts["vae"] = w.vae
-    # caching encodes every image before training, with the UNet, text encoders and VAE on the device
-    caching = w.unet + w.text_encoders + w.vae + lora + vae_peak if cache_latents else 0
-    if caching > static + phases[phase]:
-        phases = {"latent caching (before training)": caching - static}
-        notes.append("caching latents: the VAE encodes every image while the UNet is already on the device")
-        parts = {
-            "unet_weights": w.unet,
-            "text_encoders": w.text_encoders,
-            "vae": w.vae,
-            "lora_params": lora,
-            "encoding": vae_peak,
-        }
+    # The caching passes run before LoRA is added and before the UNet is on the device (sd_trainer); on the
+    # CPU every module is in memory throughout.
+    before = {}
+    resident = w.unet + w.text_encoders + w.vae if not on_gpu else 0
+    if cache_latents:
+        held = w.vae if on_gpu else resident
+        before["latent caching (before training)"] = ({"vae": w.vae}, held, vae_peak)
+    if cache_text and text_fit is not None:
+        held = w.text_encoders if on_gpu else resident
+        text_peak = text_fit.evaluate(TEXT_BATCH, 77, 0)[0]
+        before["text-encoder caching (before training)"] = (
+            {"text_encoders": w.text_encoders},
+            held,
+            text_peak,
+        )
+    for name, (weights_part, held, encoding) in before.items():
+        if held + encoding > static + phases[phase]:
+            phases, static = {name: encoding}, int(held)
+            parts = {**weights_part, "encoding": encoding}
+            if not on_gpu:
+                parts = {"unet_weights": w.unet, "text_encoders": w.text_encoders, "vae": w.vae, **parts}
+            phase = name
     parts, phase = _finish(parts, phases, int(static), "sd", device)
-    if device == "cuda" and cfg.cache_text_encoder_outputs:
-        notes.append("the text encoders stay on the GPU even with cached text-encoder outputs")
+    if on_gpu and (cache_latents or cache_text):
+        moved = [
+            n for n, on in (("the VAE", not vae_on_device), ("the text encoders", not text_on_device)) if on
+        ]
+        notes.append(f"with cached outputs, {' and '.join(moved)} encode before training, then leave the GPU")
     return Estimate(
         sum(parts.values()),
         parts,
@@ -391,13 +409,33 @@ def unpack_config(resolved_or_config: Any, family: str | None = None) -> tuple[A
     return inner, family or getattr(resolved_or_config, "family", None)
 
 
-def estimate_peak(resolved_or_config: Any, *, family: str | None = None, device: str = "cuda") -> Estimate:
-    """Predicted peak memory of training this config on `device` ("cuda" or "cpu"), with a breakdown."""
+def estimate_peak(
+    resolved_or_config: Any, *, family: str | None = None, device: str = "cuda", processes: int = 1
+) -> Estimate:
+    """Predicted peak memory of training this config on `device` ("cuda" or "cpu"), with a breakdown.
+
+    With `processes` > 1 (data-parallel training) the figure is per process / per GPU: `batch_size` is already
+    per device, and DDP adds its gradient buckets (a copy of the LoRA gradients)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
     cfg, family = unpack_config(resolved_or_config, family)
     planner = planner_for(cfg if family is None else _WithFamily(cfg, family), family)
-    return planner.estimate(cfg, device)
+    estimate = planner.estimate(cfg, device)
+    return with_data_parallel(estimate, processes) if processes > 1 else estimate
+
+
+def with_data_parallel(estimate: Estimate, processes: int) -> Estimate:
+    """The per-process estimate of DDP training with `processes` ranks (each holds the whole model)."""
+    buckets = int(estimate.breakdown.get("lora_params", 0))  # fp32 buckets the size of the LoRA gradients
+    breakdown = {**estimate.breakdown, "ddp_buckets": buckets}
+    notes = [
+        *estimate.notes,
+        f"per GPU, for each of {processes} processes (batch_size is per GPU; global batch = batch_size x "
+        f"gradient_accumulation_steps x {processes})",
+    ]
+    if estimate.device == "cuda":
+        notes.append("NCCL's own communication buffers are not included (not measured here)")
+    return replace(estimate, total_bytes=sum(breakdown.values()), breakdown=breakdown, notes=notes)
 
 
 @dataclass

@@ -7,24 +7,23 @@ For one architecture and one `Regime`, the memory a micro-batch adds above the w
 (b: micro-batch, T: tokens — sequence length, or latent pixels for SD —, r: LoRA rank). Activations are linear
 in b and, with fused attention, in T; the T² term absorbs attention matrices where they are materialised; LoRA's
 own intermediates are linear in r, its gradients (c6) too. Where the peak of a step happens can move (early in
-backward when activations dominate, late when LoRA gradients do), so for SD the whole memory timeline of the
-step is fitted: f is fitted at each of the moments where some traced step came near its peak, and the
-prediction is the highest of them. Causal LMs are traced with 1 and 2 decoder layers and extrapolated linearly
-to the real depth (checkpointing keeps one input per layer plus one layer's recomputation, also linear).
+backward when activations dominate, late when LoRA gradients do), so the memory timeline is fitted, not only
+its maximum:
+
+- SD: the traced steps' timelines are aligned allocation by allocation (batch 1 takes a few different kernels,
+  which the alignment tolerates); f is fitted at every moment where some traced step came near its peak, and the
+  prediction is the highest of them.
+- LLMs are traced with 1 and 2 decoder layers; f is fitted per phase (forward, backward through the top layer,
+  backward through the bottom layer), each extrapolated linearly to the real depth.
 
 Where the traces come from (`source`): ``cpu`` — the reference step run for real on this CPU with random
-weights (small architectures, CPU estimates); ``meta`` — traced on the meta device with CUDA autocast and fused
-attention (GPU estimates, and any architecture too big to run here). Fits are cached in memory, on disk
-(`$LORATUI_CACHE_DIR/memory/`), and shipped as tables for SD1.5, SD2.x, SDXL and three Llama sizes.
+weights (small architectures); ``meta`` — traced on the meta device with CUDA autocast and fused attention
+(shipped tables, and architectures too big to run here). Caching and the shipped tables: `tables`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from loratui.memory.arch import ArchSpec
@@ -51,8 +50,8 @@ def basis(batch: float, tokens: float, rank: float) -> list[float]:
     return [1.0, batch, batch * tokens, batch * tokens * tokens, batch * tokens * rank, batch * rank, rank]
 
 
-def design(ranks: tuple[int, int], tokens: tuple[int, ...], max_batch: int = 2) -> list[Point]:
-    """Eight shapes that determine the seven coefficients with one to spare (nine with `max_batch` 4)."""
+def design(ranks: tuple[int, int], tokens: tuple[int, ...]) -> list[Point]:
+    """Eight shapes that determine the seven coefficients with one to spare."""
     t1, t2, t3 = tokens
     r1, r2 = ranks
     points = [
@@ -65,7 +64,7 @@ def design(ranks: tuple[int, int], tokens: tuple[int, ...], max_batch: int = 2) 
         Point(2, t3, r2),
         Point(2, t2, r2),
     ]
-    return points + ([Point(max_batch, t2, r2)] if max_batch > 2 else [])
+    return points
 
 
 def solve(rows: list[list[float]], values: list[float]) -> tuple[list[float], float]:
@@ -279,8 +278,7 @@ def calibrate_sd(spec: ArchSpec, regime: Regime, source: str, what: str = "unet"
     tokens, ranks = _calibration("sd", source)
     with _single_thread():
         if what == "unet":
-            points = design(ranks, tokens, 4 if source == "cpu" else 2)
-            traces = probe.trace_sd_unet(spec.configs, regime, points, device)
+            traces = probe.trace_sd_unet(spec.configs, regime, design(ranks, tokens), device)
         elif what == "text_training":
             points = [
                 Point(1, 77, ranks[0]),
@@ -336,116 +334,3 @@ class _single_thread:
         import torch
 
         torch.set_num_threads(self.saved)
-
-
-# --- caches and shipped tables -------------------------------------------------------------------------------
-
-_MEMORY: dict[str, Fit] = {}
-
-
-def cache_dir() -> Path:
-    from loratui.models.sd_loading import cache_root
-
-    return cache_root() / "memory"
-
-
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for package in ("torch", "transformers", "diffusers", "peft"):
-        try:
-            parts.append(version(package))
-        except PackageNotFoundError:
-            parts.append("-")
-    return "-".join(parts)
-
-
-def fit_key(spec: ArchSpec, regime: Regime, source: str, what: str) -> str:
-    return f"{spec.fingerprint}|{what}|{source}|{regime.key()}|v{FIT_VERSION[spec.kind]}"
-
-
-def shipped_tables() -> dict[str, dict[str, Any]]:
-    """Tables shipped with loratui: name -> {"fingerprint", "summary", "fits": {key: fit}}."""
-    if "_tables" not in _TABLES:
-        found: dict[str, dict[str, Any]] = {}
-        root = resources.files("loratui.memory").joinpath("arch_configs", "tables")
-        if root.is_dir():
-            for entry in root.iterdir():
-                if entry.name.endswith(".json"):
-                    found[entry.name[:-5]] = json.loads(entry.read_text("utf-8"))
-        _TABLES["_tables"] = found
-    return _TABLES["_tables"]
-
-
-_TABLES: dict[str, Any] = {}
-
-
-def table_for(fingerprint: str) -> dict[str, Any] | None:
-    for table in shipped_tables().values():
-        if table.get("fingerprint") == fingerprint:
-            return table
-    return None
-
-
-def _disk_path(key: str) -> Path:
-    import hashlib
-
-    digest = hashlib.sha256((key + _versions()).encode()).hexdigest()[:24]
-    return cache_dir() / f"fit-{digest}.json"
-
-
-def cached_fit(spec: ArchSpec, regime: Regime, source: str, what: str) -> Fit | None:
-    """A fit from memory, the shipped tables, or the disk cache, without tracing."""
-    key = fit_key(spec, regime, source, what)
-    if key in _MEMORY:
-        return _MEMORY[key]
-    table = table_for(spec.fingerprint)
-    if table and key in table.get("fits", {}):
-        _MEMORY[key] = Fit.from_dict(table["fits"][key])
-        return _MEMORY[key]
-    path = _disk_path(key)
-    if path.is_file():
-        try:
-            _MEMORY[key] = Fit.from_dict(json.loads(path.read_text("utf-8")))
-            return _MEMORY[key]
-        except (ValueError, TypeError, KeyError):
-            return None
-    return None
-
-
-def get_fit(spec: ArchSpec, regime: Regime, source: str, what: str = "step") -> Fit:
-    """The fit for (architecture, regime, source, part), tracing and caching it when it is not known yet."""
-    found = cached_fit(spec, regime, source, what)
-    if found is not None:
-        return found
-    from loratui.models.sd_loading import quiet_libraries
-
-    with quiet_libraries():
-        if spec.kind == "llm":
-            fit = calibrate_llm(spec, regime, source)
-        else:
-            fit = calibrate_sd(spec, regime, source, "unet" if what == "step" else what)
-    key = fit_key(spec, regime, source, what)
-    _MEMORY[key] = fit
-    _write_disk(key, fit)
-    return fit
-
-
-def _write_disk(key: str, fit: Fit) -> None:
-    if os.environ.get("LORATUI_MEMORY_NO_DISK_CACHE"):
-        return
-    path = _disk_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**fit.to_dict(), "key": key}), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
-def clear_memory_cache() -> None:
-    """Forget in-process fits (tests)."""
-    _MEMORY.clear()
-    _TABLES.clear()

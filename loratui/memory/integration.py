@@ -91,9 +91,13 @@ def _gpu_or_none() -> UsableMemory | None:
         return None
 
 
-def dry_run_prediction(resolved: Any) -> dict[str, Any]:
+def dry_run_prediction(
+    resolved: Any, budget: UsableMemory | None = None, *, processes: int = 1
+) -> dict[str, Any]:
     """Predicted peak of the config exactly as resolved, before anything is loaded (JSON-ready).
 
+    `budget`: a card given with --vram/--card (a GPU prediction against it); None reads GPU 0 through NVML.
+    `processes` > 1: data-parallel training, predicted per process / per GPU (`processes` in the result).
     Keys: device, predicted_peak_bytes, predicted_peak, low_bytes, high_bytes, error_band, phase, method,
     breakdown (bytes), notes, gpu (usable memory of GPU 0 or None), fits, headroom_bytes,
     simulated_budget_bytes, fits_simulated_budget; with no GPU also `cuda_prediction` (the same config on a GPU).
@@ -101,11 +105,12 @@ def dry_run_prediction(resolved: Any) -> dict[str, Any]:
     from loratui.memory.estimate import estimate_peak
     from loratui.memory.meter import simulated_budget_from_env_or_config
 
-    gpu = _gpu_or_none()
+    gpu = budget if budget is not None else _gpu_or_none()
     device = "cuda" if gpu is not None else "cpu"
-    estimate = estimate_peak(resolved, device=device)
+    estimate = estimate_peak(resolved, device=device, processes=processes)
     result: dict[str, Any] = {
         "device": device,
+        "processes": processes,
         "predicted_peak_bytes": estimate.total_bytes,
         "predicted_peak": format_bytes(estimate.total_bytes),
         "low_bytes": estimate.low_bytes,
@@ -125,7 +130,7 @@ def dry_run_prediction(resolved: Any) -> dict[str, Any]:
         result["fits"] = result["headroom_bytes"] >= 0
     else:
         result["notes"].append("no NVIDIA GPU found: training would run on the CPU (prediction for the CPU)")
-        result["cuda_prediction"] = estimate_peak(resolved, device="cuda").to_dict()
+        result["cuda_prediction"] = estimate_peak(resolved, device="cuda", processes=processes).to_dict()
     budget = simulated_budget_from_env_or_config(resolved)
     result["simulated_budget_bytes"] = budget
     result["fits_simulated_budget"] = None if budget is None else estimate.total_bytes <= budget
@@ -135,8 +140,9 @@ def dry_run_prediction(resolved: Any) -> dict[str, Any]:
 def dry_run_lines(prediction: dict[str, Any]) -> list[str]:
     """Plain text lines for `loratui train --dry-run` (no markup)."""
     band = prediction["error_band"]
+    per = f", per process x {prediction['processes']}" if prediction.get("processes", 1) > 1 else ""
     lines = [
-        f"predicted peak memory ({prediction['device']}): {prediction['predicted_peak']} "
+        f"predicted peak memory ({prediction['device']}{per}): {prediction['predicted_peak']} "
         f"(±{band:.0%}: {format_bytes(prediction['low_bytes'])} - {format_bytes(prediction['high_bytes'])}), "
         f"peak during {prediction['phase']}"
     ]

@@ -138,13 +138,16 @@ def sd_real_step(cfg: Any, family: str) -> RealStep:
     accelerator, precision = trainer._setup_accelerator(cfg)
     dataset = trainer._setup_dataset(cfg, reporter)
     models = trainer._setup_models(job, precision, accelerator.device)
+    latents, text = trainer._setup_caches(cfg, job, models, dataset, reporter)
     lora, params = trainer._setup_lora(cfg, models, reporter)
+    trainer._place_unet(models)
     plan = StepPlan(len(dataset), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
     optimizer, scheduler = trainer._setup_optimizer(cfg, models, lora, plan.total_steps)
     models.unet.train()
     _prepare_models(accelerator, models, cfg.train_text_encoder)
+    if cfg.train_text_encoder:
+        text.text_encoders = models.forward_text_encoders
     optimizer = accelerator.prepare(optimizer)
-    latents, text = trainer._setup_caches(cfg, job, models, dataset, reporter)
     context = trainer.LossContext(cfg, models, dataset, latents, text)
     indices = list(range(min(cfg.effective_batch, len(dataset))))
 
@@ -160,8 +163,9 @@ def sd_real_step(cfg: Any, family: str) -> RealStep:
             model=models.unet,
         )
 
-    modules = [models.unet, *models.text_encoders]
-    if not (cfg.cache_latents or cfg.cache_latents_to_disk) or accelerator.device.type == "cpu":
+    on_cpu = accelerator.device.type == "cpu"
+    modules = [models.unet, *(models.text_encoders if models.text_on_device or on_cpu else [])]
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk) or on_cpu:
         modules.append(models.vae)
     return RealStep(modules, optimizer, run, accelerator.device)
 

@@ -76,7 +76,9 @@ class ArchSummary:
             if self.kind == "llm":
                 cache[key] = {"model": llm_targets(self.components["model"].layers, target_modules)}
             else:
-                cache[key] = sd_targets(self.components, target_modules, train_text_encoder=train_text_encoder)
+                cache[key] = sd_targets(
+                    self.components, target_modules, train_text_encoder=train_text_encoder
+                )
         return cache[key]
 
     def lora_params(
@@ -86,7 +88,9 @@ class ArchSummary:
         tensors = self.lora_tensors(target_modules, train_text_encoder=train_text_encoder)
         return rank * sum(per_rank * count for per_rank, count in tensors)
 
-    def lora_tensors(self, target_modules: list[str] | None, *, train_text_encoder: bool = False) -> list[tuple]:
+    def lora_tensors(
+        self, target_modules: list[str] | None, *, train_text_encoder: bool = False
+    ) -> list[tuple]:
         """(elements per rank, how many tensors) of the LoRA weights (A and B), grouped by size."""
         key = ("tensors", tuple(target_modules) if target_modules else None, train_text_encoder)
         cache = self.__dict__.setdefault("_chosen", {})

@@ -35,8 +35,15 @@ class ModelInfo:
         if self.family == "sdxl":
             return "sdxl"
         if self.family == "llm":
-            return "llm-13b" if (self.params or 0) > 9e9 else "llm-7b"
+            params = self.params or params_from_name(self.path) or 0
+            return "llm-13b" if params > 9e9 else "llm-7b"
         return None
+
+
+def params_from_name(path: str) -> float | None:
+    """Parameter count written in a model's name ("Llama-2-13b-hf" -> 13e9), or None."""
+    found = re.search(r"(?:^|[^a-z0-9.])(\d+(?:\.\d+)?)b(?:$|[^a-z0-9])", Path(path).name.lower())
+    return float(found.group(1)) * 1e9 if found else None
 
 
 def read_safetensors_header(path: Path) -> dict:

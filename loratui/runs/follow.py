@@ -15,7 +15,9 @@ def _changes(old: Any, new: Any) -> str:
     """'batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2' (only what changed)."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return f"{old} -> {new}"
-    parts = [f"{k} {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    parts = [
+        f"{k} {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)
+    ]
     return ", ".join(parts) or "no change"
 
 
@@ -36,9 +38,15 @@ def format_event(event: dict[str, Any]) -> str | None:
     kind = event.get("type")
     step = event.get("step")
     if kind == "run_started":
-        return (
+        text = (
             f"started: {event.get('total_steps')} steps ({event.get('family', '')} {event.get('device', '')})"
         )
+        if isinstance(event.get("processes"), int) and event["processes"] > 1:
+            text += (
+                f"; {event['processes']} processes, batch_size {event.get('batch_size_per_device')} per GPU, "
+                f"{event.get('global_batch')} samples per step"
+            )
+        return text
     if kind == "step":
         loss = event.get("loss")
         loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else str(loss)
@@ -53,6 +61,10 @@ def format_event(event: dict[str, Any]) -> str | None:
             parts.append(f"{rate:.2f} samples/s")
         if "memory_peak" in event:
             parts.append(f"peak {_mib(event['memory_peak'])}")
+        ranks = event.get("rank_memory")
+        if isinstance(ranks, list) and len(ranks) > 1:
+            label = "per GPU" if event.get("rank_memory_kind", "gpu") == "gpu" else "per process"
+            parts.append(f"{label} " + "/".join(_mib(v) for v in ranks))
         return " ".join(parts)
     if kind == "checkpoint":
         return f"checkpoint: {event.get('path')}"
@@ -74,7 +86,9 @@ def format_event(event: dict[str, Any]) -> str | None:
     if kind == "run_finished":
         recoveries = event.get("oom_recoveries") or []
         if recoveries:
-            changes = "; ".join(f"step {r.get('step')}: {_changes(r.get('old'), r.get('new'))}" for r in recoveries)
+            changes = "; ".join(
+                f"step {r.get('step')}: {_changes(r.get('old'), r.get('new'))}" for r in recoveries
+            )
             return f"finished (recovered from out of memory {len(recoveries)} time(s): {changes})"
         return "finished"
     if kind == "run_stopped":

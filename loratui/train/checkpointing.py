@@ -70,8 +70,15 @@ def save_checkpoint(
     config_yaml: str,
     keep_last_n: int | None = None,
 ) -> Path:
-    """Write `checkpoints/step-<step>/` atomically and rotate old ones. Returns the folder."""
+    """Write `checkpoints/step-<step>/` atomically and rotate old ones. Returns the folder.
+
+    With several training processes only rank 0 writes (every rank holds the same LoRA weights and optimizer
+    state); the others get the folder's path back and write nothing."""
+    from loratui.train.distributed import is_main
+
     target = run.checkpoints_dir / f"step-{step}"
+    if not is_main():
+        return target
     with atomic_directory(target, replace=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, tmp / "lora.safetensors")
         torch.save(training_state, tmp / "training_state.pt")

@@ -20,14 +20,22 @@ from loratui.runs.events import EventReader
 from loratui.runs.follow import FINAL_EVENTS, format_event
 from loratui.runs.rundir import RunDir, create_run_dir
 from loratui.runs.status import RunStatus, pid_alive
+from loratui.train.launcher import Processes
 
 EXIT_STOPPED = 130
 
 
 def prepare_run(
-    resolved: ResolvedConfig, *, resume: str | None, overwrite: bool, skip_checks: bool = False
+    resolved: ResolvedConfig,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    skip_checks: bool = False,
+    processes: Processes | None = None,
 ) -> tuple[RunDir, Path | None]:
-    """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json."""
+    """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json
+    (`processes`: several training processes through accelerate's launcher; a resumed run may use another
+    number of processes than before)."""
     cfg = resolved.config
     runs_dir = Path(cfg.runs_dir)
     checkpoint = None
@@ -44,6 +52,7 @@ def prepare_run(
         "resume_from": str(checkpoint) if checkpoint else None,
         "overwrite": overwrite,
         "skip_checks": skip_checks,
+        "processes": processes.to_json() if processes else None,
     }
     (run.path / "launch.json").write_text(json.dumps(launch, indent=1), encoding="utf-8")
     RunStatus(state="starting").write(run.status_path) if not run.status_path.exists() else None
@@ -122,19 +131,24 @@ def launch_training(
     detach: bool,
     tui: bool,
     out,
+    processes: Processes | None = None,
 ) -> int:
-    """Check, prepare the run directory, start the worker, and follow it (or detach)."""
+    """Check, prepare the run directory, start the worker(s), and follow the run (or detach)."""
     from loratui.train.preflight import run_preflight
 
     if not run_preflight(resolved, skip_checks=skip_checks, out=out):
         return 1
     try:
-        run, checkpoint = prepare_run(resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks)
+        run, checkpoint = prepare_run(
+            resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks, processes=processes
+        )
     except FileNotFoundError as exc:
         out.print(f"error: {exc}", markup=False)
         return 1
     if checkpoint:
         out.print(f"resuming from {checkpoint}", markup=False)
+    if processes is not None and processes.launcher:
+        out.print(distributed_summary(resolved, processes), markup=False)
     reader = EventReader(run.events_path)
     reader.poll()  # a resumed run's earlier events (its run_stopped too) are history, not this session's progress
     process = start_worker(run)
@@ -149,3 +163,20 @@ def launch_training(
 
         return open_training_view(run.path)
     return follow_plain(run, process, out, reader)
+
+
+def distributed_summary(resolved: ResolvedConfig, processes: Processes) -> str:
+    """One line on how the batch is spread over the processes (`batch_size` is per device)."""
+    from loratui.train.distributed import global_batch
+
+    cfg = resolved.config
+    total = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes.processes)
+    text = (
+        f"{processes.describe()}: batch_size {cfg.batch_size} per GPU x {cfg.gradient_accumulation_steps} "
+        f"accumulation x {processes.processes} processes = {total} samples per optimizer step; "
+        "memory figures are per GPU"
+    )
+    if processes.num_machines > 1:
+        role = "writes the run" if processes.main_node else "only trains; the run is written on machine 0"
+        text += f"; this machine {role}"
+    return text

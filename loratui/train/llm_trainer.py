@@ -51,16 +51,13 @@ def train(job: WorkerJob) -> str:
 
 
 def _setup_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
-    """A fresh `Accelerator` (no accelerate-side accumulation) and the precision in use."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
+    """A fresh `Accelerator` (no accelerate-side accumulation; one per process when several train) and the
+    precision in use."""
+    from loratui.train.distributed import make_accelerator
     from loratui.train.precision import pick_device, resolve_precision
 
     precision = resolve_precision(cfg.mixed_precision, pick_device().type)
-    AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, demo)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=pick_device().type == "cpu"), precision
+    return make_accelerator(precision, cpu=pick_device().type == "cpu"), precision
 
 
 def _setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
@@ -119,7 +116,9 @@ def _setup_lora(cfg: TrainConfig, model: Any) -> Any:
     ckpt_kwargs = {"use_reentrant": False}
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
         )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -155,7 +154,9 @@ def _settings(cfg: TrainConfig, data: LLMData, precision: str) -> dict[str, Any]
     }
 
 
-def _restore(checkpoint_path: Path, model: Any, optimizer: Any, scheduler: Any, settings: dict) -> tuple[int, dict]:
+def _restore(
+    checkpoint_path: Path, model: Any, optimizer: Any, scheduler: Any, settings: dict
+) -> tuple[int, dict]:
     """Load LoRA weights and optimizer/scheduler state; returns (step, saved training state for RNG etc.)."""
     from peft import set_peft_model_state_dict
 
@@ -164,7 +165,9 @@ def _restore(checkpoint_path: Path, model: Any, optimizer: Any, scheduler: Any, 
     ckpt = load_checkpoint(checkpoint_path)
     result = set_peft_model_state_dict(model, ckpt.lora_state)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"checkpoint {checkpoint_path} does not match this LoRA: {result.unexpected_keys[:3]}")
+        raise ValueError(
+            f"checkpoint {checkpoint_path} does not match this LoRA: {result.unexpected_keys[:3]}"
+        )
     optimizer.load_state_dict(ckpt.training_state["optimizer"])
     scheduler.load_state_dict(ckpt.training_state["scheduler"])
     state = dict(ckpt.training_state)
@@ -207,22 +210,33 @@ def evaluate(model: Any, data: LLMData, batch_size: int, pad_id: int, device: An
 # --- side outputs: samples, checkpoints, export ----------------------------------------------------------
 
 
-def _write_samples(cfg: TrainConfig, job: WorkerJob, reporter: Any, model: Any, tokenizer: Any, template: str,
-                   step: int) -> None:
+def _write_samples(
+    cfg: TrainConfig, job: WorkerJob, reporter: Any, model: Any, tokenizer: Any, template: str, step: int
+) -> None:
     from loratui.sample.llm_sample import generate_answer
     from loratui.util.atomic import atomic_write_text
 
     lines = []
     for prompt in cfg.sample_prompts:
-        text = generate_answer(model, tokenizer, template, prompt, max_new_tokens=SAMPLE_TOKENS, seed=cfg.seed)
+        text = generate_answer(
+            model, tokenizer, template, prompt, max_new_tokens=SAMPLE_TOKENS, seed=cfg.seed
+        )
         lines.append(f"### prompt\n{prompt}\n### answer\n{text}\n")
         path = job.run.samples_dir / f"step-{step:06d}.txt"
         reporter.event("sample", step, prompt=prompt, text=text, path=str(path))
     atomic_write_text(job.run.samples_dir / f"step-{step:06d}.txt", "\n".join(lines))
 
 
-def _save(job: WorkerJob, step: int, epoch: int, model: Any, optimizer: Any, scheduler: Any, accelerator: Any,
-          meta: dict[str, Any]) -> Path:
+def _save(
+    job: WorkerJob,
+    step: int,
+    epoch: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Any,
+    meta: dict[str, Any],
+) -> Path:
     from loratui.export.llm_export import lora_tensors
     from loratui.train.checkpointing import rng_state, save_checkpoint
 
@@ -240,11 +254,14 @@ def _save(job: WorkerJob, step: int, epoch: int, model: Any, optimizer: Any, sch
     )
 
 
-def _live_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """Memory-related settings as really used (the OOM ladder may have changed them), for the adapter."""
+def _live_settings(cfg: TrainConfig, batch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Memory-related settings as really used (the OOM ladder may have changed them) and how the batch was
+    spread over processes (`batch_size` is per device), for the adapter."""
     from loratui.train.oom_ladder import settings_of
 
-    return {**settings_of(cfg, "llm"), "effective_batch": cfg.effective_batch}
+    batch = batch or {}
+    spread = {k: batch[k] for k in ("processes", "global_batch") if k in batch}
+    return {**settings_of(cfg, "llm"), "effective_batch": cfg.effective_batch, **spread}
 
 
 def _export(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Any) -> Path:
@@ -257,15 +274,20 @@ def _export(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporte
         "run_name": job.run.name,
         "step": step,
         "overwrite": job.overwrite,
-        "training": _live_settings(job.resolved.config),
+        "training": _live_settings(job.resolved.config, meta.get("batch")),
     }
     try:
         path = save_trained_adapter(model, Path(job.resolved.config.output_dir), **args)
     except OutputConflict as exc:
         path = save_trained_adapter(model, job.run.path / "adapter", **{**args, "overwrite": True})
         reporter.event("warning", step, message=f"{exc}; the adapter was written to {path} instead")
-    reporter.event("export", step, path=str(path.resolve()), usage=usage_snippet(path.resolve(), meta["base_model"]),
-                   format="peft")
+    reporter.event(
+        "export",
+        step,
+        path=str(path.resolve()),
+        usage=usage_snippet(path.resolve(), meta["base_model"]),
+        format="peft",
+    )
     return path
 
 
@@ -277,6 +299,13 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     from loratui.export.llm_export import adapter_config_dict, check_output
     from loratui.models.llm_loading import base_model_reference
     from loratui.train.checkpointing import restore_rng_state
+    from loratui.train.distributed import (
+        batch_info,
+        checkpoint_on_peer_loss,
+        is_main,
+        plan_batch,
+        resume_note,
+    )
     from loratui.train.oom import RecoveringStep
     from loratui.train.oom_llm import chunked_token_loss_sum, cut_data, data_seq_len, llm_rung_applier
     from loratui.train.optim import build_optimizer, build_scheduler
@@ -294,7 +323,10 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     cut_data(data, cfg.max_seq_len)  # a worker restarted after the OOM ladder lowered max_seq_len
     model = _setup_lora(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    plan = StepPlan(len(data.train), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
+    processes = accelerator.num_processes
+    global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
+    plan = StepPlan(len(data.train), global_batch, cfg.epochs, cfg.max_steps, cfg.seed)
+    batch = batch_info(cfg.batch_size, cfg.gradient_accumulation_steps, processes, global_batch)
     optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, plan.total_steps)
     settings = _settings(cfg, data, precision)
@@ -309,8 +341,13 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
         "task_type": "text-generation",
         "base_model": base_ref,
         "settings": settings,
-        "adapter_config": adapter_config_dict(accelerator.unwrap_model(model).peft_config["default"], base_ref),
+        "adapter_config": adapter_config_dict(
+            accelerator.unwrap_model(model).peft_config["default"], base_ref
+        ),
         "chat_template": template,
+        "global_batch": global_batch,
+        "processes": processes,
+        "batch": batch,
     }
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
@@ -321,7 +358,12 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
     for message in data.warnings:
         reporter.event("warning", start, message=message)
     if saved_state and saved_state["mismatch"]:
-        reporter.event("warning", start, message=f"settings differ from the checkpoint: {saved_state['mismatch']}")
+        reporter.event(
+            "warning", start, message=f"settings differ from the checkpoint: {saved_state['mismatch']}"
+        )
+    note = resume_note(job.resume_from, processes, batch)
+    if note:
+        reporter.event("warning", start, message=note)
     reporter.started(
         family="llm",
         device=str(device),
@@ -329,6 +371,7 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
         resumed_from=start or None,
         chat_template=template_origin,
         trainable_params=sum(p.numel() for p in params),
+        **batch,
         **data.stats,
     )
     if saved_state:
@@ -340,51 +383,93 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
         """Token-loss sum of one micro-batch over the target tokens of the WHOLE optimizer step."""
         batch = collate([data.train[i] for i in indices], pad_id).to(device)
         chunked = cfg.chunked_loss  # set by the OOM ladder (rung 3) or the config
-        loss_sum = chunked_token_loss_sum(model, batch, autocast=accelerator.autocast) if chunked else (
-            token_loss_sum(model, batch))
+        loss_sum = (
+            chunked_token_loss_sum(model, batch, autocast=accelerator.autocast)
+            if chunked
+            else (token_loss_sum(model, batch))
+        )
         return loss_sum / max(1, data.target_tokens(step_indices))
 
     recovering = RecoveringStep(  # optimizer_step with out-of-memory recovery (loratui.train.oom)
-        job, reporter, apply=llm_rung_applier(model, data, settings), accelerator=accelerator,
-        optimizer=optimizer, scheduler=scheduler, params=params, max_grad_norm=cfg.max_grad_norm, model=model,
+        job,
+        reporter,
+        apply=llm_rung_applier(model, data, settings),
+        accelerator=accelerator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        max_grad_norm=cfg.max_grad_norm,
+        model=model,
     )
 
     step, epoch, last_log = start, plan.epoch_of(start), time.perf_counter()
     tokens_since_log = samples_since_log = 0
-    for step_index, epoch, indices in plan.iter_steps(start):
-        result = recovering.run(step_index + 1, indices, functools.partial(micro_loss, step_indices=indices))
-        step_targets = data.target_tokens(indices)
-        step = step_index + 1
-        tokens_since_log += sum(len(data.train[i].input_ids) for i in indices)
-        samples_since_log += sum(data.train[i].num_samples for i in indices)
-        last_step = step == plan.total_steps
-        if step % cfg.log_every_steps == 0 or last_step:
-            now = time.perf_counter()
-            reporter.step(step, epoch, result.loss, result.lr, samples_since_log, grad_norm=result.grad_norm,
-                          tokens=tokens_since_log, tokens_per_s=tokens_since_log / max(1e-9, now - last_log),
-                          target_tokens=step_targets, process_cpu_s=time.process_time(),
-                          **recovering.step_fields())
-            last_log, tokens_since_log, samples_since_log = now, 0, 0
-        if data.val and (step % plan.steps_per_epoch == 0 or last_step):
-            eval_loss = evaluate(model, data, cfg.batch_size, pad_id, device)
-            reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
-            if reporter.tensorboard is not None:
-                reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
-        if cfg.sample_prompts and cfg.sample_every_steps and (step % cfg.sample_every_steps == 0 or last_step):
-            _write_samples(cfg, job, reporter, model, tokenizer, template, step)
-        stopping = stop.requested and not last_step
-        save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
-        if (save_due or stopping) and not last_step:
-            stop.checkpoint_now.clear()
-            reporter.checkpoint(step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta))
-        if stopping:
-            reporter.stopped(stop.signal_name or "requested")
-            reporter.close()
-            return TrainResult("stopped", step, None, accelerator.unwrap_model(model), tokenizer, template, data)
+    main = is_main()
+    side_model = model if processes == 1 else accelerator.unwrap_model(model)  # rank 0's eval and samples
+
+    def save_now() -> Path | None:  # a lost peer: keep the last completed step (rank 0, local state only)
+        if step == start:
+            return None
+        path = _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta)
+        reporter.checkpoint(step, path)
+        return path
+
+    with checkpoint_on_peer_loss(save_now):
+        for step_index, epoch, indices in plan.iter_steps(start):
+            result = recovering.run(
+                step_index + 1, indices, functools.partial(micro_loss, step_indices=indices)
+            )
+            step_targets = data.target_tokens(indices)
+            step = step_index + 1
+            tokens_since_log += sum(len(data.train[i].input_ids) for i in indices)
+            samples_since_log += sum(data.train[i].num_samples for i in indices)
+            last_step = step == plan.total_steps
+            if step % cfg.log_every_steps == 0 or last_step:
+                now = time.perf_counter()
+                reporter.step(
+                    step,
+                    epoch,
+                    result.loss,
+                    result.lr,
+                    samples_since_log,
+                    grad_norm=result.grad_norm,
+                    tokens=tokens_since_log,
+                    tokens_per_s=tokens_since_log / max(1e-9, now - last_log),
+                    target_tokens=step_targets,
+                    process_cpu_s=time.process_time(),
+                    **recovering.step_fields(),
+                )
+                last_log, tokens_since_log, samples_since_log = now, 0, 0
+            if main and data.val and (step % plan.steps_per_epoch == 0 or last_step):
+                with accelerator.autocast():
+                    eval_loss = evaluate(side_model, data, cfg.batch_size, pad_id, device)
+                reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
+                if reporter.tensorboard is not None:
+                    reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
+            sample_due = (
+                cfg.sample_prompts
+                and cfg.sample_every_steps
+                and (step % cfg.sample_every_steps == 0 or last_step)
+            )
+            if main and sample_due:
+                _write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
+            stopping = stop.requested and not last_step
+            save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
+            if (save_due or stopping) and not last_step:
+                stop.checkpoint_now.clear()
+                reporter.checkpoint(
+                    step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta)
+                )
+            if stopping:
+                reporter.stopped(stop.signal_name or "requested")
+                reporter.close()
+                return TrainResult(
+                    "stopped", step, None, accelerator.unwrap_model(model), tokenizer, template, data
+                )
 
     reporter.checkpoint(step, _save(job, step, epoch, model, optimizer, scheduler, accelerator, meta))
     unwrapped = accelerator.unwrap_model(model)
-    adapter = _export(job, unwrapped, meta, step, reporter)
-    reporter.finished(adapter=str(adapter.resolve()), **recovering.summary())
+    adapter = _export(job, unwrapped, meta, step, reporter) if main else None
+    reporter.finished(adapter=str(adapter.resolve()) if adapter else None, **recovering.summary())
     reporter.close()
     return TrainResult("finished", step, adapter, unwrapped, tokenizer, template, data)

@@ -45,7 +45,11 @@ OOM_MESSAGES = (
     "MPS backend out of memory",
     "HIP out of memory",
 )
-PRESSURE_MESSAGES = ("CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_INTERNAL_ERROR", "CUBLAS_STATUS_NOT_INITIALIZED")
+PRESSURE_MESSAGES = (
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "CUDNN_STATUS_INTERNAL_ERROR",
+    "CUBLAS_STATUS_NOT_INITIALIZED",
+)
 STICKY_MESSAGES = (
     "illegal memory access",
     "device-side assert",
@@ -207,6 +211,10 @@ class RecoveringStep:
         self.debug_samples = os.environ.get(DEBUG_SAMPLES_ENV, "") not in ("", "0")
         self._samples: list[int] = []
         self._agreed = False
+        self._exchanged: Any = None
+        self._local_loss = 0.0
+        self._rank_memory: list[int] = []
+        self._memory_kind = "rss"
         self._estimator_ok = True
         record = read_record(job.run.path) if job.run is not None else {}
         self.started = settings_of(self.cfg, self.kind)
@@ -254,6 +262,8 @@ class RecoveringStep:
         if self.meter is not None:
             fields["meter_peak"] = int(self.meter.peak_bytes)
             fields["meter_budget"] = int(self.budget or 0)
+        if self._rank_memory:  # several processes: each one's memory ("gpu": CUDA peak reserved, "rss": CPU)
+            fields["rank_memory"], fields["rank_memory_kind"] = list(self._rank_memory), self._memory_kind
         return fields
 
     def summary(self) -> dict[str, Any]:
@@ -263,39 +273,65 @@ class RecoveringStep:
     # --- one attempt ---------------------------------------------------------------------------------------
 
     def _attempt(self, indices: Sequence[int], micro_loss: Callable[[Sequence[int]], Any], *, retrying: bool):
+        from loratui.train.distributed import PeerLost, describe_loss, is_comm_error, shard
         from loratui.train.plan import split_micro_batches
         from loratui.train.stepping import optimizer_step
 
         seen: list[int] = []
+        processes, index = self._processes()
+        local = shard(indices, index, processes)
+        weight = float(processes) if local else 0.0  # a rank without samples still joins the all-reduce
+        local = local or list(indices[:1])
+        self._local_loss = 0.0
 
         def recording(batch: Sequence[int]) -> Any:
             seen.extend(int(i) for i in batch)
-            return micro_loss(batch)
+            loss = micro_loss(batch)
+            if weight != 1.0:  # DDP averages gradients over ranks: undo it (see loratui.train.distributed)
+                loss = loss * weight
+            self._local_loss += float(loss.detach())
+            return loss
 
         counters, state_before = _step_counters(self.optimizer), _state_bytes(self.optimizer)
         baseline = self._usage()
         self._agreed = False
+        self._exchanged = None
         if self.meter is not None:
             self.meter.reset_peak()
         try:
             with self.meter if self.meter is not None else contextlib.nullcontext():
                 result = optimizer_step(
-                    split_micro_batches(list(indices), self.cfg.batch_size),
+                    split_micro_batches(local, self.cfg.batch_size),
                     recording,
                     before_update=self._before_update,
                     **self.step_kwargs,
                 )
-        except PeerOutOfMemory:
-            failure = Failure("PeerOutOfMemory: another process ran out of memory", self._memory(), time.perf_counter(),
-                              peer=True)
+        except (PeerOutOfMemory, PeerLost) as exc:
+            if isinstance(exc, PeerLost):
+                raise
+            failure = Failure(
+                "PeerOutOfMemory: another process ran out of memory",
+                self._memory(),
+                time.perf_counter(),
+                peer=True,
+            )
         except Exception as exc:
-            sticky = is_sticky(exc) and retrying  # a CUDA error after an out-of-memory: a new process is needed
+            from loratui.train.oom_dist import world_size
+
+            if world_size() > 1 and is_comm_error(exc) and not is_oom(exc):
+                raise PeerLost(describe_loss(exc, "an optimizer step")) from exc
+            sticky = (
+                is_sticky(exc) and retrying
+            )  # a CUDA error after an out-of-memory: a new process is needed
             if not (self.cfg.oom_recovery and (is_oom(exc) or sticky)):
                 raise
             failure = Failure(short_error(exc), self._memory(), time.perf_counter(), sticky=sticky)
         else:
             if self.debug_samples:
                 self._samples.extend(seen)
+            if self._exchanged is not None:  # the step's loss over all ranks, each rank's memory
+                result.loss = sum(self._exchanged.losses) / len(self._exchanged.losses)
+                self._rank_memory = list(self._exchanged.memory)
             return result
         # Outside the except block: the traceback (and the tensors its frames hold) is gone.
         failure.counters_changed = _update_started(counters, _step_counters(self.optimizer))
@@ -304,17 +340,37 @@ class RecoveringStep:
         return failure
 
     def _before_update(self) -> None:
-        from loratui.train.oom_dist import any_rank, world_size
+        from loratui.train.oom_dist import world_size
+        from loratui.train.signals import current
 
         if world_size() > 1:
             self._agreed = True
-            if any_rank(False):
+            stop = current()
+            self._exchanged = self._exchange(
+                oom=False, stop=bool(stop and stop.raw_requested), loss=self._local_loss
+            )
+            if self._exchanged.any_oom:
                 raise PeerOutOfMemory("another process ran out of memory")
+            if stop is not None:
+                stop.agree(self._exchanged.any_stop)
+
+    def _exchange(self, *, oom: bool, stop: bool, loss: float) -> Any:
+        from loratui.train.distributed import exchange, memory_now, peer_errors
+
+        memory, self._memory_kind = memory_now()
+        with peer_errors("an optimizer step"):
+            return exchange(oom=oom, stop=stop, loss=loss, memory=memory)
+
+    def _processes(self) -> tuple[int, int]:
+        """(processes sharing each step's samples, this one's index): the accelerator's data-parallel view."""
+        accelerator = self.step_kwargs.get("accelerator")
+        processes = int(getattr(accelerator, "num_processes", 1) or 1)
+        return processes, int(getattr(accelerator, "process_index", 0) or 0) if processes > 1 else 0
 
     # --- recovery -------------------------------------------------------------------------------------------
 
     def _recover(self, step: int, failure: Failure, pending: _Pending | None) -> _Pending:
-        from loratui.train.oom_dist import agree_max, any_rank, world_size
+        from loratui.train.oom_dist import agree_max, world_size
 
         if failure.sticky:  # before freeing: CUDA calls may fail again
             self._restart(step, failure, "a CUDA error that only a new process clears", lower=False)
@@ -326,7 +382,7 @@ class RecoveringStep:
         if world_size() > 1 and not failure.peer:
             if self._agreed:  # this rank already told the others all was well
                 self._restart(step, failure, "out of memory after the processes agreed on the step")
-            any_rank(True)
+            self._exchange(oom=True, stop=False, loss=0.0)
         leaked = self._leaked(failure)
         if leaked:
             self._restart(step, failure, f"memory was not released after the failure ({leaked})")
@@ -343,11 +399,24 @@ class RecoveringStep:
         rung = combine(applied)
         pending.rungs.append(rung)
         new = settings_of(self.cfg, self.kind)
-        self.reporter.event("oom", step, error=failure.error, memory=failure.memory, old=old, new=new,
-                            rung=rung.name, label=rung.label, quality_reduced=rung.quality)
+        self.reporter.event(
+            "oom",
+            step,
+            error=failure.error,
+            memory=failure.memory,
+            old=old,
+            new=new,
+            rung=rung.name,
+            label=rung.label,
+            quality_reduced=rung.quality,
+        )
         if rung.quality:
-            self.reporter.event("warning", step, message=f"OUT OF MEMORY: lowering quality to fit: {rung.label}; "
-                                "set oom_allow_quality_reduction: false to stop instead")
+            self.reporter.event(
+                "warning",
+                step,
+                message=f"OUT OF MEMORY: lowering quality to fit: {rung.label}; "
+                "set oom_allow_quality_reduction: false to stop instead",
+            )
         self._save_settings()
         return pending
 
@@ -363,8 +432,9 @@ class RecoveringStep:
                 ok = self._apply_live(rung.changes)
             except Exception as exc:  # a rung that cannot be applied here is skipped, not fatal
                 ok = False
-                self.reporter.event("warning", message=f"OOM ladder: {rung.label} is not possible here: "
-                                    f"{short_error(exc)}")
+                self.reporter.event(
+                    "warning", message=f"OOM ladder: {rung.label} is not possible here: {short_error(exc)}"
+                )
             if not ok:
                 apply_settings(self.job.resolved, previous)
                 self.ladder.unavailable.add(rung.name)
@@ -390,22 +460,42 @@ class RecoveringStep:
         rung = combine(pending.rungs)
         new = settings_of(self.cfg, self.kind)
         seconds = time.perf_counter() - pending.first.at
-        summary = {"step": step, "rung": rung.name, "old": pending.old, "new": new, "seconds": round(seconds, 4),
-                   "error": pending.first.error}
+        summary = {
+            "step": step,
+            "rung": rung.name,
+            "old": pending.old,
+            "new": new,
+            "seconds": round(seconds, 4),
+            "error": pending.first.error,
+        }
         self.recoveries.append(summary)
-        self.reporter.event("oom_recovered", step, error=pending.first.error, memory=pending.first.memory,
-                            old=pending.old, new=new, rung=rung.name, label=rung.label, seconds=seconds)
+        self.reporter.event(
+            "oom_recovered",
+            step,
+            error=pending.first.error,
+            memory=pending.first.memory,
+            old=pending.old,
+            new=new,
+            rung=rung.name,
+            label=rung.label,
+            seconds=seconds,
+        )
         record = self._save_settings(recoveries=[summary])
-        if self.cfg.oom_cache and self.job.run is not None:
-            oom_cache.remember(record.get("cache_key") or "", new, model=str(self.cfg.base_model),
-                               device=oom_cache.device_key(self.cfg))
+        if self.cfg.oom_cache and record:
+            oom_cache.remember(
+                record.get("cache_key") or "",
+                new,
+                model=str(self.cfg.base_model),
+                device=oom_cache.device_key(self.cfg),
+            )
 
     def _save_settings(self, **extra: Any) -> dict[str, Any]:
-        """Rewrite config.yaml with the live settings and update oom.json."""
+        """Rewrite config.yaml with the live settings and update oom.json (rank 0 only)."""
         from loratui.train import oom_cache
+        from loratui.train.distributed import is_main
         from loratui.train.oom_record import note_settings, save_live_config
 
-        if self.job.run is None:
+        if self.job.run is None or not is_main():
             return {}
         save_live_config(self.job.run, self.job.resolved)
         original_cfg = self.cfg.model_copy(update=self.original)
@@ -432,8 +522,18 @@ class RecoveringStep:
             rung = combine(rungs)
             apply_settings(self.job.resolved, rung.changes)
         new = settings_of(self.cfg, self.kind)
-        self.reporter.event("oom", step, error=failure.error, memory=failure.memory, old=old, new=new,
-                            rung=rung.name, label=rung.label, quality_reduced=rung.quality, restart=reason)
+        self.reporter.event(
+            "oom",
+            step,
+            error=failure.error,
+            memory=failure.memory,
+            old=old,
+            new=new,
+            rung=rung.name,
+            label=rung.label,
+            quality_reduced=rung.quality,
+            restart=reason,
+        )
         self._save_settings(restarts_requested=[{"step": step, "reason": reason, "time": time.time()}])
         raise RestartNeeded(f"{reason}; restarting from the last checkpoint with {describe_change(old, new)}")
 
@@ -500,15 +600,20 @@ class RecoveringStep:
         """Memory at the failure: meter live/peak bytes and budget, CUDA allocated/reserved."""
         memory: dict[str, int] = {}
         if self.meter is not None:
-            memory.update(meter_live=int(self.meter.live_bytes), meter_peak=int(self.meter.peak_bytes),
-                          meter_budget=int(self.budget or 0))
+            memory.update(
+                meter_live=int(self.meter.live_bytes),
+                meter_peak=int(self.meter.peak_bytes),
+                meter_budget=int(self.budget or 0),
+            )
         if _on_cuda(self.step_kwargs.get("accelerator")):
             import torch
 
             with contextlib.suppress(Exception):
-                memory.update(cuda_allocated=int(torch.cuda.memory_allocated()),
-                              cuda_reserved=int(torch.cuda.memory_reserved()),
-                              cuda_max_allocated=int(torch.cuda.max_memory_allocated()))
+                memory.update(
+                    cuda_allocated=int(torch.cuda.memory_allocated()),
+                    cuda_reserved=int(torch.cuda.memory_reserved()),
+                    cuda_max_allocated=int(torch.cuda.max_memory_allocated()),
+                )
         return memory
 
     def _leaked(self, failure: Failure) -> str:
@@ -546,14 +651,17 @@ class RecoveringStep:
             try:
                 from loratui.memory.estimate import estimate_peak
 
-                estimate = estimate_peak(self.cfg.model_copy(update=settings), family=self.job.resolved.family,
-                                         device=device)
+                estimate = estimate_peak(
+                    self.cfg.model_copy(update=settings), family=self.job.resolved.family, device=device
+                )
             except Exception:
                 self._estimator_ok = False
                 return None
             total = estimate.total_bytes
             if simulated:  # the meter does not see the CUDA context, workspaces or fragmentation
-                total -= sum(estimate.breakdown.get(k, 0) for k in ("cuda_context", "workspace", "fragmentation"))
+                total -= sum(
+                    estimate.breakdown.get(k, 0) for k in ("cuda_context", "workspace", "fragmentation")
+                )
             return int(total * (1 - estimate.error_band)) <= budget
 
         return fits
@@ -561,8 +669,10 @@ class RecoveringStep:
     def _exhausted_message(self, step: int, failure: Failure) -> str:
         settings = settings_of(self.cfg, self.kind)
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-        text = (f"out of memory at step {step} even after every rung of the OOM ladder ({shown}): "
-                f"{failure.error}.")
+        text = (
+            f"out of memory at step {step} even after every rung of the OOM ladder ({shown}): "
+            f"{failure.error}."
+        )
         budget, device = self._budget_and_device()
         if budget:
             try:
@@ -571,8 +681,10 @@ class RecoveringStep:
                 return f"{text} Memory planner: {no_fit_message(self.job.resolved, budget, device=device)}"
             except Exception:
                 pass
-        return (f"{text} The smallest option the OOM ladder knows is the one above ({shown}); "
-                "use a GPU with more memory, a smaller base model, a lower lora_rank or (LLMs) load_in_4bit.")
+        return (
+            f"{text} The smallest option the OOM ladder knows is the one above ({shown}); "
+            "use a GPU with more memory, a smaller base model, a lower lora_rank or (LLMs) load_in_4bit."
+        )
 
     def _unavailable(self) -> set[str]:
         from loratui.train.oom_optim import can_use_8bit

@@ -90,7 +90,11 @@ def _read() -> dict[str, Any]:
 def lookup(key: str) -> dict[str, Any] | None:
     """Working settings remembered under `key`, or None."""
     entry = _read().get(key)
-    return dict(entry["settings"]) if isinstance(entry, dict) and isinstance(entry.get("settings"), dict) else None
+    return (
+        dict(entry["settings"])
+        if isinstance(entry, dict) and isinstance(entry.get("settings"), dict)
+        else None
+    )
 
 
 def remember(key: str, settings: dict[str, Any], *, model: str = "", device: str = "") -> None:
@@ -106,13 +110,15 @@ def remember(key: str, settings: dict[str, Any], *, model: str = "", device: str
 
 def apply_cached_settings(job: Any) -> dict[str, Any] | None:
     """At the start of a fresh run: switch to the settings that fitted this config before. Returns the
-    changes made (None when the cache is off, has nothing, or this run already has an OOM record)."""
+    changes made (None when the cache is off, has nothing, this run already has an OOM record, or several
+    processes train)."""
+    from loratui.train.distributed import world_size
     from loratui.train.oom_ladder import kind_of, settings_of
     from loratui.train.oom_record import apply_settings, note_settings, read_record, save_live_config
 
     cfg = job.resolved.config
-    if not cfg.oom_cache or not cfg.oom_recovery or read_record(job.run.path):
-        return None
+    if not cfg.oom_cache or not cfg.oom_recovery or world_size() > 1 or read_record(job.run.path):
+        return None  # several processes: each would read the record while rank 0 writes it
     kind = kind_of(job.resolved.family)
     key = cache_key(cfg, kind)
     found = lookup(key)
@@ -124,6 +130,7 @@ def apply_cached_settings(job: Any) -> dict[str, Any] | None:
         return None
     apply_settings(job.resolved, changes)
     save_live_config(job.run, job.resolved)
-    note_settings(job.run.path, original=original, current=settings_of(cfg, kind), cache_key=key,
-                  from_cache=changes)
+    note_settings(
+        job.run.path, original=original, current=settings_of(cfg, kind), cache_key=key, from_cache=changes
+    )
     return changes

@@ -31,7 +31,8 @@ def sd_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
     return modules
 
 
-def _cache_all_captions(text: Any, dataset: Any) -> None:
+def cache_all_captions(text: Any, dataset: Any) -> None:
+    """Encode every caption of the dataset once (frozen text encoders with cached outputs)."""
     captions = sorted({dataset.view(i, 0).caption for i in range(len(dataset))})
     for start in range(0, len(captions), TEXT_BATCH):
         text.encode(captions[start : start + TEXT_BATCH])
@@ -59,15 +60,8 @@ def sd_rung_applier(
             if session is not None:
                 session.dataset = dataset
         caching = {"cache_latents", "cache_text_encoder_outputs", "resolution"} & set(changes)
-        if caching:
-            models.vae.to(models.device)
+        if caching:  # the VAE / frozen text encoders then encode everything once and leave the device
             context.latents, context.text = _setup_caches(cfg, job, models, context.dataset, reporter)
-            if context.text.cache_enabled and not cfg.train_text_encoder and not cfg.sample_prompts:
-                # (sampling during training runs the whole pipeline on the GPU: the encoders then stay)
-                _cache_all_captions(context.text, context.dataset)
-                for encoder in models.text_encoders:
-                    encoder.to("cpu")
-                models.text_on_device = False
         return True
 
     return apply

@@ -1,4 +1,8 @@
-"""Progress reporting for a run: events.jsonl, status.json, TensorBoard scalars and plain console lines."""
+"""Progress reporting for a run: events.jsonl, status.json, TensorBoard scalars and plain console lines.
+
+With several training processes only rank 0 reports; the other ranks get a silent `Reporter` (events are
+built and dropped, nothing in the run directory is touched).
+"""
 
 from __future__ import annotations
 
@@ -29,18 +33,31 @@ def memory_stats() -> dict[str, int]:
     return {}
 
 
+class _NoEvents:
+    """The event writer of a rank other than 0: events are returned, not written."""
+
+    def write(self, type: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
+        return {"type": type, "time": time.time(), "step": step, **fields}
+
+    def close(self) -> None:
+        return None
+
+
 class Reporter:
-    """Writes every progress signal of a run. One instance per worker process (rank 0)."""
+    """Writes every progress signal of a run. One instance per worker process (silent off rank 0)."""
 
     def __init__(self, run: RunDir, total_steps: int, *, console: bool = True, tensorboard: bool = True):
+        from loratui.train.distributed import is_main
+
         self.run = run
-        self.events = run.event_writer()
-        self.status = run.status() or RunStatus()
+        self.writes = is_main()
+        self.events = run.event_writer() if self.writes else _NoEvents()
+        self.status = (run.status() if self.writes else None) or RunStatus()
         self.status.pid = os.getpid()
         self.status.total_steps = total_steps
-        self.console = console
+        self.console = console and self.writes
         self._tb = None
-        self._tb_enabled = tensorboard
+        self._tb_enabled = tensorboard and self.writes
         self._last_time: float | None = None
         self._start = time.time()
         self._status_written = 0.0
@@ -65,11 +82,17 @@ class Reporter:
             self.status.state = state
         for key, value in fields.items():
             setattr(self.status, key, value)
-        self.run.write_status(self.status)
+        if self.writes:
+            self.run.write_status(self.status)
         self._status_written = time.time()
 
     def started(self, **info: Any) -> None:
+        from loratui.train.distributed import PEERS, world_size
+
         self._start = self._last_time = time.time()
+        if world_size() > 1:  # one run, several processes: their pids let `attach`/tests find every rank
+            info.setdefault("processes", world_size())
+            info["rank_pids"] = self.status.extra["rank_pids"] = PEERS.pids
         self.event("run_started", self.status.step, total_steps=self.status.total_steps, **info)
         self._set_status(RunState.RUNNING.value, message="training")
         self._say(f"started: {self.status.total_steps} steps; run dir {self.run.path}")

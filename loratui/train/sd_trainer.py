@@ -24,7 +24,7 @@ from loratui.export.kohya import KohyaInfo
 from loratui.export.sd_export import ExportError, check_output, export_checkpoint, usage_string
 from loratui.train.checkpointing import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from loratui.train.oom import RecoveringStep
-from loratui.train.oom_sd import sd_meter_modules, sd_rung_applier
+from loratui.train.oom_sd import cache_all_captions, sd_meter_modules, sd_rung_applier
 from loratui.train.optim import build_optimizer, build_scheduler
 from loratui.train.plan import StepPlan
 from loratui.train.precision import pick_device, resolve_precision, weight_dtype
@@ -65,6 +65,9 @@ class Models:
     notes: list[str] = field(default_factory=list)
     forward_unet: Any = None  # what the loop calls (prepared by accelerate)
     forward_text_encoders: list | None = None
+    text_on_device: bool = (
+        True  # False once frozen text encoders' outputs are cached and they left the device
+    )
 
     @property
     def sdxl(self) -> bool:
@@ -90,15 +93,12 @@ def _setup_output(job: WorkerJob) -> Path:
 
 
 def _setup_accelerator(cfg):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    """A fresh `Accelerator` (one per process when several train; see loratui.train.distributed)."""
+    from loratui.train.distributed import make_accelerator
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, demo)
-    GradientState._reset_state()
     device = pick_device()
     precision = resolve_precision(cfg.mixed_precision, device.type)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    return accelerator, precision
+    return make_accelerator(precision, cpu=device.type == "cpu"), precision
 
 
 def _setup_dataset(cfg, reporter: Reporter, allow_errors: bool = False) -> SDDataset:
@@ -108,7 +108,11 @@ def _setup_dataset(cfg, reporter: Reporter, allow_errors: bool = False) -> SDDat
 
 
 def _setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models:
-    """Load the base model, freeze it, and move it to the device in the training dtype."""
+    """Load the base model in the training dtype and freeze it; everything stays on the CPU for now.
+
+    `_setup_caches` brings the VAE and text encoders to `device` (only while encoding, when their outputs are
+    cached) and `_place_unet` the UNet after that, so the caching passes never share the card with the UNet.
+    """
     from diffusers import DDPMScheduler
 
     from loratui.models.sd_loading import load_sd_pipeline
@@ -125,7 +129,6 @@ def _setup_models(job: WorkerJob, precision: str, device: torch.device) -> Model
         pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
     for module in [pipe.unet, pipe.vae, *text_encoders]:
         module.requires_grad_(False)
-        module.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=loaded.prediction_type)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -190,7 +193,12 @@ def _setup_optimizer(cfg, models: Models, plan: LoraPlan, total_steps: int):
 
 
 def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, reporter: Reporter):
-    """Latent source (cached when asked) and text conditioner (cached when frozen and captions are fixed)."""
+    """Latent source (cached when asked) and text conditioner (cached when frozen and captions are fixed).
+
+    Device placement follows what is cached: the VAE is on the device while it encodes and leaves it once
+    every latent is cached; frozen text encoders with cached outputs encode every caption once, then leave
+    the device too (sampling brings both back for the duration). Also used by the OOM ladder mid-run.
+    """
     cache_latents = cfg.cache_latents or cfg.cache_latents_to_disk
     if cache_latents and cfg.random_crop:
         reporter.event("warning", message="random_crop changes every epoch: latent caching is turned off")
@@ -200,6 +208,7 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         if cache_latents and cfg.cache_latents_to_disk
         else None
     )
+    models.vae.to(models.device)
     vae_dtype = next(models.vae.parameters()).dtype
     latents = LatentSource(
         models.vae, dataset, device=models.device, dtype=vae_dtype, cache=cache_latents, disk_dir=disk
@@ -214,6 +223,8 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         why = "the text encoder is trained" if cfg.train_text_encoder else "captions change (dropout/shuffle)"
         reporter.event("warning", message=f"cache_text_encoder_outputs is off: {why}")
         cache_text = False
+    for encoder in models.text_encoders:
+        encoder.to(models.device)
     text = TextConditioner(
         models.tokenizers,
         models.forward_text_encoders or models.text_encoders,
@@ -221,7 +232,18 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         device=models.device,
         cache=cache_text,
     )
+    models.text_on_device = True
+    if cache_text:
+        cache_all_captions(text, dataset)
+        for encoder in models.text_encoders:
+            encoder.to("cpu")
+        models.text_on_device = False
     return latents, text
+
+
+def _place_unet(models: Models) -> None:
+    """Move the UNet (with its LoRA layers) to the device: after the caching passes, before training."""
+    models.unet.to(models.device)
 
 
 # --- one micro-batch ------------------------------------------------------------------------------------
@@ -294,7 +316,9 @@ def _kohya_info(
     steps: StepPlan,
     precision: str,
     started: float,
+    processes: int = 1,
 ) -> KohyaInfo:
+    """`batch_size` is per device; the step plan's batch is the global one (all processes)."""
     cfg = job.resolved.config
     return KohyaInfo(
         name=cfg.name,
@@ -311,6 +335,8 @@ def _kohya_info(
         max_train_steps=steps.total_steps,
         batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_processes=processes,
+        total_batch_size=steps.effective_batch,
         mixed_precision=precision,
         resolution=cfg.resolution,
         seed=cfg.seed,
@@ -359,8 +385,16 @@ class Session:
             "rng": rng_state(),
         }
         epochs_done = self.step_plan.epoch_of(step - 1) + 1 if step else 0
+        processes = self.accelerator.num_processes
         info = _kohya_info(
-            self.job, self.models, self.dataset, self.lora, self.step_plan, self.precision, self.started_at
+            self.job,
+            self.models,
+            self.dataset,
+            self.lora,
+            self.step_plan,
+            self.precision,
+            self.started_at,
+            processes,
         )
         info.epoch = epochs_done
         meta = {
@@ -379,6 +413,8 @@ class Session:
             "unet_layers_per_block": int(self.models.unet.config.layers_per_block),
             "started_at": self.started_at,
             "num_samples": len(self.dataset),
+            "global_batch": self.step_plan.effective_batch,
+            "processes": processes,
             "kohya": asdict(info),
         }
         path = save_checkpoint(
@@ -424,7 +460,10 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
     from loratui.sample.sd_sample import save_png
 
     vae_device = next(models.vae.parameters()).device
+    text_devices = [next(encoder.parameters()).device for encoder in models.text_encoders]
     models.vae.to(models.device)
+    for encoder in models.text_encoders:
+        encoder.to(models.device)
     models.unet.eval()
     models.pipeline.set_progress_bar_config(disable=True)
     paths = []
@@ -442,6 +481,8 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
     finally:
         models.unet.train()
         models.vae.to(vae_device)
+        for encoder, device in zip(models.text_encoders, text_devices, strict=True):
+            encoder.to(device)
     return paths
 
 
@@ -498,6 +539,14 @@ def _restore_signal_handlers(handlers: dict) -> None:
 
 
 def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> str:
+    from loratui.train.distributed import (
+        batch_info,
+        checkpoint_on_peer_loss,
+        is_main,
+        plan_batch,
+        resume_note,
+    )
+
     cfg = job.resolved.config
     stop = StopRequest().install()
     output = _setup_output(job)
@@ -506,15 +555,19 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
     models = _setup_models(job, precision, accelerator.device)
     for note in models.notes:
         reporter.event("warning", message=note)
+    latents, text = _setup_caches(cfg, job, models, dataset, reporter)  # before the UNet takes the device
     lora, params = _setup_lora(cfg, models, reporter)
-    step_plan = StepPlan(len(dataset), cfg.effective_batch, cfg.epochs, cfg.max_steps, cfg.seed)
+    _place_unet(models)
+    processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
+    global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
+    step_plan = StepPlan(len(dataset), global_batch, cfg.epochs, cfg.max_steps, cfg.seed)
     optimizer, scheduler = _setup_optimizer(cfg, models, lora, step_plan.total_steps)
     models.unet.train()
     models.forward_unet = accelerator.prepare(models.unet)  # autocast (and DDP) wrapper; state stays on .unet
     if cfg.train_text_encoder:
         models.forward_text_encoders = [accelerator.prepare(encoder) for encoder in models.text_encoders]
+        text.text_encoders = models.forward_text_encoders
     optimizer = accelerator.prepare(optimizer)
-    latents, text = _setup_caches(cfg, job, models, dataset, reporter)
     context = LossContext(cfg, models, dataset, latents, text)
     session = Session(
         job,
@@ -534,6 +587,10 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
     if job.resume_from is not None:
         start = session.restore(Path(job.resume_from))
         reporter.resumed_from(start)
+    batch = batch_info(cfg.batch_size, cfg.gradient_accumulation_steps, processes, global_batch)
+    note = resume_note(job.resume_from, processes, batch)
+    if note:
+        reporter.event("warning", start, message=note)
     reporter.status.total_steps = step_plan.total_steps
     reporter.started(
         family=models.family,
@@ -544,6 +601,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
         samples_per_epoch=len(dataset),
         resumed_from=start or None,
         lora_modules={k: len(v) for k, v in lora.targets.items()},
+        **batch,
     )
 
     recovering = RecoveringStep(  # optimizer_step with out-of-memory recovery (loratui.train.oom)
@@ -561,31 +619,40 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
         model=models.forward_unet,
     )
     step, unlogged = start, 0
-    for global_step, epoch, indices in step_plan.iter_steps(start):
-        loss = functools.partial(context.micro_loss, epoch=epoch, step_samples=len(indices))
-        result = recovering.run(global_step + 1, indices, loss)
-        step, unlogged = global_step + 1, unlogged + len(indices)
-        if step % cfg.log_every_steps == 0 or step == step_plan.total_steps:
-            # step_samples: samples since the previous step event; process_cpu_s: for benchmarks on shared machines
-            extra = {"step_samples": unlogged, "process_cpu_s": time.process_time()}
-            if result.grad_norm is not None:
-                extra["grad_norm"] = result.grad_norm
-            reporter.step(step, epoch, result.loss, result.lr, unlogged, **extra, **recovering.step_fields())
-            unlogged = 0
-        stopping = stop.requested or (stop_after_step is not None and step >= stop_after_step)
-        if (cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set() or stopping:
-            stop.checkpoint_now.clear()
-            if session.last_saved != step:
-                session.save(step)
-        if cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
-            for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
-                reporter.event("sample", step, path=str(path))
-        if stopping and step < step_plan.total_steps:
-            reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
-            return "stopped"
+    main = is_main()
+
+    def save_now() -> Path | None:  # a lost peer: keep the last completed step (rank 0, local state only)
+        return session.save(step) if step != session.last_saved and step > start else None
+
+    with checkpoint_on_peer_loss(save_now):
+        for global_step, epoch, indices in step_plan.iter_steps(start):
+            loss = functools.partial(context.micro_loss, epoch=epoch, step_samples=len(indices))
+            result = recovering.run(global_step + 1, indices, loss)
+            step, unlogged = global_step + 1, unlogged + len(indices)
+            if step % cfg.log_every_steps == 0 or step == step_plan.total_steps:
+                # step_samples: samples since the previous step event; process_cpu_s: for benchmarks on shared machines
+                extra = {"step_samples": unlogged, "process_cpu_s": time.process_time()}
+                if result.grad_norm is not None:
+                    extra["grad_norm"] = result.grad_norm
+                reporter.step(
+                    step, epoch, result.loss, result.lr, unlogged, **extra, **recovering.step_fields()
+                )
+                unlogged = 0
+            stopping = stop.requested or (stop_after_step is not None and step >= stop_after_step)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set() or stopping:
+                stop.checkpoint_now.clear()
+                if session.last_saved != step:
+                    session.save(step)
+            if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
+                for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
+                    reporter.event("sample", step, path=str(path))
+            if stopping and step < step_plan.total_steps:
+                reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
+                return "stopped"
 
     if session.last_saved != step:
         session.save(step)
-    _export(session, output)
+    if main:
+        _export(session, output)
     reporter.finished(steps=step, **recovering.summary())
     return "finished"

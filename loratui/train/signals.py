@@ -1,4 +1,9 @@
-"""Graceful stop: SIGINT/SIGTERM set a flag; the loop saves a checkpoint, then stops."""
+"""Graceful stop: SIGINT/SIGTERM set a flag; the loop saves a checkpoint, then stops.
+
+With several training processes a signal may reach one rank only (or the ranks at different moments); the
+ranks then stop at the same step: each step's exchange (`distributed.exchange`) shares the flag and
+`requested` reports the agreed value (`agree`).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,23 @@ class StopRequest:
         self._event = threading.Event()
         self.signal_name: str | None = None
         self.checkpoint_now = threading.Event()
+        self._agreed: bool | None = None  # set by the step exchange when several processes train
+
+    @property
+    def raw_requested(self) -> bool:
+        """This process received a stop signal (not yet agreed with the others)."""
+        return self._event.is_set()
+
+    def agree(self, any_rank: bool) -> None:
+        """Record the stop decision all ranks agreed on in this step's exchange."""
+        self._agreed = any_rank
+        if any_rank and self.signal_name is None:
+            self.signal_name = "stop requested on another process"
 
     def install(self) -> StopRequest:
         """Install handlers (main thread only). SIGUSR1 asks for a checkpoint without stopping."""
+        global _CURRENT
+        _CURRENT = self
         if threading.current_thread() is not threading.main_thread():
             return self
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -36,4 +55,14 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        if self._agreed is not None:
+            return self._agreed
         return self._event.is_set()
+
+
+_CURRENT: StopRequest | None = None
+
+
+def current() -> StopRequest | None:
+    """The stop request installed in this process (the training loop's)."""
+    return _CURRENT

@@ -8,6 +8,12 @@ SIGABRT), the worker is started again from the run's last checkpoint with the se
 directory's config.yaml (the worker writes the lowered settings there), at most `oom_max_restarts` times. A
 worker killed twice at the same step without progress gets the next rung of the OOM ladder first.
 
+With several training processes (launch.json's `processes`, from `loratui train --gpus/--cpu-processes/
+--accelerate-config`) the child is accelerate's launcher, which starts one worker per device and stops them
+all when one dies. Rank 0 records the run's end (a lost peer: `run_failed` naming the dead rank, with a
+checkpoint of the last completed step); when no worker could, the launcher's report in worker.log names the
+rank that failed first. Only a worker asking for a restart after running out of memory is restarted then.
+
 A deliberate stop is never restarted: SIGINT/SIGTERM/SIGUSR1 sent to the supervisor are forwarded to the
 worker (which checkpoints and exits with 130); a worker that finished, stopped or failed with an ordinary
 error is not restarted either. The exit code is the worker's (0 finished, 130 stopped, 1 failed, 2 not
@@ -67,6 +73,17 @@ class Supervisor:
         self.stop_signal: str | None = None
         self.restarts = 0
         self._last_death_step: int | None = None
+        self.spec = self._processes()
+
+    def _processes(self) -> Any:
+        from loratui.train.launcher import Processes
+
+        path = self.run.path / "launch.json"
+        try:
+            launch = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            launch = {}
+        return Processes.from_json(launch.get("processes"))
 
     # --- signals ---------------------------------------------------------------------------------------
 
@@ -83,21 +100,32 @@ class Supervisor:
 
     def _forward(self, signum: int, _frame: object) -> None:
         child = self.child
-        if child is not None and child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
+        if child is None or child.returncode is not None:
+            return
+        target = child.pid
+        if (
+            self.spec.launcher and signum == signal.SIGUSR1
+        ):  # the launcher would die of it: ask rank 0 directly
+            from loratui.runs.status import pid_alive
+
+            rank0 = (self.run.status() or RunStatus()).pid
+            if not rank0 or rank0 == os.getpid() or not pid_alive(rank0):
+                return
+            target = rank0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
 
     # --- the loop ------------------------------------------------------------------------------------------
 
     def start_worker(self) -> subprocess.Popen:
-        """The worker, in this process's session (its output goes where ours goes)."""
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return subprocess.Popen(
-            [sys.executable, "-m", "loratui.train.worker", str(self.run.path)],
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        """The worker (or accelerate's launcher with one worker per device), in this process's session (its
+        output goes where ours goes)."""
+        from loratui.train.launcher import launcher_command
+
+        argv, env = launcher_command(self.run.path, self.spec)
+        if self.spec.launcher:
+            print(f"[loratui] starting {self.spec.describe()}: {' '.join(argv)}", flush=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
 
     def supervise(self) -> int:
         """Run the worker (again) until the run ends; returns the exit code."""
@@ -113,24 +141,36 @@ class Supervisor:
             self.child = self.start_worker()
             code = self.child.wait()
             final = [e["type"] for e in reader.poll() if e.get("type") in FINAL]
-            if final:
-                return code if code >= 0 else FINAL[final[-1]]
+            if final:  # the launcher's own exit code says only that some worker failed
+                return code if code >= 0 and not self.spec.launcher else FINAL[final[-1]]
+            if self.spec.launcher and not self.spec.main_node:
+                return self._node_ended(code)
             if code in (0, EXIT_STOPPED, 2) or self.stop_signal:
                 return self._ended_without_event(code)
             reason = self._restart_reason(code)
+            if reason is None and self.spec.launcher:
+                return self._fail_ranks(code)
             if reason is None:
                 return self._ended_without_event(code)
             limit = self._max_restarts()
             if self.restarts >= limit:
-                self._fail(f"the worker ended ({reason}) and {limit} restart(s) are used up; "
-                           f"resume later with: loratui train --resume {self.run.path}")
+                self._fail(
+                    f"the worker ended ({reason}) and {limit} restart(s) are used up; "
+                    f"resume later with: loratui train --resume {self.run.path}"
+                )
                 return 1
             self.restarts += 1
             self._prepare_restart(code, reason)
 
     def _restart_reason(self, code: int) -> str | None:
+        from loratui.train.launcher import launcher_root_cause
         from loratui.train.oom import EXIT_RESTART
 
+        if self.spec.launcher:  # the exit code is the launcher's; the first failed worker is in the log
+            cause = launcher_root_cause(self.run.path / "worker.log")
+            if cause and cause[1] == EXIT_RESTART:
+                return f"rank {cause[0]}: in-process out-of-memory recovery was not possible"
+            return None
         if code == EXIT_RESTART:
             return "in-process out-of-memory recovery was not possible"
         if code < 0 and -code in {int(s) for s in RESTART_SIGNALS}:
@@ -165,12 +205,24 @@ class Supervisor:
                 lowered = self._lower_one_rung(status.step)
             self._last_death_step = status.step
         where = f"checkpoint {checkpoint.name}" if checkpoint else "the start (no checkpoint yet)"
-        message = f"worker {reason} at step {status.step}; restarting from {where}{lowered} " \
-                  f"(restart {self.restarts}/{self._max_restarts()})"
+        message = (
+            f"worker {reason} at step {status.step}; restarting from {where}{lowered} "
+            f"(restart {self.restarts}/{self._max_restarts()})"
+        )
         with EventWriter(self.run.events_path) as events:
-            events.write("warning", status.step, message=message, restart=self.restarts, reason=reason,
-                         resume_from=str(checkpoint) if checkpoint else None)
-        status.state, status.pid, status.message = RunState.RUNNING.value, os.getpid(), "restarting the worker"
+            events.write(
+                "warning",
+                status.step,
+                message=message,
+                restart=self.restarts,
+                reason=reason,
+                resume_from=str(checkpoint) if checkpoint else None,
+            )
+        status.state, status.pid, status.message = (
+            RunState.RUNNING.value,
+            os.getpid(),
+            "restarting the worker",
+        )
         self.run.write_status(status)
         print(f"[loratui] {message}", flush=True)
 
@@ -186,23 +238,81 @@ class Supervisor:
         kind = kind_of(resolved.family)
         old = settings_of(resolved.config, kind)
         record = read_record(self.run.path)
-        ladder = OomLadder(kind, record.get("original") or old,
-                           allow_quality=resolved.config.oom_allow_quality_reduction,
-                           unavailable={"optimizer_8bit"})
+        ladder = OomLadder(
+            kind,
+            record.get("original") or old,
+            allow_quality=resolved.config.oom_allow_quality_reduction,
+            unavailable={"optimizer_8bit"},
+        )
         rung = ladder.next_rung(old)
         if rung is None:
             return ""
         apply_settings(resolved, rung.changes)
         save_live_config(self.run, resolved)
         new = settings_of(resolved.config, kind)
-        note_settings(self.run.path, original=record.get("original") or old, current=new,
-                      restarts_lowered=[{"step": step, "rung": rung.name, "old": old, "new": new}])
+        note_settings(
+            self.run.path,
+            original=record.get("original") or old,
+            current=new,
+            restarts_lowered=[{"step": step, "rung": rung.name, "old": old, "new": new}],
+        )
         with EventWriter(self.run.events_path) as events:
-            events.write("oom", step, error="worker killed twice at the same step", memory={}, old=old, new=new,
-                         rung=rung.name, label=rung.label, quality_reduced=rung.quality, restart="supervisor")
+            events.write(
+                "oom",
+                step,
+                error="worker killed twice at the same step",
+                memory={},
+                old=old,
+                new=new,
+                rung=rung.name,
+                label=rung.label,
+                quality_reduced=rung.quality,
+                restart="supervisor",
+            )
         return f" with {describe_change(old, new)}"
 
     # --- endings -----------------------------------------------------------------------------------------
+
+    def _fail_ranks(self, code: int) -> int:
+        """Several processes ended without a final event: name the rank that failed first."""
+        from loratui.train.launcher import describe_exit, launcher_root_cause
+
+        cause = launcher_root_cause(self.run.path / "worker.log")
+        launcher_exit = describe_exit(code)
+        checkpoint = self.run.latest_checkpoint()
+        who = (
+            f"training process rank {cause[0]} ended first ({describe_exit(cause[1])})"
+            if cause
+            else f"the training processes ended (launcher {launcher_exit})"
+        )
+        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+        self._fail(
+            f"{who}; the other processes were stopped. {where}; see {self.run.path / 'worker.log'}; "
+            f"resume with: loratui train --resume {self.run.path}"
+        )
+        return 1
+
+    def _node_ended(self, code: int) -> int:
+        """A machine other than the main one: its processes ended; the run itself is written on machine 0."""
+        with EventWriter(self.run.events_path) as events:
+            if code == 0:
+                events.write(
+                    "run_finished",
+                    None,
+                    note="this machine's training processes finished; the run "
+                    "(events, checkpoints, export) is written on the main machine (machine_rank 0)",
+                )
+            else:
+                events.write(
+                    "run_failed",
+                    None,
+                    error=f"this machine's training processes ended with exit code "
+                    f"{code}; see {self.run.path / 'worker.log'} and the run on the main machine",
+                )
+        status = self.run.status() or RunStatus()
+        status.state = RunState.FINISHED.value if code == 0 else RunState.FAILED.value
+        self.run.write_status(status)
+        return 0 if code == 0 else 1
 
     def _ended_without_event(self, code: int) -> int:
         """The worker ended without writing a final event (killed by a stop signal, crashed early)."""
@@ -216,8 +326,12 @@ class Supervisor:
 
     def _stopped_between_workers(self) -> int:
         with EventWriter(self.run.events_path) as events:
-            events.write("run_stopped", (self.run.status() or RunStatus()).step, reason=self.stop_signal,
-                         checkpoint=str(self.run.latest_checkpoint() or ""))
+            events.write(
+                "run_stopped",
+                (self.run.status() or RunStatus()).step,
+                reason=self.stop_signal,
+                checkpoint=str(self.run.latest_checkpoint() or ""),
+            )
         status = self.run.status() or RunStatus()
         status.state, status.message = RunState.STOPPED.value, f"stopped ({self.stop_signal})"
         self.run.write_status(status)

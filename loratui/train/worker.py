@@ -1,7 +1,8 @@
 """The training worker: `python -m loratui.train.worker RUN_DIR`.
 
 Reads the run directory's resolved `config.yaml` and `launch.json`, runs the trainer for the task type, and
-records the outcome in `events.jsonl` / `status.json`. Exit codes: 0 finished, 130 stopped, 1 failed,
+records the outcome in `events.jsonl` / `status.json` (with several processes, started by accelerate's
+launcher, every rank runs this and only rank 0 writes; see `loratui.train.distributed`). Exit codes: 0 finished, 130 stopped, 1 failed,
 2 the trainer for this task is not available, 75 (`oom.EXIT_RESTART`) out of memory that only a restart from
 the last checkpoint can fix (the supervisor does it, with the lowered settings already in config.yaml).
 """
@@ -33,21 +34,27 @@ class WorkerJob:
 
 
 def _record_failure(run: RunDir, message: str, details: str = "") -> None:
-    with EventWriter(run.events_path) as events:
-        events.write("run_failed", None, error=message, traceback=details)
+    from loratui.train.distributed import is_main, rank
+
+    if not is_main():
+        print(f"[loratui] rank {rank()}: {message}", file=sys.stderr, flush=True)
+        return
     status = run.status() or RunStatus()
+    with EventWriter(run.events_path) as events:
+        events.write("run_failed", status.step or None, error=message, traceback=details)
     status.state, status.message, status.pid = RunState.FAILED.value, message[:500], os.getpid()
     run.write_status(status)
 
 
 def run_job(job: WorkerJob) -> int:
     """Dispatch to the trainer of the task type; returns the process exit code."""
+    from loratui.train.distributed import PeerLost, is_main
     from loratui.train.oom import EXIT_RESTART, RestartNeeded
     from loratui.train.oom_cache import apply_cached_settings
 
     task = job.resolved.config.task_type
     cached = apply_cached_settings(job)
-    if cached:
+    if cached and is_main():
         with EventWriter(job.run.events_path) as events:
             events.write(
                 "warning",
@@ -70,7 +77,17 @@ def run_job(job: WorkerJob) -> int:
     except RestartNeeded as exc:
         print(f"out of memory: {exc}", file=sys.stderr, flush=True)
         return EXIT_RESTART
+    except PeerLost as exc:
+        _record_failure(job.run, _peer_lost_message(job.run, exc), traceback.format_exc())
+        return 1
     return {"finished": 0, "stopped": 130}.get(state, 1)
+
+
+def _peer_lost_message(run: RunDir, exc: Exception) -> str:
+    """The dead-peer failure with what the user can do next."""
+    checkpoint = getattr(exc, "checkpoint", None) or run.latest_checkpoint()
+    where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+    return f"{exc}. The run was stopped; {where}; resume with: loratui train --resume {run.path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = RunDir(Path(args[0]))
     launch = json.loads((run.path / "launch.json").read_text(encoding="utf-8"))
-    status = run.status() or RunStatus()
-    status.pid, status.state = os.getpid(), RunState.RUNNING.value
-    run.write_status(status)
+    from loratui.train.distributed import is_main
+
+    if is_main():
+        status = run.status() or RunStatus()
+        status.pid, status.state = os.getpid(), RunState.RUNNING.value
+        run.write_status(status)
     try:
         resolved = load_config(run.config_path)
         job = WorkerJob(

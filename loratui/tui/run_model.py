@@ -51,6 +51,9 @@ class RunView:
     memory_used: int | None = None
     memory_peak: int | None = None
     memory_predicted: int | None = None
+    rank_memory: tuple[int, ...] = ()  # several training processes: each one's memory (rank order)
+    rank_memory_kind: str = "gpu"  # "gpu" (CUDA peak reserved) or "rss" (CPU processes)
+    processes: int = 1
     device: str = ""
     family: str = ""
     loss_series: tuple[float, ...] = ()
@@ -93,6 +96,9 @@ class RunModel:
     samples_per_s: float | None = None
     memory_used: int | None = None
     memory_peak: int | None = None
+    rank_memory: tuple[int, ...] = ()
+    rank_memory_kind: str = "gpu"
+    processes: int = 1
     device: str = ""
     family: str = ""
     losses: list[float] = field(default_factory=list)
@@ -139,6 +145,7 @@ class RunModel:
             self.device = str(event.get("device") or "")
             self.family = str(event.get("family") or "")
             self.memory_predicted = _int(event.get("predicted_peak")) or self.memory_predicted
+            self.processes = _int(event.get("processes")) or 1
             if self.state == "starting":
                 self.state = "running"
         elif kind == "step":
@@ -198,6 +205,10 @@ class RunModel:
         for key, attr in (("memory_reserved", "memory_used"), ("memory_peak", "memory_peak")):
             if isinstance(event.get(key), int | float):
                 setattr(self, attr, int(event[key]))
+        ranks = event.get("rank_memory")
+        if isinstance(ranks, list) and all(isinstance(v, int | float) for v in ranks):
+            self.rank_memory = tuple(int(v) for v in ranks)
+            self.rank_memory_kind = str(event.get("rank_memory_kind") or "gpu")
         when = event.get("time")
         if isinstance(when, int | float):
             if self._first_step is None:
@@ -232,6 +243,9 @@ class RunModel:
             memory_used=self.memory_used,
             memory_peak=self.memory_peak,
             memory_predicted=self.memory_predicted,
+            rank_memory=self.rank_memory,
+            rank_memory_kind=self.rank_memory_kind,
+            processes=self.processes,
             device=self.device,
             family=self.family,
             loss_series=tuple(resample(self.losses, SERIES_POINTS)),

@@ -31,12 +31,20 @@ def stats_lines(view: RunView) -> list[tuple[str, str]]:
         ("speed", speed),
         ("checkpoint", _short(view.checkpoint) if view.checkpoint else "none yet"),
     ]
+    if len(view.rank_memory) > 1:  # one run on several processes: each one's memory, in rank order
+        rows.append(rank_memory_row(view))
     if view.ooms:
         last = view.ooms[-1]
         rows.append(("OOM", f"{len(view.ooms)}× {last.short_change}"))
     if view.samples:
         rows.append(("sample", _short(view.samples[-1])))
     return rows
+
+
+def rank_memory_row(view: RunView) -> tuple[str, str]:
+    """('per GPU', '0: 3.1 GiB · 1: 3.0 GiB') for a run on several processes."""
+    label = "per GPU" if view.rank_memory_kind == "gpu" else "per proc"
+    return label, " · ".join(f"{rank}: {fmt_bytes(value)}" for rank, value in enumerate(view.rank_memory))
 
 
 def _short(path: str) -> str:

@@ -1,0 +1,98 @@
+"""`loratui train --dry-run` shows the planner's prediction; `--preset auto` applies its top option."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loratui.cli.app import app
+from loratui.config import load_config
+from loratui.memory.estimate import estimate_peak
+from loratui.memory.integration import AUTO_SOURCE, usable_memory
+from loratui.memory.sizes import GIB
+
+SD15 = "base_model: runwayml/stable-diffusion-v1-5\ntask_type: image-generation\nresolution: 512\n"
+LLAMA = "base_model: meta-llama/Llama-2-7b-hf\ntask_type: text-generation\nmax_seq_len: 2048\n"
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch) -> None:
+    monkeypatch.setenv("LORATUI_FAKE_NVML", "none")
+
+
+def _config(tmp_path, body: str) -> str:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(body + f"train_data_dir: {data}\n", encoding="utf-8")
+    return str(path)
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["train", *args], env={"COLUMNS": "200"})
+
+
+def test_dry_run_json_has_the_prediction_of_the_config_as_resolved(tmp_path) -> None:
+    cfg = _config(tmp_path, SD15 + "lora_rank: 16\nbatch_size: 2\n")
+    result = _invoke("--config", cfg, "--set", "lora_rank=64", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    memory = json.loads(result.output)["memory"]
+    resolved = load_config(cfg, overrides=["lora_rank=64"])
+    expected = estimate_peak(resolved, device="cpu")
+    assert memory["device"] == "cpu" and memory["predicted_peak_bytes"] == expected.total_bytes
+    assert sum(memory["breakdown"].values()) == memory["predicted_peak_bytes"]
+    assert memory["cuda_prediction"]["total_bytes"] == estimate_peak(resolved, device="cuda").total_bytes
+    # the override is part of what is predicted: rank 64 needs more than rank 16
+    plain = json.loads(_invoke("--config", cfg, "--dry-run", "--json").output)["memory"]
+    assert plain["predicted_peak_bytes"] < memory["predicted_peak_bytes"]
+
+
+def test_dry_run_text_against_a_given_card(tmp_path) -> None:
+    cfg = _config(tmp_path, SD15 + "batch_size: 4\ngradient_checkpointing: false\n")
+    result = _invoke("--config", cfg, "--dry-run", "--vram", "6GB")
+    assert result.exit_code == 0, result.output
+    assert "predicted peak memory (cuda)" in result.output and "activations" in result.output
+    assert "does NOT fit" in result.output and "--preset auto" in result.output
+    roomy = _invoke("--config", cfg, "--dry-run", "--card", "RTX 4090")
+    assert roomy.exit_code == 0 and "fits on RTX 4090" in roomy.output
+
+
+def test_preset_auto_applies_the_top_option_and_keeps_fixed_keys(tmp_path) -> None:
+    body = SD15 + "lora_rank: 32\nbatch_size: 4\ngradient_accumulation_steps: 2\ngradient_checkpointing: false\n"
+    cfg = _config(tmp_path, body)
+    args = ("--config", cfg, "--preset", "auto", "--vram", "6GB", "--set", "lora_rank=32", "--dry-run")
+    result = _invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    config, sources = payload["config"], payload["sources"]
+    changed = [key for key, source in sources.items() if source == AUTO_SOURCE]
+    assert changed, "the config does not fit 6 GB as written, so the planner must change something"
+    assert config["lora_rank"] == 32 and sources["lora_rank"] == "--set"
+    assert config["batch_size"] * config["gradient_accumulation_steps"] == 8  # effective batch kept
+    budget = usable_memory(vram="6GB").bytes
+    assert payload["memory"]["predicted_peak_bytes"] <= budget and payload["memory"]["fits"] is True
+    text = _invoke(*args)
+    assert text.exit_code == 0 and "preset auto for" in text.output and AUTO_SOURCE in text.output
+
+
+def test_preset_auto_without_a_gpu_asks_for_vram(tmp_path) -> None:
+    result = _invoke("--config", _config(tmp_path, SD15), "--preset", "auto", "--dry-run")
+    assert result.exit_code == 2 and "--vram" in result.output
+
+
+def test_preset_auto_when_nothing_fits_names_the_smallest_option(tmp_path) -> None:
+    result = _invoke("--config", _config(tmp_path, LLAMA), "--preset", "auto", "--vram", "3GB", "--dry-run")
+    assert result.exit_code == 1, result.output
+    assert "nothing fits" in result.output and "load_in_4bit=True" in result.output
+    assert "needs" in result.output and " GiB" in result.output
+
+
+def test_preset_auto_for_a_7b_model_on_8gb_uses_4bit(tmp_path) -> None:
+    cfg = _config(tmp_path, LLAMA + "batch_size: 2\ngradient_accumulation_steps: 4\n")
+    result = _invoke("--config", cfg, "--preset", "auto", "--vram", "8GB", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["config"]["load_in_4bit"] is True
+    assert payload["memory"]["predicted_peak_bytes"] <= 8 * GIB
