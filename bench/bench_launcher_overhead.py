@@ -1,13 +1,15 @@
 """Single-GPU overhead of accelerate's launcher: samples/s of the same run with and without it.
 
-    python bench/bench_launcher_overhead.py --config x.yaml              # e.g. a real SD or LLM config
-    python bench/bench_launcher_overhead.py --config x.yaml --steps 60 --repeats 2
+    python bench/bench_launcher_overhead.py                              # built-in ~7M Llama (CPU-sized)
+    python bench/bench_launcher_overhead.py --size 1b --seq 2048         # TinyLlama-1.1B shape (a GPU)
+    python bench/bench_launcher_overhead.py --config x.yaml --steps 60 --repeats 2   # your own SD/LLM config
 
 Each measurement is a fresh run directory trained by the worker exactly as `loratui train` starts it: once bare
 (`python -m loratui.train.worker RUN`, what one GPU uses) and once through
 `python -m accelerate.commands.launch --num_processes 1 -m loratui.train.worker RUN`. samples/s is the median
 of the step events after the first `--warmup` steps. Prints both figures and their ratio (launcher / bare;
-1.00 means no overhead). Needs a GPU for a meaningful figure (on a CPU it measures CPU training).
+1.00 means no overhead). Without --config, a random-weight Llama of `--size` (bench_llm_common) is built and
+trained on the bundled QA records. Needs a GPU for the figure that matters; on a CPU it measures CPU training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
+from bench_llm_common import build_model, write_dataset
 
 
 def _run_once(config: Path, steps: int, through_launcher: bool, runs_dir: Path) -> tuple[float, float]:
@@ -47,20 +52,43 @@ def _run_once(config: Path, steps: int, through_launcher: bool, runs_dir: Path) 
     return statistics.median(rates[ARGS.warmup :] or rates), wall
 
 
+def _builtin_config(work: Path, size: str, seq: int) -> Path:
+    """A config for a random-weight Llama of `size` on the bundled QA records (nothing downloaded)."""
+    model = build_model(work / f"llama-{size}", size, dtype="float32" if size == "small" else "bfloat16")
+    data = write_dataset(work / "qa.jsonl", 256)
+    values = {
+        "task_type": "text-generation",
+        "base_model": str(model),
+        "train_data_dir": str(data),
+        "lora_rank": 16,
+        "batch_size": 4,
+        "max_seq_len": seq,
+        "learning_rate": 1e-4,
+        "mixed_precision": "no" if size == "small" else "bf16",
+        "seed": 0,
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="a training config (default: the built-in Llama)")
+    parser.add_argument("--size", choices=("small", "1b"), default="small", help="built-in Llama size")
+    parser.add_argument("--seq", type=int, default=256, help="built-in config: max_seq_len")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="step events ignored at the start")
     parser.add_argument("--repeats", type=int, default=1)
     global ARGS
     ARGS = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loratui-launcher-bench-") as tmp:
+        config = ARGS.config or _builtin_config(Path(tmp), ARGS.size, ARGS.seq)
         results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for repeat in range(ARGS.repeats):
             for through in (False, True):  # alternate, so drift (clocks, thermals) hits both
                 results[through].append(
-                    _run_once(ARGS.config, ARGS.steps, through, Path(tmp) / f"{repeat}{through}")
+                    _run_once(config, ARGS.steps, through, Path(tmp) / f"{repeat}{through}")
                 )
         bare = statistics.median(r for r, _ in results[False])
         launched = statistics.median(r for r, _ in results[True])

@@ -143,6 +143,33 @@ def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "3"
 
 
+def test_launcher_ignores_the_users_default_accelerate_config(tmp_path, monkeypatch) -> None:
+    """Our own launches read only the accelerate config written into the run; --gpus ids count among the
+    GPUs already visible."""
+    from pathlib import Path
+
+    import yaml
+
+    from loratui.train.launcher import LaunchError, launcher_command, physical_gpu_ids, processes_from_options
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    argv, env = launcher_command(tmp_path / "run", processes_from_options("0,2", None, None))
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,6"
+    own = Path(argv[argv.index("--config_file") + 1])
+    assert own == tmp_path / "run" / "accelerate.yaml"
+    settings = yaml.safe_load(own.read_text())
+    assert (settings["num_processes"], settings["machine_rank"], settings["gpu_ids"]) == (2, 0, "all")
+    assert argv[argv.index("--gpu_ids") + 1] == "all" and argv[argv.index("--machine_rank") + 1] == "0"
+    with pytest.raises(LaunchError, match="only 4 GPU"):
+        physical_gpu_ids([4], "4,5,6,7")
+    assert physical_gpu_ids([1], None) == ["1"]
+    # a user's file names its own GPUs; --gpus on top of it wins and the file's gpu_ids must not narrow it
+    node = tmp_path / "node.yaml"
+    node.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\ngpu_ids: '0,1'\n")
+    argv, env = launcher_command(tmp_path / "run", processes_from_options("1,3", None, node))
+    assert env["CUDA_VISIBLE_DEVICES"] == "5,7" and argv[argv.index("--gpu_ids") + 1] == "all"
+
+
 def test_train_without_config_is_unusable() -> None:
     result = CliRunner().invoke(app, ["train"])
     assert result.exit_code == 2 and "--config" in result.output

@@ -36,6 +36,14 @@ def subprocess_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LORATUI_COLLECTIVE_TIMEOUT_S", "60")
     monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
+    # a user's default accelerate config made for another job: our launches must not read it
+    hf_home = tmp_path / "hf_home"
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\nmachine_rank: 1\n"
+        "num_machines: 3\nnum_processes: 5\nmain_process_ip: 192.0.2.1\nmixed_precision: fp16\n"
+    )
+    monkeypatch.setenv("HF_HOME", str(hf_home))
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -198,3 +206,77 @@ def test_sd_two_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_
     resumed = make_job(two, resume_from=run.checkpoints_dir / "step-1", run=run)
     assert train(resumed) == "finished"
     assert _max_diff(_lora(run.checkpoints_dir / "step-2"), two_final) <= 1e-5
+
+
+def test_out_of_memory_on_one_rank_only_is_agreed_and_recovered(tmp_path, tiny_llama, subprocess_env) -> None:
+    """Rank 0 gets the long rows of step 1 and runs out of memory on a simulated card; rank 1 (short rows)
+    does not. Both must abandon the step, take the same rung and finish, with the LoRA of one process."""
+    from loratui.train.llm_trainer import run_training
+    from loratui.train.plan import StepPlan
+
+    seed, long_text, short_text = 3, "the patient has a fever and a cough " * 5, "rest"
+    first = StepPlan(8, 4, 1, 2, seed).samples_for_step(0)
+    long_rows = set(first[0::2])  # rank 0's share of step 1 (see distributed.shard)
+    rows = [{"text": f"{long_text if i in long_rows else short_text} {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "data" / "text.jsonl", rows)
+    only_long = write_jsonl(tmp_path / "long" / "text.jsonl", [{"text": long_text}] * 4)
+    common = {"max_steps": 2, "save_steps": 1, "lora_dropout": 0.0, "seed": seed, "max_seq_len": 96}
+
+    def peak(batch: int, accumulation: int) -> int:  # rank 0's first step, metered in one process
+        cfg = make_config(tiny_llama, only_long, tmp_path / f"probe{batch}", batch_size=batch,
+                          gradient_accumulation_steps=accumulation, simulate_vram="1TiB", **common)
+        job = make_job(cfg.model_copy(update={"max_steps": 1}))
+        run_training(job, console=False)
+        return next(e["meter_peak"] for e in read_events(job.run.events_path) if e["type"] == "step")
+
+    whole, split = peak(2, 1), peak(1, 2)
+    assert split < whole
+    budget = (split + whole) // 2
+
+    cfg = make_config(tiny_llama, data, tmp_path / "two", batch_size=2, simulate_vram=str(budget), **common)
+    run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
+    assert _finish(run, supervisor) == 0, _log(run)
+    events = read_events(run.events_path)
+    ooms = [(e["step"], e["rung"]) for e in events if e["type"] == "oom"]
+    assert ooms == [(1, "micro_batch")], [e["type"] for e in events]
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+    assert [e["type"] for e in events].count("run_finished") == 1
+
+    reference = make_job(make_config(tiny_llama, data, tmp_path / "one", batch_size=4, **common))
+    assert run_training(reference, console=False).state == "finished"
+    ref = _lora(reference.run.checkpoints_dir / "step-2")
+    assert _max_diff(_lora(run.checkpoints_dir / "step-2"), ref) <= 1e-5
+
+
+def test_a_stop_request_stops_every_rank_after_the_same_step_with_a_checkpoint(
+    tmp_path, tiny_llama, subprocess_env
+) -> None:
+    from loratui.train.checkpointing import load_checkpoint
+
+    cfg = _llm_config(tmp_path=tmp_path, tiny_llama=tiny_llama, name="stop", batch_size=2, max_steps=400,
+                      save_steps=1000)
+    run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while not any(e["type"] == "step" and e["step"] >= 2 for e in read_events(run.events_path)):
+            assert supervisor.poll() is None, _log(run)
+            assert time.time() < deadline, "no step in time"
+            time.sleep(0.05)
+        supervisor.send_signal(signal.SIGTERM)  # what `loratui` does on Ctrl-C
+        code = supervisor.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        if supervisor.poll() is None:
+            _kill_group(supervisor)
+    assert code == 130, _log(run)
+    events = read_events(run.events_path)
+    kinds = [e["type"] for e in events]
+    assert kinds.count("run_stopped") == 1 and "run_failed" not in kinds, kinds
+    stopped = next(e for e in events if e["type"] == "run_stopped")
+    last_step = max(e["step"] for e in events if e["type"] == "step")
+    assert stopped["step"] == last_step < 400
+    latest = run.latest_checkpoint()
+    assert latest is not None and load_checkpoint(latest).step == last_step
+    assert json.loads(run.status_path.read_text())["state"] == "stopped"
+    # the stop went to rank 0 and through the exchange; the launcher was not signalled (it would tear the
+    # workers down itself and kill them 30 s later, in the middle of a long save)
+    assert "death signal" not in _log(run)

@@ -9,7 +9,9 @@ stay the same single loop. What changes with several processes lives here:
   (`shard`), and its micro-losses are scaled by the process count so that DDP's gradient average equals the
   single-process gradient of the whole step (2 processes x batch b == 1 process x batch 2b);
 - one small exchange per step (`exchange`, before the update): any rank out of memory, any rank asked to
-  stop, the loss of each rank and the memory of each rank (the step events carry `rank_memory`);
+  stop, the loss of each rank and the memory of each rank (the step events carry `rank_memory`); only then
+  the gradients are averaged (`all_reduce_gradients`): micro-batches run under DDP's `no_sync`, so an
+  out-of-memory error on one rank never leaves the others inside a gradient all-reduce;
 - a dead peer: collectives fail (gloo at once, otherwise after the collective timeout,
   `LORATUI_COLLECTIVE_TIMEOUT_S`, default 1800 s); the error becomes `PeerLost`, naming the rank whose
   process is gone, and rank 0 saves a checkpoint of the last completed step before the run stops.
@@ -91,13 +93,15 @@ def make_accelerator(mixed_precision: str, *, cpu: bool) -> Any:
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, demo)
     GradientState._reset_state()
     handlers = []
     if world_size() > 1:
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s())))
+        # no collective inside forward: the frozen buffers are the same on every rank (see all_reduce_gradients)
+        handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     if accelerator.num_processes > 1:
         PEERS.learn()
@@ -164,15 +168,22 @@ def global_batch(per_device_batch: int, accumulation: int, processes: int) -> in
     return max(1, per_device_batch) * max(1, accumulation) * max(1, processes)
 
 
-def checkpoint_global_batch(checkpoint: Path | None) -> int | None:
-    """The global batch a checkpoint was trained with (None: unknown, e.g. an older checkpoint)."""
+def _checkpoint_meta(checkpoint: Path | None) -> dict[str, Any] | None:
+    """A checkpoint's meta.json (None: no checkpoint, or unreadable)."""
     import json
 
     if checkpoint is None:
         return None
     try:
-        meta = json.loads((Path(checkpoint) / "meta.json").read_text(encoding="utf-8"))
+        return json.loads((Path(checkpoint) / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def checkpoint_global_batch(checkpoint: Path | None) -> int | None:
+    """The global batch a checkpoint was trained with (None: unknown, e.g. an older checkpoint)."""
+    meta = _checkpoint_meta(checkpoint)
+    if meta is None:
         return None
     value = meta.get("global_batch")
     return int(value) if value else None
@@ -198,13 +209,8 @@ def batch_info(per_device_batch: int, accumulation: int, processes: int, plan_gl
 
 def resume_note(checkpoint: Path | None, processes: int, batch: dict[str, Any]) -> str | None:
     """A warning when a run resumes on a different number of processes (the global batch is kept)."""
-    import json
-
-    if checkpoint is None:
-        return None
-    try:
-        meta = json.loads((Path(checkpoint) / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    meta = _checkpoint_meta(checkpoint)
+    if meta is None:
         return None
     before = int(meta.get("processes") or 1)
     if before == processes:
@@ -252,6 +258,37 @@ def exchange(*, oom: bool, stop: bool, loss: float, memory: int) -> Exchanged:
         losses=[r[2] for r in table],
         memory=[int(r[3]) for r in table],
     )
+
+
+def all_reduce_gradients(params: Sequence[Any]) -> None:
+    """Average the gradients of `params` over all ranks in one flattened all-reduce.
+
+    The trainers run every micro-batch under DDP's `no_sync`, so no collective happens inside forward or
+    backward; the gradients are exchanged here, once per step, after every rank agreed in `exchange` that
+    none ran out of memory. That keeps the collectives of all ranks in the same order whatever happens
+    inside one rank's step (an out-of-memory error in a backward, a different number of micro-batches, a
+    loss computed outside the DDP wrapper). A parameter without a gradient contributes zeros."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    by_kind: dict[tuple[Any, Any], list[int]] = {}
+    for position, grad in enumerate(grads):
+        by_kind.setdefault((grad.dtype, grad.device), []).append(position)
+    with peer_errors("the gradient exchange"):
+        for positions in by_kind.values():
+            flat = torch.cat([grads[i].reshape(-1) for i in positions])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(dist.get_world_size())
+            offset = 0
+            for i in positions:
+                count = grads[i].numel()
+                grads[i].copy_(flat[offset : offset + count].view_as(grads[i]))
+                offset += count
+                if params[i].grad is None:
+                    params[i].grad = grads[i]
 
 
 def memory_now() -> tuple[int, str]:

@@ -139,14 +139,22 @@ def processes_from_options(
 
 
 def launcher_command(run_path: Path, spec: Processes) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) that start the training processes of `run_path`."""
+    """(argv, environment) that start the training processes of `run_path`.
+
+    Without the user's own accelerate config, the launcher gets one written into the run directory
+    (`accelerate.yaml`): accelerate would otherwise fill every option not on the command line from the user's
+    default config (`accelerate config`), whose `gpu_ids`, `machine_rank` or `main_process_ip` belong to other
+    jobs. `--gpus` ids count among the GPUs this process sees (an existing CUDA_VISIBLE_DEVICES is respected).
+    """
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     worker = ["-m", "loratui.train.worker", str(run_path)]
     if spec.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the workers train on the CPU even where a GPU is present
     elif spec.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            physical_gpu_ids(spec.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        )
     if not spec.launcher:
         return [sys.executable, *worker], env
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -155,11 +163,62 @@ def launcher_command(run_path: Path, spec: Processes) -> tuple[list[str], dict[s
         if spec.processes > 1 and spec.num_machines == 1:
             cmd += ["--multi_gpu"]
         cmd += ["--num_processes", str(spec.processes)]
+        if spec.gpus:  # chosen through CUDA_VISIBLE_DEVICES above; the file's gpu_ids must not narrow them
+            cmd += ["--gpu_ids", "all"]
     else:
+        cmd += ["--config_file", str(_own_accelerate_config(run_path, spec))]
         cmd += ["--multi_gpu", "--num_processes", str(spec.processes), "--num_machines", "1"]
-        cmd += ["--main_process_port", "0", "--dynamo_backend", "no"]
+        cmd += [
+            "--machine_rank",
+            "0",
+            "--gpu_ids",
+            "all",
+            "--main_process_port",
+            "0",
+            "--dynamo_backend",
+            "no",
+        ]
     cmd += ["--monitor_interval", "0.5"]  # notice a dead worker (and stop the others) within half a second
     return [*cmd, *worker], env
+
+
+def physical_gpu_ids(ids: list[int], visible: str | None) -> list[str]:
+    """`--gpus` ids (0-based among the visible GPUs) as CUDA_VISIBLE_DEVICES entries."""
+    if visible is None or not visible.strip():
+        return [str(i) for i in ids]
+    names = [name.strip() for name in visible.split(",") if name.strip()]
+    if max(ids) >= len(names):
+        raise LaunchError(
+            f"--gpus {','.join(map(str, ids))}: only {len(names)} GPU(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={visible}); ids count from 0 among those"
+        )
+    return [names[i] for i in ids]
+
+
+def _own_accelerate_config(run_path: Path, spec: Processes) -> Path:
+    """The accelerate config of a one-machine launch, written into the run directory."""
+    import yaml
+
+    from loratui.util.atomic import atomic_write_text
+
+    settings = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": spec.processes,
+        "gpu_ids": "all",
+        "mixed_precision": "no",  # each worker's Accelerator sets the run's precision itself
+        "use_cpu": False,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "debug": False,
+    }
+    path = Path(run_path) / "accelerate.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
+    return path
 
 
 # --- reading the launcher's report -----------------------------------------------------------------------------

@@ -399,17 +399,7 @@ class RecoveringStep:
         rung = combine(applied)
         pending.rungs.append(rung)
         new = settings_of(self.cfg, self.kind)
-        self.reporter.event(
-            "oom",
-            step,
-            error=failure.error,
-            memory=failure.memory,
-            old=old,
-            new=new,
-            rung=rung.name,
-            label=rung.label,
-            quality_reduced=rung.quality,
-        )
+        self._oom_event(step, failure, old, new, rung)
         if rung.quality:
             self.reporter.event(
                 "warning",
@@ -489,6 +479,23 @@ class RecoveringStep:
                 device=oom_cache.device_key(self.cfg),
             )
 
+    def _oom_event(
+        self, step: int, failure: Failure, old: dict[str, Any], new: dict[str, Any], rung: Rung, **extra: Any
+    ) -> None:
+        """The `oom` event: what failed, the settings before and after, and the rung that changed them."""
+        self.reporter.event(
+            "oom",
+            step,
+            error=failure.error,
+            memory=failure.memory,
+            old=old,
+            new=new,
+            rung=rung.name,
+            label=rung.label,
+            quality_reduced=rung.quality,
+            **extra,
+        )
+
     def _save_settings(self, **extra: Any) -> dict[str, Any]:
         """Rewrite config.yaml with the live settings and update oom.json (rank 0 only)."""
         from loratui.train import oom_cache
@@ -522,18 +529,7 @@ class RecoveringStep:
             rung = combine(rungs)
             apply_settings(self.job.resolved, rung.changes)
         new = settings_of(self.cfg, self.kind)
-        self.reporter.event(
-            "oom",
-            step,
-            error=failure.error,
-            memory=failure.memory,
-            old=old,
-            new=new,
-            rung=rung.name,
-            label=rung.label,
-            quality_reduced=rung.quality,
-            restart=reason,
-        )
+        self._oom_event(step, failure, old, new, rung, restart=reason)
         self._save_settings(restarts_requested=[{"step": step, "reason": reason, "time": time.time()}])
         raise RestartNeeded(f"{reason}; restarting from the last checkpoint with {describe_change(old, new)}")
 
@@ -693,6 +689,4 @@ class RecoveringStep:
         accelerator = self.step_kwargs.get("accelerator")
         if not can_use_8bit(getattr(accelerator, "device", None)):
             out.add("optimizer_8bit")
-        if self.kind == "llm" and getattr(accelerator, "num_processes", 1) > 1:
-            out.add("offload")  # the chunked loss bypasses the DDP wrapper's forward
         return out

@@ -616,7 +616,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
         scheduler=scheduler,
         params=params,
         max_grad_norm=cfg.max_grad_norm,
-        model=models.forward_unet,
+        model=[models.forward_unet, *(models.forward_text_encoders or [])],
     )
     step, unlogged = start, 0
     main = is_main()

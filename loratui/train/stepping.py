@@ -8,6 +8,7 @@ OOM ladder halve the micro-batch mid-run without changing the update.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,22 +39,30 @@ def optimizer_step(
 ) -> StepResult:
     """Run forward/backward for every micro-batch, then clip, step, schedule and zero the gradients.
 
-    `accelerator` is an `accelerate.Accelerator` (handles the fp16 grad scaler and multi-process sync).
-    `before_update` runs after the last backward and before the update (the OOM ladder uses it to let every
-    process agree that none ran out of memory; it may raise to abandon the step).
+    `accelerator` is an `accelerate.Accelerator` (handles the fp16 grad scaler). `model` is the prepared
+    trained module, or a list of them. With several processes every micro-batch runs under their DDP
+    `no_sync` and the gradients are averaged once, after `before_update`
+    (`loratui.train.distributed.all_reduce_gradients`). `before_update` runs after the last backward and
+    before the update (the OOM ladder uses it to let every process agree that none ran out of memory; it
+    may raise to abandon the step).
     """
     total = 0.0
-    last = len(micro_batches) - 1
-    for position, batch in enumerate(micro_batches):
-        sync = position == last or model is None or accelerator.num_processes == 1
-        context = accelerator.no_sync(model) if not sync else _nullcontext()
-        with context:
+    several = accelerator.num_processes > 1
+    models = [] if model is None else list(model) if isinstance(model, list | tuple) else [model]
+    for batch in micro_batches:
+        with contextlib.ExitStack() as unsynced:
+            for module in models if several else []:
+                unsynced.enter_context(accelerator.no_sync(module))
             loss = micro_loss(batch)
             accelerator.backward(loss)
         total += float(loss.detach())
         del loss
     if before_update is not None:
         before_update()
+    if several:
+        from loratui.train.distributed import all_reduce_gradients
+
+        all_reduce_gradients(params)
     grad_norm = None
     if max_grad_norm is not None and max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -62,11 +71,3 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(total, grad_norm, len(micro_batches), float(scheduler.get_last_lr()[0]))
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

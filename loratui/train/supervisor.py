@@ -103,15 +103,18 @@ class Supervisor:
         if child is None or child.returncode is not None:
             return
         target = child.pid
-        if (
-            self.spec.launcher and signum == signal.SIGUSR1
-        ):  # the launcher would die of it: ask rank 0 directly
+        if self.spec.launcher:
+            # Rank 0 alone: it shares the stop with the others in the next step's exchange, so every rank
+            # stops after the same step and rank 0 saves. Signalled, the launcher would stop the workers itself
+            # (and kill them 30 s later, mid-save); SIGUSR1 would kill it. Before rank 0 has started, a stop
+            # goes to the launcher.
             from loratui.runs.status import pid_alive
 
             rank0 = (self.run.status() or RunStatus()).pid
-            if not rank0 or rank0 == os.getpid() or not pid_alive(rank0):
+            if rank0 and rank0 != os.getpid() and pid_alive(rank0):
+                target = rank0
+            elif signum == signal.SIGUSR1:
                 return
-            target = rank0
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signum)
 

@@ -80,6 +80,9 @@ def run_job(job: WorkerJob) -> int:
     except PeerLost as exc:
         _record_failure(job.run, _peer_lost_message(job.run, exc), traceback.format_exc())
         return 1
+    if state == "stopped" and not is_main():
+        return 0  # this rank's part ended as agreed; rank 0 records the stop (a non-zero exit would make
+        # the launcher tear down rank 0 while it saves)
     return {"finished": 0, "stopped": 130}.get(state, 1)
 
 
