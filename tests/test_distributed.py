@@ -280,3 +280,91 @@ def test_a_stop_request_stops_every_rank_after_the_same_step_with_a_checkpoint(
     # the stop went to rank 0 and through the exchange; the launcher was not signalled (it would tear the
     # workers down itself and kill them 30 s later, in the middle of a long save)
     assert "death signal" not in _log(run)
+
+
+def _fake_launch(tmp_path: Path, script: str):
+    """A Supervisor of a 2-process run whose 'launcher' is `script` (python, with RUN = the run directory)."""
+    import sys
+
+    from loratui.train.supervisor import Supervisor
+
+    cfg = _llm_config_paths(tmp_path)
+    run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False,
+                         processes=Processes(2, cpu=True))
+    supervisor = Supervisor(run)
+    code = "import json, pathlib, sys\nRUN = pathlib.Path(sys.argv[1])\n" + script
+    supervisor.start_worker = lambda: subprocess.Popen([sys.executable, "-c", code, str(run.path)])
+    return run, supervisor
+
+
+def _llm_config_paths(tmp_path: Path):
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 4))
+    return make_config(tmp_path / "no-model", data, tmp_path / "fake", oom_max_restarts=2)
+
+
+LOG_AND_EVENT = """
+def log(line):
+    with (RUN / "worker.log").open("a") as f:
+        f.write(line + "\\n")
+def event(kind, **fields):
+    with (RUN / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"type": kind, "step": None, "time": 0, **fields}) + "\\n")
+"""
+
+
+def test_a_rank_asking_for_a_restart_restarts_the_whole_group(tmp_path) -> None:
+    """Rank 1 asks for a restart (out of memory that needs a new process); rank 0 loses it and reports a lost
+    peer. The supervisor starts the group again instead of failing the run."""
+    run, supervisor = _fake_launch(tmp_path, LOG_AND_EVENT + """
+attempt = (RUN / "attempts").read_text() if (RUN / "attempts").exists() else ""
+(RUN / "attempts").write_text(attempt + "x")
+if not attempt:
+    log("[loratui] restart requested by rank 1: out of memory while the optimizer update was being applied")
+    event("warning", message="training process rank 1 (pid 9) stopped", peer_lost=True)
+    log("Root Cause (first observed failure):\\n[0]:\\n  rank      : 0 (local_rank: 0)\\n  exitcode  : 1")
+    sys.exit(1)
+event("run_finished")
+""")
+    assert supervisor.supervise() == 0
+    events = read_events(run.events_path)
+    restarts = [e for e in events if e["type"] == "warning" and e.get("restart")]
+    assert len(restarts) == 1 and "rank 1" in restarts[0]["message"], events
+    assert [e["type"] for e in events][-1] == "run_finished" and "run_failed" not in [e["type"] for e in events]
+    assert (run.path / "attempts").read_text() == "xx"
+
+
+def test_a_lost_peer_fails_the_run_with_rank_0s_message(tmp_path) -> None:
+    """No rank asked for a restart in this attempt (an earlier attempt's request in worker.log does not
+    count): the run fails with the message rank 0 wrote when it lost its peer."""
+    run, supervisor = _fake_launch(tmp_path, LOG_AND_EVENT + """
+event("warning", message="training process rank 1 (pid 9) stopped; resume with: loratui train --resume X",
+      peer_lost=True)
+sys.exit(1)
+""")
+    with (run.path / "worker.log").open("a") as log:
+        log.write("[loratui] restart requested by rank 1: out of memory (an earlier attempt)\n")
+    assert supervisor.supervise() == 1
+    events = read_events(run.events_path)
+    failed = [e for e in events if e["type"] == "run_failed"]
+    assert len(failed) == 1 and failed[0]["error"].startswith("training process rank 1 (pid 9) stopped")
+    assert not [e for e in events if e["type"] == "warning" and e.get("restart")]
+    status = json.loads(run.status_path.read_text())
+    assert status["state"] == "failed" and "rank 1" in status["message"]
+
+
+def test_another_machine_resumes_into_its_own_run_directory(tmp_path) -> None:
+    """On a shared filesystem, machine 1 resuming machine 0's run must not rewrite that run's files."""
+    cfg = _llm_config_paths(tmp_path)
+    main_run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False,
+                              processes=Processes(4, num_machines=2, machine_rank=0))
+    checkpoint = main_run.checkpoints_dir / "step-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 2, "processes": 4, "global_batch": 8}))
+    (checkpoint / "lora.safetensors").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in main_run.path.iterdir() if p.is_file()}
+
+    other, resumed = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=str(checkpoint), overwrite=False,
+                                 processes=Processes(4, num_machines=2, machine_rank=1))
+    assert other.path != main_run.path and "machine1" in other.path.name and resumed == checkpoint
+    assert json.loads((other.path / "launch.json").read_text())["resume_from"] == str(checkpoint)
+    assert {p.name: p.read_bytes() for p in main_run.path.iterdir() if p.is_file()} == before

@@ -38,13 +38,19 @@ def prepare_run(
     number of processes than before)."""
     cfg = resolved.config
     runs_dir = Path(cfg.runs_dir)
+    name = cfg.run_name or cfg.name
     checkpoint = None
     if resume:
         from loratui.train.checkpointing import resolve_resume
 
-        run, checkpoint = resolve_resume(resume, runs_dir, cfg.run_name or cfg.name)
-    else:
-        run = create_run_dir(runs_dir, cfg.run_name or cfg.name)
+        run, checkpoint = resolve_resume(resume, runs_dir, name)
+    if processes is not None and not processes.main_node:
+        # Another machine of a multi-node run: the run itself is written on machine 0 (which may share this
+        # filesystem); this machine keeps its own directory for its log and launch files, and resumes from
+        # the checkpoint where it is.
+        run = create_run_dir(runs_dir, f"{name}-machine{processes.machine_rank}")
+    elif not resume:
+        run = create_run_dir(runs_dir, name)
     if cfg.model_family == "auto" and resolved.family in ("sd15", "sd2", "sdxl", "llm"):
         cfg.model_family = resolved.family
     run.write_config(resolved.to_yaml())

@@ -228,19 +228,36 @@ _ROOT_CAUSE = re.compile(
 )
 
 
-def launcher_root_cause(log: Path, tail_bytes: int = 65536) -> tuple[int, int] | None:
-    """(rank, exit code) of the first worker that failed, from the elastic agent's report in the log."""
+RESTART_TAG = "[loratui] restart requested by rank"
+_RESTART = re.compile(re.escape(RESTART_TAG) + r" (\d+): (.*)")
+
+
+def _log_text(log: Path, start: int) -> str:
+    """worker.log from byte `start` (where this attempt's output begins) to the end."""
     try:
         with log.open("rb") as handle:
-            handle.seek(max(0, log.stat().st_size - tail_bytes))
-            text = handle.read().decode("utf-8", "replace")
+            handle.seek(max(0, start))
+            return handle.read().decode("utf-8", "replace")
     except OSError:
-        return None
-    matches = list(_ROOT_CAUSE.finditer(text))
+        return ""
+
+
+def launcher_root_cause(log: Path, start: int = 0) -> tuple[int, int] | None:
+    """(rank, exit code) of the first worker that failed, from the elastic agent's report in the log (this
+    attempt's part, from byte `start`)."""
+    matches = list(_ROOT_CAUSE.finditer(_log_text(log, start)))
     if not matches:
         return None
     rank, code = matches[-1].groups()
     return int(rank), int(code)
+
+
+def restart_request(log: Path, start: int = 0) -> tuple[int, str] | None:
+    """(rank, reason) of a worker that asked for a restart after running out of memory (`RESTART_TAG` line),
+    in this attempt's part of the log. A worker asks when out-of-memory recovery needs a fresh process; its
+    peers then lose it and stop, so the whole group is started again."""
+    found = _RESTART.search(_log_text(log, start))
+    return (int(found.group(1)), found.group(2).strip()) if found else None
 
 
 def describe_exit(code: int) -> str:

@@ -370,6 +370,7 @@ class RecoveringStep:
     # --- recovery -------------------------------------------------------------------------------------------
 
     def _recover(self, step: int, failure: Failure, pending: _Pending | None) -> _Pending:
+        from loratui.train.distributed import peer_errors
         from loratui.train.oom_dist import agree_max, world_size
 
         if failure.sticky:  # before freeing: CUDA calls may fail again
@@ -389,7 +390,9 @@ class RecoveringStep:
         pending = pending or _Pending(failure, settings_of(self.cfg, self.kind))
         while True:
             rungs = self.ladder.choose(settings_of(self.cfg, self.kind), self._fits())
-            rungs = self.ladder.remaining(settings_of(self.cfg, self.kind))[: agree_max(len(rungs))]
+            with peer_errors("the out-of-memory agreement"):
+                agreed = agree_max(len(rungs))
+            rungs = self.ladder.remaining(settings_of(self.cfg, self.kind))[:agreed]
             if not rungs:
                 raise OomExhausted(self._exhausted_message(step, failure))
             old = settings_of(self.cfg, self.kind)

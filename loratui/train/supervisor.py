@@ -74,6 +74,18 @@ class Supervisor:
         self.restarts = 0
         self._last_death_step: int | None = None
         self.spec = self._processes()
+        self._log_start = 0  # where the current attempt's output begins in worker.log
+        self._peer_lost: list[dict[str, Any]] = []  # rank 0's lost-peer warnings of the current attempt
+
+    @property
+    def _log_path(self) -> Path:
+        return self.run.path / "worker.log"
+
+    def _log_size(self) -> int:
+        try:
+            return self._log_path.stat().st_size
+        except OSError:
+            return 0
 
     def _processes(self) -> Any:
         from loratui.train.launcher import Processes
@@ -141,9 +153,12 @@ class Supervisor:
             reader.poll()  # events of earlier workers are history
             if self.stop_signal:
                 return self._stopped_between_workers()
+            self._log_start = self._log_size()
             self.child = self.start_worker()
             code = self.child.wait()
-            final = [e["type"] for e in reader.poll() if e.get("type") in FINAL]
+            attempt = reader.poll()
+            self._peer_lost = [e for e in attempt if e.get("type") == "warning" and e.get("peer_lost")]
+            final = [e["type"] for e in attempt if e.get("type") in FINAL]
             if final:  # the launcher's own exit code says only that some worker failed
                 return code if code >= 0 and not self.spec.launcher else FINAL[final[-1]]
             if self.spec.launcher and not self.spec.main_node:
@@ -166,11 +181,16 @@ class Supervisor:
             self._prepare_restart(code, reason)
 
     def _restart_reason(self, code: int) -> str | None:
-        from loratui.train.launcher import launcher_root_cause
+        from loratui.train.launcher import launcher_root_cause, restart_request
         from loratui.train.oom import EXIT_RESTART
 
-        if self.spec.launcher:  # the exit code is the launcher's; the first failed worker is in the log
-            cause = launcher_root_cause(self.run.path / "worker.log")
+        if self.spec.launcher:  # the exit code is the launcher's; what the workers said is in the log
+            if self.spec.num_machines > 1:
+                return None  # the other machines' launchers have ended too: the group cannot be restarted here
+            asked = restart_request(self._log_path, self._log_start)
+            if asked:
+                return f"rank {asked[0]}: in-process out-of-memory recovery was not possible"
+            cause = launcher_root_cause(self._log_path, self._log_start)
             if cause and cause[1] == EXIT_RESTART:
                 return f"rank {cause[0]}: in-process out-of-memory recovery was not possible"
             return None
@@ -280,7 +300,10 @@ class Supervisor:
         """Several processes ended without a final event: name the rank that failed first."""
         from loratui.train.launcher import describe_exit, launcher_root_cause
 
-        cause = launcher_root_cause(self.run.path / "worker.log")
+        if self._peer_lost:  # rank 0 saw a peer stop and said what it saved
+            self._fail(str(self._peer_lost[-1].get("message")))
+            return 1
+        cause = launcher_root_cause(self._log_path, self._log_start)
         launcher_exit = describe_exit(code)
         checkpoint = self.run.latest_checkpoint()
         who = (

@@ -48,7 +48,8 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
 
 def run_job(job: WorkerJob) -> int:
     """Dispatch to the trainer of the task type; returns the process exit code."""
-    from loratui.train.distributed import PeerLost, is_main
+    from loratui.train.distributed import PeerLost, is_main, rank, world_size
+    from loratui.train.launcher import RESTART_TAG
     from loratui.train.oom import EXIT_RESTART, RestartNeeded
     from loratui.train.oom_cache import apply_cached_settings
 
@@ -76,9 +77,21 @@ def run_job(job: WorkerJob) -> int:
         state = trainer(job)
     except RestartNeeded as exc:
         print(f"out of memory: {exc}", file=sys.stderr, flush=True)
+        if world_size() > 1:  # under the launcher: the supervisor restarts the whole group on this line
+            print(f"{RESTART_TAG} {rank()}: {exc}", file=sys.stderr, flush=True)
         return EXIT_RESTART
     except PeerLost as exc:
-        _record_failure(job.run, _peer_lost_message(job.run, exc), traceback.format_exc())
+        # Not final: the peer may have stopped to ask for a restart (then the supervisor restarts the group);
+        # otherwise the supervisor records the run's failure with this message.
+        if is_main():
+            with EventWriter(job.run.events_path) as events:
+                events.write(
+                    "warning",
+                    None,
+                    message=_peer_lost_message(job.run, exc),
+                    peer_lost=True,
+                    traceback=traceback.format_exc(),
+                )
         return 1
     if state == "stopped" and not is_main():
         return 0  # this rank's part ended as agreed; rank 0 records the stop (a non-zero exit would make
