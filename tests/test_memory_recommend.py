@@ -170,7 +170,7 @@ def test_usable_memory_sources(fake_gpu) -> None:
     fake_gpu(ONE_GPU)
     gpu = usable_memory()
     assert 20 * GIB < gpu.bytes < 21.5 * GIB and "RTX 4090" in gpu.label
-    assert usable_memory(vram="12GB").bytes < 12 * 10**9
+    assert 11 * GIB < usable_memory(vram="12GB").bytes < 12 * GIB  # a 12 GB card minus driver share and margin
     with pytest.raises(ValueError):
         usable_memory(vram="8GB", card="RTX 4060")
     fake_gpu("none")

@@ -96,3 +96,46 @@ def test_preset_auto_for_a_7b_model_on_8gb_uses_4bit(tmp_path) -> None:
     payload = json.loads(result.output)
     assert payload["config"]["load_in_4bit"] is True
     assert payload["memory"]["predicted_peak_bytes"] <= 8 * GIB
+
+
+def test_card_sizes_in_gb_are_the_gib_printed_on_cards() -> None:
+    assert usable_memory(vram="8GB").total == 8 * GIB == usable_memory(vram="8GiB").total
+    # an "8 GB" card (the table holds what NVML reports: a few MiB under 8 GiB)
+    assert usable_memory(vram="8GB").bytes == pytest.approx(usable_memory(card="RTX 4060").bytes, rel=0.002)
+
+
+def test_preset_auto_does_not_change_a_resumed_run(tmp_path) -> None:
+    result = _invoke("--config", _config(tmp_path, SD15), "--preset", "auto", "--vram", "8GB", "--resume", "latest")
+    assert result.exit_code == 2 and "cannot change a run being resumed" in result.output
+
+
+def test_dry_run_and_preset_auto_plan_per_gpu_with_several_processes(tmp_path) -> None:
+    cfg = _config(tmp_path, SD15 + "lora_rank: 64\nbatch_size: 2\n")
+    one = json.loads(_invoke("--config", cfg, "--dry-run", "--json", "--vram", "12GB").output)["memory"]
+    two = json.loads(_invoke("--config", cfg, "--dry-run", "--json", "--vram", "12GB", "--gpus", "2").output)
+    memory = two["memory"]
+    assert memory["processes"] == 2 and memory["breakdown"]["ddp_buckets"] > 0
+    assert memory["predicted_peak_bytes"] == one["predicted_peak_bytes"] + memory["breakdown"]["ddp_buckets"]
+    assert two["processes"]["memory_is_per_gpu"] is True
+
+
+def test_nothing_fits_with_fixed_keys_says_what_releasing_them_would_give(tmp_path) -> None:
+    body = SD15 + "batch_size: 4\n"
+    fixed = ("--set", "gradient_checkpointing=false", "--set", "cache_latents=false", "--set", "lora_rank=128")
+    result = _invoke("--config", _config(tmp_path, body), "--preset", "auto", "--vram", "4GB", *fixed, "--dry-run")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "nothing fits" in text and "would fit if you let the planner change" in text
+    smallest = text.split("the smallest option (")[1].split(")")[0]
+    # the smallest option named keeps every key the user fixed
+    assert "gradient_checkpointing" not in smallest and "cache_latents" not in smallest
+    assert "lora_rank" not in smallest
+
+
+def test_a_config_continuing_a_lora_keeps_its_rank() -> None:
+    from loratui.config import TrainConfig
+    from loratui.memory.recommend import search_space
+
+    cfg = TrainConfig(base_model="runwayml/stable-diffusion-v1-5", task_type="image-generation",
+                      train_data_dir=".", lora_rank=32, init_lora="old.safetensors")
+    assert search_space(cfg, "sd", "sd15", "cuda").axes["lora_rank"] == [32]

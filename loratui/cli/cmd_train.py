@@ -18,7 +18,9 @@ def train(
         help="VRAM-tier preset (see `loratui presets list`), or `auto`: the memory planner's top option.",
     ),
     vram: str | None = typer.Option(
-        None, "--vram", help="With --preset auto or --dry-run: plan for a card of this size, e.g. 8GB."
+        None,
+        "--vram",
+        help="With --preset auto or --dry-run: plan for a card of this size, e.g. 8GB (as printed on the card).",
     ),
     card: str | None = typer.Option(
         None, "--card", help='With --preset auto or --dry-run: plan for a known card, e.g. "RTX 4060".'
@@ -115,17 +117,26 @@ def train(
         typer.echo("error: give --config x.yaml (or --resume latest|RUN)", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
     auto = preset is not None and preset.lower() == "auto"
+    if auto and resume is not None:
+        typer.echo(
+            "error: --preset auto cannot change a run being resumed (its checkpoint holds the LoRA rank and "
+            "optimizer state it was trained with); resume without --preset, and out-of-memory recovery lowers "
+            "the batch split if needed",
+            err=True,
+        )
+        raise typer.Exit(EXIT_UNUSABLE)
+    count = processes.processes if processes is not None else 1
     try:
         resolved = load_config(config, preset=None if auto else preset, overrides=set_, flags=flags)
     except ConfigError as exc:
         typer.echo(exc.render(), err=True)
         raise typer.Exit(EXIT_ERRORS) from None
     if auto:
-        resolved = _apply_auto(resolved, vram, card, out=None if json_out else console())
+        resolved = _apply_auto(resolved, vram, card, out=None if json_out else console(), processes=count)
     path_problems = check_paths(resolved)
 
     if dry_run:
-        prediction = _prediction(resolved, vram, card)
+        prediction = _prediction(resolved, vram, card, processes=count)
         _print_dry_run(resolved, path_problems, json_out, prediction, processes)
         raise typer.Exit(EXIT_ERRORS if path_problems else 0)
     if path_problems:
@@ -188,15 +199,16 @@ def _budget(vram: str | None, card: str | None):
     return usable_memory_or_exit(vram=vram, card=card, purpose="--preset auto needs the card's memory")
 
 
-def _apply_auto(resolved, vram: str | None, card: str | None, out):
-    """`--preset auto`: the planner's top option for the card; keys given by --set or flags stay fixed."""
+def _apply_auto(resolved, vram: str | None, card: str | None, out, processes: int = 1):
+    """`--preset auto`: the planner's top option for the card (per GPU with several processes); keys given by
+    --set or flags stay fixed."""
     from loratui.memory.integration import NoFittingOption, apply_auto_preset
     from loratui.memory.sizes import format_bytes
 
     budget = _budget(vram, card)
     fixed = frozenset(key for key, source in resolved.sources.items() if source in ("--set", "flag"))
     try:
-        updated = apply_auto_preset(resolved, budget.bytes, fixed=fixed)
+        updated = apply_auto_preset(resolved, budget.bytes, fixed=fixed, processes=processes)
     except NoFittingOption as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERRORS) from None
@@ -215,13 +227,14 @@ def _apply_auto(resolved, vram: str | None, card: str | None, out):
     return updated
 
 
-def _prediction(resolved, vram: str | None, card: str | None) -> dict | None:
-    """The planner's prediction for the resolved config (None, with a note, when it cannot be made)."""
+def _prediction(resolved, vram: str | None, card: str | None, processes: int = 1) -> dict | None:
+    """The planner's prediction for the resolved config (per GPU with several processes); on failure a dict
+    with `error` only, so that the dry run still shows the config."""
     from loratui.memory.integration import dry_run_prediction
 
     budget = _budget(vram, card) if (vram or card) else None
     try:
-        return dry_run_prediction(resolved, budget)
+        return dry_run_prediction(resolved, budget, processes=processes)
     except Exception as exc:  # the dry run must still show the config when the planner fails
         return {"error": f"{type(exc).__name__}: {exc}"}
 

@@ -50,11 +50,11 @@ def usable_memory(
     """Usable bytes for `--vram`, `--card` or NVML's free memory of GPU `gpu` (default 0)."""
     given = [x for x in (gpu, vram, card) if x is not None]
     if len(given) > 1:
-        raise ValueError("give only one of --gpu, --vram and --card")
+        raise ValueError("name the card once: --vram, --card or (recommend) --gpu")
     if vram is not None:
         from loratui.memory.sizes import parse_size
 
-        total = parse_size(vram)
+        total = parse_size(vram, card=True)
         return usable_from_total(total, f"a {format_bytes(total)} card (--vram {vram})")
     if card is not None:
         from loratui.memory.cards import card_memory
@@ -170,7 +170,11 @@ def dry_run_lines(prediction: dict[str, Any]) -> list[str]:
 
 
 def apply_auto_preset(
-    resolved: Any, usable_bytes: int | None = None, *, fixed: frozenset[str] = frozenset()
+    resolved: Any,
+    usable_bytes: int | None = None,
+    *,
+    fixed: frozenset[str] = frozenset(),
+    processes: int = 1,
 ) -> Any:
     """The `ResolvedConfig` with the planner's top option applied (`--preset auto`).
 
@@ -182,9 +186,9 @@ def apply_auto_preset(
 
     if usable_bytes is None:
         usable_bytes = usable_memory().bytes
-    options = recommend(resolved, usable_bytes, top=1, fixed=fixed)
+    options = recommend(resolved, usable_bytes, top=1, fixed=fixed, processes=processes)
     if not options:
-        raise NoFittingOption(no_fit_message(resolved, usable_bytes))
+        raise NoFittingOption(no_fit_message(resolved, usable_bytes, fixed=fixed, processes=processes))
     best = options[0]
     sources = dict(resolved.sources)
     for key in best.changes:

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from loratui.memory.estimate import Estimate, Planner, planner_for, unpack_config
+from loratui.memory.estimate import Estimate, Planner, planner_for, unpack_config, with_data_parallel
 from loratui.memory.sizes import format_bytes
 
 CHECKPOINT_SLOWDOWN = 1.3  # recomputation costs about a third more compute
@@ -115,6 +115,8 @@ def search_space(
         axes["load_in_4bit"] = [cfg.load_in_4bit] + (
             [True] if device == "cuda" and not cfg.load_in_4bit else []
         )
+    if getattr(cfg, "init_lora", None):  # training continues a LoRA of that rank
+        fixed = fixed | {"lora_rank"}
     for key in fixed:
         if key in axes:
             axes[key] = [getattr(cfg, key)]
@@ -209,22 +211,33 @@ def _is_superset(changes: dict[str, object], chosen: list[dict[str, object]]) ->
     return any(set(map(repr, c.items())) < items for c in chosen)
 
 
-def evaluate(planner: Planner, base: Any, changes: dict[str, object], usable: int, device: str) -> Option:
+def evaluate(
+    planner: Planner, base: Any, changes: dict[str, object], usable: int, device: str, processes: int = 1
+) -> Option:
     cfg = base.model_copy(update=changes)
     estimate = planner.estimate(cfg, device)
+    if processes > 1:
+        estimate = with_data_parallel(estimate, processes)
     cost, note = quality(base, changes)
     headroom = usable - estimate.total_bytes
     return Option(changes, cfg, estimate, headroom, relative_speed(base, cfg), note, cost, headroom >= 0)
 
 
 def explore(
-    resolved: Any, usable_bytes: int, *, device: str = "cuda", fixed: frozenset[str] = frozenset()
+    resolved: Any,
+    usable_bytes: int,
+    *,
+    device: str = "cuda",
+    fixed: frozenset[str] = frozenset(),
+    processes: int = 1,
 ) -> tuple[list[Option], Planner]:
-    """Every candidate, estimated (fitting or not)."""
+    """Every candidate, estimated (fitting or not); with `processes` > 1 per GPU of a data-parallel run."""
     cfg, family = unpack_config(resolved)
     planner = planner_for(cfg if isinstance(resolved, dict) else resolved, family)
     search = search_space(cfg, planner.spec.kind, planner.spec.family, device, frozenset(fixed))
-    return [evaluate(planner, cfg, changes, usable_bytes, device) for changes in candidates(search)], planner
+    return [
+        evaluate(planner, cfg, changes, usable_bytes, device, processes) for changes in candidates(search)
+    ], planner
 
 
 def rank_options(options: list[Option], top: int) -> list[Option]:
@@ -255,11 +268,12 @@ def recommend(
     top: int = 5,
     device: str = "cuda",
     fixed: frozenset[str] = frozenset(),
+    processes: int = 1,
 ) -> list[Option]:
     """Ranked options that fit `usable_bytes` (empty when nothing does; see `no_fit_message`).
 
     The effective batch is always kept; keys in `fixed` keep the user's value."""
-    options, _ = explore(resolved, usable_bytes, device=device, fixed=fixed)
+    options, _ = explore(resolved, usable_bytes, device=device, fixed=fixed, processes=processes)
     return rank_options(options, top)
 
 
@@ -267,9 +281,17 @@ def smallest_option(options: list[Option]) -> Option:
     return min(options, key=lambda o: o.estimate.total_bytes)
 
 
-def no_fit_message(resolved: Any, usable_bytes: int, *, device: str = "cuda") -> str:
-    """Why nothing fits: the frozen weights alone, or the smallest option and what it needs."""
-    options, planner = explore(resolved, usable_bytes, device=device)
+def no_fit_message(
+    resolved: Any,
+    usable_bytes: int,
+    *,
+    device: str = "cuda",
+    fixed: frozenset[str] = frozenset(),
+    processes: int = 1,
+) -> str:
+    """Why nothing fits: the frozen weights alone, or the smallest option and what it needs (keys in `fixed`
+    are not changed; when releasing them would give a fit, the message says so)."""
+    options, planner = explore(resolved, usable_bytes, device=device, fixed=fixed, processes=processes)
     smallest = smallest_option(options)
     parts = smallest.estimate.breakdown
     frozen = sum(v for k, v in parts.items() if k in ("weights", "unet_weights", "text_encoders", "vae"))
@@ -287,5 +309,16 @@ def no_fit_message(resolved: Any, usable_bytes: int, *, device: str = "cuda") ->
     lines.append(f"the smallest option ({change_text}) needs {format_bytes(smallest.estimate.total_bytes)}.")
     if planner.spec.kind == "llm" and not smallest.config.load_in_4bit and device == "cuda":
         lines.append("4-bit loading (load_in_4bit: true) is the largest saving for language models.")
+    if fixed:
+        free, _ = explore(resolved, usable_bytes, device=device, processes=processes)
+        released = rank_options(free, 1)
+        if released:
+            kept = sorted(k for k in fixed if k in released[0].changes)
+            changes = ", ".join(f"{k}={v}" for k, v in released[0].changes.items())
+            lines.append(
+                f"it would fit if you let the planner change {', '.join(kept) or 'the keys you fixed'} "
+                f"({changes}: {format_bytes(released[0].estimate.total_bytes)})."
+            )
+            return " ".join(lines)
     lines.append("use a card with more memory, or a smaller base model.")
     return " ".join(lines)

@@ -29,11 +29,12 @@ class SizeError(ValueError):
     """A size string that cannot be read; the message shows accepted forms."""
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | int | float, *, card: bool = False) -> int:
     """Bytes in `text`: "3GiB", "8GB", "512MiB", "1.5 GiB", "2e9" is not accepted.
 
     Decimal units (kB, MB, GB, TB) are powers of 1000, binary units (KiB, MiB, GiB, TiB) powers of 1024.
-    A bare number is GiB when it is below 4096 (e.g. "24"), else bytes.
+    A bare number is GiB when it is below 4096 (e.g. "24"), else bytes. `card`: the size of a graphics card,
+    where "8GB" is what vendors print for 8 GiB (8192 MiB), so decimal units count as binary.
     """
     if isinstance(text, bool):
         raise SizeError(f"not a size: {text!r}")
@@ -48,6 +49,8 @@ def parse_size(text: str | int | float) -> int:
         raise SizeError(f"unknown unit {unit!r} in {text!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
     if unit == "" and value < 4096:
         unit = "gib"
+    if card and unit in ("k", "kb", "m", "mb", "g", "gb", "t", "tb"):
+        unit = unit[0] + "ib"
     result = int(round(value * _UNITS[unit]))
     if result <= 0:
         raise SizeError(f"size must be positive: {text!r}")
