@@ -6,7 +6,7 @@ Sections: offline environment, tiny models. Add new fixtures in their own sectio
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,3 +82,27 @@ def tiny_llama_nopad(tiny_models_dir: Path) -> Path:
 def tiny_blip(tiny_models_dir: Path) -> Path:
     """Tiny BLIP captioning model + processor folder (64x64 images)."""
     return build_tiny_blip(tiny_models_dir / "blip")
+
+
+# --- fake GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[object], None]]:
+    """`fake_nvml(spec)`: NVML answers from `spec` (a dict as in loratui.gpu.fake_nvml, a JSON path, or "none"
+    for no driver) until the test ends."""
+    import json
+
+    from loratui.gpu import nvml
+
+    def use(spec: object) -> None:
+        if isinstance(spec, dict):
+            path = tmp_path / "nvml.json"
+            path.write_text(json.dumps(spec))
+            spec = str(path)
+        monkeypatch.setenv("LORATUI_FAKE_NVML", str(spec))
+        nvml.reset()
+
+    yield use
+    nvml.reset()
+

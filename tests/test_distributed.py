@@ -66,6 +66,13 @@ def _finish(run, supervisor: subprocess.Popen) -> int:
     return -1
 
 
+def _wait_until(condition, run, supervisor: subprocess.Popen, deadline: float, what: str) -> None:
+    while not condition():
+        assert supervisor.poll() is None, _log(run)
+        assert time.time() < deadline, f"no {what} in time"
+        time.sleep(0.05)
+
+
 def _log(run) -> str:
     path = run.path / "worker.log"
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
@@ -139,10 +146,7 @@ def test_a_killed_rank_stops_the_run_with_a_usable_checkpoint(tmp_path, tiny_lla
     run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
     deadline = time.time() + TIMEOUT_S
     try:
-        while not (run.checkpoints_dir / "step-3").is_dir():
-            assert supervisor.poll() is None, _log(run)
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
+        _wait_until(lambda: (run.checkpoints_dir / "step-3").is_dir(), run, supervisor, deadline, "checkpoint")
         pids = json.loads(run.status_path.read_text())["extra"]["rank_pids"]
         os.kill(pids[1], signal.SIGKILL)
         code = supervisor.wait(timeout=max(1.0, deadline - time.time()))
@@ -257,11 +261,12 @@ def test_a_stop_request_stops_every_rank_after_the_same_step_with_a_checkpoint(
                       save_steps=1000)
     run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
     deadline = time.time() + TIMEOUT_S
+
+    def two_steps() -> bool:
+        return any(e["type"] == "step" and e["step"] >= 2 for e in read_events(run.events_path))
+
     try:
-        while not any(e["type"] == "step" and e["step"] >= 2 for e in read_events(run.events_path)):
-            assert supervisor.poll() is None, _log(run)
-            assert time.time() < deadline, "no step in time"
-            time.sleep(0.05)
+        _wait_until(two_steps, run, supervisor, deadline, "step 2")
         supervisor.send_signal(signal.SIGTERM)  # what `loratui` does on Ctrl-C
         code = supervisor.wait(timeout=max(1.0, deadline - time.time()))
     finally:

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.gpu import nvml
 from loratui.gpu.fake_nvml import EXAMPLE_SPEC, GIB
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch, tmp_path):
-    def use(spec) -> None:
-        if isinstance(spec, dict):
-            path = tmp_path / "nvml.json"
-            path.write_text(json.dumps(spec))
-            spec = str(path)
-        monkeypatch.setenv("LORATUI_FAKE_NVML", spec)
-        nvml.reset()
-
-    yield use
-    nvml.reset()
 
 
 def test_snapshot_reads_every_field(fake_nvml) -> None:

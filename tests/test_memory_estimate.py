@@ -223,6 +223,25 @@ def test_unknown_architecture_falls_back_to_analytic(tmp_path) -> None:
     assert estimate.error_band >= 0.3
     assert any("cannot build the architecture" in note and "madeupformer" in note for note in estimate.notes)
     assert sum(estimate.breakdown.values()) == estimate.total_bytes
+    assert any("parameters, counted from its config.json" in note for note in estimate.notes)
+
+
+def test_unknown_architecture_size_from_weight_files_else_stated_as_assumed(tmp_path) -> None:
+    """Without vocab_size the config gives no parameter count: the weight files' headers do (nothing is
+    loaded); with neither, the 7B assumption is stated in the notes."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "odd-lm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "madeupformer", "hidden_size": 256}))
+    cfg = TrainConfig(task_type="text-generation", model_family="llm", base_model=str(folder))
+    guessed = estimate_peak(cfg)
+    assert any("7.00B parameters, ASSUMED" in note for note in guessed.notes)
+    save_file({"embed": torch.zeros(1000, 256), "proj": torch.zeros(256, 1024)}, folder / "model.safetensors")
+    counted = estimate_peak(cfg)
+    assert any("0.5M parameters, counted from its .safetensors headers" in note for note in counted.notes)
+    assert counted.breakdown["weights"] == (1000 * 256 + 256 * 1024) * 2  # 16-bit on the GPU
 
 
 def test_meta_trace_agrees_with_cpu_trace(tiny_llama) -> None:

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.config import ResolvedConfig, TrainConfig, load_config
-from loratui.gpu import nvml
 from loratui.memory import estimate as estimate_module
 from loratui.memory.cards import UnknownCard, card_memory
 from loratui.memory.integration import (
@@ -145,20 +144,6 @@ def test_cards() -> None:
         card_memory("RTX 4600")
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch, tmp_path):
-    def use(spec) -> None:
-        if isinstance(spec, dict):
-            path = tmp_path / "nvml.json"
-            path.write_text(json.dumps(spec))
-            spec = str(path)
-        monkeypatch.setenv("LORATUI_FAKE_NVML", spec)
-        nvml.reset()
-
-    yield use
-    nvml.reset()
-
-
 ONE_GPU = {
     "driver": "550.54",
     "cuda": 12040,
@@ -166,22 +151,22 @@ ONE_GPU = {
 }
 
 
-def test_usable_memory_sources(fake_gpu) -> None:
-    fake_gpu(ONE_GPU)
+def test_usable_memory_sources(fake_nvml) -> None:
+    fake_nvml(ONE_GPU)
     gpu = usable_memory()
     assert 20 * GIB < gpu.bytes < 21.5 * GIB and "RTX 4090" in gpu.label
     assert 11 * GIB < usable_memory(vram="12GB").bytes < 12 * GIB  # a 12 GB card minus driver share and margin
     with pytest.raises(ValueError):
         usable_memory(vram="8GB", card="RTX 4060")
-    fake_gpu("none")
+    fake_nvml("none")
     with pytest.raises(NoUsableMemory, match="--vram"):
         usable_memory()
 
 
-def test_dry_run_prediction_with_and_without_gpu(fake_gpu, monkeypatch) -> None:
+def test_dry_run_prediction_with_and_without_gpu(fake_nvml, monkeypatch) -> None:
     monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
     resolved = _resolved({**LLAMA7, "gradient_checkpointing": True, "batch_size": 1, "simulate_vram": "3GiB"})
-    fake_gpu(ONE_GPU)
+    fake_nvml(ONE_GPU)
     pred = dry_run_prediction(resolved)
     assert pred["device"] == "cuda" and pred["fits"] in (True, False)
     assert pred["predicted_peak_bytes"] == sum(pred["breakdown"].values())
@@ -189,7 +174,7 @@ def test_dry_run_prediction_with_and_without_gpu(fake_gpu, monkeypatch) -> None:
     json.dumps(pred)
     text = "\n".join(dry_run_lines(pred))
     assert "predicted peak memory (cuda)" in text and "RTX 4090" in text and "simulated card" in text
-    fake_gpu("none")
+    fake_nvml("none")
     pred = dry_run_prediction(resolved)
     assert pred["device"] == "cpu" and pred["gpu"] is None and pred["cuda_prediction"]["total_bytes"] > 0
 
@@ -217,8 +202,8 @@ def test_cli_recommend_json_and_table(tmp_path) -> None:
     assert "options that fit" in table.output and "RTX 4070" in table.output
 
 
-def test_cli_recommend_without_nvml_asks_for_vram(tmp_path, fake_gpu) -> None:
-    fake_gpu("none")
+def test_cli_recommend_without_nvml_asks_for_vram(tmp_path, fake_nvml) -> None:
+    fake_nvml("none")
     path = _config_file(tmp_path, LLAMA7)
     result = CliRunner().invoke(app, ["recommend", "--config", str(path)])
     assert result.exit_code == 2

@@ -91,3 +91,63 @@ def test_caching_rung_moves_the_vae_off_the_card(tiny_sd15, tmp_path) -> None:
     text = job.run.config_path.read_text()
     assert "cache_latents: true" in text and "cache_text_encoder_outputs: true" in text
     assert max(_peaks(job)) <= budget
+
+
+class _Module:
+    """Stands in for the VAE / a text encoder: remembers where it was moved."""
+
+    def __init__(self) -> None:
+        self.where = "cpu"
+
+    def to(self, device):
+        self.where = str(device)
+        return self
+
+
+def _applier_world(monkeypatch, *, fail: str | None = None):
+    from types import SimpleNamespace
+
+    import loratui.train.sd_trainer as trainer
+    from loratui.train.oom_sd import sd_rung_applier
+
+    calls: list[str] = []
+    models = SimpleNamespace(vae=_Module(), text_encoders=[_Module(), _Module()], device="cuda:0",
+                             text_on_device=False, unet=None)
+
+    def fake_latents(cfg, models, dataset, reporter):
+        calls.append("latents")
+        models.vae.to(models.device)
+        if fail == "latents":
+            raise torch.OutOfMemoryError("out of memory while caching")
+        return SimpleNamespace(cache_enabled=True, dataset=dataset)
+
+    def fake_text(cfg, models, dataset, reporter):
+        calls.append("text")
+        for encoder in models.text_encoders:
+            encoder.to(models.device)
+        return SimpleNamespace(cache_enabled=True)
+
+    monkeypatch.setattr(trainer, "setup_latents", fake_latents)
+    monkeypatch.setattr(trainer, "setup_text", fake_text)
+    monkeypatch.setattr(trainer, "_setup_dataset", lambda cfg, reporter: ["a", "b"])
+    old_text = SimpleNamespace(cache_enabled=True)  # captions cached, encoders off the card
+    context = SimpleNamespace(dataset=["A", "B"], latents=SimpleNamespace(cache_enabled=False), text=old_text)
+    job = SimpleNamespace(resolved=SimpleNamespace(config=SimpleNamespace(train_text_encoder=False)))
+    return sd_rung_applier(job, models, context, reporter=None), models, context, calls, old_text
+
+
+def test_resolution_rung_keeps_the_caption_cache_and_its_encoders_off_the_card(monkeypatch) -> None:
+    apply, models, context, calls, old_text = _applier_world(monkeypatch)
+    assert apply({"resolution": 448})
+    assert calls == ["latents"] and context.text is old_text and context.dataset == ["a", "b"]
+    assert [e.where for e in models.text_encoders] == ["cpu", "cpu"]
+
+
+def test_a_caching_pass_that_fails_puts_everything_back(monkeypatch) -> None:
+    apply, models, context, calls, old_text = _applier_world(monkeypatch, fail="latents")
+    with pytest.raises(torch.OutOfMemoryError):
+        apply({"resolution": 448, "cache_latents": True})
+    # the old (uncached) latent source needs the VAE on the card; the old captions stay cached, encoders off
+    assert context.dataset == ["A", "B"] and context.latents.cache_enabled is False and context.text is old_text
+    assert models.vae.where == "cuda:0" and [e.where for e in models.text_encoders] == ["cpu", "cpu"]
+    assert models.text_on_device is False

@@ -13,11 +13,31 @@ SD_ACTIVATIONS_512 = {"sd15": 2.4 * GIB, "sd2": 2.4 * GIB, "sdxl": 3.0 * GIB}
 SD_PARAMS = {"sd15": 1.07e9, "sd2": 1.29e9, "sdxl": 3.47e9}
 
 
-def _llm(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
-    from loratui.models.inspect import _llm_params
+def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
+    """(parameters, where the number comes from) of an LLM whose architecture cannot be built: its config,
+    else its weight files' headers, else its name ("...-13b"), else 7B."""
+    from pathlib import Path
 
+    from loratui.models.inspect import _llm_params, params_from_name, params_from_weight_files
+
+    counted = _llm_params(spec.configs["model"])
+    if counted:
+        return counted, "counted from its config.json"
+    folder = Path(spec.source).parent if spec.source.endswith(".json") else None
+    stored = params_from_weight_files(folder) if folder is not None else None
+    if stored:
+        return stored, "counted from its .safetensors headers"
+    named = params_from_name(base_model or "")
+    if named:
+        return int(named), "taken from its name"
+    return 7_000_000_000, "ASSUMED (nothing readable gives the size; the estimate may be far off)"
+
+
+def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[str, int], float]:
     text = spec.configs["model"].get("text_config", spec.configs["model"])
-    params = _llm_params(spec.configs["model"]) or 7_000_000_000
+    params, origin = llm_params(spec, str(cfg.base_model or ""))
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    notes.append(f"{size} parameters, {origin}")
     hidden = int(text.get("hidden_size") or 4096)
     layers = int(text.get("num_hidden_layers") or 32)
     vocab = int(text.get("vocab_size") or 32000)
@@ -61,11 +81,10 @@ def analytic_estimate(spec: ArchSpec, cfg: Any, device: str, notes: list[str]):
     """An `Estimate` from closed-form rules; error band 35-40 %."""
     from loratui.memory.estimate import Estimate, cuda_overheads
 
-    parts, band = _llm(spec, cfg, device) if spec.kind == "llm" else _sd(spec, cfg, device)
+    notes = list(notes)
+    parts, band = _llm(spec, cfg, device, notes) if spec.kind == "llm" else _sd(spec, cfg, device)
     if device == "cuda":
         static = parts["weights"] + parts["lora_params"] + parts["optimizer_state"]
         parts.update(cuda_overheads(spec.kind, parts["activations"], static))
     method = "analytic formulas (architecture could not be built from its config)"
-    return Estimate(
-        sum(parts.values()), parts, method, band, list(notes), "micro-batch forward/backward", device
-    )
+    return Estimate(sum(parts.values()), parts, method, band, notes, "micro-batch forward/backward", device)

@@ -364,11 +364,12 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     if cache_latents:
         held = w.vae if on_gpu else resident
         before["latent caching (before training)"] = ({"vae": w.vae}, held, vae_peak)
-    if cache_text and text_fit is not None:
-        held = w.text_encoders if on_gpu else resident
+    if cache_text and text_fit is not None:  # after the latent pass: the VAE stays when latents are not cached
+        vae_part = {} if cache_latents else {"vae": w.vae}
+        held = w.text_encoders + sum(vae_part.values()) if on_gpu else resident
         text_peak = text_fit.evaluate(TEXT_BATCH, 77, 0)[0]
         before["text-encoder caching (before training)"] = (
-            {"text_encoders": w.text_encoders},
+            {"text_encoders": w.text_encoders, **vae_part},
             held,
             text_peak,
         )
@@ -385,6 +386,11 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
             n for n, on in (("the VAE", not vae_on_device), ("the text encoders", not text_on_device)) if on
         ]
         notes.append(f"with cached outputs, {' and '.join(moved)} encode before training, then leave the GPU")
+        if getattr(cfg, "sample_prompts", None) and moved:
+            notes.append(
+                f"sample images during training bring {' and '.join(moved)} back to the GPU for a moment: "
+                "not included above; keep some headroom or sample after training (`loratui sample`)"
+            )
     return Estimate(
         sum(parts.values()),
         parts,

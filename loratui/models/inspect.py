@@ -46,6 +46,23 @@ def params_from_name(path: str) -> float | None:
     return float(found.group(1)) * 1e9 if found else None
 
 
+def params_from_weight_files(folder: Path) -> int | None:
+    """Parameters stored in a folder's .safetensors files, counted from their headers (no weights read)."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            header = read_safetensors_header(path)
+        except (OSError, ValueError):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                count = 1
+                for dim in entry.get("shape", []):
+                    count *= int(dim)
+                total += count
+    return total or None
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Return the JSON header of a .safetensors file (tensor names -> dtype/shape/offsets)."""
     with path.open("rb") as handle:

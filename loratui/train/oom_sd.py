@@ -44,7 +44,7 @@ def sd_rung_applier(
     """The callback `RecoveringStep` calls with a rung's changes (the config already holds them)."""
 
     def apply(changes: dict[str, Any]) -> bool:
-        from loratui.train.sd_trainer import _setup_caches, _setup_dataset
+        from loratui.train.sd_trainer import _setup_dataset, setup_latents, setup_text
 
         cfg = job.resolved.config
         if changes.get("gradient_checkpointing"):
@@ -52,16 +52,29 @@ def sd_rung_applier(
             if cfg.train_text_encoder:
                 for encoder in models.text_encoders:
                     encoder.gradient_checkpointing_enable()
-        if "resolution" in changes:
-            dataset = _setup_dataset(cfg, reporter)
-            if len(dataset) != len(context.dataset):
-                return False  # a different number of samples would change the plan
-            context.dataset = dataset
-            if session is not None:
-                session.dataset = dataset
-        caching = {"cache_latents", "cache_text_encoder_outputs", "resolution"} & set(changes)
-        if caching:  # the VAE / frozen text encoders then encode everything once and leave the device
-            context.latents, context.text = _setup_caches(cfg, job, models, context.dataset, reporter)
+        old_dataset, old_latents, old_text = context.dataset, context.latents, context.text
+        try:
+            if "resolution" in changes:
+                dataset = _setup_dataset(cfg, reporter)
+                if len(dataset) != len(context.dataset):
+                    return False  # a different number of samples would change the plan
+                context.dataset = dataset
+            # each pass encodes everything once (the encoder is on the device meanwhile) and leaves the device;
+            # captions do not depend on the resolution, so their cache is kept unless its own setting changed
+            if {"cache_latents", "resolution"} & set(changes):
+                context.latents = setup_latents(cfg, models, context.dataset, reporter)
+            if "cache_text_encoder_outputs" in changes:
+                context.text = setup_text(cfg, models, context.dataset, reporter)
+        except BaseException:  # the rung is undone: the old sources, and their encoders where they need them
+            context.dataset, context.latents, context.text = old_dataset, old_latents, old_text
+            models.vae.to("cpu" if old_latents.cache_enabled else models.device)
+            on_device = not old_text.cache_enabled
+            for encoder in models.text_encoders:
+                encoder.to(models.device if on_device else "cpu")
+            models.text_on_device = on_device
+            raise
+        if session is not None:
+            session.dataset = context.dataset
         return True
 
     return apply

@@ -197,8 +197,13 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
 
     Device placement follows what is cached: the VAE is on the device while it encodes and leaves it once
     every latent is cached; frozen text encoders with cached outputs encode every caption once, then leave
-    the device too (sampling brings both back for the duration). Also used by the OOM ladder mid-run.
-    """
+    the device too (sampling brings both back for the duration). The OOM ladder re-runs one pass or the
+    other mid-run (`setup_latents`, `setup_text`)."""
+    return setup_latents(cfg, models, dataset, reporter), setup_text(cfg, models, dataset, reporter)
+
+
+def setup_latents(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> LatentSource:
+    """The latent source; with caching, every latent is encoded now and the VAE leaves the device."""
     cache_latents = cfg.cache_latents or cfg.cache_latents_to_disk
     if cache_latents and cfg.random_crop:
         reporter.event("warning", message="random_crop changes every epoch: latent caching is turned off")
@@ -218,6 +223,11 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         encoded = latents.precompute(batch_size=max(1, cfg.batch_size))
         reporter.event("info", message=f"cached latents: {encoded} encoded in {time.time() - started:.1f}s")
         models.vae.to("cpu")  # not needed on the accelerator any more
+    return latents
+
+
+def setup_text(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> TextConditioner:
+    """The text conditioner; with cached outputs, every caption is encoded now and the encoders leave."""
     cache_text = cfg.cache_text_encoder_outputs
     if cache_text and (cfg.train_text_encoder or not dataset.options.captions_fixed):
         why = "the text encoder is trained" if cfg.train_text_encoder else "captions change (dropout/shuffle)"
@@ -225,6 +235,7 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         cache_text = False
     for encoder in models.text_encoders:
         encoder.to(models.device)
+    models.text_on_device = True
     text = TextConditioner(
         models.tokenizers,
         models.forward_text_encoders or models.text_encoders,
@@ -232,13 +243,12 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
         device=models.device,
         cache=cache_text,
     )
-    models.text_on_device = True
     if cache_text:
         cache_all_captions(text, dataset)
         for encoder in models.text_encoders:
             encoder.to("cpu")
         models.text_on_device = False
-    return latents, text
+    return text
 
 
 def _place_unet(models: Models) -> None:
