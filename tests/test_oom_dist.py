@@ -36,7 +36,7 @@ class _Events:
         self.items.append({"type": type, "step": step, **fields})
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool = False) -> None:
     import os
 
     import torch.distributed as dist
@@ -49,6 +49,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["LORATUI_OOM_PLANNER"] = "0"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+    if side_group:  # as with NCCL training: the small per-step collectives go through a group of their own
+        from loratui.train.distributed import CONTROL
+
+        CONTROL.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
     try:
         result = {"world": world_size(), "max": agree_max(rank * 10 + 3), "any_false": any_rank(False),
                   "any_one": any_rank(rank == 1)}
@@ -90,11 +94,12 @@ def test_one_process_is_a_no_op() -> None:
     assert world_size() == 1 and agree_max(7) == 7 and any_rank(True) and not any_rank(False)
 
 
-def test_two_processes_agree_on_the_rung(tmp_path: Path) -> None:
+@pytest.mark.parametrize("side_group", [False, True], ids=["default-group", "control-group"])
+def test_two_processes_agree_on_the_rung(tmp_path: Path, side_group: bool) -> None:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path), side_group), nprocs=2,
+                                 join=False, start_method="spawn")
     deadline = time.time() + TIMEOUT_S
     try:
         while not context.join(timeout=1):

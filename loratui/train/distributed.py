@@ -104,6 +104,7 @@ def make_accelerator(mixed_precision: str, *, cpu: bool) -> Any:
         handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     if accelerator.num_processes > 1:
+        open_control_group()
         PEERS.learn()
     return accelerator
 
@@ -141,22 +142,47 @@ def _host_id() -> int:
     return zlib.crc32(socket.gethostname().encode())
 
 
-def _device() -> Any:
+@dataclass
+class _Control:
+    """The process group of the small per-step collectives (exchange, peers, OOM agreement)."""
+
+    group: Any = None  # None: the default group (gloo already, on the CPU)
+
+
+CONTROL = _Control()
+
+
+def open_control_group() -> None:
+    """With NCCL, a gloo group on the side for the per-step exchange: a peer that died makes gloo fail at once
+    (its socket closes), so rank 0 learns it in the next exchange and saves, where an NCCL collective would
+    block until the collective timeout. Called on every rank, in the same order, at setup."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    CONTROL.group = None
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        CONTROL.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s()))
+
+
+def control() -> tuple[Any, Any]:
+    """(group, device) for the per-step collectives."""
     import torch
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if CONTROL.group is None and dist.get_backend() == "nccl":
+        return None, torch.device("cuda", torch.cuda.current_device())
+    return CONTROL.group, torch.device("cpu")
 
 
 def _all_gather_ints(values: Sequence[int]) -> list[list[int]]:
     import torch
     import torch.distributed as dist
 
-    mine = torch.tensor(list(values), dtype=torch.int64, device=_device())
+    group, device = control()
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
     rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
+    dist.all_gather(rows, mine, group=group)
     return [[int(v) for v in row.tolist()] for row in rows]
 
 
@@ -246,11 +272,12 @@ def exchange(*, oom: bool, stop: bool, loss: float, memory: int) -> Exchanged:
     import torch
     import torch.distributed as dist
 
+    group, device = control()
     mine = torch.tensor(
-        [float(oom), float(stop), float(loss), float(memory)], dtype=torch.float64, device=_device()
+        [float(oom), float(stop), float(loss), float(memory)], dtype=torch.float64, device=device
     )
     rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
+    dist.all_gather(rows, mine, group=group)
     table = [row.tolist() for row in rows]
     return Exchanged(
         any_oom=any(r[0] > 0 for r in table),

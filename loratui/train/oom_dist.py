@@ -27,11 +27,11 @@ def agree_max(value: int) -> int:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    from loratui.train.distributed import control
+
+    group, device = control()
     flag = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
 
 
