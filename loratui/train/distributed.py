@@ -12,9 +12,10 @@ stay the same single loop. What changes with several processes lives here:
   stop, the loss of each rank and the memory of each rank (the step events carry `rank_memory`); only then
   the gradients are averaged (`all_reduce_gradients`): micro-batches run under DDP's `no_sync`, so an
   out-of-memory error on one rank never leaves the others inside a gradient all-reduce;
-- a dead peer: collectives fail (gloo at once, otherwise after the collective timeout,
-  `LORATUI_COLLECTIVE_TIMEOUT_S`, default 1800 s); the error becomes `PeerLost`, naming the rank whose
-  process is gone, and rank 0 saves a checkpoint of the last completed step before the run stops.
+- a dead peer: the exchange runs over gloo (`control`: a group of its own when training uses NCCL), which
+  fails at once when a peer's process is gone (a hung peer: after `LORATUI_COLLECTIVE_TIMEOUT_S`, default
+  1800 s); the error becomes `PeerLost`, naming the rank whose process is gone, and rank 0 saves a
+  checkpoint of the last completed step before the run stops.
 """
 
 from __future__ import annotations

@@ -440,7 +440,8 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
                     **recovering.step_fields(),
                 )
                 last_log, tokens_since_log, samples_since_log = now, 0, 0
-            if main and data.val and (step % plan.steps_per_epoch == 0 or last_step):
+            stopping = stop.requested and not last_step  # save at once: no eval or samples on the way out
+            if main and not stopping and data.val and (step % plan.steps_per_epoch == 0 or last_step):
                 with accelerator.autocast():
                     eval_loss = evaluate(side_model, data, cfg.batch_size, pad_id, device)
                 reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
@@ -451,9 +452,8 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
                 and cfg.sample_every_steps
                 and (step % cfg.sample_every_steps == 0 or last_step)
             )
-            if main and sample_due:
+            if main and sample_due and not stopping:
                 _write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
-            stopping = stop.requested and not last_step
             save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
             if (save_due or stopping) and not last_step:
                 stop.checkpoint_now.clear()

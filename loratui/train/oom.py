@@ -287,7 +287,7 @@ class RecoveringStep:
         def recording(batch: Sequence[int]) -> Any:
             seen.extend(int(i) for i in batch)
             loss = micro_loss(batch)
-            if weight != 1.0:  # DDP averages gradients over ranks: undo it (see loratui.train.distributed)
+            if weight != 1.0:  # the gradients are averaged over ranks (all_reduce_gradients): undo it
                 loss = loss * weight
             self._local_loss += float(loss.detach())
             return loss
@@ -306,9 +306,9 @@ class RecoveringStep:
                     before_update=self._before_update,
                     **self.step_kwargs,
                 )
-        except (PeerOutOfMemory, PeerLost) as exc:
-            if isinstance(exc, PeerLost):
-                raise
+        except PeerLost:
+            raise
+        except PeerOutOfMemory:
             failure = Failure(
                 "PeerOutOfMemory: another process ran out of memory",
                 self._memory(),
@@ -320,9 +320,8 @@ class RecoveringStep:
 
             if world_size() > 1 and is_comm_error(exc) and not is_oom(exc):
                 raise PeerLost(describe_loss(exc, "an optimizer step")) from exc
-            sticky = (
-                is_sticky(exc) and retrying
-            )  # a CUDA error after an out-of-memory: a new process is needed
+            # a CUDA error after an out-of-memory: a new process is needed
+            sticky = is_sticky(exc) and retrying
             if not (self.cfg.oom_recovery and (is_oom(exc) or sticky)):
                 raise
             failure = Failure(short_error(exc), self._memory(), time.perf_counter(), sticky=sticky)

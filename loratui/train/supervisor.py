@@ -34,6 +34,7 @@ from typing import Any
 from loratui.runs.events import EventReader, EventWriter
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
+from loratui.train.launcher import describe_exit
 
 EXIT_STOPPED = 130
 RESTART_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT}
@@ -54,13 +55,6 @@ def spawn_supervisor(run: RunDir) -> subprocess.Popen:
         start_new_session=True,
         env=env,
     )
-
-
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
 
 
 class Supervisor:
@@ -197,7 +191,7 @@ class Supervisor:
         if code == EXIT_RESTART:
             return "in-process out-of-memory recovery was not possible"
         if code < 0 and -code in {int(s) for s in RESTART_SIGNALS}:
-            return f"killed by {_signal_name(code)}"
+            return f"killed by {describe_exit(code)}"
         return None
 
     def _config(self) -> Any:
@@ -298,7 +292,7 @@ class Supervisor:
 
     def _fail_ranks(self, code: int) -> int:
         """Several processes ended without a final event: name the rank that failed first."""
-        from loratui.train.launcher import describe_exit, launcher_root_cause
+        from loratui.train.launcher import launcher_root_cause
 
         if self._peer_lost:  # rank 0 saw a peer stop and said what it saved
             self._fail(str(self._peer_lost[-1].get("message")))
@@ -346,7 +340,7 @@ class Supervisor:
             return self._stopped_between_workers()
         if code == 0:
             return 0
-        what = _signal_name(code) if code < 0 else f"exit code {code}"
+        what = describe_exit(code)
         self._fail(f"the worker ended ({what}) without recording why; see {self.run.path / 'worker.log'}")
         return 1 if code < 0 else code
 

@@ -2,7 +2,10 @@
 
 Reads the run directory's resolved `config.yaml` and `launch.json`, runs the trainer for the task type, and
 records the outcome in `events.jsonl` / `status.json` (with several processes, started by accelerate's
-launcher, every rank runs this and only rank 0 writes; see `loratui.train.distributed`). Exit codes: 0 finished, 130 stopped, 1 failed,
+launcher, every rank runs this and only rank 0 writes; see `loratui.train.distributed`).
+
+Exit codes: 0 finished (also a rank other than 0 after an agreed stop), 130 stopped, 1 failed (with several
+processes, rank 0 after losing a peer leaves a `peer_lost` warning and the supervisor records the end),
 2 the trainer for this task is not available, 75 (`oom.EXIT_RESTART`) out of memory that only a restart from
 the last checkpoint can fix (the supervisor does it, with the lowered settings already in config.yaml).
 """
