@@ -81,6 +81,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool 
                       events=[(e["type"], e.get("rung")) for e in events.items], weight=model.weight.tolist())
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
+        dist.barrier()  # as the worker's `finish`: no rank closes its connections under a peer still sending
         dist.destroy_process_group()
 
 

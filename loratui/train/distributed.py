@@ -333,16 +333,22 @@ def memory_now() -> tuple[int, str]:
     return 0, "rss"
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op with one process); a lost peer raises `PeerLost`."""
+def finish() -> None:
+    """At a normal end with several processes: wait until every rank is done (rank 0 may still be saving),
+    then close the process groups, so that no rank tears its connections down under a peer still inside a
+    collective. Best effort and silent: a failure here must not turn a finished run into a failed launch."""
     if world_size() == 1:
         return
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
-    with peer_errors("the end of training"):
-        dist.barrier()
+    with contextlib.suppress(Exception):
+        group, _device = control()
+        dist.barrier(group=group)  # gloo: never blocks a CUDA stream
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+    CONTROL.group = None
 
 
 # --- a dead peer ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
 
 def run_job(job: WorkerJob) -> int:
     """Dispatch to the trainer of the task type; returns the process exit code."""
-    from loratui.train.distributed import PeerLost, is_main, rank, world_size
+    from loratui.train.distributed import PeerLost, finish, is_main, rank, world_size
     from loratui.train.launcher import RESTART_TAG
     from loratui.train.oom import EXIT_RESTART, RestartNeeded
     from loratui.train.oom_cache import apply_cached_settings
@@ -96,6 +96,7 @@ def run_job(job: WorkerJob) -> int:
                     traceback=traceback.format_exc(),
                 )
         return 1
+    finish()  # every rank waits here for rank 0's last save, then the process groups close
     if state == "stopped" and not is_main():
         return 0  # this rank's part ended as agreed; rank 0 records the stop (a non-zero exit would make
         # the launcher tear down rank 0 while it saves)
