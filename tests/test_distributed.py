@@ -181,10 +181,16 @@ def test_sd_two_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_
     # scale with lr (2e-4 gives 1.1e-5).
     data = make_image_dataset(tmp_path / "data", 8)
     common = {"epochs": 1, "resolution": 128, "save_steps": 1, "lora_dropout": 0.0, "learning_rate": "1e-4"}
-    two = seed_like_config(tmp_path / "two", tiny_sd15, data, batch_size=2, **common)
+    # the 2-process run caches latents on disk, each process encoding half of them (the uncached 1-process
+    # run sees the same numbers: a cached latent is the posterior mean, as an uncached one)
+    two = seed_like_config(tmp_path / "two", tiny_sd15, data, batch_size=2, cache_latents_to_disk=True, **common)
     run, supervisor = _start(load_config(two), 2)
     assert _finish(run, supervisor) == 0, _log(run)
     events = read_events(run.events_path)
+    cached = [e["message"] for e in events if e["type"] == "info" and "cached latents" in e["message"]]
+    assert len(cached) == 1 and cached[0].startswith("cached latents: 4 encoded by this process"), cached
+    assert "0 not found on disk" in cached[0]
+    assert len(list((tmp_path / "two" / "runs" / ".cache" / "latents").glob("*.safetensors"))) == 8
     assert [e["type"] for e in events].count("run_started") == 1
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [1, 2]
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-1", "step-2"]

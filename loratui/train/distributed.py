@@ -333,6 +333,19 @@ def memory_now() -> tuple[int, str]:
     return 0, "rss"
 
 
+def barrier(where: str) -> None:
+    """Wait for every rank (no-op with one process); a lost peer raises `PeerLost`."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    group, _device = control()
+    with peer_errors(where):
+        dist.barrier(group=group)
+
+
 def finish() -> None:
     """At a normal end with several processes: wait until every rank is done (rank 0 may still be saving),
     then close the process groups, so that no rank tears its connections down under a peer still inside a

@@ -109,9 +109,17 @@ class LatentSource:
                 found[view.cache_key] = latent.cpu()
         return torch.stack([found[view.cache_key] for view in views]).to(self.device)
 
-    def precompute(self, batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> int:
-        """Encode every (image, crop, flip) the run can use; returns how many were encoded now."""
-        views = self.dataset.views_for_caching()
+    def precompute(
+        self,
+        batch_size: int = 4,
+        progress: Callable[[int, int], None] | None = None,
+        share: tuple[int, int] = (0, 1),
+    ) -> int:
+        """Encode every (image, crop, flip) the run can use; returns how many were encoded now.
+
+        `share=(i, n)`: only every n-th view from the i-th (one process's part of a split caching pass)."""
+        index, count = share
+        views = self.dataset.views_for_caching()[index::count]
         todo = [v for v in views if self._lookup(v.cache_key) is None]
         by_bucket: dict[tuple[int, int], list[SampleView]] = {}
         for view in todo:

@@ -199,11 +199,17 @@ def _setup_caches(cfg, job: WorkerJob, models: Models, dataset: SDDataset, repor
     every latent is cached; frozen text encoders with cached outputs encode every caption once, then leave
     the device too (sampling brings both back for the duration). The OOM ladder re-runs one pass or the
     other mid-run (`setup_latents`, `setup_text`)."""
-    return setup_latents(cfg, models, dataset, reporter), setup_text(cfg, models, dataset, reporter)
+    latents = setup_latents(cfg, models, dataset, reporter, split_across_processes=True)
+    return latents, setup_text(cfg, models, dataset, reporter)
 
 
-def setup_latents(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> LatentSource:
-    """The latent source; with caching, every latent is encoded now and the VAE leaves the device."""
+def setup_latents(
+    cfg, models: Models, dataset: SDDataset, reporter: Reporter, *, split_across_processes: bool = False
+) -> LatentSource:
+    """The latent source; with caching, every latent is encoded now and the VAE leaves the device.
+
+    `split_across_processes` (the start of a run, which every process reaches together): with several
+    processes and the disk cache, each process encodes its share, then reads the others' shares from disk."""
     cache_latents = cfg.cache_latents or cfg.cache_latents_to_disk
     if cache_latents and cfg.random_crop:
         reporter.event("warning", message="random_crop changes every epoch: latent caching is turned off")
@@ -220,10 +226,28 @@ def setup_latents(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -
     )
     if cache_latents:
         started = time.time()
-        encoded = latents.precompute(batch_size=max(1, cfg.batch_size))
-        reporter.event("info", message=f"cached latents: {encoded} encoded in {time.time() - started:.1f}s")
+        split = split_across_processes and disk is not None
+        encoded, how = _precompute_latents(latents, max(1, cfg.batch_size), split=split)
+        reporter.event(
+            "info", message=f"cached latents: {encoded} encoded{how} in {time.time() - started:.1f}s"
+        )
         models.vae.to("cpu")  # not needed on the accelerator any more
     return latents
+
+
+def _precompute_latents(latents: LatentSource, batch_size: int, *, split: bool) -> tuple[int, str]:
+    """(latents this process encoded, how the work was split): with `split` and several processes, each
+    encodes every n-th latent to the disk cache, all wait for each other, then each loads the rest; a latent
+    another process wrote where this one cannot see it (another machine's disk) is encoded here."""
+    from loratui.train.distributed import barrier, rank, world_size
+
+    processes = world_size()
+    if not split or processes == 1:
+        return latents.precompute(batch_size=batch_size), ""
+    mine = latents.precompute(batch_size=batch_size, share=(rank(), processes))
+    barrier("latent caching")
+    rest = latents.precompute(batch_size=batch_size)
+    return mine + rest, f" by this process (its share of {processes} processes, and {rest} not found on disk)"
 
 
 def setup_text(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> TextConditioner:
