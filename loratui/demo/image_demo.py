@@ -9,21 +9,18 @@ loads and changes the output.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loratui.demo.image_assets import TRIGGER, write_dataset
+from loratui.demo.session import demo_session
+from loratui.demo.session import say as _say
 
 DEFAULT_STEPS = 40
 RESOLUTION = 64
 PROMPT = f"{TRIGGER}, a red circle, flat colours, plain background"
-
-
-def _say(console: Any, text: str = "") -> None:
-    console.print(text, markup=False, highlight=False)
 
 
 def _check(console: Any, data: Path) -> bool:
@@ -100,58 +97,41 @@ def _before_after(out: Path, model: Path, lora: Path) -> tuple[Path, int, float]
 
 def run_demo(out: Path, steps: int | None = None, console: Any = None) -> int:
     """Run the image demo in `out`; returns the exit code."""
-    import torch
-
-    from loratui.config import load_config
     from loratui.runs.events import read_events
     from loratui.tiny_models.sd import build_tiny_sd
-    from loratui.train.launch import prepare_run
     from loratui.train.sd_trainer import train
     from loratui.train.worker import WorkerJob
 
-    if console is None:
-        from rich.console import Console
-
-        console = Console()
-    out = Path(out).absolute()
-    steps = steps or DEFAULT_STEPS
-    started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains faster on one thread
-    try:
-        _say(console, "loratui demo (image): a tiny Stable Diffusion 1.5-layout model with RANDOM weights,")
-        _say(console, "built from bundled configs; its pictures are noise. Nothing is downloaded.")
+    with demo_session(out, steps, DEFAULT_STEPS, console) as demo:
+        out, steps, console = demo.out, demo.steps, demo.console
+        demo.say("loratui demo (image): a tiny Stable Diffusion 1.5-layout model with RANDOM weights,")
+        demo.say("built from bundled configs; its pictures are noise. Nothing is downloaded.")
         model = build_tiny_sd(out / "models" / "tiny-sd15", "sd15")
-        _say(console, f"tiny model (random weights, for the demo only): {model}")
+        demo.say(f"tiny model (random weights, for the demo only): {model}")
         data = write_dataset(out / "data")
-        _say(console, f"dataset: 8 drawn shapes with captions in {data}")
+        demo.say(f"dataset: 8 drawn shapes with captions in {data}")
         if not _check(console, data):
-            _say(console, f"the demo dataset failed its check; run `loratui check {data}`")
+            demo.say(f"the demo dataset failed its check; run `loratui check {data}`")
             return 1
         config_path = _write_config(out, model, data, steps)
-        resolved = load_config(config_path)
-        run, _ = prepare_run(resolved, resume=None, overwrite=True)
-        _say(console, f"training {steps} steps on the CPU; run directory {run.path}")
+        resolved, run = demo.start_run(config_path)
+        demo.say(f"training {steps} steps on the CPU; run directory {run.path}")
         state = train(WorkerJob(run, resolved, None, True))
         if state != "finished":
-            _say(console, f"training {state}")
+            demo.say(f"training {state}")
             return 1
         events = read_events(run.events_path)
         losses = [e["loss"] for e in events if e["type"] == "step"]
         exported = next(Path(e["path"]) for e in events if e["type"] == "export")
         usage = next(e["usage"] for e in events if e["type"] == "export")
         samples = [e["path"] for e in events if e["type"] == "sample"]
-        _say(console, f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} (random model: the loss is noisy)")
+        demo.say(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} (random model: the loss is noisy)")
         image, layers, change = _before_after(out, model, exported)
-        _say(
-            console,
+        demo.say(
             f"reloaded {exported.name} with diffusers: {layers} LoRA layers in the UNet; the same seed renders "
             f"differently (mean pixel change {change:.1f}/255)",
         )
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - started
-    _summary(console, config_path, run.path, exported, usage, image, samples, seconds)
+    _summary(console, config_path, run.path, exported, usage, image, samples, demo.seconds())
     return 0
 
 

@@ -9,19 +9,17 @@ the data's wording, not medicine.
 from __future__ import annotations
 
 import shutil
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loratui.demo.session import demo_session
+from loratui.demo.session import say as _say
+
 DEFAULT_STEPS = 120
 PROMPTS = ["患者：头痛三天，体温正常，该吃什么药？", "Patient: I twisted my ankle and it is swollen."]
-
-
-def _say(console: Any, text: str = "") -> None:
-    console.print(text, markup=False, highlight=False)
 
 
 def _bundled_data(dest: Path) -> Path:
@@ -94,42 +92,27 @@ def _compare(console: Any, result: Any, batch_size: int) -> None:
 
 def run_demo(out: Path, steps: int | None = None, console: Any = None) -> int:
     """Run the text demo in `out`; returns the exit code."""
-    import torch
-
-    from loratui.config import load_config
     from loratui.runs.events import read_events
     from loratui.tiny_models.llama import build_tiny_llama
-    from loratui.train.launch import prepare_run
     from loratui.train.llm_trainer import run_training
     from loratui.train.worker import WorkerJob
 
-    if console is None:
-        from rich.console import Console
-
-        console = Console()
-    out = Path(out).absolute()
-    steps = steps or DEFAULT_STEPS
-    started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains faster on one thread
-    try:
+    with demo_session(out, steps, DEFAULT_STEPS, console) as demo:
+        out, steps, console = demo.out, demo.steps, demo.console
         model_dir = build_tiny_llama(out / "models" / "tiny-llama")
-        _say(console, f"tiny model (random weights, for the demo only): {model_dir}")
+        demo.say(f"tiny model (random weights, for the demo only): {model_dir}")
         data = _bundled_data(out / "data" / "medical_qa.jsonl")
         if not _check(console, data, model_dir):
-            _say(console, f"the bundled dataset failed its check; run `loratui check {data}`")
+            demo.say(f"the bundled dataset failed its check; run `loratui check {data}`")
             return 1
         config_path = _write_config(out, model_dir, data, steps)
-        resolved = load_config(config_path)
-        run, _ = prepare_run(resolved, resume=None, overwrite=True)
-        _say(console, f"training {steps} steps; run directory {run.path}")
+        resolved, run = demo.start_run(config_path)
+        demo.say(f"training {steps} steps; run directory {run.path}")
         result = run_training(WorkerJob(run, resolved, None, True), console=True)
         losses = [e["loss"] for e in read_events(run.events_path) if e["type"] == "step"]
-        _say(console, f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        demo.say(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         _compare(console, result, resolved.config.batch_size)
-    finally:
-        torch.set_num_threads(threads)
-    _summary(console, out, config_path, run.path, result.adapter_dir, time.perf_counter() - started)
+    _summary(console, out, config_path, run.path, result.adapter_dir, demo.seconds())
     return 0
 
 
