@@ -37,6 +37,16 @@ def offline_env() -> Iterator[None]:
         yield
 
 
+@pytest.fixture()
+def subprocess_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment for tests that start the supervisor / worker processes: this checkout importable, one
+    thread each, a private OOM cache, and no simulated card inherited from the caller."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Tiny random-weight models (built once per session from the configs bundled in loratui.tiny_models).
 # --------------------------------------------------------------------------------------------------

@@ -25,17 +25,13 @@ from loratui.runs.events import read_events
 from loratui.train.launch import prepare_run, start_worker
 from loratui.train.launcher import Processes
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
 
 
 @pytest.fixture()
-def subprocess_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+def subprocess_env(subprocess_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's worker environment, a short collective timeout, and a hostile default accelerate config."""
     monkeypatch.setenv("LORATUI_COLLECTIVE_TIMEOUT_S", "60")
-    monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
     # a user's default accelerate config made for another job: our launches must not read it
     hf_home = tmp_path / "hf_home"
     (hf_home / "accelerate").mkdir(parents=True)

@@ -18,16 +18,7 @@ from loratui.config import ResolvedConfig
 from loratui.runs.events import read_events
 from loratui.train.launch import prepare_run, start_worker
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
-
-
-@pytest.fixture()
-def subprocess_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
