@@ -162,3 +162,54 @@ def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(tmp_path: Pa
     assert 48 <= lowered < 96 and f"max_seq_len: {lowered}\n" in job.run.config_path.read_text()
     assert [e["sample_indices"] for e in _events(job, "step")] == [StepPlan(8, 4, 1, 3, 42).samples_for_step(s)
                                                                    for s in range(3)]
+
+
+def test_out_of_memory_in_samples_or_evaluation_skips_them_and_training_goes_on(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loratui.sample.llm_sample as llm_sample
+    import loratui.train.llm_trainer as llm_trainer
+
+    def no_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    evaluations = []
+    real_evaluate = llm_trainer.evaluate
+
+    def evaluate_once_short(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 1:
+            no_memory()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(llm_sample, "generate_answer", no_memory)
+    monkeypatch.setattr(llm_trainer, "evaluate", evaluate_once_short)
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
+    cfg = make_config(tiny_llama, data, tmp_path, max_steps=4, val_split=0.25, sample_prompts=["头痛怎么办？"],
+                      sample_every_steps=2)
+    job = make_job(cfg)
+    result = run_training(job, console=False)
+
+    assert result.state == "finished" and result.step == 4
+    assert [e["step"] for e in _events(job, "step")] == [1, 2, 3, 4]
+    skipped = [(e["skipped"], e["step"]) for e in _events(job, "warning") if e.get("skipped")]
+    # 6 training rows at batch 2: an epoch is 3 steps; evaluation after each epoch and at the last step
+    assert skipped == [("samples", 2), ("evaluation", 3), ("samples", 4)] and not _events(job, "sample")
+    assert all("out of memory (OutOfMemoryError: CUDA out of memory" in e["message"]
+               for e in _events(job, "warning") if e.get("skipped"))
+    assert len(evaluations) == 2 and [e["step"] for e in _events(job, "eval")] == [4]  # the next one ran
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_other_errors_in_samples_still_fail_the_run(tmp_path: Path, tiny_llama: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import loratui.sample.llm_sample as llm_sample
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("template error")
+
+    monkeypatch.setattr(llm_sample, "generate_answer", broken)
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
+    job = make_job(make_config(tiny_llama, data, tmp_path, max_steps=2, sample_prompts=["hi"], sample_every_steps=1))
+    with pytest.raises(ValueError, match="template error"):
+        run_training(job, console=False)

@@ -149,6 +149,30 @@ def test_samples_are_rendered_during_training(tiny_sd15, tmp_path):
     assert Image.open(samples[0]["path"]).size == (64, 64)
 
 
+def test_samples_that_run_out_of_memory_are_skipped_and_training_goes_on(tiny_sd15, tmp_path, monkeypatch):
+    import loratui.sample.sd_sample as sd_sample
+
+    real_save_png, calls = sd_sample.save_png, []
+
+    def first_runs_out(image, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real_save_png(image, path)
+
+    monkeypatch.setattr(sd_sample, "save_png", first_runs_out)
+    data = make_image_dataset(tmp_path / "data", 4)
+    config = seed_like_config(tmp_path, tiny_sd15, data, epochs=2, sample_prompts=["a red circle"],
+                              sample_every_steps=1, save_steps=None)
+    job = make_job(config)
+    assert train(job) == "finished"
+    assert [e["step"] for e in events_of(job.run, "step")] == [1, 2]
+    skipped = [e for e in events_of(job.run, "warning") if e.get("skipped")]
+    assert [(e["skipped"], e["step"]) for e in skipped] == [("samples", 1)]
+    assert "out of memory" in skipped[0]["message"] and "loratui sample" in skipped[0]["message"]
+    assert [e["step"] for e in events_of(job.run, "sample")] == [2]
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(tiny_sd15, tmp_path):
     data = make_image_dataset(tmp_path / "data", 4)
     job = make_job(seed_like_config(tmp_path, tiny_sd15, data, max_steps=200, save_steps=None, batch_size=1))

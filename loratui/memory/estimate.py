@@ -389,7 +389,8 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         if getattr(cfg, "sample_prompts", None) and moved:
             notes.append(
                 f"sample images during training bring {' and '.join(moved)} back to the GPU for a moment: "
-                "not included above; keep some headroom or sample after training (`loratui sample`)"
+                "not included above (a sample that does not fit is skipped with a warning; `loratui sample` "
+                "renders them after training)"
             )
     return Estimate(
         sum(parts.values()),

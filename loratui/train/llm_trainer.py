@@ -25,6 +25,8 @@ from loratui.train.worker import WorkerJob
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SAMPLE_TOKENS = 64
+SAMPLE_HINT = "Try samples after training instead (`loratui sample --compare`), or fewer sample_prompts."
+EVAL_HINT = "Evaluation runs at batch_size on one GPU; set val_split: 0 to turn it off."
 
 
 @dataclass
@@ -306,7 +308,7 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
         plan_batch,
         resume_note,
     )
-    from loratui.train.oom import RecoveringStep
+    from loratui.train.oom import RecoveringStep, skipped_when_out_of_memory
     from loratui.train.oom_llm import chunked_token_loss_sum, cut_data, data_seq_len, llm_rung_applier
     from loratui.train.optim import build_optimizer, build_scheduler
     from loratui.train.plan import StepPlan
@@ -442,18 +444,20 @@ def run_training(job: WorkerJob, *, stop: Any = None, console: bool = True) -> T
                 last_log, tokens_since_log, samples_since_log = now, 0, 0
             stopping = stop.requested and not last_step  # save at once: no eval or samples on the way out
             if main and not stopping and data.val and (step % plan.steps_per_epoch == 0 or last_step):
-                with accelerator.autocast():
-                    eval_loss = evaluate(side_model, data, cfg.batch_size, pad_id, device)
-                reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
-                if reporter.tensorboard is not None:
-                    reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
+                with skipped_when_out_of_memory(reporter, "evaluation", step, EVAL_HINT):
+                    with accelerator.autocast():
+                        eval_loss = evaluate(side_model, data, cfg.batch_size, pad_id, device)
+                    reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
+                    if reporter.tensorboard is not None:
+                        reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
             sample_due = (
                 cfg.sample_prompts
                 and cfg.sample_every_steps
                 and (step % cfg.sample_every_steps == 0 or last_step)
             )
             if main and sample_due and not stopping:
-                _write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
+                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
+                    _write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
             save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
             if (save_due or stopping) and not last_step:
                 stop.checkpoint_now.clear()

@@ -27,7 +27,7 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,33 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def skipped_when_out_of_memory(reporter: Any, what: str, step: int, hint: str) -> Iterator[None]:
+    """Side outputs (samples, evaluation) are not worth the run: running out of memory in one skips it with a
+    `warning` event (`skipped: what`) and training goes on; any other error propagates."""
+    failure = None
+    try:
+        yield
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        failure = short_error(exc)
+    if failure is None:
+        return
+    # here, past the `except` block: its traceback (and the tensors it holds) is gone
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    reporter.event(
+        "warning",
+        step,
+        message=f"{what} at step {step} skipped: out of memory ({failure}); training goes on. {hint}",
+        skipped=what,
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from loratui.export.kohya import KohyaInfo
 from loratui.export.sd_export import ExportError, check_output, export_checkpoint, usage_string
 from loratui.train.checkpointing import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from loratui.train.oom import RecoveringStep
+from loratui.train.oom import RecoveringStep, skipped_when_out_of_memory
 from loratui.train.oom_sd import cache_all_captions, sd_meter_modules, sd_rung_applier
 from loratui.train.optim import build_optimizer, build_scheduler
 from loratui.train.plan import StepPlan
@@ -46,6 +46,10 @@ from loratui.train.signals import StopRequest
 from loratui.train.worker import WorkerJob
 
 SAMPLE_STEPS = 20
+SAMPLE_HINT = (
+    "Sampling brings the VAE and text encoders back to the GPU; render samples after training instead "
+    "(`loratui sample`), or leave sample_prompts out."
+)
 
 
 @dataclass
@@ -678,8 +682,9 @@ def _train(job: WorkerJob, reporter: Reporter, stop_after_step: int | None) -> s
                 if session.last_saved != step:
                     session.save(step)
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
-                for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
-                    reporter.event("sample", step, path=str(path))
+                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
+                    for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
+                        reporter.event("sample", step, path=str(path))
             if stopping and step < step_plan.total_steps:
                 reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
                 return "stopped"
