@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ def make_accelerator(mixed_precision: str, *, cpu: bool) -> Any:
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s())))
         # no collective inside forward: the frozen buffers are the same on every rank (see all_reduce_gradients)
         handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
+        # torch's DDP calls broadcast_buffers deprecated, but its replacement still syncs buffers at init and
+        # the warning itself says to keep broadcast_buffers=False meanwhile: not news for the run's log
+        warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     if accelerator.num_processes > 1:
         open_control_group()
