@@ -5,8 +5,8 @@
     python bench/bench_launcher_overhead.py --config x.yaml --steps 60 --repeats 2   # your own SD/LLM config
 
 Each measurement is a fresh run directory trained by the worker exactly as `loratui train` starts it: once bare
-(`python -m loratui.train.worker RUN`, what one GPU uses) and once through
-`python -m accelerate.commands.launch --num_processes 1 -m loratui.train.worker RUN`. samples/s is the median
+(`python -m loratui.train.process.worker RUN`, what one GPU uses) and once through
+`python -m accelerate.commands.launch --num_processes 1 -m loratui.train.process.worker RUN`. samples/s is the median
 of the step events after the first `--warmup` steps. Prints both figures and their ratio (launcher / bare;
 1.00 means no overhead). Without --config, a random-weight Llama of `--size` (bench_llm_common) is built and
 trained on the bundled QA records. Needs a GPU for the figure that matters; on a CPU it measures CPU training.
@@ -31,13 +31,13 @@ def _run_once(config: Path, steps: int, through_launcher: bool, runs_dir: Path) 
     """(median samples/s, wall seconds) of one run."""
     from loratui.config import load_config
     from loratui.runs.events import read_events
-    from loratui.train.launch import prepare_run
+    from loratui.train.process.launch import prepare_run
 
     resolved = load_config(config, flags={"max_steps": steps, "runs_dir": str(runs_dir), "save_steps": None})
     resolved.config.output_dir = str(runs_dir / "out")
     resolved.config.sample_prompts = []
     run, _ = prepare_run(resolved, resume=None, overwrite=True)
-    worker = ["-m", "loratui.train.worker", str(run.path)]
+    worker = ["-m", "loratui.train.process.worker", str(run.path)]
     launcher = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     argv = [sys.executable, *(launcher if through_launcher else []), *worker]

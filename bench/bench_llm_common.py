@@ -17,15 +17,32 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 SIZES: dict[str, dict[str, Any]] = {
     # ~7M parameters: small enough for a CPU, big enough that compute dominates a step.
-    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
-              "num_key_value_heads": 4, "vocab_size": 1000},
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 1000,
+    },
     # TinyLlama-1.1B shape (Llama architecture, GQA), 32k vocabulary.
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-           "num_key_value_heads": 4, "vocab_size": 32000},
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
 }
 
 
@@ -41,8 +58,13 @@ def build_model(dest: Path, size: str, *, dtype: str = "float32", seed: int = 0)
         return dest
     tiny = build_tiny_llama(dest.parent / "tokenizer-source")
     config = transformers.LlamaConfig(
-        **SIZES[size], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False, dtype=dtype,
+        **SIZES[size],
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        dtype=dtype,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -73,7 +95,10 @@ def write_dataset(path: Path, n: int, *, short: bool = False, seed: int = 0) -> 
             rec = dict(base[i % len(base)])
             rec.pop("system", None)
             if short:
-                rec = {"prompt": rec["prompt"][: rng.randint(6, 14)], "response": rec["response"][: rng.randint(8, 24)]}
+                rec = {
+                    "prompt": rec["prompt"][: rng.randint(6, 14)],
+                    "response": rec["response"][: rng.randint(8, 24)],
+                }
             rec["prompt"] = f"{rec['prompt']} #{i}"
             handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path
@@ -82,7 +107,23 @@ def write_dataset(path: Path, n: int, *, short: bool = False, seed: int = 0) -> 
 def write_text_dataset(path: Path, n: int, words: int, seed: int = 0) -> Path:
     """`n` raw-text records of about `words` words (for fixed-length GPU runs)."""
     rng = random.Random(seed)
-    vocab = ["the", "patient", "doctor", "fever", "rest", "water", "pain", "sleep", "head", "throat", "cough", "day", "week", "take", "see"]
+    vocab = [
+        "the",
+        "patient",
+        "doctor",
+        "fever",
+        "rest",
+        "water",
+        "pain",
+        "sleep",
+        "head",
+        "throat",
+        "cough",
+        "day",
+        "week",
+        "take",
+        "see",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(n):
@@ -94,7 +135,7 @@ def job_for(values: dict[str, Any]):
     """A WorkerJob with a fresh run directory for a config dict."""
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
 
     cfg = TrainConfig(**values)
     run = create_run_dir(Path(cfg.runs_dir), cfg.name)
@@ -105,7 +146,9 @@ def step_rates(events: list[dict[str, Any]], skip: int = 1, clock: str = "time")
     """tokens/s of each step after the first `skip` (warm-up), from the step events' wall-clock times
     (`clock="time"`) or the process CPU time (`clock="process_cpu_s"`)."""
     steps = [e for e in events if e["type"] == "step"]
-    return [b["tokens"] / (b[clock] - a[clock]) for a, b in zip(steps[skip - 1 :], steps[skip:], strict=False)]
+    return [
+        b["tokens"] / (b[clock] - a[clock]) for a, b in zip(steps[skip - 1 :], steps[skip:], strict=False)
+    ]
 
 
 def machine() -> str:

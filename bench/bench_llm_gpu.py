@@ -23,7 +23,20 @@ from pathlib import Path
 
 from bench_llm_common import build_model, job_for, machine, step_rates
 
-WORDS = ["the", "patient", "doctor", "fever", "rest", "water", "pain", "sleep", "head", "throat", "cough", "day"]
+WORDS = [
+    "the",
+    "patient",
+    "doctor",
+    "fever",
+    "rest",
+    "water",
+    "pain",
+    "sleep",
+    "head",
+    "throat",
+    "cough",
+    "day",
+]
 
 
 def exact_length_dataset(path: Path, tokenizer, n: int, tokens: int, seed: int = 0) -> Path:
@@ -41,31 +54,35 @@ def exact_length_dataset(path: Path, tokenizer, n: int, tokens: int, seed: int =
     return path
 
 
-def one_run(work: Path, model: Path, data: Path, seq: int, mode: str, steps: int, checkpointing: bool) -> dict:
+def one_run(
+    work: Path, model: Path, data: Path, seq: int, mode: str, steps: int, checkpointing: bool
+) -> dict:
     import torch
 
     from loratui.runs.events import read_events
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    job = job_for({
-        "task_type": "text-generation",
-        "base_model": str(model),
-        "train_data_dir": str(data),
-        "output_dir": str(work / f"out-{mode}-{seq}"),
-        "runs_dir": str(work / "runs"),
-        "lora_rank": 16,
-        "batch_size": 1,
-        "max_steps": steps,
-        "max_seq_len": seq,
-        "mixed_precision": "bf16",
-        "load_in_4bit": mode == "qlora",
-        "gradient_checkpointing": checkpointing,
-        "seed": 0,
-    })
+    job = job_for(
+        {
+            "task_type": "text-generation",
+            "base_model": str(model),
+            "train_data_dir": str(data),
+            "output_dir": str(work / f"out-{mode}-{seq}"),
+            "runs_dir": str(work / "runs"),
+            "lora_rank": 16,
+            "batch_size": 1,
+            "max_steps": steps,
+            "max_seq_len": seq,
+            "mixed_precision": "bf16",
+            "load_in_4bit": mode == "qlora",
+            "gradient_checkpointing": checkpointing,
+            "seed": 0,
+        }
+    )
     result = run_training(job, console=False)
     events = read_events(job.run.events_path)
     rates = step_rates(events, skip=2)
@@ -75,7 +92,8 @@ def one_run(work: Path, model: Path, data: Path, seq: int, mode: str, steps: int
         "checkpointing": checkpointing,
         "tokens_per_s": statistics.median(rates),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": max((e.get("memory_peak", 0) for e in events if e["type"] == "step"), default=0) / 2**30,
+        "peak_reserved_gib": max((e.get("memory_peak", 0) for e in events if e["type"] == "step"), default=0)
+        / 2**30,
     }
     del result
     gc.collect()
@@ -124,8 +142,10 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for r in rows:
             alloc = f"{r['peak_allocated_gib']:.2f}" if r["peak_allocated_gib"] is not None else "-"
-            print(f"| {r['mode']} | {r['seq']} | {r['checkpointing']} | {r['tokens_per_s']:.0f} | {alloc} "
-                  f"| {r['peak_reserved_gib']:.2f} |")
+            print(
+                f"| {r['mode']} | {r['seq']} | {r['checkpointing']} | {r['tokens_per_s']:.0f} | {alloc} "
+                f"| {r['peak_reserved_gib']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

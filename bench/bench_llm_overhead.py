@@ -46,7 +46,7 @@ def _config(work: Path, model: Path, data: Path, steps: int, tag: str) -> dict:
 
 def run_loratui(values: dict) -> dict[str, list[float]]:
     from loratui.runs.events import read_events
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     job = job_for(values)
     run_training(job, console=False)
@@ -62,16 +62,23 @@ def run_bare(values: dict, same_loss: bool = False) -> dict[str, list[float]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratui.train.llm_data import build_llm_data, collate
-    from loratui.train.plan import StepPlan, split_micro_batches
+    from loratui.models.llm.batches import build_llm_data, collate
+    from loratui.train.loop.plan import StepPlan, split_micro_batches
 
     tok = AutoTokenizer.from_pretrained(values["base_model"], local_files_only=True)
     data = build_llm_data(values["train_data_dir"], tok, tok.chat_template, max_seq_len=values["max_seq_len"])
     model = AutoModelForCausalLM.from_pretrained(values["base_model"], local_files_only=True)
     model.config.use_cache = False
     torch.manual_seed(values["seed"])
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                   "o_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=values["learning_rate"], weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -85,9 +92,13 @@ def run_bare(values: dict, same_loss: bool = False) -> dict[str, list[float]]:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
                 labels = batch.labels[:, 1:]
                 keep = labels != -100
-                loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum") / batch.num_targets
+                loss = (
+                    F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum") / batch.num_targets
+                )
             else:
-                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+                loss = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+                ).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -106,14 +117,16 @@ def reporter_cost(work: Path, calls: int = 50) -> float:
     """Wall-clock seconds per `Reporter.step` call (event line, status.json with fsync, TensorBoard scalars):
     the per-step bookkeeping that CPU time alone would not show when it waits for the disk."""
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.reporting import Reporter
+    from loratui.train.loop.reporting import Reporter
 
     reporter = Reporter(create_run_dir(work / "runs", "reporter-cost"), calls + 1, console=False)
     reporter.started()
     reporter.step(1, 0, 1.0, 1e-4, 4)  # first call opens the TensorBoard writer
     start = time.perf_counter()
     for step in range(2, calls + 2):
-        reporter.step(step, 0, 1.0, 1e-4, 4, grad_norm=0.5, tokens=512, tokens_per_s=1000.0, target_tokens=100)
+        reporter.step(
+            step, 0, 1.0, 1e-4, 4, grad_norm=0.5, tokens=512, tokens_per_s=1000.0, target_tokens=100
+        )
     elapsed = (time.perf_counter() - start) / calls
     reporter.close()
     return elapsed
@@ -154,18 +167,25 @@ def main() -> None:
                 got = runners[name](values)
                 for clock in ("wall", "cpu"):
                     rates[name][clock].extend(got[clock])
-                print(f"repeat {r + 1} {name:15s} median {statistics.median(got['wall']):8.0f} tokens/s wall, "
-                      f"{statistics.median(got['cpu']):8.0f} tokens per CPU-s", flush=True)
+                print(
+                    f"repeat {r + 1} {name:15s} median {statistics.median(got['wall']):8.0f} tokens/s wall, "
+                    f"{statistics.median(got['cpu']):8.0f} tokens per CPU-s",
+                    flush=True,
+                )
         print(f"machine: {machine()}")
         cost = reporter_cost(work)
         step_s = 4 * 128 / statistics.median(rates["loratui"]["cpu"])
-        print(f"Reporter.step: {cost * 1000:.2f} ms wall per step (~{100 * cost / step_s:.1f}% of a "
-              f"~{step_s * 1000:.0f} ms step of this model)")
+        print(
+            f"Reporter.step: {cost * 1000:.2f} ms wall per step (~{100 * cost / step_s:.1f}% of a "
+            f"~{step_s * 1000:.0f} ms step of this model)"
+        )
         for clock, label in (("wall", "tokens/s (wall clock)"), ("cpu", "tokens per process CPU second")):
             med = {name: statistics.median(values[clock]) for name, values in rates.items()}
             print(f"median {label}: " + ", ".join(f"{k} {v:.0f}" for k, v in med.items()))
-            print(f"  ratio loratui / bare-same-loss = {med['loratui'] / med['bare-same-loss']:.3f} (trainer overhead); "
-                  f"loratui / bare (model's own loss) = {med['loratui'] / med['bare']:.3f}")
+            print(
+                f"  ratio loratui / bare-same-loss = {med['loratui'] / med['bare-same-loss']:.3f} (trainer overhead); "
+                f"loratui / bare (model's own loss) = {med['loratui'] / med['bare']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def _values(work: Path, model: Path, data: Path, tag: str, steps: int, **extra) 
 
 def _run(values: dict) -> tuple[dict[str, list[float]], dict]:
     from loratui.runs.events import read_events
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     job = job_for(values)
     result = run_training(job, console=False)
@@ -79,9 +79,11 @@ def main() -> None:
         _, stats = _run(_values(work, model, data, "probe", 1, packing=True))
         per_row = stats["train_samples"] / stats["train_rows"]
         big = max(4, round(4 * per_row))
-        print(f"{stats['train_samples']} samples, {stats['tokens']} tokens, mean "
-              f"{stats['tokens'] / stats['train_samples']:.0f} tokens/sample; packed into {stats['train_rows']} rows "
-              f"({per_row:.1f} samples/row); unpacked-big batch_size {big}")
+        print(
+            f"{stats['train_samples']} samples, {stats['tokens']} tokens, mean "
+            f"{stats['tokens'] / stats['train_samples']:.0f} tokens/sample; packed into {stats['train_rows']} rows "
+            f"({per_row:.1f} samples/row); unpacked-big batch_size {big}"
+        )
         variants = {
             "packed": {"packing": True},
             "unpacked": {"packing": False},
@@ -94,14 +96,19 @@ def main() -> None:
                 got, _ = _run(_values(work, model, data, f"{name}-{r}", args.steps, **variants[name]))
                 for clock in ("wall", "cpu"):
                     rates[name][clock].extend(got[clock])
-                print(f"repeat {r + 1} {name:13s} median {statistics.median(got['wall']):8.0f} tokens/s wall, "
-                      f"{statistics.median(got['cpu']):8.0f} tokens per CPU-s", flush=True)
+                print(
+                    f"repeat {r + 1} {name:13s} median {statistics.median(got['wall']):8.0f} tokens/s wall, "
+                    f"{statistics.median(got['cpu']):8.0f} tokens per CPU-s",
+                    flush=True,
+                )
         print(f"machine: {machine()}")
         for clock, label in (("wall", "tokens/s (wall clock)"), ("cpu", "tokens per process CPU second")):
             med = {name: statistics.median(values[clock]) for name, values in rates.items()}
             print(f"median {label}: " + ", ".join(f"{k} {v:.0f}" for k, v in med.items()))
-            print(f"  ratio packed / unpacked (same batch_size) = {med['packed'] / med['unpacked']:.2f}; "
-                  f"packed / unpacked-big (same tokens per step) = {med['packed'] / med['unpacked-big']:.2f}")
+            print(
+                f"  ratio packed / unpacked (same batch_size) = {med['packed'] / med['unpacked']:.2f}; "
+                f"packed / unpacked-big (same tokens per step) = {med['packed'] / med['unpacked-big']:.2f}"
+            )
 
 
 if __name__ == "__main__":

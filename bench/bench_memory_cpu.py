@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def accuracy_models(root: Path) -> tuple[dict[str, Path], dict[int, Path]]:
     """Tiny and mid-size model folders and image folders under `root`."""
-    from loratui.memory.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
     from loratui.tiny_models import build_tiny_llama, build_tiny_sd
+    from loratui.train.memory_check.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
 
     models = root / "models"
     found = {"llama": build_tiny_llama(models / "llama"), "sd15": build_tiny_sd(models / "sd15", "sd15")}
@@ -41,7 +41,7 @@ def accuracy_models(root: Path) -> tuple[dict[str, Path], dict[int, Path]]:
 
 
 def accuracy(root: Path, quick: bool) -> list:
-    from loratui.memory.accuracy import session_rows
+    from loratui.train.memory_check.accuracy import session_rows
 
     found, images = accuracy_models(root)
     llama, sd15, sdxl = found["llama"], found["sd15"], found["sdxl"]
@@ -70,7 +70,7 @@ def overhead(root: Path) -> dict[str, float]:
 
     from loratui.config import TrainConfig
     from loratui.memory.meter import MemoryMeter
-    from loratui.memory.realstep import llm_real_step, sd_real_step
+    from loratui.train.memory_check.realstep import llm_real_step, sd_real_step
 
     models = root / "models"
     configs = {
@@ -193,7 +193,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    from loratui.memory.accuracy import markdown_table, summarize
+    from loratui.train.memory_check.accuracy import markdown_table, summarize
 
     rows, by_model, total, ratios, speed, seconds = [], {}, {"median": 0.0, "worst": 0.0}, {}, {}, 0.0
     with tempfile.TemporaryDirectory(prefix="loratui-bench-memory-") as tmp:

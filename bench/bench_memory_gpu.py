@@ -6,7 +6,7 @@ Needs one CUDA GPU (about 40 GB for every case; SDXL without checkpointing is no
 folders with random weights (no downloads) to a temporary directory: SD1.5 and SDXL from the architecture
 configs bundled in loratui/models/sd_configs, TinyLlama-1.1B from loratui/memory/arch_configs.
 
-For each case the trainers' real step (loratui.memory.realstep) runs three optimizer steps on the GPU:
+For each case the trainers' real step (loratui.train.memory_check.realstep) runs three optimizer steps on the GPU:
 
 - measured = torch.cuda.max_memory_reserved() + CUDA context (NVML device memory after CUDA initialisation,
   minus what the allocator holds), compared with estimate_peak(config, device="cuda");
@@ -39,7 +39,7 @@ def build_sd_folder(name: str, dest: Path) -> Path:
     import torch
     import transformers
 
-    from loratui.models.sd_loading import bundled_config_folder
+    from loratui.models.sd.loading import bundled_config_folder
 
     if (dest / "model_index.json").is_file():
         return dest
@@ -112,7 +112,7 @@ def run_case(label: str, cfg, family: str, context: int, *, fraction: float | No
 
     from loratui.memory.estimate import estimate_peak
     from loratui.memory.meter import MemoryMeter
-    from loratui.memory.realstep import llm_real_step, sd_real_step
+    from loratui.train.memory_check.realstep import llm_real_step, sd_real_step
 
     predicted = estimate_peak(cfg, family=family, device="cuda")
     gc.collect()
@@ -162,8 +162,8 @@ def main() -> int:
 
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.memory.integration import DRIVER_RESERVE, usable_from_total
-    from loratui.memory.realstep import write_image_dataset
     from loratui.memory.recommend import recommend
+    from loratui.train.memory_check.realstep import write_image_dataset
 
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark needs one", file=sys.stderr)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 def _job(values: dict):
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
 
     cfg = TrainConfig(**values)
     return WorkerJob(create_run_dir(Path(cfg.runs_dir), cfg.name), ResolvedConfig(cfg, {}, "llm"), None, True)
@@ -42,7 +42,7 @@ def _job(values: dict):
 
 def _train(values: dict) -> list[dict]:
     from loratui.runs.events import read_events
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     job = _job(values)
     run_training(job, console=False)
@@ -94,8 +94,11 @@ def bench_cpu(repeats: int) -> None:
         os.environ["LORATUI_CACHE_DIR"] = str(work / "cache")  # cold planner fits on the first recovery
         model = build_tiny_llama(work / "tiny-llama")
         data = write_dataset(work / "data.jsonl", 32, short=True)
-        small = _train(_values(work, model, data, "cal2", batch_size=2, gradient_accumulation_steps=2,
-                               simulate_vram="1TiB"))
+        small = _train(
+            _values(
+                work, model, data, "cal2", batch_size=2, gradient_accumulation_steps=2, simulate_vram="1TiB"
+            )
+        )
         large = _train(_values(work, model, data, "cal4", simulate_vram="1TiB"))
         peak2 = max(e["meter_peak"] for e in small if e["type"] == "step")
         peak4 = min(e["meter_peak"] for e in large if e["type"] == "step")
@@ -107,15 +110,21 @@ def bench_cpu(repeats: int) -> None:
             for variant in ("planner", "no planner"):
                 os.environ["LORATUI_OOM_PLANNER"] = "0" if variant == "no planner" else "1"
                 events = _train(_values(work, model, data, f"oom{repeat}", simulate_vram=str(budget)))
-                name = variant if variant == "no planner" else ("planner cold" if repeat == 0 else "planner warm")
+                name = (
+                    variant
+                    if variant == "no planner"
+                    else ("planner cold" if repeat == 0 else "planner warm")
+                )
                 results[name].append(_recovery(events))
                 ordinary += _step_seconds(events, after=1)
         os.environ.pop("LORATUI_OOM_PLANNER", None)
     print(f"ordinary step at 2x2 under the meter: median {statistics.median(ordinary) * 1000:.0f} ms")
     for name, values in results.items():
         if values:
-            print(f"OOM -> next completed step, {name}: median {statistics.median(values) * 1000:.0f} ms "
-                  f"(n={len(values)}, min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})")
+            print(
+                f"OOM -> next completed step, {name}: median {statistics.median(values) * 1000:.0f} ms "
+                f"(n={len(values)}, min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
+            )
 
 
 def bench_gpu(repeats: int) -> None:
@@ -138,7 +147,9 @@ def bench_gpu(repeats: int) -> None:
         small, large = peak(batch_size=16, gradient_accumulation_steps=2), peak(batch_size=32)
         total = torch.cuda.get_device_properties(0).total_memory
         fraction = (small + large) / 2 / total
-        print(f"reserved peaks: 16x2 {small:,} B, 32x1 {large:,} B; memory fraction {fraction:.5f} of {total:,} B")
+        print(
+            f"reserved peaks: 16x2 {small:,} B, 32x1 {large:,} B; memory fraction {fraction:.5f} of {total:,} B"
+        )
         times, ordinary = [], []
         for repeat in range(repeats):
             torch.cuda.empty_cache()
@@ -150,7 +161,9 @@ def bench_gpu(repeats: int) -> None:
             times.append(_recovery(events))
             ordinary += _step_seconds(events, after=1)
     print(f"ordinary step at 16x2: median {statistics.median(ordinary) * 1000:.1f} ms")
-    print(f"OOM -> next completed step (CUDA): median {statistics.median(times) * 1000:.1f} ms (n={len(times)})")
+    print(
+        f"OOM -> next completed step (CUDA): median {statistics.median(times) * 1000:.1f} ms (n={len(times)})"
+    )
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def _config(work: Path, model: Path, data: Path, resolution: int, cache: bool, t
 
 def run(values: dict) -> dict[str, list[float]]:
     from loratui.runs.events import read_events
-    from loratui.train.sd_trainer import train
+    from loratui.train.sd.trainer import train
 
     job = job_for(values)
     assert train(job) == "finished"

@@ -48,7 +48,7 @@ def sd15_random_model(dest: Path, dtype: str = "float16") -> Path:
     import torch
     import transformers
 
-    from loratui.models.sd_loading import bundled_config_folder
+    from loratui.models.sd.loading import bundled_config_folder
 
     if (dest / "model_index.json").is_file():
         return dest
@@ -75,9 +75,9 @@ def sd15_random_model(dest: Path, dtype: str = "float16") -> Path:
 def job_for(values: dict[str, Any]):
     """A WorkerJob with a fresh run directory for a config dict."""
     from loratui.config import ResolvedConfig, TrainConfig
-    from loratui.models.inspect import inspect_base_model
+    from loratui.config.base_model import inspect_base_model
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
 
     cfg = TrainConfig(**values)
     run = create_run_dir(Path(cfg.runs_dir), cfg.name)

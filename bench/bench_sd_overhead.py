@@ -51,7 +51,7 @@ def _config(work: Path, model: Path, data: Path, steps: int, resolution: int, ta
 
 def run_loratui(values: dict) -> dict[str, list[float]]:
     from loratui.runs.events import read_events
-    from loratui.train.sd_trainer import train
+    from loratui.train.sd.trainer import train
 
     job = job_for(values)
     assert train(job) == "finished"
@@ -68,8 +68,8 @@ def run_bare(values: dict) -> dict[str, list[float]]:
     from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
 
-    from loratui.models.sd_loading import quiet_libraries
-    from loratui.train.plan import StepPlan
+    from loratui.models.sd.loading import quiet_libraries
+    from loratui.train.loop.plan import StepPlan
 
     res = values["resolution"]
     with quiet_libraries():
@@ -169,7 +169,7 @@ def gpu_benchmark(args: argparse.Namespace) -> None:
     import torch
 
     from loratui.runs.events import read_events
-    from loratui.train.sd_trainer import train
+    from loratui.train.sd.trainer import train
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA GPU")

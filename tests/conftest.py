@@ -115,4 +115,3 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Calla
 
     yield use
     nvml.reset()
-

@@ -8,13 +8,22 @@ from typing import Any
 
 from loratui.config import ResolvedConfig, TrainConfig
 from loratui.runs.rundir import create_run_dir
-from loratui.train.worker import WorkerJob
+from loratui.train.job import WorkerJob
 
 QA = [
-    ("患者：头痛三天，体温正常，该吃什么药？", "建议多休息、多喝水，可短期服用对乙酰氨基酚；持续头痛请就医。"),
-    ("What helps a mild sore throat?", "Warm fluids, rest and salt-water gargles; see a doctor if it lasts a week."),
+    (
+        "患者：头痛三天，体温正常，该吃什么药？",
+        "建议多休息、多喝水，可短期服用对乙酰氨基酚；持续头痛请就医。",
+    ),
+    (
+        "What helps a mild sore throat?",
+        "Warm fluids, rest and salt-water gargles; see a doctor if it lasts a week.",
+    ),
     ("咳嗽一周了怎么办？", "先观察是否发烧，多喝温水；超过两周或咳血请及时就医。"),
-    ("Is it safe to take ibuprofen every day?", "Only short term; long daily use can hurt the stomach and kidneys."),
+    (
+        "Is it safe to take ibuprofen every day?",
+        "Only short term; long daily use can hurt the stomach and kidneys.",
+    ),
     ("孩子发烧38度要去医院吗？", "精神好可以先物理降温并补水；持续高烧或精神差请就医。"),
     ("How much water should adults drink?", "About two litres a day, more in heat or during exercise."),
     ("失眠有什么办法？", "固定作息，睡前少看手机，避免咖啡；长期失眠请咨询医生。"),
@@ -34,8 +43,15 @@ def records(fmt: str, n: int = 8) -> list[dict[str, Any]]:
         elif fmt == "alpaca":
             out.append({"instruction": q, "input": "", "output": a})
         elif fmt == "chat":
-            out.append({"messages": [{"role": "system", "content": "You are careful."},
-                                     {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            out.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "You are careful."},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ]
+                }
+            )
         elif fmt == "sharegpt":
             out.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
         elif fmt == "text":
@@ -72,7 +88,9 @@ def make_config(base: Path, data: Path, out: Path, **overrides: Any) -> TrainCon
     return TrainConfig(**values)
 
 
-def make_job(cfg: TrainConfig, *, resume_from: Path | None = None, run=None, overwrite: bool = False) -> WorkerJob:
+def make_job(
+    cfg: TrainConfig, *, resume_from: Path | None = None, run=None, overwrite: bool = False
+) -> WorkerJob:
     """A worker job with a fresh run directory (or `run`)."""
     run = run or create_run_dir(Path(cfg.runs_dir), cfg.name)
     return WorkerJob(run, ResolvedConfig(cfg, {}, "llm"), resume_from, overwrite)
@@ -155,9 +173,17 @@ def write_tiny_gguf(hf_folder: Path, dest: Path) -> Path:
     def permute(w: np.ndarray, n_head: int) -> np.ndarray:
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for key, tensor in load_file(hf_folder / "model.safetensors").items():
         array = tensor.float().numpy()
         if key == "model.embed_tokens.weight":

@@ -105,7 +105,7 @@ def make_job(config_path: Path, *, resume_from: Path | None = None, overwrite: b
     """A WorkerJob like the launcher builds: run directory + resolved config + launch options."""
     from loratui.config import load_config
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
 
     resolved = load_config(config_path)
     cfg = resolved.config

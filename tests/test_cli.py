@@ -116,7 +116,7 @@ def test_dry_run_with_gpus_states_per_gpu_batch_and_memory(tmp_path) -> None:
 
 
 def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
-    from loratui.train.launcher import LaunchError, launcher_command, processes_from_options
+    from loratui.train.process.launcher import LaunchError, launcher_command, processes_from_options
 
     node = tmp_path / "node.yaml"
     node.write_text(
@@ -127,7 +127,7 @@ def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
     assert (spec.processes, spec.num_machines, spec.machine_rank, spec.per_node) == (8, 2, 1, 4)
     argv, _env = launcher_command(tmp_path / "run", spec)
     assert argv[1:3] == ["-m", "accelerate.commands.launch"] and str(node.resolve()) in argv
-    assert argv[-3:] == ["-m", "loratui.train.worker", str(tmp_path / "run")]
+    assert argv[-3:] == ["-m", "loratui.train.process.worker", str(tmp_path / "run")]
     (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 2\n")
     with pytest.raises(LaunchError, match="not supported yet"):
         processes_from_options(None, None, tmp_path / "fsdp.yaml")
@@ -139,7 +139,11 @@ def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
     )
     assert processes_from_options("1", None, None) is None  # one GPU: a bare worker, as without --gpus
     argv, env = launcher_command(tmp_path / "run", processes_from_options("3,", None, None))  # GPU 3 alone
-    assert "--multi_gpu" not in argv and argv[-3:] == ["-m", "loratui.train.worker", str(tmp_path / "run")]
+    assert "--multi_gpu" not in argv and argv[-3:] == [
+        "-m",
+        "loratui.train.process.worker",
+        str(tmp_path / "run"),
+    ]
     assert env["CUDA_VISIBLE_DEVICES"] == "3"
 
 
@@ -150,7 +154,12 @@ def test_launcher_ignores_the_users_default_accelerate_config(tmp_path, monkeypa
 
     import yaml
 
-    from loratui.train.launcher import LaunchError, launcher_command, physical_gpu_ids, processes_from_options
+    from loratui.train.process.launcher import (
+        LaunchError,
+        launcher_command,
+        physical_gpu_ids,
+        processes_from_options,
+    )
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     argv, env = launcher_command(tmp_path / "run", processes_from_options("0,2", None, None))

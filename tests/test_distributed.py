@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from loratui.config import ResolvedConfig
 from loratui.runs.events import read_events
-from loratui.train.launch import prepare_run, start_worker
-from loratui.train.launcher import Processes
+from loratui.train.process.launch import prepare_run, start_worker
+from loratui.train.process.launcher import Processes
 
 TIMEOUT_S = 180
 
@@ -93,7 +93,7 @@ def _llm_config(tiny_llama: Path, tmp_path: Path, name: str, **overrides):
 def test_llm_two_processes_match_one_process_with_twice_the_batch(
     tmp_path, tiny_llama, subprocess_env
 ) -> None:
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     two = _llm_config(tiny_llama, tmp_path, "two", batch_size=2)
     run, supervisor = _start(ResolvedConfig(two, {}, "llm"), 2)
@@ -135,14 +135,16 @@ def test_llm_two_processes_match_one_process_with_twice_the_batch(
 
 
 def test_a_killed_rank_stops_the_run_with_a_usable_checkpoint(tmp_path, tiny_llama, subprocess_env) -> None:
-    from loratui.train.checkpointing import load_checkpoint
-    from loratui.train.llm_trainer import run_training
+    from loratui.runs.checkpoints import load_checkpoint
+    from loratui.train.llm.trainer import run_training
 
     cfg = _llm_config(tiny_llama, tmp_path, "kill", batch_size=2, max_steps=400, save_steps=3)
     run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
     deadline = time.time() + TIMEOUT_S
     try:
-        _wait_until(lambda: (run.checkpoints_dir / "step-3").is_dir(), run, supervisor, deadline, "checkpoint")
+        _wait_until(
+            lambda: (run.checkpoints_dir / "step-3").is_dir(), run, supervisor, deadline, "checkpoint"
+        )
         pids = json.loads(run.status_path.read_text())["extra"]["rank_pids"]
         os.kill(pids[1], signal.SIGKILL)
         code = supervisor.wait(timeout=max(1.0, deadline - time.time()))
@@ -168,8 +170,8 @@ def test_sd_two_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_
     from sd_helpers import make_image_dataset, make_job, seed_like_config
 
     from loratui.config import load_config
-    from loratui.export.kohya import read_lora_file
-    from loratui.train.sd_trainer import train
+    from loratui.models.sd.kohya import read_lora_file
+    from loratui.train.sd.trainer import train
 
     # 128 px, as in test_micro_batches_give_the_same_update: at 64 px the tiny UNet amplifies rounding.
     # Learning rate 1e-4: AdamW's first update is about lr x sign(g), so gradient entries near zero turn the
@@ -179,7 +181,9 @@ def test_sd_two_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_
     common = {"epochs": 1, "resolution": 128, "save_steps": 1, "lora_dropout": 0.0, "learning_rate": "1e-4"}
     # the 2-process run caches latents on disk, each process encoding half of them (the uncached 1-process
     # run sees the same numbers: a cached latent is the posterior mean, as an uncached one)
-    two = seed_like_config(tmp_path / "two", tiny_sd15, data, batch_size=2, cache_latents_to_disk=True, **common)
+    two = seed_like_config(
+        tmp_path / "two", tiny_sd15, data, batch_size=2, cache_latents_to_disk=True, **common
+    )
     run, supervisor = _start(load_config(two), 2)
     assert _finish(run, supervisor) == 0, _log(run)
     events = read_events(run.events_path)
@@ -217,8 +221,8 @@ def test_sd_two_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_
 def test_out_of_memory_on_one_rank_only_is_agreed_and_recovered(tmp_path, tiny_llama, subprocess_env) -> None:
     """Rank 0 gets the long rows of step 1 and runs out of memory on a simulated card; rank 1 (short rows)
     does not. Both must abandon the step, take the same rung and finish, with the LoRA of one process."""
-    from loratui.train.llm_trainer import run_training
-    from loratui.train.plan import StepPlan
+    from loratui.train.llm.trainer import run_training
+    from loratui.train.loop.plan import StepPlan
 
     seed, long_text, short_text = 3, "the patient has a fever and a cough " * 5, "rest"
     first = StepPlan(8, 4, 1, 2, seed).samples_for_step(0)
@@ -229,8 +233,15 @@ def test_out_of_memory_on_one_rank_only_is_agreed_and_recovered(tmp_path, tiny_l
     common = {"max_steps": 2, "save_steps": 1, "lora_dropout": 0.0, "seed": seed, "max_seq_len": 96}
 
     def peak(batch: int, accumulation: int) -> int:  # rank 0's first step, metered in one process
-        cfg = make_config(tiny_llama, only_long, tmp_path / f"probe{batch}", batch_size=batch,
-                          gradient_accumulation_steps=accumulation, simulate_vram="1TiB", **common)
+        cfg = make_config(
+            tiny_llama,
+            only_long,
+            tmp_path / f"probe{batch}",
+            batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            simulate_vram="1TiB",
+            **common,
+        )
         job = make_job(cfg.model_copy(update={"max_steps": 1}))
         run_training(job, console=False)
         return next(e["meter_peak"] for e in read_events(job.run.events_path) if e["type"] == "step")
@@ -257,10 +268,11 @@ def test_out_of_memory_on_one_rank_only_is_agreed_and_recovered(tmp_path, tiny_l
 def test_a_stop_request_stops_every_rank_after_the_same_step_with_a_checkpoint(
     tmp_path, tiny_llama, subprocess_env
 ) -> None:
-    from loratui.train.checkpointing import load_checkpoint
+    from loratui.runs.checkpoints import load_checkpoint
 
-    cfg = _llm_config(tmp_path=tmp_path, tiny_llama=tiny_llama, name="stop", batch_size=2, max_steps=400,
-                      save_steps=1000)
+    cfg = _llm_config(
+        tmp_path=tmp_path, tiny_llama=tiny_llama, name="stop", batch_size=2, max_steps=400, save_steps=1000
+    )
     run, supervisor = _start(ResolvedConfig(cfg, {}, "llm"), 2)
     deadline = time.time() + TIMEOUT_S
 
@@ -293,11 +305,12 @@ def _fake_launch(tmp_path: Path, script: str):
     """A Supervisor of a 2-process run whose 'launcher' is `script` (python, with RUN = the run directory)."""
     import sys
 
-    from loratui.train.supervisor import Supervisor
+    from loratui.train.process.supervisor import Supervisor
 
     cfg = _llm_config_paths(tmp_path)
-    run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False,
-                         processes=Processes(2, cpu=True))
+    run, _ = prepare_run(
+        ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False, processes=Processes(2, cpu=True)
+    )
     supervisor = Supervisor(run)
     code = "import json, pathlib, sys\nRUN = pathlib.Path(sys.argv[1])\n" + script
     supervisor.start_worker = lambda: subprocess.Popen([sys.executable, "-c", code, str(run.path)])
@@ -322,7 +335,10 @@ def event(kind, **fields):
 def test_a_rank_asking_for_a_restart_restarts_the_whole_group(tmp_path) -> None:
     """Rank 1 asks for a restart (out of memory that needs a new process); rank 0 loses it and reports a lost
     peer. The supervisor starts the group again instead of failing the run."""
-    run, supervisor = _fake_launch(tmp_path, LOG_AND_EVENT + """
+    run, supervisor = _fake_launch(
+        tmp_path,
+        LOG_AND_EVENT
+        + """
 attempt = (RUN / "attempts").read_text() if (RUN / "attempts").exists() else ""
 (RUN / "attempts").write_text(attempt + "x")
 if not attempt:
@@ -331,23 +347,30 @@ if not attempt:
     log("Root Cause (first observed failure):\\n[0]:\\n  rank      : 0 (local_rank: 0)\\n  exitcode  : 1")
     sys.exit(1)
 event("run_finished")
-""")
+""",
+    )
     assert supervisor.supervise() == 0
     events = read_events(run.events_path)
     restarts = [e for e in events if e["type"] == "warning" and e.get("restart")]
     assert len(restarts) == 1 and "rank 1" in restarts[0]["message"], events
-    assert [e["type"] for e in events][-1] == "run_finished" and "run_failed" not in [e["type"] for e in events]
+    assert [e["type"] for e in events][-1] == "run_finished" and "run_failed" not in [
+        e["type"] for e in events
+    ]
     assert (run.path / "attempts").read_text() == "xx"
 
 
 def test_a_lost_peer_fails_the_run_with_rank_0s_message(tmp_path) -> None:
     """No rank asked for a restart in this attempt (an earlier attempt's request in worker.log does not
     count): the run fails with the message rank 0 wrote when it lost its peer."""
-    run, supervisor = _fake_launch(tmp_path, LOG_AND_EVENT + """
+    run, supervisor = _fake_launch(
+        tmp_path,
+        LOG_AND_EVENT
+        + """
 event("warning", message="training process rank 1 (pid 9) stopped; resume with: loratui train --resume X",
       peer_lost=True)
 sys.exit(1)
-""")
+""",
+    )
     with (run.path / "worker.log").open("a") as log:
         log.write("[loratui] restart requested by rank 1: out of memory (an earlier attempt)\n")
     assert supervisor.supervise() == 1
@@ -362,16 +385,24 @@ sys.exit(1)
 def test_another_machine_resumes_into_its_own_run_directory(tmp_path) -> None:
     """On a shared filesystem, machine 1 resuming machine 0's run must not rewrite that run's files."""
     cfg = _llm_config_paths(tmp_path)
-    main_run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False,
-                              processes=Processes(4, num_machines=2, machine_rank=0))
+    main_run, _ = prepare_run(
+        ResolvedConfig(cfg, {}, "llm"),
+        resume=None,
+        overwrite=False,
+        processes=Processes(4, num_machines=2, machine_rank=0),
+    )
     checkpoint = main_run.checkpoints_dir / "step-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "meta.json").write_text(json.dumps({"step": 2, "processes": 4, "global_batch": 8}))
     (checkpoint / "lora.safetensors").write_bytes(b"")
     before = {p.name: p.read_bytes() for p in main_run.path.iterdir() if p.is_file()}
 
-    other, resumed = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=str(checkpoint), overwrite=False,
-                                 processes=Processes(4, num_machines=2, machine_rank=1))
+    other, resumed = prepare_run(
+        ResolvedConfig(cfg, {}, "llm"),
+        resume=str(checkpoint),
+        overwrite=False,
+        processes=Processes(4, num_machines=2, machine_rank=1),
+    )
     assert other.path != main_run.path and "machine1" in other.path.name and resumed == checkpoint
     assert json.loads((other.path / "launch.json").read_text())["resume_from"] == str(checkpoint)
     assert {p.name: p.read_bytes() for p in main_run.path.iterdir() if p.is_file()} == before

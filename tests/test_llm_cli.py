@@ -64,7 +64,11 @@ def test_train_export_sample_through_the_cli(tmp_path: Path, tiny_llama: Path) -
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "loratui", "train", "--config", str(config), "--no-tui", "--skip-checks"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -79,9 +83,21 @@ def test_train_export_sample_through_the_cli(tmp_path: Path, tiny_llama: Path) -
     merged = runner.invoke(app, ["export", str(run.path), "--merge", "--dtype", "bf16"])
     assert merged.exit_code == 0, merged.output
     assert (run.path / "exports" / "merged-bf16" / "config.json").is_file()
-    sample = runner.invoke(app, ["sample", "--base", str(tiny_llama), "--lora", str(tmp_path / "adapter"),
-                                 "--prompt", "患者：头痛三天，体温正常，该吃什么药？", "--compare",
-                                 "--max-new-tokens", "8"])
+    sample = runner.invoke(
+        app,
+        [
+            "sample",
+            "--base",
+            str(tiny_llama),
+            "--lora",
+            str(tmp_path / "adapter"),
+            "--prompt",
+            "患者：头痛三天，体温正常，该吃什么药？",
+            "--compare",
+            "--max-new-tokens",
+            "8",
+        ],
+    )
     assert sample.exit_code == 0, sample.output
     assert "--- base ---" in sample.output and "--- base + LoRA ---" in sample.output
 
@@ -121,7 +137,9 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path: Path, tiny_llama: Pa
     config.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "loratui", "train", "--config", str(config), "--no-tui"]
-    started = subprocess.run([*cmd, "--detach"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    started = subprocess.run(
+        [*cmd, "--detach"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert started.returncode == 0, started.stderr
     run = list_runs(tmp_path / "runs")[0].run
     deadline = time.time() + 120
@@ -134,8 +152,9 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path: Path, tiny_llama: Pa
         time.sleep(0.2)
     stopped_at = run.latest_checkpoint()
     assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 400
-    resumed = subprocess.run([*cmd, "--resume", str(run.path)], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cmd, "--resume", str(run.path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     steps = [e["step"] for e in read_events(run.events_path) if e["type"] == "step"]
     assert steps == list(range(1, 401))

@@ -9,8 +9,8 @@ import pytest
 from llm_helpers import QA, records, write_jsonl
 
 from loratui.data.text_dataset import Message, TextRecord
-from loratui.models.llm_loading import BaseSource, load_tokenizer
-from loratui.train.llm_chat import (
+from loratui.models.llm.batches import LLMDataError, build_llm_data, collate, pack
+from loratui.models.llm.chat import (
     IGNORE_INDEX,
     PLAIN_CHAT_TEMPLATE,
     Encoded,
@@ -18,7 +18,7 @@ from loratui.train.llm_chat import (
     encode_record,
     prompt_ids,
 )
-from loratui.train.llm_data import LLMDataError, build_llm_data, collate, pack
+from loratui.models.llm.loading import BaseSource, load_tokenizer
 
 FORMATS = ["prompt_response", "alpaca", "chat", "sharegpt", "text"]
 
@@ -29,12 +29,16 @@ def tok(tiny_llama: Path):
 
 
 def _targets(tok, enc: Encoded) -> str:
-    return tok.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX])
+    return tok.decode(
+        [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_encodes_with_answer_only_targets(tmp_path: Path, tok, fmt: str) -> None:
-    data = build_llm_data(write_jsonl(tmp_path / "d.jsonl", records(fmt, 4)), tok, tok.chat_template, max_seq_len=512)
+    data = build_llm_data(
+        write_jsonl(tmp_path / "d.jsonl", records(fmt, 4)), tok, tok.chat_template, max_seq_len=512
+    )
     assert len(data.train) == 4 and not data.warnings
     unit = data.train[0]
     assert unit.labels[0] == IGNORE_INDEX
@@ -49,8 +53,13 @@ def test_every_format_encodes_with_answer_only_targets(tmp_path: Path, tok, fmt:
 
 
 def test_prompt_tokens_masked_in_multi_turn_chat_and_plain_template(tok) -> None:
-    msgs = [Message("system", "Be brief."), Message("user", "头痛？"), Message("assistant", "多休息。"),
-            Message("user", "And fever?"), Message("assistant", "See a doctor.")]
+    msgs = [
+        Message("system", "Be brief."),
+        Message("user", "头痛？"),
+        Message("assistant", "多休息。"),
+        Message("user", "And fever?"),
+        Message("assistant", "See a doctor."),
+    ]
     record = TextRecord("f.jsonl", 1, "chat", msgs)
     for template in (tok.chat_template, PLAIN_CHAT_TEMPLATE):
         enc = encode_record(record, tok, template, train_on_prompt=False)
@@ -134,7 +143,9 @@ def test_folder_of_files_and_validation_split(tmp_path: Path, tok) -> None:
 
 
 def test_packing_keeps_samples_apart(tmp_path: Path, tok) -> None:
-    samples = [Encoded(list(range(1, n + 1)), [IGNORE_INDEX] + list(range(2, n + 1))) for n in (5, 9, 3, 7, 2)]
+    samples = [
+        Encoded(list(range(1, n + 1)), [IGNORE_INDEX] + list(range(2, n + 1))) for n in (5, 9, 3, 7, 2)
+    ]
     units = pack(samples, 12)
     assert all(len(u.input_ids) <= 12 for u in units)
     assert sum(u.num_samples for u in units) == 5

@@ -10,8 +10,8 @@ import torch
 from llm_helpers import adapter_tensors, make_config, make_job, max_diff, records, single_thread, write_jsonl
 
 from loratui.export.llm_export import export_cli, resolve_source
-from loratui.models.llm_loading import load_base
-from loratui.train.llm_trainer import run_training
+from loratui.models.llm.loading import load_base
+from loratui.train.llm.trainer import run_training
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,9 @@ def test_run_exports_the_same_adapter_as_training(trained, tmp_path: Path) -> No
     out = Lines()
     assert export_cli(run, out=tmp_path / "a", console=out) == 0
     assert max_diff(adapter_tensors(adapter), adapter_tensors(tmp_path / "a")) == 0
-    assert (tmp_path / "a" / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == (
+        adapter / "chat_template.jinja"
+    ).read_text()
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text()) == json.loads(
         (adapter / "adapter_config.json").read_text()
     )

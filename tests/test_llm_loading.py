@@ -10,8 +10,8 @@ import pytest
 import torch
 from llm_helpers import make_config, make_job, records, single_thread, write_jsonl, write_tiny_gguf
 
-from loratui.models.inspect import guess_task_type
-from loratui.models.llm_loading import (
+from loratui.config.base_model import guess_task_type
+from loratui.models.llm.loading import (
     ModelLoadError,
     base_model_reference,
     load_base,
@@ -106,7 +106,9 @@ def test_pickle_weights_need_allow_pickle(tmp_path: Path, tiny_llama: Path) -> N
 
 
 def test_folder_without_tokenizer(tmp_path: Path, tiny_llama: Path) -> None:
-    folder = _copy(tiny_llama, tmp_path / "notok", skip=("tokenizer*", "chat_template.jinja", "special_tokens*"))
+    folder = _copy(
+        tiny_llama, tmp_path / "notok", skip=("tokenizer*", "chat_template.jinja", "special_tokens*")
+    )
     with pytest.raises(ModelLoadError, match="no tokenizer in .*copy the tokenizer files"):
         load_base(str(folder))
 
@@ -135,7 +137,7 @@ def test_tokenizer_without_pad_token(tiny_llama_nopad: Path) -> None:
 
 def test_gguf_file_loads_dequantised_and_trains(tmp_path: Path, tiny_llama: Path) -> None:
     pytest.importorskip("gguf")
-    from loratui.train.llm_trainer import run_training
+    from loratui.train.llm.trainer import run_training
 
     path = write_tiny_gguf(tiny_llama, tmp_path / "tiny-f32.gguf")
     model, tok, source = load_base(str(path))
@@ -146,6 +148,8 @@ def test_gguf_file_loads_dequantised_and_trains(tmp_path: Path, tiny_llama: Path
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf_model(ids).logits)
     data = write_jsonl(tmp_path / "qa.jsonl", records("prompt_response", 4))
-    result = run_training(make_job(make_config(path, data, tmp_path, max_steps=1, max_seq_len=160)), console=False)
+    result = run_training(
+        make_job(make_config(path, data, tmp_path, max_steps=1, max_seq_len=160)), console=False
+    )
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert result.state == "finished" and config["base_model_name_or_path"] == str(path.resolve())

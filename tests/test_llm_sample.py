@@ -13,7 +13,7 @@ from loratui.sample.llm_sample import (
     parse_lora,
     sample_cli,
 )
-from loratui.train.llm_trainer import run_training
+from loratui.train.llm.trainer import run_training
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,8 +25,16 @@ def _one_thread():
 def adapter(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     tmp = tmp_path_factory.mktemp("llm_sample")
     data = write_jsonl(tmp / "qa.jsonl", records("prompt_response", 8))
-    cfg = make_config(tiny_llama, data, tmp, max_steps=4, learning_rate=5e-2, chat_template=None,
-                      target_modules=["q_proj", "v_proj", "lm_head"], max_seq_len=160)
+    cfg = make_config(
+        tiny_llama,
+        data,
+        tmp,
+        max_steps=4,
+        learning_rate=5e-2,
+        chat_template=None,
+        target_modules=["q_proj", "v_proj", "lm_head"],
+        max_seq_len=160,
+    )
     return run_training(make_job(cfg), console=False).adapter_dir
 
 
@@ -51,8 +59,17 @@ def test_parse_lora_specs(tmp_path: Path) -> None:
 
 def test_compare_prints_base_and_adapter_answers(adapter: Path, tiny_llama: Path) -> None:
     out = Plain()
-    code = sample_cli(console=out, base=str(tiny_llama), lora=[str(adapter)], prompt="患者：头痛三天，体温正常，该吃什么药？",
-                      compare=True, max_new_tokens=12, steps=25, width=None, negative_prompt="")
+    code = sample_cli(
+        console=out,
+        base=str(tiny_llama),
+        lora=[str(adapter)],
+        prompt="患者：头痛三天，体温正常，该吃什么药？",
+        compare=True,
+        max_new_tokens=12,
+        steps=25,
+        width=None,
+        negative_prompt="",
+    )
     assert code == 0
     assert out.lines[0] == "--- base ---" and out.lines[2] == "--- base + LoRA ---"
     assert out.lines[1] != out.lines[3]  # the adapter changes the answer
@@ -64,9 +81,12 @@ def test_weight_zero_is_the_base_model_and_template_comes_from_the_adapter(adapt
     model, tok2, template2 = load_with_adapters(str(tiny_llama), [parse_lora(f"{adapter}:0")])
     assert template2 == (adapter / "chat_template.jinja").read_text()
     assert generate_answer(model, tok2, template2, "What helps a sore throat?", max_new_tokens=10) == plain
-    sampled = generate_answer(model, tok2, template2, "hi", max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
-    assert sampled == generate_answer(model, tok2, template2, "hi", max_new_tokens=8, temperature=0.9, top_p=0.9,
-                                      seed=3)
+    sampled = generate_answer(
+        model, tok2, template2, "hi", max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3
+    )
+    assert sampled == generate_answer(
+        model, tok2, template2, "hi", max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3
+    )
 
 
 def test_bad_adapter_path_is_reported(tmp_path: Path, tiny_llama: Path) -> None:

@@ -21,11 +21,12 @@ from llm_helpers import (
 )
 
 from loratui.config import check_paths, load_config
-from loratui.export.llm_export import OutputConflict
-from loratui.models.llm_loading import GGML_MESSAGE, ModelLoadError, load_base, resolve_base
+from loratui.models.llm.adapter_files import OutputConflict
+from loratui.models.llm.batches import build_llm_data, collate
+from loratui.models.llm.loading import GGML_MESSAGE, ModelLoadError, load_base, resolve_base
+from loratui.models.llm.loss import token_loss_sum
 from loratui.runs.events import read_events
-from loratui.train.llm_data import build_llm_data, collate
-from loratui.train.llm_trainer import run_training, token_loss_sum
+from loratui.train.llm.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ["prompt_response", "alpaca", "chat", "sharegpt", "text"]
@@ -51,7 +52,13 @@ def test_every_format_trains_with_events_samples_and_eval(tmp_path: Path, tiny_l
     for fmt in FORMATS:
         write_jsonl(data / f"{fmt}.jsonl", records(fmt, 3))
     cfg = make_config(
-        tiny_llama, data, tmp_path, max_steps=3, val_split=0.2, sample_prompts=["头痛怎么办？"], sample_every_steps=2,
+        tiny_llama,
+        data,
+        tmp_path,
+        max_steps=3,
+        val_split=0.2,
+        sample_prompts=["头痛怎么办？"],
+        sample_every_steps=2,
         max_seq_len=160,
     )
     job = make_job(cfg)
@@ -60,12 +67,19 @@ def test_every_format_trains_with_events_samples_and_eval(tmp_path: Path, tiny_l
     started = _events(job, "run_started")[0]
     assert started["samples"] == 15 and started["train_samples"] == 12 and started["val_samples"] == 3
     assert isinstance(_events(job, "eval")[-1]["eval_loss"], float)
-    assert [e["step"] for e in _events(job, "sample")] == [2, 3] and _events(job, "sample")[0]["text"] is not None
-    assert (job.run.samples_dir / "step-000002.txt").read_text(encoding="utf-8").startswith("### prompt\n头痛")
+    assert [e["step"] for e in _events(job, "sample")] == [2, 3] and _events(job, "sample")[0][
+        "text"
+    ] is not None
+    assert (
+        (job.run.samples_dir / "step-000002.txt").read_text(encoding="utf-8").startswith("### prompt\n头痛")
+    )
     steps = _events(job, "step")
     assert [e["step"] for e in steps] == [1, 2, 3] and all(e["tokens_per_s"] > 0 for e in steps)
     export = _events(job, "export")[-1]
-    assert Path(export["path"]) == (tmp_path / "adapter").resolve() and "PeftModel.from_pretrained" in export["usage"]
+    assert (
+        Path(export["path"]) == (tmp_path / "adapter").resolve()
+        and "PeftModel.from_pretrained" in export["usage"]
+    )
     assert any(job.run.logs_dir.iterdir())  # TensorBoard
     assert json.loads(job.run.status_path.read_text())["state"] == "finished"
 
@@ -81,7 +95,9 @@ def test_every_format_trains_with_events_samples_and_eval(tmp_path: Path, tiny_l
     assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()
 
 
-def test_adapter_reloads_with_peft_and_gives_the_training_model_output(tmp_path: Path, tiny_llama: Path, qa_file):
+def test_adapter_reloads_with_peft_and_gives_the_training_model_output(
+    tmp_path: Path, tiny_llama: Path, qa_file
+):
     from peft import PeftModel
 
     result = run_training(make_job(make_config(tiny_llama, qa_file, tmp_path, max_steps=3)), console=False)
@@ -114,10 +130,16 @@ def _three_segments(tiny_llama: Path, data: Path, out: Path, **kw) -> tuple[dict
 
 
 def test_resume_twice_equals_an_uninterrupted_run(tmp_path: Path, tiny_llama: Path, qa_file: Path) -> None:
-    options = {"gradient_accumulation_steps": 2, "lora_dropout": 0.1, "lr_scheduler": "cosine",
-               "lr_warmup_steps": 2, "max_grad_norm": 0.5}
-    straight = run_training(make_job(make_config(tiny_llama, qa_file, tmp_path / "a", max_steps=6, **options)),
-                            console=False)
+    options = {
+        "gradient_accumulation_steps": 2,
+        "lora_dropout": 0.1,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+        "max_grad_norm": 0.5,
+    }
+    straight = run_training(
+        make_job(make_config(tiny_llama, qa_file, tmp_path / "a", max_steps=6, **options)), console=False
+    )
     resumed, events = _three_segments(tiny_llama, qa_file, tmp_path / "b", **options)
     assert max_diff(adapter_tensors(straight.adapter_dir), resumed) <= 1e-6
     steps = [e["step"] for e in events if e["type"] == "step"]
@@ -126,9 +148,13 @@ def test_resume_twice_equals_an_uninterrupted_run(tmp_path: Path, tiny_llama: Pa
 
 
 def test_micro_batches_give_the_same_update(tmp_path: Path, tiny_llama: Path, qa_file: Path) -> None:
-    whole = run_training(make_job(make_config(tiny_llama, qa_file, tmp_path / "a", batch_size=4)), console=False)
+    whole = run_training(
+        make_job(make_config(tiny_llama, qa_file, tmp_path / "a", batch_size=4)), console=False
+    )
     split = run_training(
-        make_job(make_config(tiny_llama, qa_file, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2)),
+        make_job(
+            make_config(tiny_llama, qa_file, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2)
+        ),
         console=False,
     )
     a, b = adapter_tensors(whole.adapter_dir), adapter_tensors(split.adapter_dir)
@@ -151,9 +177,20 @@ def test_packed_rows_give_the_same_token_losses(tmp_path: Path, tiny_llama: Path
 
 def test_options_checkpointing_all_linear_rslora_bf16_packing(tmp_path: Path, tiny_llama: Path, qa_file):
     cfg = make_config(
-        tiny_llama, qa_file, tmp_path, gradient_checkpointing=True, target_modules="all-linear", use_rslora=True,
-        mixed_precision="bf16", packing=True, max_seq_len=256, lr_scheduler="linear", lr_warmup_steps=1,
-        train_on_prompt=True, save_steps=1, keep_last_n=2,
+        tiny_llama,
+        qa_file,
+        tmp_path,
+        gradient_checkpointing=True,
+        target_modules="all-linear",
+        use_rslora=True,
+        mixed_precision="bf16",
+        packing=True,
+        max_seq_len=256,
+        lr_scheduler="linear",
+        lr_warmup_steps=1,
+        train_on_prompt=True,
+        save_steps=1,
+        keep_last_n=2,
     )
     job = make_job(cfg)
     result = run_training(job, console=False)
@@ -167,9 +204,17 @@ def test_options_checkpointing_all_linear_rslora_bf16_packing(tmp_path: Path, ti
 
 
 def test_init_lora_continues_from_an_adapter(tmp_path: Path, tiny_llama: Path, qa_file: Path) -> None:
-    first = run_training(make_job(make_config(tiny_llama, qa_file, tmp_path / "a", max_steps=2)), console=False)
-    cfg = make_config(tiny_llama, qa_file, tmp_path / "b", max_steps=1, learning_rate=1e-12,
-                      init_lora=str(first.adapter_dir))
+    first = run_training(
+        make_job(make_config(tiny_llama, qa_file, tmp_path / "a", max_steps=2)), console=False
+    )
+    cfg = make_config(
+        tiny_llama,
+        qa_file,
+        tmp_path / "b",
+        max_steps=1,
+        learning_rate=1e-12,
+        init_lora=str(first.adapter_dir),
+    )
     again = run_training(make_job(cfg), console=False)
     assert max_diff(adapter_tensors(first.adapter_dir), adapter_tensors(again.adapter_dir)) < 1e-6
 
@@ -192,8 +237,10 @@ def test_adapter_of_another_run_is_not_replaced(tmp_path: Path, tiny_llama: Path
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     with pytest.raises(OutputConflict, match="not an adapter folder"):
-        run_training(make_job(make_config(tiny_llama, qa_file, tmp_path, output_dir=str(tmp_path / "notes"))),
-                     console=False)
+        run_training(
+            make_job(make_config(tiny_llama, qa_file, tmp_path, output_dir=str(tmp_path / "notes"))),
+            console=False,
+        )
     result = run_training(make_job(cfg, overwrite=True), console=False)
     assert result.state == "finished" and (tmp_path / "notes" / "keep.txt").exists()
 
@@ -215,7 +262,9 @@ def test_seed_medical_qa_config(tmp_path: Path, tiny_llama: Path, qa_file: Path,
     with pytest.raises(ModelLoadError, match="GGML v3 files cannot be trained"):
         run_training(make_job(resolved.config), console=False)
 
-    fixed = load_config(example, overrides=["max_steps=2", "max_seq_len=160"], flags={"base_model": str(tiny_llama)})
+    fixed = load_config(
+        example, overrides=["max_steps=2", "max_seq_len=160"], flags={"base_model": str(tiny_llama)}
+    )
     assert not check_paths(fixed)
     cfg = fixed.config
     assert (cfg.lora_rank, cfg.epochs, cfg.task_type) == (16, 15, "text-generation")
@@ -224,12 +273,14 @@ def test_seed_medical_qa_config(tmp_path: Path, tiny_llama: Path, qa_file: Path,
 
 
 def test_tokenizer_without_pad_token_trains(tmp_path: Path, tiny_llama_nopad: Path, qa_file: Path) -> None:
-    result = run_training(make_job(make_config(tiny_llama_nopad, qa_file, tmp_path, max_steps=2)), console=False)
+    result = run_training(
+        make_job(make_config(tiny_llama_nopad, qa_file, tmp_path, max_steps=2)), console=False
+    )
     assert result.state == "finished" and result.tokenizer.pad_token_id == result.tokenizer.eos_token_id
 
 
 def test_8bit_adamw_without_bitsandbytes_says_how_to_install(tmp_path: Path, tiny_llama: Path, qa_file: Path):
-    from loratui.train.optim import MissingDependency
+    from loratui.train.loop.optim import MissingDependency
 
     try:
         import bitsandbytes  # noqa: F401
@@ -238,4 +289,6 @@ def test_8bit_adamw_without_bitsandbytes_says_how_to_install(tmp_path: Path, tin
     else:
         pytest.skip("bitsandbytes is installed here")
     with pytest.raises(MissingDependency, match=r"bitsandbytes: pip install 'loratui\[quant\]'"):
-        run_training(make_job(make_config(tiny_llama, qa_file, tmp_path, optimizer="adamw8bit")), console=False)
+        run_training(
+            make_job(make_config(tiny_llama, qa_file, tmp_path, optimizer="adamw8bit")), console=False
+        )

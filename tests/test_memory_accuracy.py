@@ -13,9 +13,9 @@ import itertools
 
 import pytest
 
-from loratui.memory.accuracy import session_rows, summarize
-from loratui.memory.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
 from loratui.memory.tables import clear_memory_cache
+from loratui.train.memory_check.accuracy import session_rows, summarize
+from loratui.train.memory_check.realstep import build_mid_llama, build_mid_sd15, write_image_dataset
 
 MEDIAN_LIMIT = 0.05
 WORST_LIMIT = 0.10

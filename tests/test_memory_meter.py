@@ -10,7 +10,12 @@ import torch
 
 from loratui.config import TrainConfig
 from loratui.memory.meter import MemoryMeter, simulated_budget_from_env_or_config
-from loratui.memory.realstep import llm_real_step, measure_real_peak, sd_real_step, write_image_dataset
+from loratui.train.memory_check.realstep import (
+    llm_real_step,
+    measure_real_peak,
+    sd_real_step,
+    write_image_dataset,
+)
 
 
 def _toy() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

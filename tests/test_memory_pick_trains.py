@@ -18,7 +18,7 @@ from loratui.memory.estimate import estimate_peak
 from loratui.memory.recommend import recommend
 from loratui.memory.tables import clear_memory_cache
 from loratui.runs.events import read_events
-from loratui.train.llm_trainer import run_training
+from loratui.train.llm.trainer import run_training
 
 SEQ = 64
 
@@ -60,11 +60,21 @@ def _train(cfg) -> tuple[str, list[dict]]:
     return state, read_events(job.run.events_path)
 
 
-def test_the_top_option_trains_without_out_of_memory_on_the_card_it_was_picked_for(tmp_path, tiny_llama) -> None:
+def test_the_top_option_trains_without_out_of_memory_on_the_card_it_was_picked_for(
+    tmp_path, tiny_llama
+) -> None:
     data = _full_rows(tiny_llama, tmp_path / "data" / "text.jsonl", 8)
     cfg = make_config(
-        tiny_llama, data, tmp_path / "user", batch_size=4, gradient_accumulation_steps=1, max_seq_len=SEQ,
-        lora_rank=16, max_steps=4, oom_recovery=False, seed=5,
+        tiny_llama,
+        data,
+        tmp_path / "user",
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        max_seq_len=SEQ,
+        lora_rank=16,
+        max_steps=4,
+        oom_recovery=False,
+        seed=5,
     )
     wanted = estimate_peak(cfg, device="cpu")
     budget = int(wanted.total_bytes * 0.8)
@@ -81,8 +91,11 @@ def test_the_top_option_trains_without_out_of_memory_on_the_card_it_was_picked_f
     assert state == "OutOfMemoryError", state
     # ... and the planner's pick trains every step within it
     picked = top.config.model_copy(
-        update={"simulate_vram": str(budget), "output_dir": str(tmp_path / "pick" / "adapter"),
-                "runs_dir": str(tmp_path / "pick" / "runs")}
+        update={
+            "simulate_vram": str(budget),
+            "output_dir": str(tmp_path / "pick" / "adapter"),
+            "runs_dir": str(tmp_path / "pick" / "runs"),
+        }
     )
     state, events = _train(picked)
     steps = [e for e in events if e["type"] == "step"]

@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.config import ConfigError, ResolvedConfig, load_config
+from loratui.config.presets import PRESET_FAMILIES, load_preset, preset_names
 from loratui.memory.estimate import estimate_peak
 from loratui.memory.integration import preset_family_config, tier_budget
 from loratui.memory.recommend import recommend
-from loratui.presets import PRESET_FAMILIES, load_preset, preset_names
 
 MARGIN = 0.05  # on top of the tier's own reserve (driver share + 3 %)
 

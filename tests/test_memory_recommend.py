@@ -155,7 +155,9 @@ def test_usable_memory_sources(fake_nvml) -> None:
     fake_nvml(ONE_GPU)
     gpu = usable_memory()
     assert 20 * GIB < gpu.bytes < 21.5 * GIB and "RTX 4090" in gpu.label
-    assert 11 * GIB < usable_memory(vram="12GB").bytes < 12 * GIB  # a 12 GB card minus driver share and margin
+    assert (
+        11 * GIB < usable_memory(vram="12GB").bytes < 12 * GIB
+    )  # a 12 GB card minus driver share and margin
     with pytest.raises(ValueError):
         usable_memory(vram="8GB", card="RTX 4060")
     fake_nvml("none")

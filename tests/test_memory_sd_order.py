@@ -6,15 +6,16 @@ from sd_helpers import make_image_dataset, make_job, seed_like_config
 
 from loratui.config import TrainConfig
 from loratui.memory.estimate import estimate_peak
-from loratui.train import sd_trainer
-from loratui.train.sd_latent_cache import LatentSource
+from loratui.train.sd import setup as sd_setup
+from loratui.train.sd import trainer as sd_trainer
+from loratui.train.sd.latent_cache import LatentSource
 
 
 def test_caching_runs_before_the_unet_is_placed_and_encoders_leave(tiny_sd15, tmp_path, monkeypatch) -> None:
     order: list[str] = []
-    placed = sd_trainer._place_unet
+    placed = sd_trainer.place_unet
     precompute = LatentSource.precompute
-    cache_captions = sd_trainer.cache_all_captions
+    cache_captions = sd_setup.cache_all_captions
     seen: dict[str, object] = {}
 
     def spy_place(models) -> None:
@@ -30,9 +31,9 @@ def test_caching_runs_before_the_unet_is_placed_and_encoders_leave(tiny_sd15, tm
         order.append("captions cached")
         cache_captions(text, dataset)
 
-    monkeypatch.setattr(sd_trainer, "_place_unet", spy_place)
+    monkeypatch.setattr(sd_trainer, "place_unet", spy_place)
     monkeypatch.setattr(LatentSource, "precompute", spy_precompute)
-    monkeypatch.setattr(sd_trainer, "cache_all_captions", spy_captions)
+    monkeypatch.setattr(sd_setup, "cache_all_captions", spy_captions)
     data = make_image_dataset(tmp_path / "data", 2)
     config = seed_like_config(
         tmp_path / "run",

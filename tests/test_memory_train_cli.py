@@ -60,7 +60,9 @@ def test_dry_run_text_against_a_given_card(tmp_path) -> None:
 
 
 def test_preset_auto_applies_the_top_option_and_keeps_fixed_keys(tmp_path) -> None:
-    body = SD15 + "lora_rank: 32\nbatch_size: 4\ngradient_accumulation_steps: 2\ngradient_checkpointing: false\n"
+    body = (
+        SD15 + "lora_rank: 32\nbatch_size: 4\ngradient_accumulation_steps: 2\ngradient_checkpointing: false\n"
+    )
     cfg = _config(tmp_path, body)
     args = ("--config", cfg, "--preset", "auto", "--vram", "6GB", "--set", "lora_rank=32", "--dry-run")
     result = _invoke(*args, "--json")
@@ -105,7 +107,9 @@ def test_card_sizes_in_gb_are_the_gib_printed_on_cards() -> None:
 
 
 def test_preset_auto_does_not_change_a_resumed_run(tmp_path) -> None:
-    result = _invoke("--config", _config(tmp_path, SD15), "--preset", "auto", "--vram", "8GB", "--resume", "latest")
+    result = _invoke(
+        "--config", _config(tmp_path, SD15), "--preset", "auto", "--vram", "8GB", "--resume", "latest"
+    )
     assert result.exit_code == 2 and "cannot change a run being resumed" in result.output
 
 
@@ -121,8 +125,17 @@ def test_dry_run_and_preset_auto_plan_per_gpu_with_several_processes(tmp_path) -
 
 def test_nothing_fits_with_fixed_keys_says_what_releasing_them_would_give(tmp_path) -> None:
     body = SD15 + "batch_size: 4\n"
-    fixed = ("--set", "gradient_checkpointing=false", "--set", "cache_latents=false", "--set", "lora_rank=128")
-    result = _invoke("--config", _config(tmp_path, body), "--preset", "auto", "--vram", "4GB", *fixed, "--dry-run")
+    fixed = (
+        "--set",
+        "gradient_checkpointing=false",
+        "--set",
+        "cache_latents=false",
+        "--set",
+        "lora_rank=128",
+    )
+    result = _invoke(
+        "--config", _config(tmp_path, body), "--preset", "auto", "--vram", "4GB", *fixed, "--dry-run"
+    )
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
     assert "nothing fits" in text and "would fit if you let the planner change" in text
@@ -136,6 +149,11 @@ def test_a_config_continuing_a_lora_keeps_its_rank() -> None:
     from loratui.config import TrainConfig
     from loratui.memory.recommend import search_space
 
-    cfg = TrainConfig(base_model="runwayml/stable-diffusion-v1-5", task_type="image-generation",
-                      train_data_dir=".", lora_rank=32, init_lora="old.safetensors")
+    cfg = TrainConfig(
+        base_model="runwayml/stable-diffusion-v1-5",
+        task_type="image-generation",
+        train_data_dir=".",
+        lora_rank=32,
+        init_lora="old.safetensors",
+    )
     assert search_space(cfg, "sd", "sd15", "cuda").axes["lora_rank"] == [32]

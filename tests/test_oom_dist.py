@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratui.train.oom_dist import agree_max, any_rank, world_size
+from loratui.train.process.oom_dist import agree_max, any_rank, world_size
 
 TIMEOUT_S = 120
 
@@ -43,19 +43,28 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool 
 
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.runs.rundir import create_run_dir
-    from loratui.train.oom import RecoveringStep
+    from loratui.train.oom.recovering import RecoveringStep
 
     os.environ["LORATUI_CACHE_DIR"] = str(Path(out_dir) / f"cache{rank}")
     os.environ["LORATUI_OOM_PLANNER"] = "0"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     if side_group:  # as with NCCL training: the small per-step collectives go through a group of their own
-        from loratui.train.distributed import CONTROL
+        from loratui.train.process.distributed import CONTROL
 
         CONTROL.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
     try:
-        result = {"world": world_size(), "max": agree_max(rank * 10 + 3), "any_false": any_rank(False),
-                  "any_one": any_rank(rank == 1)}
+        result = {
+            "world": world_size(),
+            "max": agree_max(rank * 10 + 3),
+            "any_false": any_rank(False),
+            "any_one": any_rank(rank == 1),
+        }
         cfg = TrainConfig(task_type="text-generation", model_family="llm", batch_size=4, runs_dir=out_dir)
         run = create_run_dir(Path(out_dir) / f"rank{rank}", "toy")
         job = SimpleNamespace(run=run, resolved=ResolvedConfig(cfg, {}, "llm"))
@@ -64,8 +73,16 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         events = _Events()
-        step = RecoveringStep(job, events, accelerator=_Accelerator(), optimizer=optimizer, scheduler=scheduler,
-                              params=list(model.parameters()), max_grad_norm=None, model=model)
+        step = RecoveringStep(
+            job,
+            events,
+            accelerator=_Accelerator(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=list(model.parameters()),
+            max_grad_norm=None,
+            model=model,
+        )
         data = torch.arange(32, dtype=torch.float32).reshape(8, 4)
         sizes: list[int] = []
 
@@ -77,8 +94,13 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool 
 
         step.run(1, [0, 1, 2, 3], micro_loss)
         step.run(2, [4, 5, 6, 7], micro_loss)
-        result.update(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps, sizes=sizes,
-                      events=[(e["type"], e.get("rung")) for e in events.items], weight=model.weight.tolist())
+        result.update(
+            batch_size=cfg.batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            sizes=sizes,
+            events=[(e["type"], e.get("rung")) for e in events.items],
+            weight=model.weight.tolist(),
+        )
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.barrier()  # as the worker's `finish`: no rank closes its connections under a peer still sending
@@ -99,8 +121,13 @@ def test_one_process_is_a_no_op() -> None:
 def test_two_processes_agree_on_the_rung(tmp_path: Path, side_group: bool) -> None:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path), side_group), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _rank_main,
+        args=(2, _free_port(), str(tmp_path), side_group),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.time() + TIMEOUT_S
     try:
         while not context.join(timeout=1):

@@ -11,11 +11,12 @@ import torch
 from llm_helpers import adapter_tensors, make_config, make_job, max_diff, records, single_thread, write_jsonl
 
 from loratui.config import ResolvedConfig
+from loratui.models.llm.batches import Unit, collate
+from loratui.models.llm.loss import chunked_token_loss_sum, token_loss_sum
 from loratui.runs.events import read_events
-from loratui.train.llm_data import Unit, collate
-from loratui.train.llm_trainer import run_training, token_loss_sum
-from loratui.train.oom_llm import chunked_token_loss_sum, cut_units
-from loratui.train.plan import StepPlan
+from loratui.train.llm.oom import cut_units
+from loratui.train.llm.trainer import run_training
+from loratui.train.loop.plan import StepPlan
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,12 +39,22 @@ def _peaks(job) -> list[int]:
     return [e["meter_peak"] for e in _events(job, "step")]
 
 
-def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tmp_path: Path, tiny_llama: Path) -> None:
+def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
     data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
     # Calibrate the simulated card: the peak of every step with micro-batch 2 x 2 fits, 4 x 1 does not.
     # The 2 x 2 run (metered on an unlimited card) is also the reference for the final LoRA.
-    reference = make_job(make_config(tiny_llama, data, tmp_path / "ref", batch_size=2, gradient_accumulation_steps=2,
-                                     simulate_vram="1TiB"))
+    reference = make_job(
+        make_config(
+            tiny_llama,
+            data,
+            tmp_path / "ref",
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            simulate_vram="1TiB",
+        )
+    )
     run_training(reference, console=False)
     probe = make_job(make_config(tiny_llama, data, tmp_path / "probe", batch_size=4, simulate_vram="1TiB"))
     run_training(probe, console=False)
@@ -71,11 +82,16 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tmp_path
     assert [e["sample_indices"] for e in steps] == [e["sample_indices"] for e in _events(reference, "step")]
     assert max(_peaks(job)) <= budget
     # the same LoRA as a run configured with 2 x 2 from the start
-    assert max_diff(adapter_tensors(result.adapter_dir), adapter_tensors(reference.run.path.parent.parent /
-                                                                         "adapter")) <= 1e-5
+    assert (
+        max_diff(
+            adapter_tensors(result.adapter_dir), adapter_tensors(reference.run.path.parent.parent / "adapter")
+        )
+        <= 1e-5
+    )
     # the settings really used: config.yaml, oom.json, run_finished, the adapter's README and marker
     assert "batch_size: 2\n" in job.run.config_path.read_text() and "gradient_accumulation_steps: 2\n" in (
-        job.run.config_path.read_text())
+        job.run.config_path.read_text()
+    )
     record = json.loads((job.run.path / "oom.json").read_text())
     assert record["original"]["batch_size"] == 4 and record["current"]["batch_size"] == 2
     finished = _events(job, "run_finished")[0]
@@ -87,16 +103,23 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tmp_path
     assert checkpoint["settings"]["batch_size"] == 2
 
 
-def test_budget_too_small_for_anything_fails_naming_the_smallest_option(tmp_path: Path, tiny_llama: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from loratui.train import worker
-    from loratui.train.launch import prepare_run
+def test_budget_too_small_for_anything_fails_naming_the_smallest_option(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loratui.train.process import worker
+    from loratui.train.process.launch import prepare_run
 
     monkeypatch.setenv("LORATUI_OOM_PLANNER", "0")  # one rung at a time (the message still asks the planner)
     data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
     weights = (tiny_llama / "model.safetensors").stat().st_size
-    cfg = make_config(tiny_llama, data, tmp_path, batch_size=4, simulate_vram=str(int(weights * 1.08)),
-                      oom_allow_quality_reduction=False)
+    cfg = make_config(
+        tiny_llama,
+        data,
+        tmp_path,
+        batch_size=4,
+        simulate_vram=str(int(weights * 1.08)),
+        oom_allow_quality_reduction=False,
+    )
     run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -110,12 +133,16 @@ def test_budget_too_small_for_anything_fails_naming_the_smallest_option(tmp_path
     assert len(failed) == 1 and "smallest option" in failed[0]["error"]
     assert "OomExhausted" in failed[0]["error"] and "every rung of the OOM ladder" in failed[0]["error"]
     assert [e["rung"] for e in events if e["type"] == "oom"] == [
-        "micro_batch", "micro_batch", "gradient_checkpointing", "offload"]
+        "micro_batch",
+        "micro_batch",
+        "gradient_checkpointing",
+        "offload",
+    ]
     assert json.loads(run.status_path.read_text())["state"] == "failed"
 
 
 def test_chunked_loss_equals_the_full_loss_with_the_same_gradients(tiny_llama: Path) -> None:
-    from loratui.models.llm_loading import load_base
+    from loratui.models.llm.loading import load_base
 
     model, _, _ = load_base(str(tiny_llama))
     model.train()
@@ -138,12 +165,18 @@ def test_cutting_units_keeps_their_number_and_counts_targets() -> None:
     assert cut[0].input_ids == list(range(6)) and cut[0].num_targets == 2
 
 
-def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(tmp_path: Path, tiny_llama: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LORATUI_OOM_PLANNER", "0")
     data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    lowest = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-              "chunked_loss": True, "simulate_vram": "1TiB"}
+    lowest = {
+        "batch_size": 1,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": True,
+        "chunked_loss": True,
+        "simulate_vram": "1TiB",
+    }
     full = make_job(make_config(tiny_llama, data, tmp_path / "full", **lowest))
     short = make_job(make_config(tiny_llama, data, tmp_path / "short", max_seq_len=72, **lowest))
     run_training(full, console=False)
@@ -160,15 +193,16 @@ def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(tmp_path: Pa
     assert any("lowering quality" in e["message"] for e in _events(job, "warning"))
     lowered = _events(job, "oom_recovered")[-1]["new"]["max_seq_len"]
     assert 48 <= lowered < 96 and f"max_seq_len: {lowered}\n" in job.run.config_path.read_text()
-    assert [e["sample_indices"] for e in _events(job, "step")] == [StepPlan(8, 4, 1, 3, 42).samples_for_step(s)
-                                                                   for s in range(3)]
+    assert [e["sample_indices"] for e in _events(job, "step")] == [
+        StepPlan(8, 4, 1, 3, 42).samples_for_step(s) for s in range(3)
+    ]
 
 
 def test_out_of_memory_in_samples_or_evaluation_skips_them_and_training_goes_on(
     tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loratui.sample.llm_sample as llm_sample
-    import loratui.train.llm_trainer as llm_trainer
+    import loratui.models.llm.generate as llm_sample
+    import loratui.train.llm.trainer as llm_trainer
 
     def no_memory(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -185,8 +219,15 @@ def test_out_of_memory_in_samples_or_evaluation_skips_them_and_training_goes_on(
     monkeypatch.setattr(llm_sample, "generate_answer", no_memory)
     monkeypatch.setattr(llm_trainer, "evaluate", evaluate_once_short)
     data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    cfg = make_config(tiny_llama, data, tmp_path, max_steps=4, val_split=0.25, sample_prompts=["头痛怎么办？"],
-                      sample_every_steps=2)
+    cfg = make_config(
+        tiny_llama,
+        data,
+        tmp_path,
+        max_steps=4,
+        val_split=0.25,
+        sample_prompts=["头痛怎么办？"],
+        sample_every_steps=2,
+    )
     job = make_job(cfg)
     result = run_training(job, console=False)
 
@@ -195,21 +236,27 @@ def test_out_of_memory_in_samples_or_evaluation_skips_them_and_training_goes_on(
     skipped = [(e["skipped"], e["step"]) for e in _events(job, "warning") if e.get("skipped")]
     # 6 training rows at batch 2: an epoch is 3 steps; evaluation after each epoch and at the last step
     assert skipped == [("samples", 2), ("evaluation", 3), ("samples", 4)] and not _events(job, "sample")
-    assert all("out of memory (OutOfMemoryError: CUDA out of memory" in e["message"]
-               for e in _events(job, "warning") if e.get("skipped"))
+    assert all(
+        "out of memory (OutOfMemoryError: CUDA out of memory" in e["message"]
+        for e in _events(job, "warning")
+        if e.get("skipped")
+    )
     assert len(evaluations) == 2 and [e["step"] for e in _events(job, "eval")] == [4]  # the next one ran
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_other_errors_in_samples_still_fail_the_run(tmp_path: Path, tiny_llama: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import loratui.sample.llm_sample as llm_sample
+def test_other_errors_in_samples_still_fail_the_run(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loratui.models.llm.generate as llm_sample
 
     def broken(*_args, **_kwargs):
         raise ValueError("template error")
 
     monkeypatch.setattr(llm_sample, "generate_answer", broken)
     data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    job = make_job(make_config(tiny_llama, data, tmp_path, max_steps=2, sample_prompts=["hi"], sample_every_steps=1))
+    job = make_job(
+        make_config(tiny_llama, data, tmp_path, max_steps=2, sample_prompts=["hi"], sample_every_steps=1)
+    )
     with pytest.raises(ValueError, match="template error"):
         run_training(job, console=False)

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
 
-from loratui.train.plan import StepPlan
-from loratui.train.sd_trainer import train
+from loratui.train.loop.plan import StepPlan
+from loratui.train.sd.trainer import train
 
 
 @pytest.fixture(autouse=True)
@@ -37,16 +37,27 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tiny_sd1
     # 128 px, as in test_sd_train: at 64 px the tiny UNet amplifies batched-convolution rounding
     data = make_image_dataset(tmp_path / "data", 8)
     common = {"epochs": 1, "resolution": 128, "save_steps": None}
-    reference = make_job(seed_like_config(tmp_path / "ref", tiny_sd15, data, batch_size=2,
-                                          gradient_accumulation_steps=2, simulate_vram="1TiB", **common))
-    probe = make_job(seed_like_config(tmp_path / "probe", tiny_sd15, data, batch_size=4, simulate_vram="1TiB",
-                                      **common))
+    reference = make_job(
+        seed_like_config(
+            tmp_path / "ref",
+            tiny_sd15,
+            data,
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            simulate_vram="1TiB",
+            **common,
+        )
+    )
+    probe = make_job(
+        seed_like_config(tmp_path / "probe", tiny_sd15, data, batch_size=4, simulate_vram="1TiB", **common)
+    )
     assert train(reference) == "finished" and train(probe) == "finished"
     assert max(_peaks(reference)) < min(_peaks(probe))
     budget = (max(_peaks(reference)) + min(_peaks(probe))) // 2
 
-    job = make_job(seed_like_config(tmp_path / "oom", tiny_sd15, data, batch_size=4, simulate_vram=str(budget),
-                                    **common))
+    job = make_job(
+        seed_like_config(tmp_path / "oom", tiny_sd15, data, batch_size=4, simulate_vram=str(budget), **common)
+    )
     assert train(job) == "finished"
     assert [(e["step"], e["rung"]) for e in events_of(job.run, "oom")] == [(1, "micro_batch")]
     recovered = events_of(job.run, "oom_recovered")
@@ -71,10 +82,25 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tiny_sd1
 @pytest.mark.slow
 def test_caching_rung_moves_the_vae_off_the_card(tiny_sd15, tmp_path) -> None:
     data = make_image_dataset(tmp_path / "data", 4)
-    common = {"epochs": 1, "resolution": 128, "save_steps": None, "batch_size": 1,
-              "gradient_accumulation_steps": 4, "gradient_checkpointing": True}
-    cached = make_job(seed_like_config(tmp_path / "cached", tiny_sd15, data, simulate_vram="1TiB",
-                                       cache_latents=True, cache_text_encoder_outputs=True, **common))
+    common = {
+        "epochs": 1,
+        "resolution": 128,
+        "save_steps": None,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": True,
+    }
+    cached = make_job(
+        seed_like_config(
+            tmp_path / "cached",
+            tiny_sd15,
+            data,
+            simulate_vram="1TiB",
+            cache_latents=True,
+            cache_text_encoder_outputs=True,
+            **common,
+        )
+    )
     plain = make_job(seed_like_config(tmp_path / "plain", tiny_sd15, data, simulate_vram="1TiB", **common))
     assert train(cached) == "finished" and train(plain) == "finished"
     assert max(_peaks(cached)) < min(_peaks(plain))
@@ -107,12 +133,13 @@ class _Module:
 def _applier_world(monkeypatch, *, fail: str | None = None):
     from types import SimpleNamespace
 
-    import loratui.train.sd_trainer as trainer
-    from loratui.train.oom_sd import sd_rung_applier
+    import loratui.train.sd.setup as trainer
+    from loratui.train.sd.oom import sd_rung_applier
 
     calls: list[str] = []
-    models = SimpleNamespace(vae=_Module(), text_encoders=[_Module(), _Module()], device="cuda:0",
-                             text_on_device=False, unet=None)
+    models = SimpleNamespace(
+        vae=_Module(), text_encoders=[_Module(), _Module()], device="cuda:0", text_on_device=False, unet=None
+    )
 
     def fake_latents(cfg, models, dataset, reporter):
         calls.append("latents")
@@ -129,7 +156,7 @@ def _applier_world(monkeypatch, *, fail: str | None = None):
 
     monkeypatch.setattr(trainer, "setup_latents", fake_latents)
     monkeypatch.setattr(trainer, "setup_text", fake_text)
-    monkeypatch.setattr(trainer, "_setup_dataset", lambda cfg, reporter: ["a", "b"])
+    monkeypatch.setattr(trainer, "setup_dataset", lambda cfg, reporter: ["a", "b"])
     old_text = SimpleNamespace(cache_enabled=True)  # captions cached, encoders off the card
     context = SimpleNamespace(dataset=["A", "B"], latents=SimpleNamespace(cache_enabled=False), text=old_text)
     job = SimpleNamespace(resolved=SimpleNamespace(config=SimpleNamespace(train_text_encoder=False)))
@@ -148,6 +175,8 @@ def test_a_caching_pass_that_fails_puts_everything_back(monkeypatch) -> None:
     with pytest.raises(torch.OutOfMemoryError):
         apply({"resolution": 448, "cache_latents": True})
     # the old (uncached) latent source needs the VAE on the card; the old captions stay cached, encoders off
-    assert context.dataset == ["A", "B"] and context.latents.cache_enabled is False and context.text is old_text
+    assert (
+        context.dataset == ["A", "B"] and context.latents.cache_enabled is False and context.text is old_text
+    )
     assert models.vae.where == "cuda:0" and [e.where for e in models.text_encoders] == ["cpu", "cpu"]
     assert models.text_on_device is False

@@ -16,7 +16,7 @@ from llm_helpers import make_config, records, write_jsonl
 
 from loratui.config import ResolvedConfig
 from loratui.runs.events import read_events
-from loratui.train.launch import prepare_run, start_worker
+from loratui.train.process.launch import prepare_run, start_worker
 
 TIMEOUT_S = 240
 
@@ -30,7 +30,9 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 def _wait_for(condition, deadline: float, what: str, process: subprocess.Popen) -> None:
     while not condition():
-        assert process.poll() is None or condition(), f"supervisor exited ({process.returncode}) before {what}"
+        assert process.poll() is None or condition(), (
+            f"supervisor exited ({process.returncode}) before {what}"
+        )
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -47,7 +49,9 @@ def test_sigkilled_worker_is_restarted_from_its_checkpoint(tmp_path, tiny_llama,
     run, supervisor = _start(tmp_path, tiny_llama, max_steps=steps, save_steps=4, batch_size=2)
     deadline = time.time() + TIMEOUT_S
     try:
-        _wait_for(lambda: (run.checkpoints_dir / "step-8").is_dir(), deadline, "checkpoint step-8", supervisor)
+        _wait_for(
+            lambda: (run.checkpoints_dir / "step-8").is_dir(), deadline, "checkpoint step-8", supervisor
+        )
         worker_pid = json.loads(run.status_path.read_text())["pid"]
         assert worker_pid != supervisor.pid
         os.kill(worker_pid, signal.SIGKILL)
@@ -64,7 +68,7 @@ def test_sigkilled_worker_is_restarted_from_its_checkpoint(tmp_path, tiny_llama,
     finished = [e for e in events if e["type"] == "run_finished"]
     assert len(finished) == 1 and finished[0]["step"] == steps
     step_events = [e["step"] for e in events if e["type"] == "step"]
-    second = step_events[len(step_events) - (steps - resumed_from):]
+    second = step_events[len(step_events) - (steps - resumed_from) :]
     assert second == list(range(resumed_from + 1, steps + 1))  # continued right after the checkpoint
     assert set(step_events) == set(range(1, steps + 1))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -76,8 +80,12 @@ def test_deliberate_stop_is_not_restarted(tmp_path, tiny_llama, subprocess_env) 
     run, supervisor = _start(tmp_path, tiny_llama, max_steps=400, batch_size=2)
     deadline = time.time() + TIMEOUT_S
     try:
-        _wait_for(lambda: any(e["type"] == "step" for e in read_events(run.events_path)), deadline, "a step",
-                  supervisor)
+        _wait_for(
+            lambda: any(e["type"] == "step" for e in read_events(run.events_path)),
+            deadline,
+            "a step",
+            supervisor,
+        )
         supervisor.send_signal(signal.SIGINT)  # what `loratui train`'s Ctrl-C does
         code = supervisor.wait(timeout=max(1.0, deadline - time.time()))
     finally:
@@ -129,7 +137,7 @@ class _ScriptedSupervisor:
         from loratui.config import TrainConfig
         from loratui.runs.rundir import create_run_dir
         from loratui.runs.status import RunStatus
-        from loratui.train.supervisor import Supervisor
+        from loratui.train.process.supervisor import Supervisor
 
         run = create_run_dir(tmp_path / "runs", "scripted")
         cfg = TrainConfig(task_type="text-generation", model_family="llm", batch_size=4, **cfg_values)
@@ -161,8 +169,9 @@ def test_restart_after_kill_and_after_in_process_failure(tmp_path: Path) -> None
 
 def test_deliberate_stops_and_ordinary_failures_are_not_restarted(tmp_path: Path) -> None:
     for actions, code in (([("stopped", 3)], 130), ([("fail", 3)], 1), ([("crash", 3)], 1)):
-        supervisor, run = _ScriptedSupervisor.make(tmp_path / str(len(actions)) / str(code), actions + [
-            ("finish", 9)])
+        supervisor, run = _ScriptedSupervisor.make(
+            tmp_path / str(len(actions)) / str(code), actions + [("finish", 9)]
+        )
         assert supervisor.supervise() == code and _calls(run) == 1
     supervisor, run = _ScriptedSupervisor.make(tmp_path / "signal", [("kill", 3), ("finish", 9)])
     supervisor.stop_signal = "SIGINT"  # a stop arrived: the killed worker is not replaced

@@ -13,10 +13,10 @@ import torch
 from loratui.config import ResolvedConfig, TrainConfig
 from loratui.runs.follow import format_event
 from loratui.runs.rundir import create_run_dir
-from loratui.train import oom_cache
-from loratui.train.oom import OomExhausted, RecoveringStep, RestartNeeded, is_oom, is_sticky
-from loratui.train.oom_ladder import OomLadder, halve_micro_batch, settings_of
-from loratui.train.oom_record import read_record
+from loratui.train.oom import cache as oom_cache
+from loratui.train.oom.ladder import OomLadder, halve_micro_batch, settings_of
+from loratui.train.oom.record import read_record
+from loratui.train.oom.recovering import OomExhausted, RecoveringStep, RestartNeeded, is_oom, is_sticky
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +35,10 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         torch.cuda.OutOfMemoryError("out of memory (simulated card of 3.0 GiB)"),
         RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
-                     "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"
+        ),
         MemoryError(),
     ],
 )
@@ -45,8 +47,10 @@ def test_out_of_memory_errors_are_recognised(exc: BaseException) -> None:
 
 
 def test_cudnn_not_supported_counts_only_under_memory_pressure() -> None:
-    exc = RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
-                       "non-contiguous input.")
+    exc = RuntimeError(
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+        "non-contiguous input."
+    )
     assert is_oom(exc, pressure=lambda: True)
     assert not is_oom(exc, pressure=lambda: False)
 
@@ -80,8 +84,14 @@ def test_wrapped_out_of_memory_and_sticky_errors() -> None:
 
 
 def _llm_settings(**changes) -> dict:
-    base = {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-            "chunked_loss": False, "optimizer": "adamw", "max_seq_len": 1024}
+    base = {
+        "batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": False,
+        "chunked_loss": False,
+        "optimizer": "adamw",
+        "max_seq_len": 1024,
+    }
     return {**base, **changes}
 
 
@@ -98,7 +108,9 @@ def test_ladder_order_keeps_the_effective_batch_and_ends() -> None:
     assert set(seen) == {8} and settings["batch_size"] == 1 and settings["chunked_loss"]
     no_quality = OomLadder("llm", _llm_settings(), allow_quality=False, unavailable={"optimizer_8bit"})
     assert all(r.name != "quality" for r in no_quality.remaining(_llm_settings()))
-    assert [r.name for r in OomLadder("llm", _llm_settings()).remaining(_llm_settings())][5] == "optimizer_8bit"
+    assert [r.name for r in OomLadder("llm", _llm_settings()).remaining(_llm_settings())][
+        5
+    ] == "optimizer_8bit"
 
 
 def test_ladder_halving_uses_divisors_of_the_effective_batch() -> None:
@@ -108,8 +120,15 @@ def test_ladder_halving_uses_divisors_of_the_effective_batch() -> None:
 
 
 def test_sd_ladder_caches_only_what_may_be_cached() -> None:
-    sd = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-          "cache_latents": False, "cache_text_encoder_outputs": False, "optimizer": "adamw8bit", "resolution": 512}
+    sd = {
+        "batch_size": 1,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": True,
+        "cache_latents": False,
+        "cache_text_encoder_outputs": False,
+        "optimizer": "adamw8bit",
+        "resolution": 512,
+    }
     rung = OomLadder("sd", sd, can_cache_text=False).next_rung(sd)
     assert rung.name == "offload" and rung.changes == {"cache_latents": True}
     quality = OomLadder("sd", sd, can_cache_text=False, can_cache_latents=False).next_rung(sd)
@@ -127,7 +146,12 @@ def test_planner_skips_rungs_that_cannot_be_enough() -> None:
     assert len(ladder.choose(settings, lambda s: True)) == 1
     # never jumps into a quality reduction: the rungs before it are tried first, one at a time
     assert [r.name for r in ladder.choose(settings, lambda s: s["max_seq_len"] < 1024)] == ["micro_batch"]
-    near_the_end = {**settings, "batch_size": 1, "gradient_accumulation_steps": 8, "gradient_checkpointing": True}
+    near_the_end = {
+        **settings,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 8,
+        "gradient_checkpointing": True,
+    }
     assert [r.name for r in ladder.choose(near_the_end, lambda s: s["max_seq_len"] < 1024)] == ["offload"]
 
 
@@ -162,8 +186,16 @@ def _toy_step(tmp_path: Path, **cfg_values):
     accelerator = Accelerator(cpu=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     events = _Events()
-    step = RecoveringStep(job, events, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                          params=list(model.parameters()), max_grad_norm=None, model=model)
+    step = RecoveringStep(
+        job,
+        events,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=list(model.parameters()),
+        max_grad_norm=None,
+        model=model,
+    )
     data = torch.randn(16, 8)
     return step, model, data, events, job
 
@@ -213,7 +245,9 @@ def test_non_oom_errors_and_disabled_recovery_propagate(tmp_path: Path) -> None:
     assert events.items == []
     off, _, _, events, _ = _toy_step(tmp_path / "off", oom_recovery=False)
     with pytest.raises(torch.OutOfMemoryError):
-        off.run(1, [0, 1, 2, 3], lambda batch: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+        off.run(
+            1, [0, 1, 2, 3], lambda batch: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+        )
     assert events.items == []
 
 
@@ -234,16 +268,24 @@ def test_memory_not_released_asks_for_a_restart_with_lowered_settings(tmp_path: 
 def test_exhausted_ladder_names_the_smallest_option(tmp_path: Path) -> None:
     step, model, data, events, _ = _toy_step(tmp_path, oom_allow_quality_reduction=False, simulate_vram=None)
     with pytest.raises(OomExhausted, match="smallest option the OOM ladder knows"):
-        step.run(1, [0, 1, 2, 3], lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+        step.run(
+            1, [0, 1, 2, 3], lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+        )
     assert [e["rung"] for e in events.items if e["type"] == "oom"] == [
-        "micro_batch", "micro_batch", "gradient_checkpointing", "offload"]
+        "micro_batch",
+        "micro_batch",
+        "gradient_checkpointing",
+        "offload",
+    ]
 
 
 # --- records, cache, console lines -------------------------------------------------------------------------
 
 
 def test_settings_cache_round_trip_and_switch(tmp_path: Path) -> None:
-    cfg = TrainConfig(task_type="text-generation", base_model=str(tmp_path), batch_size=4, simulate_vram="2GiB")
+    cfg = TrainConfig(
+        task_type="text-generation", base_model=str(tmp_path), batch_size=4, simulate_vram="2GiB"
+    )
     key = oom_cache.cache_key(cfg, "llm")
     assert key != oom_cache.cache_key(cfg.model_copy(update={"simulate_vram": "3GiB"}), "llm")
     assert key != oom_cache.cache_key(cfg.model_copy(update={"lora_rank": 16}), "llm")
@@ -257,22 +299,37 @@ def test_settings_cache_round_trip_and_switch(tmp_path: Path) -> None:
     job = SimpleNamespace(run=run, resolved=ResolvedConfig(cfg.model_copy(), {}, "llm"))
     assert oom_cache.apply_cached_settings(job) == {"batch_size": 2, "gradient_accumulation_steps": 2}
     assert job.resolved.config.batch_size == 2 and "batch_size: 2" in run.config_path.read_text()
-    other = SimpleNamespace(run=create_run_dir(tmp_path / "runs", "y"),
-                            resolved=ResolvedConfig(cfg.model_copy(update={"oom_cache": False}), {}, "llm"))
+    other = SimpleNamespace(
+        run=create_run_dir(tmp_path / "runs", "y"),
+        resolved=ResolvedConfig(cfg.model_copy(update={"oom_cache": False}), {}, "llm"),
+    )
     assert oom_cache.apply_cached_settings(other) is None and other.resolved.config.batch_size == 4
 
 
 def test_console_lines_for_recoveries() -> None:
     old = {"batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
     new = {"batch_size": 2, "gradient_accumulation_steps": 2, "gradient_checkpointing": False}
-    line = format_event({"type": "oom", "step": 7, "old": old, "new": new, "label": "halve the micro-batch",
-                         "error": "OutOfMemoryError: CUDA out of memory"})
-    assert line == ("out of memory at step 7 (OutOfMemoryError: CUDA out of memory); trying halve the "
-                    "micro-batch: batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2")
-    done = format_event({"type": "oom_recovered", "step": 7, "old": old, "new": new, "rung": "micro_batch",
-                         "seconds": 0.25})
-    assert done == ("recovered from out of memory at step 7 in 0.25 s: batch_size 4 -> 2, "
-                    "gradient_accumulation_steps 1 -> 2 (micro_batch)")
+    line = format_event(
+        {
+            "type": "oom",
+            "step": 7,
+            "old": old,
+            "new": new,
+            "label": "halve the micro-batch",
+            "error": "OutOfMemoryError: CUDA out of memory",
+        }
+    )
+    assert line == (
+        "out of memory at step 7 (OutOfMemoryError: CUDA out of memory); trying halve the "
+        "micro-batch: batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2"
+    )
+    done = format_event(
+        {"type": "oom_recovered", "step": 7, "old": old, "new": new, "rung": "micro_batch", "seconds": 0.25}
+    )
+    assert done == (
+        "recovered from out of memory at step 7 in 0.25 s: batch_size 4 -> 2, "
+        "gradient_accumulation_steps 1 -> 2 (micro_batch)"
+    )
     finished = format_event({"type": "run_finished", "oom_recoveries": [{"step": 7, "old": old, "new": new}]})
     assert finished.startswith("finished (recovered from out of memory 1 time(s): step 7: batch_size 4 -> 2")
     assert format_event({"type": "run_finished"}) == "finished"
@@ -288,19 +345,22 @@ def test_no_oom_cache_flag_turns_the_cache_off(tmp_path: Path) -> None:
     plain = CliRunner().invoke(app, args)
     off = CliRunner().invoke(app, [*args, "--no-oom-cache"])
     assert json.loads(plain.stdout)["config"]["oom_cache"] is True
-    assert json.loads(off.stdout)["config"]["oom_cache"] is False and json.loads(off.stdout)["sources"][
-        "oom_cache"] == "flag"
+    assert (
+        json.loads(off.stdout)["config"]["oom_cache"] is False
+        and json.loads(off.stdout)["sources"]["oom_cache"] == "flag"
+    )
 
 
 def test_restarted_llm_worker_builds_data_with_the_length_it_started_with(tmp_path: Path) -> None:
-    from loratui.train.oom_llm import data_seq_len
-    from loratui.train.oom_record import note_settings
+    from loratui.train.llm.oom import data_seq_len
+    from loratui.train.oom.record import note_settings
 
     cfg = TrainConfig(task_type="text-generation", max_seq_len=72)
     job = SimpleNamespace(run=create_run_dir(tmp_path, "r"), resolved=ResolvedConfig(cfg, {}, "llm"))
     assert data_seq_len(job) == 72  # no OOM record: the config's length
-    note_settings(job.run.path, original={"max_seq_len": 96}, current={"max_seq_len": 72},
-                  started={"max_seq_len": 96})
+    note_settings(
+        job.run.path, original={"max_seq_len": 96}, current={"max_seq_len": 72}, started={"max_seq_len": 96}
+    )
     assert data_seq_len(job) == 96  # built as at the start, then cut to 72 (same units, same plan)
 
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.config import TrainConfig
-from loratui.presets import PRESET_FAMILIES, load_preset, preset_dirs, preset_names
+from loratui.config.presets import PRESET_FAMILIES, load_preset, preset_dirs, preset_names
 
 TIERS = ["low-vram", "12gb", "16gb", "24gb", "48gb", "80gb"]
 

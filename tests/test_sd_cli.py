@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.runs.rundir import list_runs
-from loratui.train.sd_trainer import train
+from loratui.train.sd.trainer import train
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 from sd_helpers import draw_shape, make_image_dataset
 
 from loratui.config import load_config
-from loratui.train.sd_dataset import (
+from loratui.train.sd.dataset import (
     DatasetError,
     choose_bucket,
     load_dataset,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
 
-from loratui.train.sd_trainer import train
+from loratui.train.sd.trainer import train
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,7 @@ def test_text_cache_is_refused_when_captions_change(tiny_sd15, tmp_path):
 
 
 def test_init_lora_from_kohya_and_diffusers_files(tiny_sd15, tmp_path):
-    from loratui.export.sd_export import export_checkpoint
+    from loratui.models.sd.lora_files import export_checkpoint
 
     data = make_image_dataset(tmp_path / "data", 4)
     first = make_job(
@@ -150,7 +150,7 @@ def test_samples_are_rendered_during_training(tiny_sd15, tmp_path):
 
 
 def test_samples_that_run_out_of_memory_are_skipped_and_training_goes_on(tiny_sd15, tmp_path, monkeypatch):
-    import loratui.sample.sd_sample as sd_sample
+    import loratui.data.image_io as sd_sample
 
     real_save_png, calls = sd_sample.save_png, []
 
@@ -162,8 +162,15 @@ def test_samples_that_run_out_of_memory_are_skipped_and_training_goes_on(tiny_sd
 
     monkeypatch.setattr(sd_sample, "save_png", first_runs_out)
     data = make_image_dataset(tmp_path / "data", 4)
-    config = seed_like_config(tmp_path, tiny_sd15, data, epochs=2, sample_prompts=["a red circle"],
-                              sample_every_steps=1, save_steps=None)
+    config = seed_like_config(
+        tmp_path,
+        tiny_sd15,
+        data,
+        epochs=2,
+        sample_prompts=["a red circle"],
+        sample_every_steps=1,
+        save_steps=None,
+    )
     job = make_job(config)
     assert train(job) == "finished"
     assert [e["step"] for e in events_of(job.run, "step")] == [1, 2]
@@ -241,7 +248,7 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_install(tiny_sd15, tmp_path,
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    from loratui.train.optim import MissingDependency
+    from loratui.train.loop.optim import MissingDependency
 
     data = make_image_dataset(tmp_path / "data", 2)
     job = make_job(seed_like_config(tmp_path, tiny_sd15, data, optimizer="adamw8bit", max_steps=1))

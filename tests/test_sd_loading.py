@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sd_helpers import pipeline_to_ldm_file, unet_to_ldm
 
-from loratui.models.sd_loading import (
+from loratui.models.sd.loading import (
     BaseModelError,
     bundled_config_folder,
     clip_bpe_vocab,
@@ -108,7 +108,7 @@ def test_single_file_checkpoint_loads_like_the_folder(fixture, request, tmp_path
 
 
 def test_sd2_variant_from_name_metadata_or_setting(tmp_path):
-    from loratui.models.sd_loading import _sd2_config_name
+    from loratui.models.sd.loading import _sd2_config_name
 
     notes: list[str] = []
     assert _sd2_config_name(Path("v2-1_512-ema-pruned.safetensors"), {}, "auto", notes) == "sd2"

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
 
-from loratui.export.kohya import name_map
-from loratui.train.checkpointing import load_checkpoint
-from loratui.train.sd_trainer import train
+from loratui.models.sd.kohya import name_map
+from loratui.runs.checkpoints import load_checkpoint
+from loratui.train.sd.trainer import train
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def _load_pipeline(folder: Path):
     import diffusers
 
-    from loratui.models.sd_loading import load_sd_pipeline
+    from loratui.models.sd.loading import load_sd_pipeline
 
     pipe = load_sd_pipeline(folder).pipeline
     pipe.set_progress_bar_config(disable=True)
@@ -260,7 +260,7 @@ def test_sd2_v_prediction_and_text_encoder_lora(tiny_sd2v, tmp_path, caplog):
 
 
 def test_output_dir_of_another_run_is_refused(tiny_sd15, tmp_path):
-    from loratui.export.sd_export import ExportError
+    from loratui.models.sd.lora_files import ExportError
 
     data = make_image_dataset(tmp_path / "data", 4)
     config = seed_like_config(tmp_path, tiny_sd15, data, epochs=1, save_steps=None)

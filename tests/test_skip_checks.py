@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from loratui.config import load_config
-from loratui.train.launch import prepare_run
-from loratui.train.sd_dataset import DatasetError, load_dataset
+from loratui.train.process.launch import prepare_run
+from loratui.train.sd.dataset import DatasetError, load_dataset
 
 
 def _dataset_with_missing_caption(root):

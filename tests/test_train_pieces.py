@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from loratui.runs import create_run_dir
-from loratui.train.checkpointing import (
-    load_checkpoint,
-    resolve_resume,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from loratui.train.optim import build_scheduler, lr_lambda
-from loratui.train.plan import StepPlan, split_micro_batches
-from loratui.train.seeding import epoch_permutation, sample_generator
+from loratui.runs.checkpoints import load_checkpoint, resolve_resume
+from loratui.train.loop.checkpointing import restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.optim import build_scheduler, lr_lambda
+from loratui.train.loop.plan import StepPlan, split_micro_batches
+from loratui.util.seeding import epoch_permutation, sample_generator
 
 
 def test_permutation_depends_only_on_seed_and_epoch() -> None:

@@ -19,8 +19,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
     pytest.mark.skipif(
-        importlib.util.find_spec("loratui.train.sd_trainer") is None,
-        reason="the SD trainer (loratui.train.sd_trainer) is not available yet",
+        importlib.util.find_spec("loratui.train.sd.trainer") is None,
+        reason="the SD trainer (loratui.train.sd.trainer) is not available yet",
     ),
 ]
 

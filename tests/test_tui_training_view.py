@@ -28,7 +28,7 @@ from loratui.tui.training_app import TrainingApp
 
 SIZE = (80, 24)
 
-# A stand-in worker: records SIGUSR1 / SIGINT in files, like loratui.train.signals would flag them.
+# A stand-in worker: records SIGUSR1 / SIGINT in files, like loratui.train.loop.signals would flag them.
 FAKE_WORKER = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])

@@ -17,7 +17,7 @@ def list_presets() -> None:
     from rich.table import Table
 
     from loratui.config import ConfigError
-    from loratui.presets import load_preset, preset_names
+    from loratui.config.presets import load_preset, preset_names
 
     table = Table(title="loratui presets (use with --preset NAME)", title_justify="left")
     for column in ("name", "VRAM tier", "families", "description"):
@@ -43,7 +43,7 @@ def show(
     import yaml
 
     from loratui.config import ConfigError
-    from loratui.presets import load_preset
+    from loratui.config.presets import load_preset
 
     try:
         preset = load_preset(name)

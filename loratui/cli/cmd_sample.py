@@ -37,7 +37,7 @@ def sample(
     """Generate an image (SD) or an answer (LLM) with the given LoRAs at the given weights."""
     options = dict(locals())  # the command's parameters only (taken before the imports below)
     from loratui.cli.common import console, not_implemented
-    from loratui.models.inspect import guess_task_type
+    from loratui.config.base_model import guess_task_type
 
     task = guess_task_type(base, "") or "image-generation"
     try:

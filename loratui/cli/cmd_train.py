@@ -143,7 +143,7 @@ def train(
         typer.echo(ConfigError(path_problems).render(), err=True)
         raise typer.Exit(EXIT_ERRORS)
 
-    from loratui.train.launch import launch_training
+    from loratui.cli.launch import launch_training
 
     code = launch_training(
         resolved,
@@ -160,7 +160,7 @@ def train(
 
 def _processes(gpus: str | None, cpu_processes: int | None, accelerate_config: Path | None, *, dry_run: bool):
     """The multi-process spec of --gpus/--cpu-processes/--accelerate-config (None: one process)."""
-    from loratui.train.launcher import LaunchError, processes_from_options
+    from loratui.train.process.launcher import LaunchError, processes_from_options
 
     try:
         spec = processes_from_options(gpus, cpu_processes, accelerate_config)
@@ -257,7 +257,7 @@ def _print_dry_run(
             "memory": prediction,
         }
         if processes is not None:
-            from loratui.train.distributed import global_batch
+            from loratui.train.process.distributed import global_batch
 
             cfg = resolved.config
             payload["processes"] = {
@@ -289,7 +289,7 @@ def _print_dry_run(
             for number, line in enumerate(dry_run_lines(prediction)):
                 out.print(line + (per_gpu if number == 0 else ""), highlight=False, markup=False)
     if processes is not None:
-        from loratui.train.launch import distributed_summary
+        from loratui.cli.launch import distributed_summary
 
         out.print(distributed_summary(resolved, processes), highlight=False, markup=False)
     for problem in problems:

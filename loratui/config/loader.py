@@ -127,7 +127,7 @@ def _validation_problems(exc: ValidationError, owner: dict[str, Layer]) -> list[
 
 def _infer_task_and_family(merged: dict[str, object]) -> tuple[str | None, str]:
     """Task type and model family from explicit keys, the model files, or the names."""
-    from loratui.models.inspect import guess_family_from_name, guess_task_type, inspect_base_model
+    from loratui.config.base_model import guess_family_from_name, guess_task_type, inspect_base_model
 
     base = str(merged.get("base_model") or "")
     task = merged.get("task_type")
@@ -145,7 +145,7 @@ def _infer_task_and_family(merged: dict[str, object]) -> tuple[str | None, str]:
 def _preset_family(family: str, base_model: str) -> str:
     if family != "llm":
         return "sd15" if family == "sd2" else family
-    from loratui.models.inspect import inspect_base_model, params_from_name
+    from loratui.config.base_model import inspect_base_model, params_from_name
 
     found = inspect_base_model(base_model).preset_family
     if found is None:  # nothing readable (e.g. a hub id not in the local cache): the name's size, if any
@@ -180,7 +180,7 @@ def load_config(
     task, family = _infer_task_and_family(merged)
 
     if preset:
-        from loratui.presets import load_preset, preset_section
+        from loratui.config.presets import load_preset, preset_section
 
         try:
             preset_obj = load_preset(preset)
@@ -228,7 +228,7 @@ def load_config(
 
 def check_paths(resolved: ResolvedConfig) -> list[ConfigProblem]:
     """Problems with paths that must exist (base model, dataset, metadata, init LoRA)."""
-    from loratui.models.inspect import inspect_base_model
+    from loratui.config.base_model import inspect_base_model
 
     cfg = resolved.config
     problems: list[ConfigProblem] = []

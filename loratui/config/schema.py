@@ -125,7 +125,9 @@ class TrainConfig(BaseModel):
     oom_max_restarts: int = Field(
         3, ge=0, description="Worker restarts from the last checkpoint when in-process OOM recovery fails."
     )
-    oom_cache: bool = Field(True, description="Start from settings that fitted this model on this GPU before.")
+    oom_cache: bool = Field(
+        True, description="Start from settings that fitted this model on this GPU before."
+    )
     chunked_loss: bool = Field(
         False, description="LLM: compute the loss in chunks of tokens (saves logits memory; OOM ladder)."
     )

@@ -285,3 +285,13 @@ def open_image_rgb(path: str | Path) -> PILImage.Image:
         raise ImageReadError(path, f"{text}; re-export or re-download it", kind=kind) from exc
     except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageReadError(path, f"{exc}; re-export or delete it") from exc
+
+
+def save_png(image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    from loratui.util.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

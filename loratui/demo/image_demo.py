@@ -77,7 +77,8 @@ def _before_after(out: Path, model: Path, lora: Path) -> tuple[Path, int, float]
     """Render the prompt without and with the LoRA (same seed) and save them side by side."""
     from PIL import Image
 
-    from loratui.sample.sd_sample import LoraRequest, apply_loras, generate, load_pipeline, save_png
+    from loratui.data.image_io import save_png
+    from loratui.sample.sd_sample import LoraRequest, apply_loras, generate, load_pipeline
 
     pipe, loaded = load_pipeline(str(model))
     options = {"seed": 1, "steps": 20, "width": RESOLUTION * 2, "height": RESOLUTION * 2, "guidance": 5.0}
@@ -99,8 +100,8 @@ def run_demo(out: Path, steps: int | None = None, console: Any = None) -> int:
     """Run the image demo in `out`; returns the exit code."""
     from loratui.runs.events import read_events
     from loratui.tiny_models.sd import build_tiny_sd
-    from loratui.train.sd_trainer import train
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
+    from loratui.train.sd.trainer import train
 
     with demo_session(out, steps, DEFAULT_STEPS, console) as demo:
         out, steps, console = demo.out, demo.steps, demo.console

@@ -33,7 +33,7 @@ class DemoSession:
     def start_run(self, config_path: Path) -> tuple[Any, Any]:
         """(resolved config, run directory) for `config_path`; the demo replaces its previous output."""
         from loratui.config import load_config
-        from loratui.train.launch import prepare_run
+        from loratui.train.process.launch import prepare_run
 
         resolved = load_config(config_path)
         run, _ = prepare_run(resolved, resume=None, overwrite=True)
@@ -41,7 +41,9 @@ class DemoSession:
 
 
 @contextlib.contextmanager
-def demo_session(out: Path, steps: int | None, default_steps: int, console: Any = None) -> Iterator[DemoSession]:
+def demo_session(
+    out: Path, steps: int | None, default_steps: int, console: Any = None
+) -> Iterator[DemoSession]:
     """A demo's session; torch trains on one thread meanwhile (a tiny model trains faster so)."""
     import torch
 

@@ -40,7 +40,16 @@ def _write_config(out: Path, model: Path, data: Path, steps: int) -> Path:
         "run_name": "text-demo",
         "lora_rank": 16,
         "lora_alpha": 16,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        "target_modules": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ],
         "learning_rate": 1e-2,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 5,
@@ -71,8 +80,8 @@ def _check(console: Any, data: Path, model: Path) -> bool:
 
 def _compare(console: Any, result: Any, batch_size: int) -> None:
     """Validation loss and greedy answers, base vs base + LoRA."""
-    from loratui.sample.llm_sample import generate_answer
-    from loratui.train.llm_trainer import evaluate
+    from loratui.models.llm.generate import generate_answer
+    from loratui.train.llm.trainer import evaluate
 
     model, tokenizer, template = result.model, result.tokenizer, result.template
     device = next(model.parameters()).device
@@ -80,7 +89,10 @@ def _compare(console: Any, result: Any, batch_size: int) -> None:
         base_loss = evaluate(model, result.data, batch_size, tokenizer.pad_token_id, device)
     lora_loss = evaluate(model, result.data, batch_size, tokenizer.pad_token_id, device)
     _say(console, f"validation loss on held-out answers: base {base_loss:.3f} -> base + LoRA {lora_loss:.3f}")
-    _say(console, "greedy answers (a tiny random-weight model writes noise; the loss is what the LoRA changed):")
+    _say(
+        console,
+        "greedy answers (a tiny random-weight model writes noise; the loss is what the LoRA changed):",
+    )
     for prompt in PROMPTS:
         with model.disable_adapter():
             before = generate_answer(model, tokenizer, template, prompt, max_new_tokens=40)
@@ -94,8 +106,8 @@ def run_demo(out: Path, steps: int | None = None, console: Any = None) -> int:
     """Run the text demo in `out`; returns the exit code."""
     from loratui.runs.events import read_events
     from loratui.tiny_models.llama import build_tiny_llama
-    from loratui.train.llm_trainer import run_training
-    from loratui.train.worker import WorkerJob
+    from loratui.train.job import WorkerJob
+    from loratui.train.llm.trainer import run_training
 
     with demo_session(out, steps, DEFAULT_STEPS, console) as demo:
         out, steps, console = demo.out, demo.steps, demo.console
@@ -123,8 +135,14 @@ def _summary(console: Any, out: Path, config: Path, run: Path, adapter: Path, se
     _say(console, f"  run:     {run} (events.jsonl, checkpoints/, logs/ for TensorBoard, samples/)")
     _say(console, f"  adapter: {adapter} (PEFT folder: adapter_config.json, adapter_model.safetensors)")
     _say(console)
-    _say(console, "The same with a real model (a Hugging Face folder with config.json, *.safetensors, tokenizer):")
-    _say(console, "  loratui train --config examples/llm_medical_qa.yaml --base-model ./models/Llama-2-7b-chat-hf \\")
+    _say(
+        console,
+        "The same with a real model (a Hugging Face folder with config.json, *.safetensors, tokenizer):",
+    )
+    _say(
+        console,
+        "  loratui train --config examples/llm_medical_qa.yaml --base-model ./models/Llama-2-7b-chat-hf \\",
+    )
     _say(console, "      --train-data-dir ./data/medical_qa --output-dir ./output/medical-qa")
     _say(console, "  loratui sample --base ./models/Llama-2-7b-chat-hf --lora ./output/medical-qa \\")
     _say(console, f'      --prompt "{PROMPTS[0]}" --compare')

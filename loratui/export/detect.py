@@ -29,7 +29,7 @@ def source_task(source: Path) -> str | None:
             return "text-generation"
         return None
     if source.suffix == ".safetensors" and source.is_file():
-        from loratui.models.inspect import classify_state_keys, read_safetensors_header
+        from loratui.config.base_model import classify_state_keys, read_safetensors_header
 
         try:
             keys = [k for k in read_safetensors_header(source) if k != "__metadata__"]

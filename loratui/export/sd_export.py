@@ -1,218 +1,35 @@
 """Export Stable Diffusion LoRAs: kohya/A1111 `.safetensors` (default) or diffusers `pytorch_lora_weights`.
 
 Sources: a run directory (its newest checkpoint), a checkpoint folder, or a LoRA file (converted between
-kohya and diffusers layouts). `loratui export` calls `export_cli`; the trainer calls `export_checkpoint`
-after the last step.
+kohya and diffusers layouts). `loratui export` calls `export_cli`; the file writers themselves are
+`loratui.models.sd.lora_files` (the trainer writes its result with them too).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from loratui.export.kohya import (
-    RUN_KEY,
+from loratui.models.sd.kohya import (
     KohyaInfo,
-    LoraModule,
-    build_metadata,
     family_from_lora_keys,
     from_kohya_state,
     is_kohya_state,
-    modules_from_peft,
     name_map,
     read_lora_file,
-    save_kohya,
-    text_model_path,
 )
-
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-DTYPES = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-class ExportError(ValueError):
-    """An export that cannot be done (clear message, nothing written)."""
-
-
-def usage_string(name: str, weight: float = 0.8) -> str:
-    """What to type in AUTOMATIC1111/Forge prompts."""
-    return f"<lora:{name}:{weight}>"
-
-
-def parse_dtype(dtype: str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ExportError(f"unknown --dtype {dtype!r}; use fp16, bf16 or fp32") from None
-
-
-# --- overwrite protection --------------------------------------------------------------------------------
-
-
-def file_run(path: Path) -> str | None:
-    """The run that wrote an exported LoRA file (from its header), or None."""
-    try:
-        from loratui.models.inspect import read_safetensors_header
-
-        return (read_safetensors_header(Path(path)).get("__metadata__") or {}).get(RUN_KEY)
-    except (OSError, ValueError):
-        return None
-
-
-def check_output(path: Path, run: str | None, *, overwrite: bool, resuming: bool = False) -> None:
-    """Refuse to replace a file written by a different run (or by another tool) unless allowed."""
-    path = Path(path)
-    if not path.exists() or overwrite or resuming:
-        return
-    owner = file_run(path)
-    if run is not None and owner == run:
-        return
-    who = f"run {owner}" if owner else "another tool or an unknown run"
-    raise ExportError(
-        f"{path} already exists and was written by {who}; not replacing it. Use --overwrite, choose another "
-        "output_dir/output_name, or --resume that run"
-    )
-
-
-# --- writers ------------------------------------------------------------------------------------------------
-
-
-def write_kohya(
-    path: Path,
-    modules: list[LoraModule],
-    info: KohyaInfo,
-    *,
-    layers_per_block: int = 2,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write the kohya/A1111 file with `ss_*` and ModelSpec metadata."""
-    return save_kohya(
-        path, modules, info.family, build_metadata(info), layers_per_block=layers_per_block, dtype=dtype
-    )
-
-
-def write_diffusers(
-    path: Path, modules: list[LoraModule], *, dtype: torch.dtype | None = None, run: str | None = None
-) -> Path:
-    """Write a diffusers LoRA file (`unet.<path>.lora_A.weight` ...) with PEFT config metadata per component."""
-    from safetensors.torch import save
-
-    from loratui.util.atomic import atomic_write_bytes
-
-    tensors: dict[str, torch.Tensor] = {}
-    config: dict[str, Any] = {}
-    by_component: dict[str, list[LoraModule]] = {}
-    for module in modules:
-        by_component.setdefault(module.component, []).append(module)
-    for component, items in by_component.items():
-        for module in items:
-            path_out = module.path if component == "unet" else text_model_path(module.path)
-            down, up = module.down.detach().cpu(), module.up.detach().cpu()
-            if dtype is not None:
-                down, up = down.to(dtype), up.to(dtype)
-            tensors[f"{component}.{path_out}.lora_A.weight"] = down.contiguous()
-            tensors[f"{component}.{path_out}.lora_B.weight"] = up.contiguous()
-        rank = items[0].rank
-        alphas = {m.alpha for m in items}
-        config.update(
-            {
-                f"{component}.r": rank,
-                f"{component}.lora_alpha": items[0].alpha if len(alphas) == 1 else max(alphas),
-                f"{component}.target_modules": sorted(_target_names(items)),
-                f"{component}.lora_dropout": 0.0,
-                f"{component}.bias": "none",
-                f"{component}.init_lora_weights": True,
-                f"{component}.use_dora": False,
-            }
-        )
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True)}
-    if run:
-        metadata[RUN_KEY] = run
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
-    return Path(path)
-
-
-def _target_names(modules: list[LoraModule]) -> set[str]:
-    """PEFT target names that select exactly these modules' kind (`to_q`, `to_out.0`, `q_proj`, ...)."""
-    names = set()
-    for module in modules:
-        parts = module.path.split(".")
-        names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
-    return names
-
-
-# --- from checkpoints -------------------------------------------------------------------------------------
-
-
-def kohya_info_from_meta(meta: dict[str, Any]) -> KohyaInfo:
-    known = {f.name for f in fields(KohyaInfo)}
-    return KohyaInfo(**{k: v for k, v in (meta.get("kohya") or {}).items() if k in known})
-
-
-def checkpoint_modules(lora_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[LoraModule]:
-    """LoRA modules of a checkpoint, with the kohya alpha saved in its meta.json."""
-    return modules_from_peft(lora_state, float(meta["kohya_alpha"]))
-
-
-def _default_path(meta: dict[str, Any], fmt: str) -> Path:
-    folder = Path(meta.get("output_dir") or ".")
-    if fmt == "diffusers":
-        return folder / DIFFUSERS_FILE
-    return folder / f"{meta.get('name') or 'lora'}.safetensors"
-
-
-def export_checkpoint(
-    checkpoint: Path,
-    *,
-    fmt: str = "kohya",
-    out: Path | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    resuming: bool = False,
-    finished_at: float | None = None,
-) -> Path:
-    """Write the LoRA of a checkpoint folder; returns the file written."""
-    from loratui.train.checkpointing import load_checkpoint
-
-    ckpt = load_checkpoint(Path(checkpoint))
-    meta = ckpt.meta
-    modules = checkpoint_modules(ckpt.lora_state, meta)
-    target = _resolve_out(out, meta, fmt)
-    check_output(target, meta.get("run"), overwrite=overwrite, resuming=resuming)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "diffusers":
-        return write_diffusers(target, modules, dtype=dtype, run=meta.get("run"))
-    info = kohya_info_from_meta(meta)
-    info.steps, info.epoch = ckpt.step, int(meta.get("epochs_done", info.epoch))
-    if finished_at is not None:
-        info.finished_at = finished_at
-    return write_kohya(
-        target, modules, info, layers_per_block=int(meta.get("unet_layers_per_block", 2)), dtype=dtype
-    )
-
-
-def _resolve_out(out: Path | None, meta: dict[str, Any], fmt: str) -> Path:
-    if out is None:
-        return _default_path(meta, fmt)
-    out = Path(out)
-    if out.suffix == ".safetensors":
-        return out
-    return out / (DIFFUSERS_FILE if fmt == "diffusers" else f"{meta.get('name') or 'lora'}.safetensors")
-
-
-# --- between file formats -----------------------------------------------------------------------------------
+from loratui.models.sd.lora_files import (
+    DIFFUSERS_FILE,
+    ExportError,
+    check_output,
+    export_checkpoint,
+    parse_dtype,
+    usage_string,
+    write_diffusers,
+    write_kohya,
+)
 
 
 def family_module_paths(family: str) -> tuple[dict[str, list[str]], int]:
@@ -221,8 +38,8 @@ def family_module_paths(family: str) -> tuple[dict[str, list[str]], int]:
     import transformers
     from accelerate import init_empty_weights
 
-    from loratui.models.sd_loading import bundled_config_folder
-    from loratui.train.sd_lora import adaptable_modules
+    from loratui.models.sd.loading import bundled_config_folder
+    from loratui.models.sd.lora import adaptable_modules
 
     folder = bundled_config_folder({"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl"}[family])
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -264,7 +81,7 @@ def convert_lora_file(
         return write_diffusers(target, modules, dtype=dtype)
     if fmt == "diffusers":
         raise ExportError(f"{source} is already a diffusers LoRA file; use --format kohya to convert it")
-    from loratui.train.sd_lora import diffusers_modules
+    from loratui.models.sd.lora import diffusers_modules
 
     modules = diffusers_modules(tensors, metadata, {})
     rank = modules[0].rank if modules else 0
@@ -279,8 +96,8 @@ def convert_lora_file(
 
 def resolve_source(source: Path) -> tuple[str, Path]:
     """('checkpoint', folder) or ('file', path) for a run directory, checkpoint folder or LoRA file."""
+    from loratui.runs.checkpoints import is_checkpoint
     from loratui.runs.rundir import RunDir
-    from loratui.train.checkpointing import is_checkpoint
 
     source = Path(source)
     if source.is_file():

@@ -18,7 +18,7 @@ def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
     else its weight files' headers, else its name ("...-13b"), else 7B."""
     from pathlib import Path
 
-    from loratui.models.inspect import _llm_params, params_from_name, params_from_weight_files
+    from loratui.config.base_model import _llm_params, params_from_name, params_from_weight_files
 
     counted = _llm_params(spec.configs["model"])
     if counted:
@@ -79,7 +79,7 @@ def _sd(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
 
 def analytic_estimate(spec: ArchSpec, cfg: Any, device: str, notes: list[str]):
     """An `Estimate` from closed-form rules; error band 35-40 %."""
-    from loratui.memory.estimate import Estimate, cuda_overheads
+    from loratui.memory.estimate_types import Estimate, cuda_overheads
 
     notes = list(notes)
     parts, band = _llm(spec, cfg, device, notes) if spec.kind == "llm" else _sd(spec, cfg, device)

@@ -219,7 +219,7 @@ def _sd_bundled_name(family: str, info: Any) -> str:
 
 def arch_from_config(cfg: Any, family: str | None = None) -> ArchSpec:
     """The `ArchSpec` for a `TrainConfig` (or `ResolvedConfig`): base_model's own configs, else the family's."""
-    from loratui.models.inspect import inspect_base_model
+    from loratui.config.base_model import inspect_base_model
 
     inner = getattr(cfg, "config", cfg)
     family = family or getattr(cfg, "family", None) or inner.model_family

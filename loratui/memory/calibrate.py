@@ -43,7 +43,7 @@ def regimes(kind: str) -> list[Regime]:
 
 def build_table(name: str, log=print) -> dict:
     from loratui.memory.summary import build_summary
-    from loratui.models.sd_loading import quiet_libraries
+    from loratui.models.sd.loading import quiet_libraries
 
     spec = spec_for(name)
     started = time.time()

@@ -16,51 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loratui.memory.arch import ArchSpec
+from loratui.memory.estimate_types import (
+    NF4_BYTES,
+    Estimate,
+    _band,
+    cuda_overheads,
+)
 from loratui.memory.regime import Regime
 from loratui.memory.summary import ArchSummary
-
-MIB = 2**20
-CUDA_CONTEXT = 450 * MIB  # torch 2.x / CUDA 12-13 context (memory.md: 0.3-0.6 GB, 426 MiB measured)
-WORKSPACE = {"llm": 64 * MIB, "sd": 256 * MIB}  # cuBLAS/cuBLASLt handles; cuDNN convolution workspaces
-FRAGMENTATION = 0.10  # caching-allocator reserve over live tensors, as a share of the per-step memory
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit block absmax + fp32 second-level absmax
-BAND = {"cpu": 0.05, "meta": 0.10, "analytic": 0.35}
-CUDA_EXTRA_BAND = 0.05  # context/workspace/fragmentation are not measured on a GPU here
-
-
-@dataclass
-class Estimate:
-    """A predicted peak with its parts (they sum to `total_bytes`)."""
-
-    total_bytes: int
-    breakdown: dict[str, int]
-    method: str
-    error_band: float
-    notes: list[str] = field(default_factory=list)
-    phase: str = ""  # what the peak happens in: micro-batch, optimizer step, VAE encoding, ...
-    device: str = "cuda"
-
-    @property
-    def low_bytes(self) -> int:
-        return int(self.total_bytes * (1 - self.error_band))
-
-    @property
-    def high_bytes(self) -> int:
-        return int(self.total_bytes * (1 + self.error_band))
-
-    def to_dict(self) -> dict[str, Any]:
-        from loratui.memory.sizes import format_bytes
-
-        return {
-            "total_bytes": self.total_bytes,
-            "total": format_bytes(self.total_bytes),
-            "breakdown": dict(self.breakdown),
-            "method": self.method,
-            "error_band": self.error_band,
-            "phase": self.phase,
-            "device": self.device,
-            "notes": list(self.notes),
-        }
 
 
 class UnknownArchitecture(ValueError):
@@ -182,19 +145,6 @@ def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device
     return state, temporaries
 
 
-def cuda_overheads(kind: str, dynamic: int, static: int) -> dict[str, int]:
-    return {
-        "cuda_context": CUDA_CONTEXT,
-        "workspace": WORKSPACE[kind],
-        "fragmentation": int(FRAGMENTATION * dynamic + 0.01 * static),
-    }
-
-
-def _band(source: str, residual: float, device: str) -> float:
-    band = max(BAND[source], round(residual + 0.03, 3))
-    return round(band + (CUDA_EXTRA_BAND if device == "cuda" else 0.0), 3)
-
-
 def _method(source: str, table: bool) -> str:
     where = "this CPU (random weights)" if source == "cpu" else "the meta device (CUDA autocast emulated)"
     shipped = ", shipped table" if table else ""
@@ -308,7 +258,7 @@ def _sd_weights(summary: ArchSummary, precision: str) -> _SDWeights:
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (sd_trainer)."""
     from loratui.memory.tables import get_fit, table_for
-    from loratui.train.oom_sd import TEXT_BATCH
+    from loratui.models.sd.conditioning import TEXT_BATCH
 
     summary = planner.summary
     regime, notes = regime_for(cfg, device, "sd")
@@ -364,7 +314,9 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     if cache_latents:
         held = w.vae if on_gpu else resident
         before["latent caching (before training)"] = ({"vae": w.vae}, held, vae_peak)
-    if cache_text and text_fit is not None:  # after the latent pass: the VAE stays when latents are not cached
+    if (
+        cache_text and text_fit is not None
+    ):  # after the latent pass: the VAE stays when latents are not cached
         vae_part = {} if cache_latents else {"vae": w.vae}
         held = w.text_encoders + sum(vae_part.values()) if on_gpu else resident
         text_peak = text_fit.evaluate(TEXT_BATCH, 77, 0)[0]

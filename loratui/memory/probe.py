@@ -184,16 +184,16 @@ def _llm_train_config(regime: Regime, rank: int) -> Any:
 
 
 def add_llm_lora(model: torch.nn.Module, regime: Regime, rank: int) -> torch.nn.Module:
-    """LoRA as the LLM trainer adds it (its `_setup_lora` / `lora_config`)."""
-    from loratui.train import llm_trainer
+    """LoRA as the LLM trainer adds it (`loratui.models.llm.lora`)."""
+    from loratui.models.llm.lora import lora_config, setup_lora
 
     cfg = _llm_train_config(regime, rank)
     if regime.precision == "qlora":
         from peft import get_peft_model
 
         _emulate_kbit(model, regime.checkpointing)
-        return get_peft_model(model, llm_trainer.lora_config(cfg))
-    return llm_trainer._setup_lora(cfg, model)
+        return get_peft_model(model, lora_config(cfg))
+    return setup_lora(cfg, model)
 
 
 @contextlib.contextmanager
@@ -214,10 +214,10 @@ def _llm_loss(
     model: torch.nn.Module, batch: int, seq: int, vocab: int, device: str, mode, regime
 ) -> torch.Tensor:
     """The LLM trainer's token loss for full rows whose every token after the first is a target."""
-    from loratui.train.llm_trainer import token_loss_sum
+    from loratui.models.llm.loss import token_loss_sum
 
     if device != "meta":
-        from loratui.train.llm_data import Unit, collate
+        from loratui.models.llm.batches import Unit, collate
 
         ids = torch.randint(3, vocab, (batch, seq)).tolist()
         units = [Unit(row, [-100] + row[1:], seq - 1) for row in ids]
@@ -351,7 +351,7 @@ def add_sd_lora(
     models: SDModels, regime: Regime, rank: int, *, train_text_encoder: bool
 ) -> list[torch.nn.Parameter]:
     """LoRA as the SD trainer adds it (`plan_targets` + `inject_lora`)."""
-    from loratui.train.sd_lora import LoraPlan, inject_lora, plan_targets
+    from loratui.models.sd.lora import LoraPlan, inject_lora, plan_targets
 
     components = models.components()
     if regime.checkpointing:
@@ -415,8 +415,8 @@ def _encode_text(models: SDModels, batch: int, device: str) -> tuple[torch.Tenso
 
 def _unet_loss(models: SDModels, point: Point, device: str, mode: TraceMode, precision: str, embeds, pooled):
     """One micro-batch of the SD trainer's `_group_loss` from cached latents."""
-    from loratui.train.sd_conditioning import sdxl_added_conditions
-    from loratui.train.sd_loss import per_sample_loss, training_target
+    from loratui.models.sd.conditioning import sdxl_added_conditions
+    from loratui.models.sd.loss import per_sample_loss, training_target
 
     side = max(1, round(point.tokens**0.5))
     channels = int(models.unet.config.in_channels)

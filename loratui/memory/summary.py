@@ -11,10 +11,10 @@ from typing import Any
 
 from loratui.memory.arch import ArchSpec
 
-#: mirrors loratui.train.sd_lora (tested to agree); kept here so estimates need no torch import
+#: mirrors loratui.models.sd.lora (tested to agree); kept here so estimates need no torch import
 SD_DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SD_DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-#: mirrors loratui.train.llm_trainer.DEFAULT_TARGETS
+#: mirrors loratui.models.llm.lora.DEFAULT_TARGETS
 LLM_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -105,7 +105,7 @@ class ArchSummary:
 
 
 def match_sd(paths: list[str], target: str) -> list[str]:
-    """`loratui.train.sd_lora.match_targets`: exact path, suffix or sub-path."""
+    """`loratui.models.sd.lora.match_targets`: exact path, suffix or sub-path."""
     needle = f".{target.strip('.')}."
     return [p for p in paths if p == target or needle in f".{p}."]
 
@@ -113,7 +113,7 @@ def match_sd(paths: list[str], target: str) -> list[str]:
 def sd_targets(
     components: dict[str, Component], requested: list[str] | None, *, train_text_encoder: bool
 ) -> dict[str, list[Layer]]:
-    """`loratui.train.sd_lora.plan_targets` on a summary (unknown targets are ignored here)."""
+    """`loratui.models.sd.lora.plan_targets` on a summary (unknown targets are ignored here)."""
     by_name = {name: {layer.name: layer for layer in comp.layers} for name, comp in components.items()}
     encoders = [n for n in ("text_encoder", "text_encoder_2") if n in components]
     unet_req = [t for t in requested or [] if match_sd(list(by_name["unet"]), t)]
@@ -221,7 +221,7 @@ def _sd_summary(spec: ArchSpec) -> ArchSummary:
 
 def build_summary(spec: ArchSpec) -> ArchSummary:
     """Summarise an architecture by building it on the meta device (imports torch and diffusers/transformers)."""
-    from loratui.models.sd_loading import quiet_libraries
+    from loratui.models.sd.loading import quiet_libraries
 
     with quiet_libraries():
         return _llm_summary(spec) if spec.kind == "llm" else _sd_summary(spec)

@@ -23,7 +23,7 @@ _MEMORY: dict[str, Fit] = {}
 
 
 def cache_dir() -> Path:
-    from loratui.models.sd_loading import cache_root
+    from loratui.models.sd.loading import cache_root
 
     return cache_root() / "memory"
 
@@ -102,7 +102,7 @@ def get_fit(spec: ArchSpec, regime: Regime, source: str, what: str = "step") -> 
     found = cached_fit(spec, regime, source, what)
     if found is not None:
         return found
-    from loratui.models.sd_loading import quiet_libraries
+    from loratui.models.sd.loading import quiet_libraries
 
     with quiet_libraries():
         if spec.kind == "llm":

@@ -12,6 +12,8 @@ from typing import Any
 
 from loratui.util.atomic import atomic_write_text
 
+EXIT_STOPPED = 130  # exit code of a run stopped on request (checkpoint written), as for SIGINT
+
 
 class RunState(str, Enum):
     """Lifecycle of a run."""

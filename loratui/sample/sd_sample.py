@@ -7,12 +7,13 @@ diffusers' `load_lora_weights(..., adapter_name=)` and combined with `set_adapte
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loratui.data.image_io import save_png
 
 PROMPT_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
 DEFAULT_WEIGHT = 1.0
@@ -83,7 +84,7 @@ def _adapter_name(path: Path, position: int) -> str:
 
 def check_family(request: LoraRequest, family: str) -> None:
     """Refuse a LoRA trained for another model family, with a clear message."""
-    from loratui.export.kohya import family_from_lora_keys, read_lora_file
+    from loratui.models.sd.kohya import family_from_lora_keys, read_lora_file
 
     tensors, meta = read_lora_file(request.path)
     versions = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
@@ -98,7 +99,7 @@ def load_pipeline(base: str, *, allow_pickle: bool = False):
     """The base pipeline on the best device (fp16 on CUDA, fp32 on CPU)."""
     import torch
 
-    from loratui.models.sd_loading import load_sd_pipeline
+    from loratui.models.sd.loading import load_sd_pipeline
 
     cuda = torch.cuda.is_available()
     loaded = load_sd_pipeline(
@@ -111,7 +112,7 @@ def load_pipeline(base: str, *, allow_pickle: bool = False):
 
 def apply_loras(pipe, requests: list[LoraRequest], family: str) -> list[str]:
     """Load every LoRA as its own adapter and activate them with their weights."""
-    from loratui.models.sd_loading import quiet_libraries
+    from loratui.models.sd.loading import quiet_libraries
 
     names = []
     for position, request in enumerate(requests):
@@ -152,16 +153,6 @@ def generate(
     ).images[0]
 
 
-def save_png(image, path: Path) -> Path:
-    """Write a PNG atomically."""
-    from loratui.util.atomic import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
-
-
 def sample_cli(
     *,
     console=None,
@@ -180,7 +171,7 @@ def sample_cli(
     **_llm_options: Any,
 ) -> int:
     """`loratui sample` for Stable Diffusion; returns the exit code."""
-    from loratui.models.sd_loading import BaseModelError
+    from loratui.models.sd.loading import BaseModelError
 
     def say(text: str) -> None:
         if console is not None:

@@ -72,7 +72,7 @@ class ModelInspected(Message):
     """The base-model inspection worker finished."""
 
     path: str
-    info: Any  # loratui.models.inspect.ModelInfo
+    info: Any  # loratui.config.base_model.ModelInfo
 
 
 @dataclass

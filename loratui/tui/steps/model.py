@@ -166,7 +166,7 @@ class ModelStep(WizardStep):
         if not path:
             return
         try:
-            from loratui.models.inspect import inspect_base_model
+            from loratui.config.base_model import inspect_base_model
 
             info = call_cancellable(inspect_base_model, path)
         except Cancelled:

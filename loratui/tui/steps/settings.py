@@ -129,7 +129,7 @@ class SettingsStep(WizardStep):
         yield Static("", markup=False, id="option-note")
 
     def on_mount(self) -> None:
-        from loratui.presets import load_preset, preset_names
+        from loratui.config.presets import load_preset, preset_names
 
         options = []
         for name in preset_names():

@@ -18,7 +18,7 @@ from loratui.tui.wizard_state import GpuChoice
 
 def start_run(resolved, gpu: GpuChoice | None) -> tuple[Path, int]:
     """Create the run directory and start the worker in its own session (the core does both)."""
-    from loratui.train.launch import prepare_run, start_worker
+    from loratui.train.process.launch import prepare_run, start_worker
 
     if gpu is not None and gpu.index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu.index)

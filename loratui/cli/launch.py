@@ -1,0 +1,130 @@
+"""`loratui train` after the config is resolved: checks, the run directory, the worker, then following it.
+
+The core (`loratui.train.process.launch`) prepares the run and starts the worker; this module prints, handles
+Ctrl-C and opens the training view.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from loratui.config import ResolvedConfig
+from loratui.runs.events import EventReader
+from loratui.runs.follow import FINAL_EVENTS, format_event
+from loratui.runs.rundir import RunDir
+from loratui.runs.status import RunStatus, pid_alive
+from loratui.train.process.launch import EXIT_STOPPED, prepare_run, start_worker
+from loratui.train.process.launcher import Processes
+
+
+def follow_plain(
+    run: RunDir, process: subprocess.Popen | None, out, reader: EventReader | None = None
+) -> int:
+    """Print events as plain lines until the run ends. Ctrl-C asks the worker to checkpoint and stop;
+    a second Ctrl-C detaches (training goes on). `reader` starts where it stands (a resumed run's earlier
+    events are skipped); by default the whole log is shown."""
+    reader = reader or EventReader(run.events_path)
+    interrupts = 0
+    final: str | None = None
+    while True:
+        try:
+            for event in reader.poll():
+                line = format_event(event)
+                if line:
+                    out.print(line, markup=False, highlight=False)
+                if event.get("type") in FINAL_EVENTS:
+                    final = event["type"]
+            exited = (
+                process.poll() is not None if process else not pid_alive((run.status() or RunStatus()).pid)
+            )
+            if final or exited:
+                for event in reader.poll():
+                    line = format_event(event)
+                    if line:
+                        out.print(line, markup=False, highlight=False)
+                    final = event["type"] if event.get("type") in FINAL_EVENTS else final
+                break
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupts += 1
+            pid = process.pid if process else (run.status() or RunStatus()).pid
+            if interrupts == 1 and pid:
+                out.print("stopping: saving a checkpoint first (Ctrl-C again to detach and leave it running)")
+                os.kill(pid, signal.SIGINT)
+            else:
+                out.print(f"detached; training continues. Follow it with: loratui attach {run.name}")
+                return 0
+    if process is not None:
+        code = process.wait()
+        if code == 2 and final is None:
+            return 2
+    if final == "run_finished":
+        return 0
+    if final == "run_stopped":
+        return EXIT_STOPPED
+    log = run.path / "worker.log"
+    out.print(f"training did not finish; see {log}", markup=False)
+    return 1
+
+
+def launch_training(
+    resolved: ResolvedConfig,
+    *,
+    resume: str | None,
+    skip_checks: bool,
+    overwrite: bool,
+    detach: bool,
+    tui: bool,
+    out,
+    processes: Processes | None = None,
+) -> int:
+    """Check, prepare the run directory, start the worker(s), and follow the run (or detach)."""
+    from loratui.train.process.preflight import run_preflight
+
+    if not run_preflight(resolved, skip_checks=skip_checks, out=out):
+        return 1
+    try:
+        run, checkpoint = prepare_run(
+            resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks, processes=processes
+        )
+    except FileNotFoundError as exc:
+        out.print(f"error: {exc}", markup=False)
+        return 1
+    if checkpoint:
+        out.print(f"resuming from {checkpoint}", markup=False)
+    if processes is not None and processes.launcher:
+        out.print(distributed_summary(resolved, processes), markup=False)
+    reader = EventReader(run.events_path)
+    reader.poll()  # a resumed run's earlier events (its run_stopped too) are history, not this session's progress
+    process = start_worker(run)
+    out.print(f"run directory: {run.path} (supervisor pid {process.pid})", markup=False)
+    if detach:
+        out.print(f"training in the background; follow it with: loratui attach {run.name}", markup=False)
+        return 0
+    from loratui.cli.common import plain_output
+
+    if tui and not plain_output():
+        from loratui.tui.launch import open_training_view
+
+        return open_training_view(run.path)
+    return follow_plain(run, process, out, reader)
+
+
+def distributed_summary(resolved: ResolvedConfig, processes: Processes) -> str:
+    """One line on how the batch is spread over the processes (`batch_size` is per device)."""
+    from loratui.train.process.distributed import global_batch
+
+    cfg = resolved.config
+    total = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes.processes)
+    text = (
+        f"{processes.describe()}: batch_size {cfg.batch_size} per GPU x {cfg.gradient_accumulation_steps} "
+        f"accumulation x {processes.processes} processes = {total} samples per optimizer step; "
+        "memory figures are per GPU"
+    )
+    if processes.num_machines > 1:
+        role = "writes the run" if processes.main_node else "only trains; the run is written on machine 0"
+        text += f"; this machine {role}"
+    return text

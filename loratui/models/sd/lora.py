@@ -1,0 +1,224 @@
+"""LoRA layers on the UNet and text encoders (PEFT), their state, and starting from an existing LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratui.models.sd.kohya import (
+    LoraModule,
+    from_kohya_state,
+    is_kohya_state,
+    live_text_path,
+    name_map,
+    read_lora_file,
+)
+
+ADAPTER = "default"
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: kohya's text-encoder targets: CLIPAttention and CLIPMLP linears.
+DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+class LoraSetupError(ValueError):
+    """LoRA targets or an init LoRA that do not fit the model."""
+
+
+@dataclass
+class LoraPlan:
+    """Which module paths get LoRA layers, per component."""
+
+    targets: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def kohya_alpha(self) -> float:
+        """The alpha a kohya file needs for the same scale (kohya scale = alpha / rank)."""
+        return self.scale * self.rank
+
+
+def adaptable_modules(model: torch.nn.Module) -> list[str]:
+    """Paths of the Linear and Conv2d modules of a model (what LoRA can adapt).
+
+    In a model that already has LoRA layers, the adapted modules keep their original paths.
+    """
+    paths = []
+    for name, module in model.named_modules():
+        if not name or ".lora_" in name or not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        paths.append(name.removesuffix(".base_layer"))
+    return paths
+
+
+def match_targets(paths: list[str], target: str) -> list[str]:
+    """Module paths selected by one target: an exact path, a suffix (`to_q`) or a sub-path (`ff.net`)."""
+    needle = f".{target.strip('.')}."
+    return [p for p in paths if p == target or needle in f".{p}."]
+
+
+def plan_targets(
+    requested: list[str] | None, components: dict[str, torch.nn.Module], *, train_text_encoder: bool
+) -> dict[str, list[str]]:
+    """Module paths to adapt per component. Unknown targets raise LoraSetupError listing valid choices."""
+    paths = {name: adaptable_modules(model) for name, model in components.items()}
+    unet_requested, te_requested = [], []
+    unknown = []
+    for target in requested or []:
+        in_unet = bool(match_targets(paths["unet"], target))
+        in_te = any(match_targets(p, target) for name, p in paths.items() if name != "unet")
+        if in_unet:
+            unet_requested.append(target)
+        if in_te:
+            te_requested.append(target)
+        if not in_unet and not in_te:
+            unknown.append(target)
+    if unknown:
+        raise LoraSetupError(
+            f"target_modules {unknown} match no Linear/Conv2d module; UNet choices include to_q, to_k, to_v, "
+            "to_out.0, ff.net, proj_in, proj_out, attn1, attn2; text encoder: q_proj, k_proj, v_proj, out_proj, "
+            "fc1, fc2"
+        )
+    plan: dict[str, list[str]] = {}
+    unet_targets = unet_requested or list(DEFAULT_UNET_TARGETS)
+    plan["unet"] = sorted({p for t in unet_targets for p in match_targets(paths["unet"], t)})
+    if train_text_encoder:
+        te_targets = te_requested or list(DEFAULT_TE_TARGETS)
+        for name, model_paths in paths.items():
+            if name != "unet":
+                plan[name] = sorted({p for t in te_targets for p in match_targets(model_paths, t)})
+    return plan
+
+
+def inject_lora(components: dict[str, torch.nn.Module], plan: LoraPlan) -> list[torch.nn.Parameter]:
+    """Add LoRA layers (fp32) to each component in the plan; returns the trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    params: list[torch.nn.Parameter] = []
+    for name, paths in plan.targets.items():
+        model = components[name]
+        config = LoraConfig(
+            r=plan.rank,
+            lora_alpha=plan.alpha,
+            lora_dropout=plan.dropout,
+            target_modules=paths,
+            init_lora_weights=True,
+            use_rslora=plan.use_rslora,
+        )
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        for param_name, param in model.named_parameters():
+            if ".lora_" in param_name:
+                param.data = param.data.float()
+                param.requires_grad_(True)
+                params.append(param)
+            else:
+                param.requires_grad_(False)
+    return params
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Module path -> PEFT LoRA layer, for every adapted module of `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def lora_state(components: dict[str, torch.nn.Module], plan: LoraPlan) -> dict[str, torch.Tensor]:
+    """`<component>.<path>.lora_A.weight` / `.lora_B.weight` tensors (detached, CPU, fp32)."""
+    out = {}
+    for name in plan.targets:
+        for path, layer in lora_layers(components[name]).items():
+            out[f"{name}.{path}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+            out[f"{name}.{path}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_lora_state(components: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors from `lora_state` back into the layers; every layer must be present."""
+    for name, model in components.items():
+        for path, layer in lora_layers(model).items():
+            for kind, holder in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                key = f"{name}.{path}.{kind}.weight"
+                if key not in state:
+                    raise KeyError(f"checkpoint has no tensor {key}")
+                holder[ADAPTER].weight.copy_(state[key].to(holder[ADAPTER].weight.dtype))
+
+
+def _is_flattened(model: torch.nn.Module) -> bool:
+    return not hasattr(model, "text_model")
+
+
+def diffusers_modules(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], components
+) -> list[LoraModule]:
+    """Modules of a diffusers/PEFT-style LoRA file (`unet.<path>.lora_A.weight`, ...)."""
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    modules = []
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        stem = key[: -len(".lora_A.weight")]
+        component, _, path = stem.partition(".")
+        if component not in ("unet", "text_encoder", "text_encoder_2"):
+            raise LoraSetupError(f"unexpected key {key} in a diffusers LoRA file")
+        if component != "unet" and component in components:
+            path = live_text_path(path, _is_flattened(components[component]))
+        down = tensors[key].float()
+        alpha = float(config.get(f"{component}.lora_alpha", down.shape[0]))
+        modules.append(LoraModule(component, path, down, tensors[stem + ".lora_B.weight"].float(), alpha))
+    return modules
+
+
+def read_init_lora(
+    path: Path, components: dict[str, torch.nn.Module], family: str, layers_per_block: int
+) -> list[LoraModule]:
+    """Read a kohya or diffusers LoRA file as modules addressed by live module paths."""
+    if not Path(path).is_file():
+        raise LoraSetupError(f"init_lora not found: {path}")
+    tensors, metadata = read_lora_file(Path(path))
+    if is_kohya_state(tensors):
+        names = name_map(
+            {name: adaptable_modules(m) for name, m in components.items()}, family, layers_per_block
+        )
+        modules, unknown = from_kohya_state(tensors, names)
+        if unknown:
+            raise LoraSetupError(
+                f"init_lora {path} has {len(unknown)} module(s) this {family} model does not have "
+                f"(e.g. {unknown[0]}); was it trained on another model family?"
+            )
+        return modules
+    return diffusers_modules(tensors, metadata, components)
+
+
+@torch.no_grad()
+def apply_init_lora(
+    modules: list[LoraModule], components: dict[str, torch.nn.Module], plan: LoraPlan
+) -> tuple[int, list[str]]:
+    """Start the LoRA layers from `modules` (rescaled to this run's alpha). Returns (loaded, not trained)."""
+    layers = {name: lora_layers(model) for name, model in components.items()}
+    loaded, skipped = 0, []
+    for module in modules:
+        layer = layers.get(module.component, {}).get(module.path)
+        if layer is None:
+            skipped.append(f"{module.component}.{module.path}")
+            continue
+        if module.rank != plan.rank:
+            raise LoraSetupError(
+                f"init_lora has rank {module.rank} but lora_rank is {plan.rank}; set lora_rank: {module.rank}"
+            )
+        factor = (module.alpha / module.rank) / plan.scale
+        layer.lora_A[ADAPTER].weight.copy_(module.down.reshape(layer.lora_A[ADAPTER].weight.shape))
+        layer.lora_B[ADAPTER].weight.copy_((module.up * factor).reshape(layer.lora_B[ADAPTER].weight.shape))
+        loaded += 1
+    return loaded, skipped

@@ -1,0 +1,73 @@
+"""One optimizer step over several micro-batches (gradient accumulation), shared by both trainers.
+
+The trainer's `micro_loss(batch_indices)` returns that micro-batch's loss already divided by the
+normaliser of the WHOLE optimizer step (number of samples for SD, number of target tokens for LLMs), so
+the accumulated gradient is identical however the step is split into micro-batches. This is what lets the
+OOM ladder halve the micro-batch mid-run without changing the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float
+    grad_norm: float | None
+    micro_batches: int
+    lr: float
+
+
+def optimizer_step(
+    micro_batches: Sequence[Sequence[int]],
+    micro_loss: Callable[[Sequence[int]], torch.Tensor],
+    *,
+    accelerator,
+    optimizer,
+    scheduler,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float | None,
+    model=None,
+    before_update: Callable[[], None] | None = None,
+) -> StepResult:
+    """Run forward/backward for every micro-batch, then clip, step, schedule and zero the gradients.
+
+    `accelerator` is an `accelerate.Accelerator` (handles the fp16 grad scaler). `model` is the prepared
+    trained module, or a list of them. With several processes every micro-batch runs under their DDP
+    `no_sync` and the gradients are averaged once, after `before_update`
+    (`loratui.train.process.distributed.all_reduce_gradients`). `before_update` runs after the last backward and
+    before the update (the OOM ladder uses it to let every process agree that none ran out of memory; it
+    may raise to abandon the step).
+    """
+    total = 0.0
+    several = accelerator.num_processes > 1
+    models = [] if model is None else list(model) if isinstance(model, list | tuple) else [model]
+    for batch in micro_batches:
+        with contextlib.ExitStack() as unsynced:
+            for module in models if several else []:
+                unsynced.enter_context(accelerator.no_sync(module))
+            loss = micro_loss(batch)
+            accelerator.backward(loss)
+        total += float(loss.detach())
+        del loss
+    if before_update is not None:
+        before_update()
+    if several:
+        from loratui.train.process.distributed import all_reduce_gradients
+
+        all_reduce_gradients(params)
+    grad_norm = None
+    if max_grad_norm is not None and max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total, grad_norm, len(micro_batches), float(scheduler.get_last_lr()[0]))

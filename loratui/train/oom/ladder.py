@@ -1,0 +1,228 @@
+"""The out-of-memory ladder: which settings to lower next, quality-preserving first.
+
+Pure settings logic (no torch): the worker uses it to recover inside a run, and the supervisor uses it to
+lower settings before restarting a worker that died. Rungs, in order:
+
+1. `micro_batch`: halve the micro-batch and multiply gradient accumulation (effective batch unchanged);
+   repeated down to a micro-batch of 1;
+2. `gradient_checkpointing`: recompute activations in backward;
+3. `offload`: SD caches latents / text-encoder outputs (VAE and text encoders leave the GPU); LLMs compute the
+   loss in chunks of tokens (`chunked_loss`);
+4. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA), optimizer state carried over;
+5. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
+   the value the run started with; only with `oom_allow_quality_reduction`.
+
+The LoRA rank is never changed mid-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SD_KEYS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "optimizer",
+    "resolution",
+)
+LLM_KEYS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "chunked_loss",
+    "optimizer",
+    "max_seq_len",
+)
+RUNG_ORDER = ("micro_batch", "gradient_checkpointing", "offload", "optimizer_8bit", "quality")
+MIN_RESOLUTION = 64
+MIN_SEQ_LEN = 32
+
+
+def kind_of(family: str) -> str:
+    """'llm' or 'sd' for a model family (sd15, sd2, sdxl, llm)."""
+    return "llm" if family == "llm" else "sd"
+
+
+def settings_keys(kind: str) -> tuple[str, ...]:
+    return LLM_KEYS if kind == "llm" else SD_KEYS
+
+
+def settings_of(cfg: Any, kind: str) -> dict[str, Any]:
+    """The ladder-controlled settings of a config (TrainConfig or mapping)."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda key: getattr(cfg, key)
+    return {key: get(key) for key in settings_keys(kind)}
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung: its name, a human label, the settings it changes, and whether it lowers quality."""
+
+    name: str
+    label: str
+    changes: dict[str, Any]
+    quality: bool = False
+
+
+def combine(rungs: list[Rung]) -> Rung:
+    """Several consecutive rungs applied at once (later changes win)."""
+    if len(rungs) == 1:
+        return rungs[0]
+    changes: dict[str, Any] = {}
+    for rung in rungs:
+        changes.update(rung.changes)
+    names = list(dict.fromkeys(r.name for r in rungs))
+    labels = list(dict.fromkeys(r.label for r in rungs))
+    return Rung("+".join(names), " + ".join(labels), changes, any(r.quality for r in rungs))
+
+
+def halve_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int] | None:
+    """The largest divisor of the effective batch at most half the micro-batch, and the new accumulation."""
+    effective = batch_size * accumulation
+    if batch_size <= 1:
+        return None
+    smaller = next(d for d in range(batch_size // 2, 0, -1) if effective % d == 0)
+    return smaller, effective // smaller
+
+
+def lower_resolution(resolution: int, floor: int) -> int | None:
+    new = (resolution - 64) // 64 * 64 if resolution > 128 else (resolution - 16) // 8 * 8
+    new = max(new, floor, MIN_RESOLUTION)
+    return new if new < resolution else None
+
+
+def lower_seq_len(seq_len: int, floor: int) -> int | None:
+    new = max(seq_len * 3 // 4 // 8 * 8, floor, MIN_SEQ_LEN)
+    return new if new < seq_len else None
+
+
+@dataclass
+class OomLadder:
+    """The rungs still available from a set of settings.
+
+    `original` holds the settings the run started with (quality floors are half of those); `unavailable`
+    names rungs that cannot be applied here (e.g. `optimizer_8bit` without bitsandbytes or CUDA, `offload`
+    when captions change every epoch); `can_cache_text` says whether SD text-encoder outputs may be cached.
+    """
+
+    kind: str
+    original: dict[str, Any]
+    allow_quality: bool = True
+    unavailable: set[str] = field(default_factory=set)
+    can_cache_latents: bool = True
+    can_cache_text: bool = True
+
+    def next_rung(self, settings: Mapping[str, Any]) -> Rung | None:
+        """The first rung that changes something, or None when the ladder is exhausted."""
+        for name in RUNG_ORDER:
+            if name in self.unavailable:
+                continue
+            rung = self._rung(name, settings)
+            if rung is not None:
+                return rung
+        return None
+
+    def remaining(self, settings: Mapping[str, Any]) -> list[Rung]:
+        """Every rung still to come from `settings`, each one on top of the previous ones."""
+        current, out = dict(settings), []
+        while (rung := self.next_rung(current)) is not None and len(out) < 64:
+            out.append(rung)
+            current.update(rung.changes)
+        return out
+
+    def choose(
+        self, settings: Mapping[str, Any], fits: Callable[[dict[str, Any]], bool | None] | None = None
+    ) -> list[Rung]:
+        """The rungs to apply now: the first one, or, when `fits(settings)` (the memory planner) rules the
+        earlier ones out, everything up to the first rung whose settings could fit. A quality-lowering rung is
+        never jumped to (it comes only after the rungs before it really failed), and when the planner sees
+        nothing fit it is not trusted either: one rung at a time. Empty when exhausted."""
+        rungs = self.remaining(settings)
+        if not rungs or fits is None:
+            return rungs[:1]
+        current = dict(settings)
+        for count, rung in enumerate(rungs, start=1):
+            if rung.quality and count > 1:
+                return rungs[:1]
+            current.update(rung.changes)
+            verdict = fits(dict(current))
+            if verdict is None:  # the planner cannot tell: take one rung at a time
+                return rungs[:1]
+            if verdict:
+                return rungs[:count]
+        return rungs[:1]
+
+    def _rung(self, name: str, s: Mapping[str, Any]) -> Rung | None:
+        if name == "micro_batch":
+            halved = halve_micro_batch(int(s["batch_size"]), int(s["gradient_accumulation_steps"]))
+            if halved is None:
+                return None
+            label = f"halve the micro-batch to {halved[0]}, accumulate {halved[1]} (same effective batch)"
+            return Rung(name, label, {"batch_size": halved[0], "gradient_accumulation_steps": halved[1]})
+        if name == "gradient_checkpointing":
+            if s["gradient_checkpointing"]:
+                return None
+            return Rung(name, "gradient checkpointing", {"gradient_checkpointing": True})
+        if name == "offload":
+            return self._offload(s)
+        if name == "optimizer_8bit":
+            if s["optimizer"] == "adamw8bit":
+                return None
+            return Rung(name, "8-bit AdamW", {"optimizer": "adamw8bit"})
+        if name == "quality" and self.allow_quality:
+            return self._quality(s)
+        return None
+
+    def _offload(self, s: Mapping[str, Any]) -> Rung | None:
+        if self.kind == "llm":
+            return None if s["chunked_loss"] else Rung("offload", "chunked loss", {"chunked_loss": True})
+        changes: dict[str, Any] = {}
+        if self.can_cache_latents and not s["cache_latents"]:
+            changes["cache_latents"] = True
+        if self.can_cache_text and not s["cache_text_encoder_outputs"]:
+            changes["cache_text_encoder_outputs"] = True
+        if not changes:
+            return None
+        what = " and ".join(
+            text
+            for key, text in (
+                ("cache_latents", "cache latents (VAE off the GPU)"),
+                ("cache_text_encoder_outputs", "cache text-encoder outputs"),
+            )
+            if key in changes
+        )
+        return Rung("offload", what, changes)
+
+    def _quality(self, s: Mapping[str, Any]) -> Rung | None:
+        if self.kind == "llm":
+            start = int(self.original.get("max_seq_len") or s["max_seq_len"])
+            new = lower_seq_len(int(s["max_seq_len"]), start // 2)
+            if new is None:
+                return None
+            return Rung(
+                "quality",
+                f"max_seq_len {s['max_seq_len']} -> {new} (longer samples are cut)",
+                {"max_seq_len": new},
+                quality=True,
+            )
+        start = int(self.original.get("resolution") or s["resolution"])
+        new = lower_resolution(int(s["resolution"]), start // 2)
+        if new is None:
+            return None
+        return Rung(
+            "quality",
+            f"resolution {s['resolution']} -> {new} (less detail)",
+            {"resolution": new},
+            quality=True,
+        )
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """'batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2' for the keys that differ."""
+    keys = list(keys) if keys is not None else list(dict.fromkeys([*old, *new]))
+    parts = [f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(parts) or "no change"
