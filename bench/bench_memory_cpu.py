@@ -136,8 +136,8 @@ def planning_speed() -> dict[str, float]:
     from loratui.config import ResolvedConfig, TrainConfig
     from loratui.memory import estimate
     from loratui.memory.recommend import recommend
-    from loratui.memory.sizes import GIB
     from loratui.memory.tables import clear_memory_cache
+    from loratui.util.sizes import GIB
 
     cases = {
         "SD1.5 512² r32 b4 on 8 GB": {

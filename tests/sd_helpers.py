@@ -113,7 +113,9 @@ def make_job(config_path: Path, *, resume_from: Path | None = None, overwrite: b
         run = create_run_dir(Path(cfg.runs_dir), cfg.run_name or cfg.name)
     if cfg.model_family == "auto":
         cfg.model_family = resolved.family
-    run.write_config(resolved.to_yaml())
+    from loratui.runs.config_file import write_run_config
+
+    write_run_config(run.path, resolved)
     return WorkerJob(run=run, resolved=resolved, resume_from=resume_from, overwrite=overwrite)
 
 

@@ -242,3 +242,41 @@ def test_version() -> None:
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
+
+
+def _adapter_folder(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def test_a_missing_optional_package_names_the_extra(tmp_path, monkeypatch) -> None:
+    def needs_gguf(*_args, **_kwargs):
+        raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
+
+    monkeypatch.setattr("loratui.cli.cmd_export.run_text_export", needs_gguf)
+    result = CliRunner().invoke(app, ["export", str(_adapter_folder(tmp_path))])
+    assert result.exit_code == 2
+    assert (
+        'error: loratui export: the optional package gguf is not installed: pip install "loratui[gguf]"'
+        in (result.output)
+    )
+
+    def needs_bitsandbytes(**_kwargs):
+        raise ModuleNotFoundError("No module named 'bitsandbytes.nn'", name="bitsandbytes.nn")
+
+    monkeypatch.setattr("loratui.cli.cmd_sample.run_image_sample", needs_bitsandbytes)
+    sampled = CliRunner().invoke(app, ["sample", "--base", "model.safetensors", "--prompt", "x"])
+    assert sampled.exit_code == 2 and 'pip install "loratui[quant]"' in sampled.output
+    assert "not implemented" not in result.output + sampled.output
+
+
+def test_any_other_import_failure_raises_with_its_real_message(tmp_path, monkeypatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise ModuleNotFoundError("No module named 'peft.tuners.xyz'", name="peft.tuners.xyz")
+
+    monkeypatch.setattr("loratui.cli.cmd_export.run_text_export", broken)
+    result = CliRunner().invoke(app, ["export", str(_adapter_folder(tmp_path))])
+    assert isinstance(result.exception, ModuleNotFoundError)
+    assert "peft.tuners.xyz" in str(result.exception) and "not implemented" not in result.output

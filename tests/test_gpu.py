@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
@@ -25,6 +26,39 @@ def test_snapshot_reads_every_field(fake_nvml) -> None:
     # the second card does not support reserved memory, temperature or power: None, no exception
     assert second.memory_reserved is None and second.memory_free == 12 * GIB - GIB // 4
     assert second.temperature is None and second.power_draw is None and second.processes == ()
+
+
+def test_values_follow_what_the_driver_reports(fake_nvml) -> None:
+    """A card without the v2 memory call, a process whose memory the driver cannot tell, CUDA 11.8."""
+    fake_nvml(
+        {
+            "driver": "520.61.05",
+            "cuda": 11080,
+            "gpus": [
+                {
+                    "name": "Tesla T4",
+                    "total": 16 * GIB,
+                    "used": 3 * GIB,
+                    "util": 99,
+                    "mem_util": 40,
+                    "temp": 80,
+                    "power": 69.75,
+                    "power_limit": 70.0,
+                    "processes": [{"pid": 7, "name": "other", "used": None}, {"pid": 8}],
+                }
+            ],
+        }
+    )
+    snap = nvml.snapshot()
+    assert snap.available and snap.reason == "" and snap.cuda_driver_version == "11.8"
+    (gpu,) = snap.gpus
+    assert (gpu.index, gpu.name, gpu.uuid) == (0, "Tesla T4", None)
+    assert (gpu.memory_total, gpu.memory_used, gpu.memory_free) == (16 * GIB, 3 * GIB, 13 * GIB)
+    assert gpu.memory_reserved is None
+    assert (gpu.utilization_gpu, gpu.utilization_memory, gpu.temperature) == (99, 40, 80)
+    assert (gpu.power_draw, gpu.power_limit) == (69.75, 70.0)
+    assert [(p.pid, p.name, p.used_memory) for p in gpu.processes] == [(7, "other", None), (8, None, None)]
+    assert gpu.memory_used_by_others is None
 
 
 def test_no_driver_is_a_normal_state(fake_nvml) -> None:
@@ -54,12 +88,55 @@ def test_broken_calls_never_raise(fake_nvml, monkeypatch) -> None:
     assert not nvml.snapshot().available
 
 
-def test_real_machine_without_gpu_does_not_raise(monkeypatch) -> None:
+def test_real_machine_answers_consistently(monkeypatch) -> None:
+    """Whatever this machine has: GPUs with no reason, or no GPU with a reason; never an exception."""
     monkeypatch.delenv("LORATUI_FAKE_NVML", raising=False)
     nvml.reset()
-    snap = nvml.snapshot()
-    assert isinstance(snap.available, bool)
+    try:
+        snap = nvml.snapshot()
+    finally:
+        nvml.reset()
+    if snap.available:
+        assert snap.gpus and snap.reason == "" and [g.index for g in snap.gpus] == list(range(len(snap.gpus)))
+    else:
+        assert snap.gpus == () and snap.reason
+
+
+class _BrokenNvml:
+    """An NVML module whose initialisation fails with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def nvmlInit(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ImportError("No module named 'pynvml'"), "nvidia-ml-py is not installed"),
+        (OSError("NVML Shared Library Not Found"), "no NVIDIA driver found"),
+        (RuntimeError("Driver Not Loaded"), "no NVIDIA driver found"),
+        (RuntimeError("Insufficient Permissions"), "NVML unavailable: Insufficient Permissions"),
+    ],
+)
+def test_failed_initialisation_names_the_reason(monkeypatch, error: Exception, reason: str) -> None:
+    monkeypatch.delenv("LORATUI_FAKE_NVML", raising=False)
+
+    def load() -> _BrokenNvml:
+        if isinstance(error, ImportError):
+            raise error
+        return _BrokenNvml(error)
+
+    monkeypatch.setattr(nvml, "_load_module", load)
     nvml.reset()
+    try:
+        snap = nvml.snapshot()
+    finally:
+        nvml.reset()
+    assert not snap.available and snap.reason == reason and snap.gpus == ()
+    assert snap.driver_version is None and snap.cuda_driver_version is None
 
 
 def test_cli_one_line_and_exit_0_without_driver(fake_nvml) -> None:

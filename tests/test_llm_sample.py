@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from llm_helpers import make_config, make_job, records, single_thread, write_jsonl
 
+from loratui.cli.cmd_sample import run_text_sample
 from loratui.sample.llm_sample import (
     generate_answer,
     load_with_adapters,
     parse_lora,
-    sample_cli,
+    sample_text,
 )
 from loratui.train.llm.trainer import run_training
 
@@ -59,20 +60,22 @@ def test_parse_lora_specs(tmp_path: Path) -> None:
 
 def test_compare_prints_base_and_adapter_answers(adapter: Path, tiny_llama: Path) -> None:
     out = Plain()
-    code = sample_cli(
+    code = run_text_sample(
         console=out,
         base=str(tiny_llama),
         lora=[str(adapter)],
         prompt="患者：头痛三天，体温正常，该吃什么药？",
         compare=True,
         max_new_tokens=12,
-        steps=25,
-        width=None,
-        negative_prompt="",
     )
     assert code == 0
     assert out.lines[0] == "--- base ---" and out.lines[2] == "--- base + LoRA ---"
     assert out.lines[1] != out.lines[3]  # the adapter changes the answer
+    sample = sample_text(
+        base=str(tiny_llama), lora=[str(adapter)], prompt="hi", compare=True, max_new_tokens=6
+    )
+    assert sample.prompt == "hi" and sample.base_answer is not None and sample.answer != sample.base_answer
+    assert sample_text(base=str(tiny_llama), prompt="hi", compare=True, max_new_tokens=6).base_answer is None
 
 
 def test_weight_zero_is_the_base_model_and_template_comes_from_the_adapter(adapter: Path, tiny_llama: Path):
@@ -91,7 +94,7 @@ def test_weight_zero_is_the_base_model_and_template_comes_from_the_adapter(adapt
 
 def test_bad_adapter_path_is_reported(tmp_path: Path, tiny_llama: Path) -> None:
     out = Plain()
-    assert sample_cli(console=out, base=str(tiny_llama), lora=[str(tmp_path)], prompt="hi") == 1
+    assert run_text_sample(console=out, base=str(tiny_llama), lora=[str(tmp_path)], prompt="hi") == 1
     assert "not a PEFT adapter folder" in out.lines[-1]
-    assert sample_cli(console=out, base=str(tmp_path / "nope"), prompt="hi") == 1
+    assert run_text_sample(console=out, base=str(tmp_path / "nope"), prompt="hi") == 1
     assert "base model not found" in out.lines[-1]

@@ -11,8 +11,8 @@ from loratui.config import TrainConfig
 from loratui.memory.arch import arch_from_config, bundled_sd_configs
 from loratui.memory.estimate import Estimate, estimate_peak, planner_for
 from loratui.memory.regime import Point, Regime
-from loratui.memory.sizes import GIB
 from loratui.memory.tables import table_for
+from loratui.util.sizes import GIB
 
 SD15 = {
     "task_type": "image-generation",
@@ -163,9 +163,15 @@ def test_sd_caching_removes_the_vae_from_training() -> None:
     assert "text_encoders" in xl.breakdown and "text_encoders" not in xl_text.breakdown
     assert xl_text.total_bytes < xl.total_bytes
     assert any("leave the GPU" in note for note in xl_text.notes)
+    # batch 16 at 1024²: encoding the latents is the peak; the VAE pass alone, no UNet on the card
     caching = estimate_peak(xl_cfg.model_copy(update={"batch_size": 16, "gradient_accumulation_steps": 1}))
-    if caching.phase == "latent caching (before training)":  # the VAE pass alone, no UNet on the card
-        assert set(caching.breakdown) >= {"vae", "encoding"} and "unet_weights" not in caching.breakdown
+    assert caching.phase == "latent caching (before training)"
+    assert set(caching.breakdown) >= {"vae", "encoding"}
+    assert not {"unet_weights", "text_encoders", "lora_params"} & set(caching.breakdown)
+    # batch 1: training is the peak again, with the UNet and without the VAE
+    one = estimate_peak(xl_cfg.model_copy(update={"batch_size": 1, "gradient_accumulation_steps": 1}))
+    assert one.phase == "micro-batch forward/backward"
+    assert "unet_weights" in one.breakdown and "vae" not in one.breakdown
     # captions that change every epoch cannot be cached: the text encoders stay
     shuffled = estimate_peak(
         xl_cfg.model_copy(update={"cache_text_encoder_outputs": True, "shuffle_tags": True})

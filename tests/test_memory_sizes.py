@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loratui.memory.sizes import SizeError, format_bytes, parse_size
+from loratui.util.sizes import SizeError, format_bytes, parse_size
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,14 @@ def test_format_bytes() -> None:
     assert format_bytes(100) == "100 B"
     assert format_bytes(-(2**30), signed=True) == "-1.00 GiB"
     assert format_bytes(2**20, signed=True) == "+1.0 MiB"
+
+
+def test_format_bytes_short_and_unknown() -> None:
+    assert format_bytes(1536 * 2**20, short=True) == "1.5 GiB"
+    assert format_bytes(7.41 * 2**30, short=True) == "7.4 GiB"
+    assert format_bytes(512 * 2**20, short=True) == "512.0 MiB"
+    assert format_bytes(12 * 2**10, short=True) == "12 KiB"
+    assert format_bytes(12 * 2**10) == "12.0 KiB"
+    assert format_bytes(-(2**30), short=True) == "-1.0 GiB"
+    assert format_bytes(None) == "-"
+    assert format_bytes(None, unknown="?") == "?"

@@ -11,7 +11,7 @@ from loratui.cli.app import app
 from loratui.config import load_config
 from loratui.memory.estimate import estimate_peak
 from loratui.memory.integration import AUTO_SOURCE, usable_memory
-from loratui.memory.sizes import GIB
+from loratui.util.sizes import GIB
 
 SD15 = "base_model: runwayml/stable-diffusion-v1-5\ntask_type: image-generation\nresolution: 512\n"
 LLAMA = "base_model: meta-llama/Llama-2-7b-hf\ntask_type: text-generation\nmax_seq_len: 2048\n"

@@ -13,6 +13,7 @@ from llm_helpers import adapter_tensors, make_config, make_job, max_diff, record
 from loratui.config import ResolvedConfig
 from loratui.models.llm.batches import Unit, collate
 from loratui.models.llm.loss import chunked_token_loss_sum, token_loss_sum
+from loratui.runs.config_file import read_run_config, write_run_config
 from loratui.runs.events import read_events
 from loratui.train.llm.oom import cut_units
 from loratui.train.llm.trainer import run_training
@@ -62,6 +63,7 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(
     budget = (max(_peaks(reference)) + min(_peaks(probe))) // 2
 
     job = make_job(make_config(tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget)))
+    write_run_config(job.run.path, job.resolved)  # as `loratui train` does before the worker starts
     result = run_training(job, console=False)
 
     assert result.state == "finished" and result.step == 3
@@ -88,10 +90,11 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(
         )
         <= 1e-5
     )
-    # the settings really used: config.yaml, oom.json, run_finished, the adapter's README and marker
-    assert "batch_size: 2\n" in job.run.config_path.read_text() and "gradient_accumulation_steps: 2\n" in (
-        job.run.config_path.read_text()
-    )
+    # the settings really used: the run's live config (config.yaml + oom.json), oom.json, run_finished, the
+    # adapter's README and marker; config.yaml itself keeps what the run was started with
+    live = read_run_config(job.run.path).to_yaml()
+    assert "batch_size: 2\n" in live and "gradient_accumulation_steps: 2\n" in live
+    assert "batch_size: 4\n" in job.run.config_path.read_text()
     record = json.loads((job.run.path / "oom.json").read_text())
     assert record["original"]["batch_size"] == 4 and record["current"]["batch_size"] == 2
     finished = _events(job, "run_finished")[0]
@@ -185,6 +188,7 @@ def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(
     budget = (max(_peaks(short)) + min(_peaks(full))) // 2
 
     job = make_job(make_config(tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget)))
+    write_run_config(job.run.path, job.resolved)  # as `loratui train` does before the worker starts
     result = run_training(job, console=False)
     assert result.state == "finished" and [e["step"] for e in _events(job, "step")] == [1, 2, 3]
     rungs = [e["rung"] for e in _events(job, "oom")]
@@ -192,7 +196,7 @@ def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(
     assert set(rungs[4:]) == {"quality"} and all(e["quality_reduced"] for e in _events(job, "oom")[4:])
     assert any("lowering quality" in e["message"] for e in _events(job, "warning"))
     lowered = _events(job, "oom_recovered")[-1]["new"]["max_seq_len"]
-    assert 48 <= lowered < 96 and f"max_seq_len: {lowered}\n" in job.run.config_path.read_text()
+    assert 48 <= lowered < 96 and f"max_seq_len: {lowered}\n" in read_run_config(job.run.path).to_yaml()
     assert [e["sample_indices"] for e in _events(job, "step")] == [
         StepPlan(8, 4, 1, 3, 42).samples_for_step(s) for s in range(3)
     ]

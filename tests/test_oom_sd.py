@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
 
+from loratui.runs.config_file import read_run_config
 from loratui.train.loop.plan import StepPlan
 from loratui.train.sd.trainer import train
 
@@ -75,7 +76,7 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(tiny_sd1
     with safe_open(str(exported), "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_batch_size_per_device"] == "2" and meta["ss_gradient_accumulation_steps"] == "2"
-    assert "batch_size: 2\n" in job.run.config_path.read_text()
+    assert "batch_size: 2\n" in read_run_config(job.run.path).to_yaml()  # what a restarted worker trains with
     assert [r["rung"] for r in events_of(job.run, "run_finished")[0]["oom_recoveries"]] == ["micro_batch"]
 
 
@@ -114,7 +115,7 @@ def test_caching_rung_moves_the_vae_off_the_card(tiny_sd15, tmp_path) -> None:
     assert [e["rung"] for e in ooms] == ["offload"]
     assert ooms[0]["new"]["cache_latents"] and ooms[0]["new"]["cache_text_encoder_outputs"]
     assert any("cached latents" in e.get("message", "") for e in events_of(job.run, "info"))
-    text = job.run.config_path.read_text()
+    text = read_run_config(job.run.path).to_yaml()
     assert "cache_latents: true" in text and "cache_text_encoder_outputs: true" in text
     assert max(_peaks(job)) <= budget
 

@@ -15,7 +15,9 @@ import pytest
 from llm_helpers import make_config, records, write_jsonl
 
 from loratui.config import ResolvedConfig
+from loratui.runs.config_file import read_run_config, write_run_config
 from loratui.runs.events import read_events
+from loratui.runs.launch_file import LaunchSpec, read_launch, write_launch
 from loratui.train.process.launch import prepare_run, start_worker
 
 TIMEOUT_S = 240
@@ -141,8 +143,8 @@ class _ScriptedSupervisor:
 
         run = create_run_dir(tmp_path / "runs", "scripted")
         cfg = TrainConfig(task_type="text-generation", model_family="llm", batch_size=4, **cfg_values)
-        run.write_config(ResolvedConfig(cfg, {}, "llm").to_yaml())
-        (run.path / "launch.json").write_text(json.dumps({"resume_from": None, "overwrite": False}))
+        write_run_config(run.path, ResolvedConfig(cfg, {}, "llm"))
+        write_launch(run.path, LaunchSpec())
         (run.path / "plan.json").write_text(json.dumps({"calls": 0, "actions": actions}))
         RunStatus().write(run.status_path)
 
@@ -164,7 +166,8 @@ def test_restart_after_kill_and_after_in_process_failure(tmp_path: Path) -> None
     warnings = [e for e in read_events(run.events_path) if e["type"] == "warning"]
     assert [w["restart"] for w in warnings] == [1, 2]
     assert "SIGKILL" in warnings[0]["message"] and "out-of-memory" in warnings[1]["message"]
-    assert json.loads((run.path / "launch.json").read_text())["resume_from"].endswith("step-2")
+    assert str(supervisor.resume_from).endswith("step-2") and warnings[1]["resume_from"].endswith("step-2")
+    assert read_launch(run.path).resume_from is None  # launch.json keeps how the run was started
 
 
 def test_deliberate_stops_and_ordinary_failures_are_not_restarted(tmp_path: Path) -> None:
@@ -186,6 +189,7 @@ def test_restarts_are_limited_and_repeated_deaths_lower_the_settings(tmp_path: P
     assert events[-1]["type"] == "run_failed" and "2 restart(s) are used up" in events[-1]["error"]
     lowered = [e for e in events if e["type"] == "oom"]
     assert len(lowered) == 1 and lowered[0]["new"]["batch_size"] == 2  # died twice at step 3
-    assert "batch_size: 2\n" in run.config_path.read_text()
+    assert "batch_size: 2\n" in read_run_config(run.path).to_yaml()  # the next worker's settings (oom.json)
+    assert "batch_size: 4\n" in run.config_path.read_text()
     off, run = _ScriptedSupervisor.make(tmp_path / "off", [("kill", 3), ("finish", 4)], oom_recovery=False)
     assert off.supervise() == 1 and _calls(run) == 1

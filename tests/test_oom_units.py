@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from loratui.config import ResolvedConfig, TrainConfig
+from loratui.runs.config_file import read_run_config, write_run_config
 from loratui.runs.follow import format_event
 from loratui.runs.rundir import create_run_dir
 from loratui.train.oom import cache as oom_cache
+from loratui.train.oom.errors import OomExhausted, RestartNeeded, is_oom, is_sticky
 from loratui.train.oom.ladder import OomLadder, halve_micro_batch, settings_of
 from loratui.train.oom.record import read_record
-from loratui.train.oom.recovering import OomExhausted, RecoveringStep, RestartNeeded, is_oom, is_sticky
+from loratui.train.oom.recovering import RecoveringStep
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +179,7 @@ def _toy_step(tmp_path: Path, **cfg_values):
     cfg = TrainConfig(task_type="text-generation", model_family="llm", runs_dir=str(tmp_path), **cfg_values)
     run = create_run_dir(tmp_path, "toy")
     resolved = ResolvedConfig(cfg, {}, "llm")
-    run.write_config(resolved.to_yaml())
+    write_run_config(run.path, resolved)
     job = SimpleNamespace(run=run, resolved=resolved)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
@@ -217,7 +219,11 @@ def test_toy_recovery_retries_the_same_step_with_half_the_micro_batch(tmp_path: 
     assert events.items[0]["old"]["batch_size"] == 4 and events.items[0]["new"]["batch_size"] == 2
     assert events.items[1]["seconds"] > 0 and "meter_live" in events.items[1]["memory"]
     assert not torch.equal(before, model.weight.detach())
-    assert "batch_size: 2" in job.run.config_path.read_text() and read_record(job.run.path)["recoveries"]
+    assert (
+        "batch_size: 2\n" in read_run_config(job.run.path).to_yaml()
+        and read_record(job.run.path)["recoveries"]
+    )
+    assert "batch_size: 4\n" in job.run.config_path.read_text()  # config.yaml: what the run started with
 
 
 def test_gradients_of_the_failed_attempt_are_dropped(tmp_path: Path) -> None:
@@ -262,7 +268,7 @@ def test_memory_not_released_asks_for_a_restart_with_lowered_settings(tmp_path: 
     with pytest.raises(RestartNeeded, match="not released"):
         step.run(1, [0, 1, 2, 3], leaky)
     assert events.items[-1]["type"] == "oom" and "not released" in events.items[-1]["restart"]
-    assert "batch_size: 2" in job.run.config_path.read_text()  # what the restarted worker will use
+    assert "batch_size: 2" in read_run_config(job.run.path).to_yaml()  # what the restarted worker will use
 
 
 def test_exhausted_ladder_names_the_smallest_option(tmp_path: Path) -> None:
@@ -298,7 +304,8 @@ def test_settings_cache_round_trip_and_switch(tmp_path: Path) -> None:
     run = create_run_dir(tmp_path / "runs", "x")
     job = SimpleNamespace(run=run, resolved=ResolvedConfig(cfg.model_copy(), {}, "llm"))
     assert oom_cache.apply_cached_settings(job) == {"batch_size": 2, "gradient_accumulation_steps": 2}
-    assert job.resolved.config.batch_size == 2 and "batch_size: 2" in run.config_path.read_text()
+    assert job.resolved.config.batch_size == 2 and read_record(run.path)["current"]["batch_size"] == 2
+    assert not run.config_path.exists()  # config.yaml is written by launch only
     other = SimpleNamespace(
         run=create_run_dir(tmp_path / "runs", "y"),
         resolved=ResolvedConfig(cfg.model_copy(update={"oom_cache": False}), {}, "llm"),

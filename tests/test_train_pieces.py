@@ -99,3 +99,24 @@ def test_resolve_resume(tmp_path) -> None:
     assert resolve_resume(str(run.path), tmp_path) == (run, ck)
     with pytest.raises(FileNotFoundError):
         resolve_resume("nope", tmp_path)
+
+
+def test_a_restarted_worker_is_told_its_checkpoint_and_gets_the_recorded_gpu(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from loratui.train.process.launcher import RESUME_FLAG, Processes, launcher_command
+    from loratui.train.process.worker import _arguments
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    checkpoint = tmp_path / "checkpoints" / "step-8"
+    argv, env = launcher_command(tmp_path, Processes(), gpu="1", resume_from=checkpoint)
+    assert argv[-5:] == ["-m", "loratui.train.process.worker", str(tmp_path), RESUME_FLAG, str(checkpoint)]
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    argv, env = launcher_command(tmp_path, Processes(processes=2, cpu=True), resume_from=checkpoint)
+    assert "accelerate.commands.launch" in argv and argv[-2:] == [RESUME_FLAG, str(checkpoint)]
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # CPU processes still ignore any GPU
+    _, env = launcher_command(tmp_path, Processes())
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # nothing recorded: the caller's GPUs
+    assert _arguments([str(tmp_path)]) == (tmp_path, None)
+    assert _arguments([str(tmp_path), RESUME_FLAG, str(checkpoint)]) == (tmp_path, Path(checkpoint))
+    assert _arguments([str(tmp_path), "--other", "x"]) is None

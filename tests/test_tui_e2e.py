@@ -3,7 +3,6 @@ shows progress -> the run finishes -> the exported file and its usage string are
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,10 +17,6 @@ from PIL import Image, ImageDraw
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("loratui.train.sd.trainer") is None,
-        reason="the SD trainer (loratui.train.sd.trainer) is not available yet",
-    ),
 ]
 
 

@@ -78,3 +78,67 @@ def test_attach_without_a_terminal_stays_plain(tmp_path) -> None:
     )
     assert result.returncode == 0
     assert "exported: output/my_style/my_style.safetensors" in result.stdout and "\x1b[" not in result.stdout
+
+
+def test_the_fake_planner_implements_the_planner_interface() -> None:
+    import inspect
+
+    from loratui.memory.facade import EstimateView, MemoryPlanner, PlannerFacade, Suggestion
+    from loratui.tui.steps.settings import planner
+    from loratui.tui.testing import FakePlanner, fake_planner
+
+    assert isinstance(fake_planner(), PlannerFacade) and isinstance(planner(), PlannerFacade)
+    assert isinstance(planner(), MemoryPlanner)
+    for name in ("estimate", "recommend", "no_fit_message"):
+        wanted = inspect.signature(getattr(PlannerFacade, name))
+        assert inspect.signature(getattr(FakePlanner, name)) == wanted, name
+        assert inspect.signature(getattr(MemoryPlanner, name)) == wanted, name
+    assert not isinstance(object(), PlannerFacade)
+
+    resolved = load_config(flags={"lora_rank": 8, "batch_size": 2})
+    view = fake_planner().estimate(resolved)
+    assert isinstance(view, EstimateView) and view.total_bytes == int(1.82 * 1024**3)
+    options = fake_planner().recommend(resolved, 8 * 1024**3, top=2)
+    assert len(options) == 2 and all(isinstance(o, Suggestion) for o in options)
+    assert options[0].headroom_bytes == 8 * 1024**3 - options[0].estimate.total_bytes
+
+
+def test_planner_views_carry_the_real_estimate_and_option() -> None:
+    from loratui.memory.estimate_types import Estimate
+    from loratui.memory.facade import EstimateView, Suggestion
+    from loratui.memory.recommend import Option
+
+    estimate = Estimate(5 * 1024**3, {"weights": 3 * 1024**3}, "traced reference step, fp16", 0.12, ["n"])
+    view = EstimateView.from_estimate(estimate)
+    assert (view.total_bytes, view.method, view.error_band) == (
+        5 * 1024**3,
+        "traced reference step, fp16",
+        0.12,
+    )
+    assert view.breakdown == {"weights": 3 * 1024**3} and view.notes == ("n",)
+    option = Option({"batch_size": 1}, None, estimate, 1024, 0.8, "slower")
+    suggestion = Suggestion.from_option(option)
+    assert suggestion.changes == {"batch_size": 1} and suggestion.estimate == view
+    assert (suggestion.headroom_bytes, suggestion.relative_speed, suggestion.quality_note) == (
+        1024,
+        0.8,
+        "slower",
+    )
+
+
+def test_settings_texts_come_from_the_typed_views() -> None:
+    from loratui.memory.facade import EstimateView
+    from loratui.tui.steps.settings import estimate_sentence, fmt_changes
+
+    view = EstimateView(4 * 1024**3, method="traced reference step (sd15), cuda", error_band=0.1)
+    text = estimate_sentence(view, 6 * 1024**3)
+    assert text.startswith("Predicted peak 4.0 GiB ± 10% (traced reference step): fits, 2.0 GiB to spare.")
+    assert "does NOT fit (1.0 GiB over)" in estimate_sentence(view, 3 * 1024**3)
+    assert (
+        estimate_sentence(EstimateView(1024**3), None)
+        == "Predicted peak 1.0 GiB: no GPU chosen to compare with."
+    )
+    assert (
+        fmt_changes({}) == "as configured"
+        and fmt_changes({"lora_rank": 8, "batch_size": 2}) == "rank 8, batch 2"
+    )

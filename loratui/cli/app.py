@@ -16,6 +16,7 @@ from loratui.cli import (
     cmd_recommend,
     cmd_runs,
     cmd_sample,
+    cmd_stop,
     cmd_train,
     cmd_wizard,
 )
@@ -60,6 +61,7 @@ app.command("export")(cmd_export.export)
 app.command("sample")(cmd_sample.sample)
 app.command("runs")(cmd_runs.runs)
 app.command("attach")(cmd_attach.attach)
+app.command("stop")(cmd_stop.stop)
 app.command("demo")(cmd_demo.demo)
 
 

@@ -19,16 +19,15 @@ def demo(
     Builds a tiny random-weight model from bundled configs, checks a bundled dataset, trains a few dozen
     steps, exports the LoRA and reloads it to render a before/after sample.
     """
-    from loratui.cli.common import EXIT_UNUSABLE, console, not_implemented
+    from loratui.cli.common import EXIT_UNUSABLE, console, optional_dependencies
 
     if task not in ("image", "text"):
         typer.echo("error: --task must be image or text", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
-    try:
+    with optional_dependencies(f"demo --task {task}"):  # any other import error raises as it is
         if task == "image":
             from loratui.demo.image_demo import run_demo
         else:
             from loratui.demo.text_demo import run_demo
-    except ModuleNotFoundError:
-        not_implemented(f"demo --task {task}")
-    raise typer.Exit(run_demo(out, steps=steps, console=console()))
+        code = run_demo(out, steps=steps, console=console())
+    raise typer.Exit(code)

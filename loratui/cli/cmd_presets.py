@@ -61,7 +61,7 @@ def show(
         out.print(f"  {reason}", markup=False, highlight=False)
     if check:
         from loratui.memory.integration import preset_predictions
-        from loratui.memory.sizes import format_bytes
+        from loratui.util.sizes import format_bytes
 
         out.print(
             f"\nmemory check on a {preset.vram_gb:g} GB card (predicted peak, usable memory, headroom):"

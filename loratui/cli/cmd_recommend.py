@@ -74,7 +74,7 @@ def _print(resolved, budget, current, ranked, message) -> None:
     from rich.table import Table
 
     from loratui.cli.common import console
-    from loratui.memory.sizes import format_bytes
+    from loratui.util.sizes import format_bytes
 
     out = console()
     est = current.estimate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -35,16 +36,95 @@ def sample(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folder code."),
 ) -> None:
     """Generate an image (SD) or an answer (LLM) with the given LoRAs at the given weights."""
-    options = dict(locals())  # the command's parameters only (taken before the imports below)
-    from loratui.cli.common import console, not_implemented
+    from loratui.cli.common import console, optional_dependencies
     from loratui.config.base_model import guess_task_type
 
     task = guess_task_type(base, "") or "image-generation"
-    try:
+    with optional_dependencies("sample"):
         if task == "image-generation":
-            from loratui.sample.sd_sample import sample_cli
+            code = run_image_sample(
+                console=console(),
+                base=base,
+                lora=lora,
+                lora_dir=lora_dir,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                steps=steps,
+                width=width,
+                height=height,
+                guidance=guidance,
+                out=out,
+                allow_pickle=allow_pickle,
+            )
         else:
-            from loratui.sample.llm_sample import sample_cli
-    except ModuleNotFoundError:
-        not_implemented(f"sample ({task})")
-    raise typer.Exit(sample_cli(console=console(), **options))
+            code = run_text_sample(
+                console=console(),
+                base=base,
+                lora=lora,
+                lora_dir=lora_dir,
+                prompt=prompt,
+                compare=compare,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+            )
+    raise typer.Exit(code)
+
+
+def _say(console: Any, text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def run_image_sample(*, console: Any, **options: Any) -> int:
+    """Render and save an image (options as `loratui.sample.sd_sample.sample_image`) and say where it went.
+    Exit code 0 saved, 1 a LoRA or the base model could not be used."""
+    from loratui.models.sd.loading import BaseModelError
+    from loratui.sample.sd_sample import SampleError
+    from loratui.sample.sd_sample import sample_image as render
+
+    try:
+        sample = render(**options)
+    except (SampleError, BaseModelError, FileNotFoundError) as exc:
+        _say(console, f"error: {exc}")
+        return 1
+    used = ", ".join(f"{r.path.name}:{r.weight:g}" for r in sample.loras) or "no LoRA"
+    _say(console, f"saved {sample.path} ({sample.width}x{sample.height}, seed {sample.seed}, {used})")
+    return 0
+
+
+def run_text_sample(*, console: Any, **options: Any) -> int:
+    """Generate an answer (options as `loratui.sample.llm_sample.sample_text`) and print it, or with
+    `compare` the base and adapter answers side by side. Exit code 0 done, 1 failed to load."""
+    from loratui.models.llm.loading import ModelLoadError
+    from loratui.sample.llm_sample import sample_text as generate
+
+    try:
+        sample = generate(**options)
+    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
+        _say(console, f"error: {exc}")
+        return 1
+    if sample.base_answer is None:
+        _say(console, sample.answer)
+    else:
+        print_compare(console, sample.prompt, sample.base_answer, sample.answer)
+    return 0
+
+
+def print_compare(console: Any, prompt: str, base_answer: str, lora_answer: str) -> None:
+    """Base vs adapter answers: a two-column table on a terminal, titled plain blocks otherwise."""
+    if getattr(console, "is_terminal", False):
+        from rich.table import Table
+
+        table = Table(title=prompt, show_lines=True, expand=True)
+        table.add_column("base")
+        table.add_column("base + LoRA")
+        table.add_row(base_answer, lora_answer)
+        console.print(table)
+        return
+    for title, text in (("base", base_answer), ("base + LoRA", lora_answer)):
+        _say(console, f"--- {title} ---")
+        _say(console, text)

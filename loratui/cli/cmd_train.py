@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from loratui.cli.common import EXIT_ERRORS, EXIT_UNUSABLE
+
+if TYPE_CHECKING:
+    from loratui.config.task_keys import IgnoredSetting
 
 
 def train(
@@ -90,6 +95,7 @@ def train(
     """
     from loratui.cli.common import console
     from loratui.config import ConfigError, check_paths, load_config
+    from loratui.config.task_keys import ignored_settings
 
     processes = _processes(gpus, cpu_processes, accelerate_config, dry_run=dry_run)
     flags = {
@@ -134,10 +140,11 @@ def train(
     if auto:
         resolved = _apply_auto(resolved, vram, card, out=None if json_out else console(), processes=count)
     path_problems = check_paths(resolved)
+    ignored = ignored_settings(resolved)
 
     if dry_run:
         prediction = _prediction(resolved, vram, card, processes=count)
-        _print_dry_run(resolved, path_problems, json_out, prediction, processes)
+        _print_dry_run(resolved, path_problems, json_out, prediction, processes, ignored)
         raise typer.Exit(EXIT_ERRORS if path_problems else 0)
     if path_problems:
         typer.echo(ConfigError(path_problems).render(), err=True)
@@ -145,6 +152,8 @@ def train(
 
     from loratui.cli.launch import launch_training
 
+    out = console()
+    print_ignored(ignored, out)
     code = launch_training(
         resolved,
         resume=resume,
@@ -152,7 +161,7 @@ def train(
         overwrite=overwrite,
         detach=detach,
         tui=not no_tui,
-        out=console(),
+        out=out,
         processes=processes,
     )
     raise typer.Exit(code)
@@ -178,18 +187,16 @@ def _processes(gpus: str | None, cpu_processes: int | None, accelerate_config: P
         )
         raise typer.Exit(EXIT_UNUSABLE)
     wanted = max(spec.gpus) + 1 if spec.gpus else spec.per_node
-    if visible is not None and wanted > visible:
+    if wanted > visible:
         typer.echo(f"error: {spec.describe()} asked for, but only {visible} GPU(s) are visible", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
     return spec
 
 
-def _cuda_devices() -> int | None:
-    """Visible CUDA devices (None when it cannot be told)."""
-    try:
-        import torch
-    except ImportError:
-        return None
+def _cuda_devices() -> int:
+    """Visible CUDA devices (torch is imported here, not at start-up, to keep `--help` light)."""
+    import torch
+
     return int(torch.cuda.device_count())
 
 
@@ -203,7 +210,7 @@ def _apply_auto(resolved, vram: str | None, card: str | None, out, processes: in
     """`--preset auto`: the planner's top option for the card (per GPU with several processes); keys given by
     --set or flags stay fixed."""
     from loratui.memory.integration import NoFittingOption, apply_auto_preset
-    from loratui.memory.sizes import format_bytes
+    from loratui.util.sizes import format_bytes
 
     budget = _budget(vram, card)
     fixed = frozenset(key for key, source in resolved.sources.items() if source in ("--set", "flag"))
@@ -239,8 +246,19 @@ def _prediction(resolved, vram: str | None, card: str | None, processes: int = 1
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def print_ignored(ignored: Sequence[IgnoredSetting], out) -> None:
+    """One warning line (never wrapped) per key the run's task type does not read."""
+    for item in ignored:
+        out.print(f"warning: {item.message()}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _print_dry_run(
-    resolved, problems, json_out: bool, prediction: dict | None = None, processes=None
+    resolved,
+    problems,
+    json_out: bool,
+    prediction: dict | None = None,
+    processes=None,
+    ignored: Sequence[IgnoredSetting] = (),
 ) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -254,6 +272,7 @@ def _print_dry_run(
             "family": resolved.family,
             "preset": resolved.preset,
             "problems": [str(p) for p in problems],
+            "ignored": [{"key": item.key, "source": item.source, "reason": item.reason} for item in ignored],
             "memory": prediction,
         }
         if processes is not None:
@@ -292,5 +311,6 @@ def _print_dry_run(
         from loratui.cli.launch import distributed_summary
 
         out.print(distributed_summary(resolved, processes), highlight=False, markup=False)
+    print_ignored(ignored, out)
     for problem in problems:
         out.print(f"[red]problem:[/red] {problem}", highlight=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -14,10 +16,31 @@ EXIT_ERRORS = 1
 EXIT_UNUSABLE = 2
 
 
-def not_implemented(command: str) -> NoReturn:
-    """Exit 2 for a command whose capability has not landed yet (never a fake success)."""
-    typer.echo(f"loratui {command}: not implemented yet", err=True)
-    raise typer.Exit(EXIT_UNUSABLE)
+#: optional packages -> the extra of loratui that installs them
+OPTIONAL_EXTRAS = {"bitsandbytes": "quant", "gguf": "gguf"}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """'gguf is not installed: pip install "loratui[gguf]"' for an optional package, else None."""
+    package = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_EXTRAS.get(package)
+    if extra is None:
+        return None
+    return f'the optional package {package} is not installed: pip install "loratui[{extra}]"'
+
+
+@contextmanager
+def optional_dependencies(command: str) -> Iterator[None]:
+    """A missing optional package exits 2 with the extra that installs it; any other import error is raised
+    with its real message."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: loratui {command}: {message}", err=True)
+        raise typer.Exit(EXIT_UNUSABLE) from None
 
 
 def fail(message: str, code: int = EXIT_ERRORS) -> NoReturn:

@@ -18,6 +18,7 @@ from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunStatus, pid_alive
 from loratui.train.process.launch import EXIT_STOPPED, prepare_run, start_worker
 from loratui.train.process.launcher import Processes
+from loratui.train.process.preflight import PreflightResult, run_preflight
 
 
 def follow_plain(
@@ -82,9 +83,9 @@ def launch_training(
     processes: Processes | None = None,
 ) -> int:
     """Check, prepare the run directory, start the worker(s), and follow the run (or detach)."""
-    from loratui.train.process.preflight import run_preflight
-
-    if not run_preflight(resolved, skip_checks=skip_checks, out=out):
+    preflight = run_preflight(resolved)
+    print_preflight(preflight, skip_checks=skip_checks, out=out)
+    if preflight.blocked(skip_checks=skip_checks):
         return 1
     try:
         run, checkpoint = prepare_run(
@@ -111,6 +112,21 @@ def launch_training(
 
         return open_training_view(run.path)
     return follow_plain(run, process, out, reader)
+
+
+def print_preflight(result: PreflightResult, *, skip_checks: bool, out) -> None:
+    """The dataset check's errors (nothing when there are none), and how to go on."""
+    if result.ok:
+        return
+    verb = "continuing anyway (--skip-checks)" if skip_checks else "not training"
+    out.print(f"dataset check found {len(result.errors)} error(s); {verb}:", markup=False)
+    for finding in result.errors:
+        out.print(f"  - {finding.message} (fix: {finding.fix})", markup=False)
+        for example in finding.examples[:3]:
+            where = f"{example.path}:{example.line}" if example.line else example.path
+            out.print(f"      {where}", markup=False)
+    if not skip_checks:
+        out.print("run `loratui check PATH` for the full report, or pass --skip-checks", markup=False)
 
 
 def distributed_summary(resolved: ResolvedConfig, processes: Processes) -> str:

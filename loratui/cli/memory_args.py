@@ -13,7 +13,7 @@ def usable_memory_or_exit(
     """`UsableMemory` for the options given, or NVML's GPU; a bad value exits 1, no readable GPU exits 2."""
     from loratui.memory.cards import UnknownCard
     from loratui.memory.integration import NoUsableMemory, usable_memory
-    from loratui.memory.sizes import SizeError
+    from loratui.util.sizes import SizeError
 
     try:
         return usable_memory(gpu=gpu, vram=vram, card=card)

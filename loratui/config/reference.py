@@ -6,6 +6,7 @@ import json
 
 from loratui.config.aliases import KEY_ALIASES
 from loratui.config.schema import TrainConfig
+from loratui.config.task_keys import IMAGE_ONLY, TEXT_ONLY
 
 INTRO = """# Config reference
 
@@ -21,6 +22,11 @@ One YAML file describes a training run. Values are resolved in this order, lowes
 `loratui train --config x.yaml --dry-run` prints every value and where it came from; the resolved config is
 written into each run directory as `config.yaml` and can be rerun as is. Relative paths are relative to the
 directory you run loratui from. All mistakes are reported at once, with file, line, key and a hint.
+
+Some keys are read by one task type only (see the end of this page). When you set one of them (file, `--set`,
+flag or preset) for a run of the other type, `loratui train --dry-run` and the start of `loratui train` print a
+`warning:` line naming the key, where it was set and why it does nothing (`--dry-run --json` lists them under
+`ignored`). Values equal to the default are not reported.
 
 This file is generated from the schema (`python -m loratui.config.reference > docs/config.md`).
 """
@@ -42,7 +48,15 @@ def render() -> str:
     for name, field in TrainConfig.model_fields.items():
         also = ", ".join(f"`{a}`" for a in aliases.get(name, []))
         lines.append(f"| `{name}` | `{_default(name)}` | {field.description or ''} | {also} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Keys for one task type", ""]
+    for title, keys in (
+        ("Read by text (LLM) runs only; an image run warns when they are set:", TEXT_ONLY),
+        ("Read by image (SD) runs only; a text run warns when they are set:", IMAGE_ONLY),
+    ):
+        lines += [title, "", "| key | why the other task ignores it |", "|---|---|"]
+        lines += [f"| `{key}` | {reason} |" for key, reason in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

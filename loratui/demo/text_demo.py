@@ -81,7 +81,7 @@ def _check(console: Any, data: Path, model: Path) -> bool:
 def _compare(console: Any, result: Any, batch_size: int) -> None:
     """Validation loss and greedy answers, base vs base + LoRA."""
     from loratui.models.llm.generate import generate_answer
-    from loratui.train.llm.trainer import evaluate
+    from loratui.train.llm.outputs import evaluate
 
     model, tokenizer, template = result.model, result.tokenizer, result.template
     device = next(model.parameters()).device
@@ -121,6 +121,9 @@ def run_demo(out: Path, steps: int | None = None, console: Any = None) -> int:
         resolved, run = demo.start_run(config_path)
         demo.say(f"training {steps} steps; run directory {run.path}")
         result = run_training(WorkerJob(run, resolved, None, True), console=True)
+        if result.state != "finished":  # Ctrl-C: the run saved a checkpoint and stopped
+            demo.say(f"training {result.state}")
+            return 1
         losses = [e["loss"] for e in read_events(run.events_path) if e["type"] == "step"]
         demo.say(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         _compare(console, result, resolved.config.batch_size)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loratui.export.result import Exported, UnusableExportRequest
 from loratui.models.llm.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -23,9 +24,6 @@ from loratui.models.llm.adapter_files import (
     write_adapter,
 )
 from loratui.util.atomic import atomic_directory
-
-# --- adapter folders ---------------------------------------------------------------------------------
-
 
 # --- sources: run directories, checkpoints, adapter folders --------------------------------------------
 
@@ -158,10 +156,10 @@ def merge_to_folder(src: ExportSource, out: Path, *, dtype: str, overwrite: bool
     return out
 
 
-# --- CLI -------------------------------------------------------------------------------------------------
+# --- the export ------------------------------------------------------------------------------------------
 
 
-def export_cli(
+def export_adapter(
     source: Path,
     *,
     fmt: str | None = None,
@@ -169,50 +167,34 @@ def export_cli(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
-    console: Any = None,
-) -> int:
-    """`loratui export` for text runs/adapters. Exit code 0 written, 1 refused/failed, 2 unusable input."""
-    from loratui.models.llm.loading import ModelLoadError
+) -> Exported:
+    """`loratui export` for text runs/adapters: a PEFT adapter folder, or with `merge` a merged model.
 
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text, markup=False, highlight=False)
-        else:
-            print(text)
-
+    Raises `UnusableExportRequest` for options that do not apply to LLM adapters; `ExportError`,
+    `ModelLoadError` or `OSError` when the export cannot be done.
+    """
     if fmt not in (None, "peft"):
-        say(
-            f"error: LLM adapters export as a PEFT folder (--format peft) or a merged model (--merge), not {fmt!r}"
+        raise UnusableExportRequest(
+            f"LLM adapters export as a PEFT folder (--format peft) or a merged model (--merge), not {fmt!r}"
         )
-        return 2
     if dtype is not None and dtype not in DTYPES:
-        say(f"error: --dtype must be fp16, bf16 or fp32, not {dtype!r}")
-        return 2
-    try:
-        src = resolve_source(Path(source))
-        target = Path(out) if out else src.default_out(merge, dtype)
-        if merge:
-            path = merge_to_folder(src, target, dtype=dtype or "bf16", overwrite=overwrite)
-            say(f"merged model: {path}")
-            snippet = f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
-        else:
-            if target.resolve() == Path(source).resolve():
-                raise OutputConflict("the output would replace the source adapter; give --out")
-            path = write_adapter(
-                target,
-                tensors=src.tensors,
-                adapter_config=src.adapter_config,
-                chat_template=src.chat_template,
-                run_name=src.run_name,
-                step=src.step,
-                overwrite=overwrite,
-                dtype=dtype,
-                same_run_ok=False,
-            )
-            snippet = usage_snippet(path, src.base_model)
-            say(f"adapter: {path}")
-    except (ExportError, ModelLoadError, OSError) as exc:
-        say(f"error: {exc}")
-        return 1
-    say(f"use it: {snippet}")
-    return 0
+        raise UnusableExportRequest(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
+    src = resolve_source(Path(source))
+    target = Path(out) if out else src.default_out(merge, dtype)
+    if merge:
+        path = merge_to_folder(src, target, dtype=dtype or "bf16", overwrite=overwrite)
+        return Exported(path, "merged", f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    if target.resolve() == Path(source).resolve():
+        raise OutputConflict("the output would replace the source adapter; give --out")
+    path = write_adapter(
+        target,
+        tensors=src.tensors,
+        adapter_config=src.adapter_config,
+        chat_template=src.chat_template,
+        run_name=src.run_name,
+        step=src.step,
+        overwrite=overwrite,
+        dtype=dtype,
+        same_run_ok=False,
+    )
+    return Exported(path, "adapter", usage_snippet(path, src.base_model))

@@ -1,7 +1,7 @@
 """Export Stable Diffusion LoRAs: kohya/A1111 `.safetensors` (default) or diffusers `pytorch_lora_weights`.
 
 Sources: a run directory (its newest checkpoint), a checkpoint folder, or a LoRA file (converted between
-kohya and diffusers layouts). `loratui export` calls `export_cli`; the file writers themselves are
+kohya and diffusers layouts). `loratui export` calls `export_image_lora`; the file writers themselves are
 `loratui.models.sd.lora_files` (the trainer writes its result with them too).
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from loratui.export.result import Exported, UnusableExportRequest
 from loratui.models.sd.kohya import (
     KohyaInfo,
     family_from_lora_keys,
@@ -91,7 +92,7 @@ def convert_lora_file(
     return write_kohya(target, modules, info, dtype=dtype)
 
 
-# --- CLI --------------------------------------------------------------------------------------------------------
+# --- sources --------------------------------------------------------------------------------------------------------
 
 
 def resolve_source(source: Path) -> tuple[str, Path]:
@@ -110,7 +111,7 @@ def resolve_source(source: Path) -> tuple[str, Path]:
     return "checkpoint", latest
 
 
-def export_cli(
+def export_image_lora(
     source: Path,
     *,
     fmt: str | None = None,
@@ -118,36 +119,28 @@ def export_cli(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
-    console=None,
-) -> int:
-    """`loratui export` for image LoRAs. Returns the exit code."""
+) -> Exported:
+    """`loratui export` for image LoRAs: write a kohya (default) or diffusers file and say how to use it.
 
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text, markup=False, highlight=False)
-
+    Raises `UnusableExportRequest` for options that do not apply to image LoRAs, `ExportError` (and
+    `FileNotFoundError`, `KeyError`, `ValueError` from unreadable files) when the export cannot be done.
+    """
     fmt = (fmt or "kohya").lower()
     if fmt not in ("kohya", "diffusers"):
-        say(f"error: --format {fmt} is not available for image LoRAs; use kohya or diffusers")
-        return 2
+        raise UnusableExportRequest(
+            f"--format {fmt} is not available for image LoRAs; use kohya or diffusers"
+        )
     if merge:
-        say("error: --merge is only available for LLM adapters; image LoRAs are exported as LoRA files")
-        return 2
-    try:
-        torch_dtype = parse_dtype(dtype)
-        kind, path = resolve_source(Path(source))
-        if kind == "file":
-            written = convert_lora_file(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
-            name = written.stem
-        else:
-            written = export_checkpoint(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
-            name = written.stem
-    except (ExportError, FileNotFoundError, KeyError, ValueError) as exc:
-        say(f"error: {exc}")
-        return 1
-    say(f"exported: {written}")
-    if fmt == "kohya":
-        say(f"  use it: {usage_string(name)} (copy the file to your UI's models/Lora folder)")
+        raise UnusableExportRequest(
+            "--merge is only available for LLM adapters; image LoRAs are exported as LoRA files"
+        )
+    torch_dtype = parse_dtype(dtype)
+    kind, path = resolve_source(Path(source))
+    if kind == "file":
+        written = convert_lora_file(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
     else:
-        say(f"  use it: pipe.load_lora_weights({str(written.parent)!r})")
-    return 0
+        written = export_checkpoint(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
+    if fmt == "kohya":
+        usage = f"{usage_string(written.stem)} (copy the file to your UI's models/Lora folder)"
+        return Exported(written, "kohya", usage)
+    return Exported(written, "diffusers", f"pipe.load_lora_weights({str(written.parent)!r})")

@@ -5,18 +5,7 @@ from __future__ import annotations
 import json
 
 from loratui.gpu.nvml import GpuSnapshot, SystemSnapshot
-
-
-def human_bytes(value: int | None) -> str:
-    """1536 MiB -> '1.5 GiB'; None -> '-'."""
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit not in ("B", "KiB") else f"{size:.0f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+from loratui.util.sizes import format_bytes
 
 
 def _opt(value: object, fmt: str = "{}") -> str:
@@ -40,8 +29,8 @@ def gpu_table(snap: SystemSnapshot):
         table.add_row(
             str(gpu.index),
             gpu.name,
-            f"{human_bytes(gpu.memory_used)} / {human_bytes(gpu.memory_total)}",
-            human_bytes(gpu.memory_free),
+            f"{format_bytes(gpu.memory_used, short=True)} / {format_bytes(gpu.memory_total, short=True)}",
+            format_bytes(gpu.memory_free, short=True),
             _opt(gpu.utilization_gpu, "{}%"),
             _opt(gpu.temperature, "{}°C"),
             _power(gpu),
@@ -60,7 +49,7 @@ def _power(gpu: GpuSnapshot) -> str:
 def _processes(gpu: GpuSnapshot) -> str:
     if not gpu.processes:
         return "none"
-    parts = [f"{p.pid} {p.name or '?'} ({human_bytes(p.used_memory)})" for p in gpu.processes]
+    parts = [f"{p.pid} {p.name or '?'} ({format_bytes(p.used_memory, short=True)})" for p in gpu.processes]
     return "; ".join(parts)
 
 

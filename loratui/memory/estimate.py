@@ -256,7 +256,7 @@ def _sd_weights(summary: ArchSummary, precision: str) -> _SDWeights:
 
 
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
-    """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (sd_trainer)."""
+    """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (`train/sd/setup.py`)."""
     from loratui.memory.tables import get_fit, table_for
     from loratui.models.sd.conditioning import TEXT_BATCH
 
@@ -307,7 +307,7 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         parts = {**common, "gradients": carried, "encoding": phases[phase] - carried}
     if vae_on_device:
         parts["vae"] = w.vae
-    # The caching passes run before LoRA is added and before the UNet is on the device (sd_trainer); on the
+    # The caching passes run before LoRA is added and before the UNet is on the device (`train/sd/setup.py`); on the
     # CPU every module is in memory throughout.
     before = {}
     resident = w.unet + w.text_encoders + w.vae if not on_gpu else 0

@@ -47,7 +47,7 @@ class Estimate:
         return int(self.total_bytes * (1 + self.error_band))
 
     def to_dict(self) -> dict[str, Any]:
-        from loratui.memory.sizes import format_bytes
+        from loratui.util.sizes import format_bytes
 
         return {
             "total_bytes": self.total_bytes,

@@ -1,9 +1,12 @@
-"""What the `train` command needs from the memory planner: the dry-run prediction and `--preset auto`.
+"""The facade the CLI calls into the memory planner: usable memory, the dry-run prediction, `--preset auto`.
 
     from loratui.memory.integration import apply_auto_preset, dry_run_prediction, usable_memory
 
+`usable_memory(gpu=, vram=, card=)` turns `--vram`, `--card` or a GPU's free memory into a budget;
 `dry_run_prediction(resolved)` returns a JSON-ready dict (and `dry_run_lines(pred)` plain text lines);
-`apply_auto_preset(resolved, usable_bytes)` returns the config with the planner's top option applied.
+`apply_auto_preset(resolved, usable_bytes)` returns the config with the planner's top option applied;
+`preset_predictions(preset)` predicts a preset's tiers for `loratui presets`. The TUI's side is
+`loratui.memory.facade`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from loratui.memory.sizes import GIB, MIB, format_bytes
+from loratui.util.sizes import GIB, MIB, format_bytes
 
 DRIVER_RESERVE = 400 * MIB  # memory a driver/display keeps on a card of a given size (hypothetical cards)
 SAFETY_MARGIN = 0.03  # of the card's memory, kept free on top of the predicted peak
@@ -52,7 +55,7 @@ def usable_memory(
     if len(given) > 1:
         raise ValueError("name the card once: --vram, --card or (recommend) --gpu")
     if vram is not None:
-        from loratui.memory.sizes import parse_size
+        from loratui.util.sizes import parse_size
 
         total = parse_size(vram, card=True)
         return usable_from_total(total, f"a {format_bytes(total)} card (--vram {vram})")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loratui.memory.sizes import format_bytes, parse_size
+from loratui.util.sizes import format_bytes, parse_size
 
 CATEGORIES = ("weights", "lora", "gradients", "optimizer", "activations")
 ENV_SIMULATE = "LORATUI_SIMULATE_VRAM"

@@ -24,6 +24,7 @@ import torch
 from loratui.memory.meter import MemoryMeter
 from loratui.memory.regime import Point, Regime
 from loratui.memory.tracemode import TraceMode
+from loratui.models.checkpointing import NON_REENTRANT, enable_activation_checkpointing
 
 AMP_DTYPE = torch.bfloat16
 TEXT_TOKENS = 77
@@ -167,7 +168,7 @@ def _emulate_kbit(model: torch.nn.Module, checkpointing: bool) -> None:
         for _, param in module.named_parameters(recurse=False):
             param.data = param.data.float()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, NON_REENTRANT)
         model.enable_input_require_grads()
 
 
@@ -358,7 +359,7 @@ def add_sd_lora(
         models.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             for encoder in models.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                enable_activation_checkpointing(encoder)
     targets = plan_targets(
         list(regime.targets) if regime.targets else None, components, train_text_encoder=train_text_encoder
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loratui.memory.estimate import Estimate, Planner, planner_for, unpack_config, with_data_parallel
-from loratui.memory.sizes import format_bytes
+from loratui.util.sizes import format_bytes
 
 CHECKPOINT_SLOWDOWN = 1.3  # recomputation costs about a third more compute
 QLORA_SLOWDOWN = 1.33

@@ -1,12 +1,19 @@
 """The run-directory contract shared by the trainers, the TUI, `runs`/`attach` and the OOM supervisor.
 
+Every file of a run directory is defined here, with typed read/write functions; every write is atomic
+(`loratui.util.atomic`) or an append of whole lines, and each file has one writer:
+
 runs/<name>-<timestamp>/
-    config.yaml       resolved config (loadable with `loratui train --config`)
-    events.jsonl      one JSON object per line: {"type", "time", "step", ...}
-    status.json       {"pid", "state", "step", "total_steps", ...}, replaced atomically
-    checkpoints/      step-N/ folders written atomically
+    config.yaml       resolved config (loadable with `loratui train --config`)   config_file; launch
+    launch.json       how the run starts (resume point, processes, GPU)           launch_file; launch
+    oom.json          settings out-of-memory recovery changed, and when           oom_file; train.oom.record
+    status.json       {"pid", "pid_started", "state", "step", ...}                status (the worker's processes)
+    events.jsonl      one JSON object per line: {"type", "time", "step", ...}     events (the worker's processes)
+    checkpoints/      step-N/ folders written atomically                          checkpoints; train.loop
     logs/             TensorBoard event files
     samples/          images or texts rendered during training
+
+`liveness` tells whether the pid in status.json is still the run's process; `stop` stops a running run.
 """
 
 from loratui.runs.events import EventReader, EventWriter, read_events

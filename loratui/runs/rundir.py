@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loratui.runs.config_file import config_path
 from loratui.runs.events import EventWriter
+from loratui.runs.launch_file import launch_path
+from loratui.runs.oom_file import oom_path
 from loratui.runs.status import RunStatus, effective_state
-from loratui.util.atomic import atomic_write_text
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -26,7 +28,18 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        """`config.yaml` (read and written through `loratui.runs.config_file`)."""
+        return config_path(self.path)
+
+    @property
+    def launch_path(self) -> Path:
+        """`launch.json` (read and written through `loratui.runs.launch_file`)."""
+        return launch_path(self.path)
+
+    @property
+    def oom_path(self) -> Path:
+        """`oom.json` (read and written through `loratui.runs.oom_file`)."""
+        return oom_path(self.path)
 
     @property
     def events_path(self) -> Path:
@@ -53,9 +66,6 @@ class RunDir:
 
     def write_status(self, status: RunStatus) -> None:
         status.write(self.status_path)
-
-    def write_config(self, yaml_text: str) -> None:
-        atomic_write_text(self.config_path, yaml_text)
 
     def event_writer(self) -> EventWriter:
         return EventWriter(self.events_path)

@@ -1,4 +1,9 @@
-"""`status.json`: the worker's current state, replaced atomically on every update."""
+"""`status.json`: the worker's current state, replaced atomically on every update.
+
+`pid` is the process that wrote it last (the worker while one runs, else the supervisor) and `pid_started`
+that process's start time (see `loratui.runs.liveness`), so a pid reused by another process reads as not
+running. The supervisor adds `supervisor_pid` and `supervisor_started` to `extra`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from loratui.runs.liveness import pid_alive, process_start_time
 from loratui.util.atomic import atomic_write_text
 
 EXIT_STOPPED = 130  # exit code of a run stopped on request (checkpoint written), as for SIGINT
@@ -31,6 +37,7 @@ class RunStatus:
 
     state: str = RunState.STARTING.value
     pid: int | None = None
+    pid_started: str | None = None
     step: int = 0
     total_steps: int | None = None
     epoch: int = 0
@@ -47,7 +54,10 @@ class RunStatus:
         return min(1.0, self.step / self.total_steps)
 
     def write(self, path: Path) -> None:
+        """Replace `path` atomically. A `pid` of this very process gets its start time recorded with it."""
         self.updated_at = time.time()
+        if self.pid == os.getpid():
+            self.pid_started = process_start_time(self.pid)
         atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
@@ -60,27 +70,29 @@ class RunStatus:
         return cls(**known)
 
 
-def pid_alive(pid: int | None) -> bool:
-    """True when a process with this pid exists (and is not a zombie we can see)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+def worker_alive(status: RunStatus) -> bool:
+    """The process `status` names is alive and is the one that wrote it (same start time)."""
+    return pid_alive(status.pid, status.pid_started)
+
+
+def supervisor_of(status: RunStatus) -> tuple[int | None, str | None]:
+    """(pid, start time) of the run's supervisor, as recorded in `extra` (None, None without one)."""
+    extra = status.extra if isinstance(status.extra, dict) else {}
+    pid = extra.get("supervisor_pid")
+    started = extra.get("supervisor_started")
+    return (pid if isinstance(pid, int) else None), (started if isinstance(started, str) else None)
+
+
+def mark_supervised(status: RunStatus) -> None:
+    """Record this process as the run's supervisor (pid and start time)."""
+    status.extra["supervisor_pid"] = os.getpid()
+    status.extra["supervisor_started"] = process_start_time(os.getpid())
 
 
 def effective_state(status: RunStatus | None) -> tuple[str, str]:
     """(state, note): a run that says running but whose worker is gone is reported failed."""
     if status is None:
         return RunState.FAILED.value, "no status.json"
-    if status.state in (RunState.RUNNING.value, RunState.STARTING.value) and not pid_alive(status.pid):
+    if status.state in (RunState.RUNNING.value, RunState.STARTING.value) and not worker_alive(status):
         return RunState.FAILED.value, "worker exited without finishing"
     return status.state, status.message

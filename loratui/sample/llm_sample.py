@@ -87,24 +87,17 @@ def _scale_adapter(model: Any, name: str, weight: float) -> None:
                 lora_b[name].weight.mul_(weight)
 
 
-def _print_compare(console: Any, prompt: str, base_answer: str, lora_answer: str) -> None:
-    if getattr(console, "is_terminal", False):
-        from rich.table import Table
+@dataclass(frozen=True)
+class TextSample:
+    """The answer with the adapters, and (with `compare`) the base model's answer to the same prompt."""
 
-        table = Table(title=prompt, show_lines=True, expand=True)
-        table.add_column("base")
-        table.add_column("base + LoRA")
-        table.add_row(base_answer, lora_answer)
-        console.print(table)
-        return
-    for title, text in (("base", base_answer), ("base + LoRA", lora_answer)):
-        console.print(f"--- {title} ---", markup=False, highlight=False)
-        console.print(text, markup=False, highlight=False)
+    prompt: str
+    answer: str
+    base_answer: str | None = None
 
 
-def sample_cli(
+def sample_text(
     *,
-    console: Any,
     base: str,
     lora: list[str] | None = None,
     lora_dir: Path | None = None,
@@ -116,25 +109,19 @@ def sample_cli(
     seed: int = 1,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    **_image_options: Any,
-) -> int:
-    """`loratui sample` for LLMs. Exit code 0 done, 1 failed to load."""
-    from loratui.models.llm.loading import ModelLoadError
+) -> TextSample:
+    """`loratui sample` for LLMs: generate with the adapters (and without them when comparing).
 
+    Raises `ModelLoadError`, `FileNotFoundError` (not an adapter folder) or `ValueError` when loading fails.
+    """
     specs = [parse_lora(item, lora_dir) for item in lora or []]
-    try:
-        model, tokenizer, template = load_with_adapters(
-            base, specs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-        )
-    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
-        return 1
+    model, tokenizer, template = load_with_adapters(
+        base, specs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     answer = generate_answer(model, tokenizer, template, prompt, **options)
-    if compare and specs:
-        with model.disable_adapter():
-            base_answer = generate_answer(model, tokenizer, template, prompt, **options)
-        _print_compare(console, prompt, base_answer, answer)
-    else:
-        console.print(answer, markup=False, highlight=False)
-    return 0
+    if not (compare and specs):
+        return TextSample(prompt, answer)
+    with model.disable_adapter():
+        base_answer = generate_answer(model, tokenizer, template, prompt, **options)
+    return TextSample(prompt, answer, base_answer)

@@ -11,7 +11,6 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loratui.data.image_io import save_png
 
@@ -153,9 +152,19 @@ def generate(
     ).images[0]
 
 
-def sample_cli(
+@dataclass(frozen=True)
+class ImageSample:
+    """A rendered and saved image: where, its size, the seed and the LoRAs it used."""
+
+    path: Path
+    width: int
+    height: int
+    seed: int
+    loras: list[LoraRequest]
+
+
+def sample_image(
     *,
-    console=None,
     base: str,
     lora: list[str] | None = None,
     lora_dir: Path | None = None,
@@ -168,34 +177,24 @@ def sample_cli(
     guidance: float = 7.0,
     out: Path | None = None,
     allow_pickle: bool = False,
-    **_llm_options: Any,
-) -> int:
-    """`loratui sample` for Stable Diffusion; returns the exit code."""
-    from loratui.models.sd.loading import BaseModelError
+) -> ImageSample:
+    """`loratui sample` for Stable Diffusion: render one image with the LoRAs and save it as PNG.
 
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text, markup=False, highlight=False)
-
-    try:
-        clean, requests = collect_loras(list(lora or []), prompt, lora_dir)
-        pipe, loaded = load_pipeline(base, allow_pickle=allow_pickle)
-        apply_loras(pipe, requests, loaded.family)
-        image = generate(
-            pipe,
-            clean,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            steps=steps,
-            width=width,
-            height=height,
-            guidance=guidance,
-        )
-    except (SampleError, BaseModelError, FileNotFoundError) as exc:
-        say(f"error: {exc}")
-        return 1
+    Raises `SampleError` (bad --lora or tag, wrong family), `BaseModelError` or `FileNotFoundError`.
+    """
+    clean, requests = collect_loras(list(lora or []), prompt, lora_dir)
+    pipe, loaded = load_pipeline(base, allow_pickle=allow_pickle)
+    apply_loras(pipe, requests, loaded.family)
+    image = generate(
+        pipe,
+        clean,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance=guidance,
+    )
     target = Path(out) if out else Path(f"sample-{seed}.png")
     save_png(image, target)
-    used = ", ".join(f"{r.path.name}:{r.weight:g}" for r in requests) or "no LoRA"
-    say(f"saved {target} ({image.width}x{image.height}, seed {seed}, {used})")
-    return 0
+    return ImageSample(target, image.width, image.height, seed, requests)

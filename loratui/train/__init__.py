@@ -1,7 +1,12 @@
-"""Training: the shared loop pieces (plain functions/classes) and one trainer per model family.
+"""Training, one folder per question a reader asks.
 
-Shared pieces: `seeding` (data order and per-sample randomness), `plan` (optimizer steps and micro-batches),
-`stepping` (one accumulated optimizer step), `precision`, `optim`, `checkpointing`, `reporting`, `signals`.
-Trainers: `sd_trainer` (Stable Diffusion) and `llm_trainer` (causal LMs). `launch` starts the worker process
-(`worker`) that runs a trainer against a run directory.
+- `loop/`: the pieces both trainers share (step plan, accumulated optimizer step, checkpoints, reporting,
+  stop signals, optimizers, precision, start-up and shut-down).
+- `sd/`, `llm/`: one trainer per model family: its setup, its loop and its side of the OOM ladder.
+- `oom/`: out-of-memory recovery inside a run (`RecoveringStep`, the ladder, what it records and caches).
+- `process/`: the worker and supervisor processes, the launcher of one or several processes, preflight.
+- `job.py`: `WorkerJob`, what a trainer is handed (run directory and resolved config).
+- `memory_check/`: development only: the memory planner's predictions against the trainers' real step.
+
+The model pieces without a loop (loading, LoRA injection, losses, SD conditioning) are in `loratui.models`.
 """

@@ -6,14 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from loratui.gpu.render import human_bytes
-
-__all__ = ["display_path", "fmt_bytes", "fmt_duration", "fmt_number", "fmt_settings_change", "human_bytes"]
-
-
-def fmt_bytes(value: int | float | None) -> str:
-    """Bytes as GiB/MiB text; '-' when unknown."""
-    return human_bytes(int(value)) if isinstance(value, int | float) else "-"
+__all__ = ["display_path", "fmt_duration", "fmt_number", "fmt_settings_change"]
 
 
 def fmt_duration(seconds: float | None) -> str:

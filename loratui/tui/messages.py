@@ -13,6 +13,7 @@ from typing import Any
 from textual.message import Message
 
 from loratui.gpu.nvml import SystemSnapshot
+from loratui.memory.facade import EstimateView, Suggestion
 from loratui.tui.run_model import RunView
 from loratui.tui.wizard_state import GpuChoice
 
@@ -127,7 +128,7 @@ class CaptionsWritten(Message):
 class EstimateReady(_Replaceable):
     """The memory planner's estimate for the current settings."""
 
-    estimate: Any  # loratui.memory Estimate, or None when the planner is unavailable
+    estimate: EstimateView | None  # None: no prediction (`note` says why)
     note: str = ""
 
 
@@ -135,7 +136,7 @@ class EstimateReady(_Replaceable):
 class OptionsReady(Message):
     """The memory planner's ranked options for the chosen card."""
 
-    options: list[Any]
+    options: list[Suggestion]
     note: str = ""
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratui.config import ResolvedConfig
+from loratui.memory.facade import EstimateView, PlannerFacade, Suggestion
 from loratui.runs.status import RunStatus
 
 T0 = 1_795_000_000.0  # fixed clock for synthetic events (screenshots must not depend on the time)
@@ -166,39 +167,16 @@ async def wait_for(pilot, condition, timeout: float = 15.0) -> None:
         await pilot.pause(0.05)
 
 
-@dataclass
-class FakeEstimate:
-    """Stands in for `loratui.memory.estimate.Estimate` in screenshots and fast tests."""
+class FakePlanner:
+    """A `PlannerFacade` with fixed answers: the real planner traces a reference step (seconds), and screenshots
+    must not depend on it."""
 
-    total_bytes: int
-    method: str = "traced reference step"
-    error_band: float = 0.1
-    breakdown: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-
-@dataclass
-class FakeOption:
-    """Stands in for `loratui.memory.recommend.Option`."""
-
-    changes: dict
-    estimate: FakeEstimate
-    headroom_bytes: int
-    relative_speed: float
-    quality_note: str
-    config: object = None
-
-
-def fake_planner():
-    """(estimate_peak, recommend, no_fit_message) with fixed answers: the real planner traces a reference
-    step (seconds), and screenshots must not depend on it. Patch `loratui.tui.steps.settings.planner`."""
-
-    def estimate_peak(resolved, **_):
+    def estimate(self, resolved: ResolvedConfig) -> EstimateView:
         cfg = resolved.config
-        return FakeEstimate(int((1.5 + 0.02 * cfg.lora_rank * cfg.batch_size) * GIB))
+        return _view(1.5 + 0.02 * cfg.lora_rank * cfg.batch_size)
 
-    def recommend(resolved, usable, top=5, **_):
-        rows = [
+    def recommend(self, resolved: ResolvedConfig, usable_bytes: int, *, top: int = 5) -> list[Suggestion]:
+        rows: list[tuple[dict[str, object], float, float, str]] = [
             ({"cache_latents": True}, 4.1, 1.15, "latents cached (VAE off the GPU)"),
             ({"batch_size": 2, "gradient_accumulation_steps": 2}, 5.3, 1.3, "same effective batch"),
             (
@@ -209,7 +187,18 @@ def fake_planner():
             ),
         ]
         return [
-            FakeOption(c, FakeEstimate(int(p * GIB)), usable - int(p * GIB), s, q) for c, p, s, q in rows
+            Suggestion(changes, _view(peak), usable_bytes - int(peak * GIB), speed, note)
+            for changes, peak, speed, note in rows
         ][:top]
 
-    return estimate_peak, recommend, None
+    def no_fit_message(self, resolved: ResolvedConfig, usable_bytes: int) -> str:
+        return f"nothing fits in {usable_bytes} bytes."
+
+
+def _view(gib: float) -> EstimateView:
+    return EstimateView(int(gib * GIB), method="traced reference step", error_band=0.1)
+
+
+def fake_planner() -> PlannerFacade:
+    """A `FakePlanner`; patch `loratui.tui.steps.settings.planner` with this function."""
+    return FakePlanner()

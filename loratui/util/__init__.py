@@ -1,1 +1,6 @@
-"""Small shared utilities (no heavy imports)."""
+"""Small shared utilities, the lowest layer: nothing here imports the rest of loratui.
+
+- `atomic`: atomic file and folder writes.
+- `seeding`: seeds, data order and per-sample randomness (imports torch).
+- `sizes`: byte sizes: parse "3GiB" / "8GB", format byte counts ("7.41 GiB", or "7.4 GiB" short).
+"""

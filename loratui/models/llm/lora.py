@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.config import TrainConfig
+from loratui.models.checkpointing import enable_activation_checkpointing
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -43,7 +44,7 @@ def setup_lora(cfg: TrainConfig, model: Any) -> Any:
             gradient_checkpointing_kwargs=ckpt_kwargs,
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        enable_activation_checkpointing(model, ckpt_kwargs)
         model.enable_input_require_grads()
     set_global_seed(cfg.seed)
     if cfg.init_lora:

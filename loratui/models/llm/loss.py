@@ -51,7 +51,7 @@ def _chunk_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> torch.
 def chunked_token_loss_sum(
     model: Any, batch: Batch, *, chunk_tokens: int = CHUNK_TOKENS, autocast: Callable[[], Any] | None = None
 ) -> torch.Tensor:
-    """The same value as `llm_trainer.token_loss_sum`, with logits computed `chunk_tokens` targets at a time."""
+    """The same value as `token_loss_sum`, with logits computed `chunk_tokens` targets at a time."""
     from torch.utils.checkpoint import checkpoint
 
     lm = causal_lm(model)

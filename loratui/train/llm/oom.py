@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
+from loratui.models.checkpointing import NON_REENTRANT, enable_activation_checkpointing
 from loratui.models.llm.batches import LLMData, Unit
 from loratui.models.llm.chat import IGNORE_INDEX
 from loratui.models.llm.loss import causal_lm, supports_chunked_loss
@@ -56,11 +56,7 @@ def llm_rung_applier(model: Any, data: LLMData, settings: dict[str, Any]) -> Cal
             return False
         if changes.get("gradient_checkpointing"):
             lm = causal_lm(model)
-            with (
-                warnings.catch_warnings()
-            ):  # transformers 5 renames it; the trainer's setup uses this name too
-                warnings.simplefilter("ignore", FutureWarning)
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(lm, NON_REENTRANT)
             lm.enable_input_require_grads()
         if "max_seq_len" in changes:
             cut_data(data, int(changes["max_seq_len"]))

@@ -61,6 +61,7 @@ class Reporter:
         self._last_time: float | None = None
         self._start = time.time()
         self._status_written = 0.0
+        self._closed = False
 
     @property
     def tensorboard(self):
@@ -154,10 +155,20 @@ class Reporter:
         if self.console:
             print(f"[loratui] {text}", file=sys.stdout, flush=True)
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` has flushed and closed TensorBoard and the event log."""
+        return self._closed
+
     def close(self) -> None:
+        """Flush and close TensorBoard and the event log (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed, self._tb_enabled = True, False
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            self._tb = None
         self.events.close()
 
 

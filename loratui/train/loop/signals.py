@@ -1,5 +1,8 @@
 """Graceful stop: SIGINT/SIGTERM set a flag; the loop saves a checkpoint, then stops.
 
+`StopRequest.install` replaces the process's handlers and `restore` puts the replaced ones back, so training
+in-process (tests, the demos) leaves the caller's Ctrl-C as it found it (`loratui.train.loop.session` does both).
+
 With several training processes a signal may reach one rank only (or the ranks at different moments); the
 ranks then stop at the same step: each step's exchange (`distributed.exchange`) shares the flag and
 `requested` reports the agreed value (`agree`).
@@ -9,6 +12,17 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any, Protocol
+
+
+class StopFlag(Protocol):
+    """What a training loop reads between optimizer steps (a `StopRequest`, or a test's stand-in)."""
+
+    signal_name: str | None
+    checkpoint_now: threading.Event
+
+    @property
+    def requested(self) -> bool: ...
 
 
 class StopRequest:
@@ -19,6 +33,8 @@ class StopRequest:
         self.signal_name: str | None = None
         self.checkpoint_now = threading.Event()
         self._agreed: bool | None = None  # set by the step exchange when several processes train
+        self._replaced: dict[int, Any] = {}  # signal number -> the handler `install` replaced
+        self._previous: StopRequest | None = None  # the stop request current before `install`
 
     @property
     def raw_requested(self) -> bool:
@@ -32,18 +48,35 @@ class StopRequest:
             self.signal_name = "stop requested on another process"
 
     def install(self) -> StopRequest:
-        """Install handlers (main thread only). SIGUSR1 asks for a checkpoint without stopping."""
+        """Install handlers (main thread only). SIGUSR1 asks for a checkpoint without stopping; SIGHUP is
+        ignored (the terminal closing must not stop training). `restore` undoes this."""
         global _CURRENT
-        _CURRENT = self
+        self._previous, _CURRENT = _CURRENT, self
         if threading.current_thread() is not threading.main_thread():
             return self
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
+        self._replace(signal.SIGTERM, self._on_stop)
+        self._replace(signal.SIGINT, self._on_stop)
         if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, lambda *_: self.checkpoint_now.set())
+            self._replace(signal.SIGUSR1, lambda *_: self.checkpoint_now.set())
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal closing must not stop training
+            self._replace(signal.SIGHUP, signal.SIG_IGN)
         return self
+
+    def _replace(self, signum: int, handler: Any) -> None:
+        self._replaced.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, handler)
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced and the stop request that was current before it.
+
+        A handler Python did not install (`getsignal` gives None) comes back as the default action."""
+        global _CURRENT
+        if _CURRENT is self:
+            _CURRENT = self._previous
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._replaced.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            self._replaced.clear()
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.signal_name = signal.Signals(signum).name

@@ -93,7 +93,7 @@ def summarize(rows: list[Row]) -> dict[str, float]:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    from loratui.memory.sizes import format_bytes
+    from loratui.util.sizes import format_bytes
 
     lines = [
         "| model | micro-batch x accum | size | ckpt | rank | metered | predicted | error |",

@@ -55,13 +55,13 @@ def llm_real_step(cfg: Any) -> RealStep:
     from loratui.models.llm.batches import Unit, collate
     from loratui.models.llm.lora import setup_lora
     from loratui.models.llm.loss import token_loss_sum
-    from loratui.train.llm import trainer as trainer
+    from loratui.train.llm import setup
     from loratui.train.loop.optim import build_optimizer, build_scheduler
     from loratui.train.loop.plan import split_micro_batches
     from loratui.train.loop.stepping import optimizer_step
 
-    accelerator, precision = trainer._setup_accelerator(cfg)
-    model, tokenizer, _ = trainer._setup_base(cfg, precision)
+    accelerator, precision = setup.setup_accelerator(cfg)
+    model, tokenizer, _ = setup.setup_base(cfg, precision)
     model = setup_lora(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loratui.train.job import WorkerJob
 from loratui.util.atomic import atomic_write_text
 
 CACHE_FILE = "oom_cache.json"
@@ -108,12 +109,12 @@ def remember(key: str, settings: dict[str, Any], *, model: str = "", device: str
         atomic_write_text(cache_path(), json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
-def apply_cached_settings(job: Any) -> dict[str, Any] | None:
-    """At the start of a fresh run: switch to the settings that fitted this config before. Returns the
-    changes made (None when the cache is off, has nothing, this run already has an OOM record, or several
-    processes train)."""
+def apply_cached_settings(job: WorkerJob) -> dict[str, Any] | None:
+    """At the start of a fresh run: switch to the settings that fitted this config before (recorded in
+    oom.json as the live settings). Returns the changes made (None when the cache is off, has nothing, this
+    run already has an OOM record, or several processes train)."""
     from loratui.train.oom.ladder import kind_of, settings_of
-    from loratui.train.oom.record import apply_settings, note_settings, read_record, save_live_config
+    from loratui.train.oom.record import apply_settings, note_settings, read_record
     from loratui.train.process.distributed import world_size
 
     cfg = job.resolved.config
@@ -129,7 +130,6 @@ def apply_cached_settings(job: Any) -> dict[str, Any] | None:
     if not changes:
         return None
     apply_settings(job.resolved, changes)
-    save_live_config(job.run, job.resolved)
     note_settings(
         job.run.path, original=original, current=settings_of(cfg, kind), cache_key=key, from_cache=changes
     )

@@ -8,11 +8,12 @@ process only reads the run directory.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 from loratui.config import ResolvedConfig
+from loratui.runs.config_file import write_run_config
+from loratui.runs.launch_file import LaunchSpec, write_launch
 from loratui.runs.rundir import RunDir, create_run_dir
 from loratui.runs.status import (
     EXIT_STOPPED,  # noqa: F401  (exit code of a stopped run)
@@ -28,10 +29,12 @@ def prepare_run(
     overwrite: bool,
     skip_checks: bool = False,
     processes: Processes | None = None,
+    gpu: str | None = None,
 ) -> tuple[RunDir, Path | None]:
     """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json
     (`processes`: several training processes through accelerate's launcher; a resumed run may use another
-    number of processes than before)."""
+    number of processes than before; `gpu`: the CUDA_VISIBLE_DEVICES value for the worker, None to inherit
+    this process's). The only writer of config.yaml and launch.json."""
     cfg = resolved.config
     runs_dir = Path(cfg.runs_dir)
     name = cfg.run_name or cfg.name
@@ -49,14 +52,15 @@ def prepare_run(
         run = create_run_dir(runs_dir, name)
     if cfg.model_family == "auto" and resolved.family in ("sd15", "sd2", "sdxl", "llm"):
         cfg.model_family = resolved.family
-    run.write_config(resolved.to_yaml())
-    launch = {
-        "resume_from": str(checkpoint) if checkpoint else None,
-        "overwrite": overwrite,
-        "skip_checks": skip_checks,
-        "processes": processes.to_json() if processes else None,
-    }
-    (run.path / "launch.json").write_text(json.dumps(launch, indent=1), encoding="utf-8")
+    write_run_config(run.path, resolved)
+    launch = LaunchSpec(
+        resume_from=checkpoint,
+        overwrite=overwrite,
+        skip_checks=skip_checks,
+        processes=processes.to_json() if processes else None,
+        gpu=gpu,
+    )
+    write_launch(run.path, launch)
     RunStatus(state="starting").write(run.status_path) if not run.status_path.exists() else None
     return run, checkpoint
 

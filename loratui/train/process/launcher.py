@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 UNSUPPORTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU")
+RESUME_FLAG = "--resume-from"  # the worker's option for the checkpoint a restart continues from
 
 
 class LaunchError(ValueError):
@@ -138,23 +139,29 @@ def processes_from_options(
     return spec
 
 
-def launcher_command(run_path: Path, spec: Processes) -> tuple[list[str], dict[str, str]]:
+def launcher_command(
+    run_path: Path, spec: Processes, *, gpu: str | None = None, resume_from: Path | None = None
+) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that start the training processes of `run_path`.
 
     Without the user's own accelerate config, the launcher gets one written into the run directory
     (`accelerate.yaml`): accelerate would otherwise fill every option not on the command line from the user's
     default config (`accelerate config`), whose `gpu_ids`, `machine_rank` or `main_process_ip` belong to other
     jobs. `--gpus` ids count among the GPUs this process sees (an existing CUDA_VISIBLE_DEVICES is respected).
+    `gpu` (launch.json's, the GPU picked in the TUI) becomes the workers' CUDA_VISIBLE_DEVICES; `resume_from`
+    is the checkpoint a restarted worker continues from (instead of launch.json's).
     """
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     worker = ["-m", "loratui.train.process.worker", str(run_path)]
+    if resume_from is not None:
+        worker += [RESUME_FLAG, str(resume_from)]
     if spec.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the workers train on the CPU even where a GPU is present
     elif spec.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(
-            physical_gpu_ids(spec.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu_ids(spec.gpus, env.get("CUDA_VISIBLE_DEVICES")))
     if not spec.launcher:
         return [sys.executable, *worker], env
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]

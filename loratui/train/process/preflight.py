@@ -1,16 +1,33 @@
-"""Checks run before a worker is started: the dataset check (same code as `loratui check`)."""
+"""Checks run before a worker is started: the dataset check (same code as `loratui check`). Prints nothing;
+`loratui.cli.launch` shows the result."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from loratui.config import ResolvedConfig
+from loratui.data.check import run_checks
+from loratui.data.findings import Finding
 
 
-def run_preflight(resolved: ResolvedConfig, *, skip_checks: bool, out) -> bool:
-    """Run the dataset checks; False (after printing the errors) when training must not start."""
-    try:
-        from loratui.data.check import run_checks
-    except ImportError:
-        return True
+@dataclass(frozen=True)
+class PreflightResult:
+    """What the dataset check found that stops training (unless `--skip-checks`)."""
+
+    errors: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing stops training."""
+        return not self.errors
+
+    def blocked(self, *, skip_checks: bool) -> bool:
+        """True when training must not start."""
+        return not self.ok and not skip_checks
+
+
+def run_preflight(resolved: ResolvedConfig) -> PreflightResult:
+    """Run the dataset checks of the resolved config and return the errors among the findings."""
     cfg = resolved.config
     task = "image" if cfg.task_type == "image-generation" else "text"
     report = run_checks(
@@ -23,16 +40,4 @@ def run_preflight(resolved: ResolvedConfig, *, skip_checks: bool, out) -> bool:
         trigger_word=cfg.trigger_word,
         max_seq_len=cfg.max_seq_len,
     )
-    errors = [f for f in report.findings if f.severity == "error"]
-    if not errors:
-        return True
-    verb = "continuing anyway (--skip-checks)" if skip_checks else "not training"
-    out.print(f"dataset check found {len(errors)} error(s); {verb}:", markup=False)
-    for finding in errors:
-        out.print(f"  - {finding.message} (fix: {finding.fix})", markup=False)
-        for example in finding.examples[:3]:
-            where = f"{example.path}:{example.line}" if example.line else example.path
-            out.print(f"      {where}", markup=False)
-    if not skip_checks:
-        out.print("run `loratui check PATH` for the full report, or pass --skip-checks", markup=False)
-    return skip_checks
+    return PreflightResult([f for f in report.findings if f.severity == "error"])

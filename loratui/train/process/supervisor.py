@@ -4,9 +4,10 @@
 (`python -m loratui.train.process.worker RUN_DIR`) and waits for it. When the worker could not recover from an
 out-of-memory error in-process (exit code `EXIT_RESTART`: memory not released, a sticky CUDA error, an update
 that was partly applied) or was killed (SIGKILL - also what the kernel's OOM killer sends - SIGSEGV, SIGBUS,
-SIGABRT), the worker is started again from the run's last checkpoint with the settings recorded in the run
-directory's config.yaml (the worker writes the lowered settings there), at most `oom_max_restarts` times. A
-worker killed twice at the same step without progress gets the next rung of the OOM ladder first.
+SIGABRT), the worker is started again from the run's last checkpoint (`--resume-from`) with the live settings
+recorded in the run directory's oom.json (the worker records the lowered settings there), at most
+`oom_max_restarts` times. A worker killed twice at the same step without progress gets the next rung of the
+OOM ladder first. launch.json's `gpu` (the GPU picked in the TUI) becomes the worker's CUDA_VISIBLE_DEVICES.
 
 With several training processes (launch.json's `processes`, from `loratui train --gpus/--cpu-processes/
 --accelerate-config`) the child is accelerate's launcher, which starts one worker per device and stops them
@@ -23,7 +24,6 @@ available).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -31,10 +31,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loratui.config import ResolvedConfig
+from loratui.runs.config_file import read_run_config
 from loratui.runs.events import EventReader, EventWriter
+from loratui.runs.launch_file import read_launch_or_default
 from loratui.runs.rundir import RunDir
-from loratui.runs.status import EXIT_STOPPED, RunState, RunStatus
-from loratui.train.process.launcher import describe_exit
+from loratui.runs.status import EXIT_STOPPED, RunState, RunStatus, mark_supervised, pid_alive
+from loratui.train.oom.errors import EXIT_RESTART
+from loratui.train.process.launcher import (
+    Processes,
+    describe_exit,
+    launcher_command,
+    launcher_root_cause,
+    restart_request,
+)
 
 RESTART_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT}
 FINAL = {"run_finished": 0, "run_stopped": EXIT_STOPPED, "run_failed": 1}
@@ -66,7 +76,10 @@ class Supervisor:
         self.stop_signal: str | None = None
         self.restarts = 0
         self._last_death_step: int | None = None
-        self.spec = self._processes()
+        self.launch = read_launch_or_default(run.path)
+        self.spec = Processes.from_json(self.launch.processes)
+        # Set by a restart: the checkpoint the next worker continues from (launch.json's when None).
+        self.resume_from: Path | None = None
         self._log_start = 0  # where the current attempt's output begins in worker.log
         self._peer_lost: list[dict[str, Any]] = []  # rank 0's lost-peer warnings of the current attempt
 
@@ -79,16 +92,6 @@ class Supervisor:
             return self._log_path.stat().st_size
         except OSError:
             return 0
-
-    def _processes(self) -> Any:
-        from loratui.train.process.launcher import Processes
-
-        path = self.run.path / "launch.json"
-        try:
-            launch = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            launch = {}
-        return Processes.from_json(launch.get("processes"))
 
     # --- signals ---------------------------------------------------------------------------------------
 
@@ -113,10 +116,9 @@ class Supervisor:
             # stops after the same step and rank 0 saves. Signalled, the launcher would stop the workers itself
             # (and kill them 30 s later, mid-save); SIGUSR1 would kill it. Before rank 0 has started, a stop
             # goes to the launcher.
-            from loratui.runs.status import pid_alive
-
-            rank0 = (self.run.status() or RunStatus()).pid
-            if rank0 and rank0 != os.getpid() and pid_alive(rank0):
+            status = self.run.status() or RunStatus()
+            rank0 = status.pid
+            if rank0 and rank0 != os.getpid() and pid_alive(rank0, status.pid_started):
                 target = rank0
             elif signum == signal.SIGUSR1:
                 return
@@ -128,9 +130,9 @@ class Supervisor:
     def start_worker(self) -> subprocess.Popen:
         """The worker (or accelerate's launcher with one worker per device), in this process's session (its
         output goes where ours goes)."""
-        from loratui.train.process.launcher import launcher_command
-
-        argv, env = launcher_command(self.run.path, self.spec)
+        argv, env = launcher_command(
+            self.run.path, self.spec, gpu=self.launch.gpu, resume_from=self.resume_from
+        )
         if self.spec.launcher:
             print(f"[loratui] starting {self.spec.describe()}: {' '.join(argv)}", flush=True)
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
@@ -138,7 +140,7 @@ class Supervisor:
     def supervise(self) -> int:
         """Run the worker (again) until the run ends; returns the exit code."""
         status = self.run.status() or RunStatus()
-        status.extra["supervisor_pid"] = os.getpid()
+        mark_supervised(status)
         status.pid = os.getpid()  # until the worker writes its own
         self.run.write_status(status)
         while True:
@@ -174,9 +176,6 @@ class Supervisor:
             self._prepare_restart(code, reason)
 
     def _restart_reason(self, code: int) -> str | None:
-        from loratui.train.oom.recovering import EXIT_RESTART
-        from loratui.train.process.launcher import launcher_root_cause, restart_request
-
         if self.spec.launcher:  # the exit code is the launcher's; what the workers said is in the log
             if self.spec.num_machines > 1:
                 return (
@@ -195,10 +194,9 @@ class Supervisor:
             return f"killed by {describe_exit(code)}"
         return None
 
-    def _config(self) -> Any:
-        from loratui.config import load_config
-
-        return load_config(self.run.config_path)
+    def _config(self) -> ResolvedConfig:
+        """The run's config with the live settings of oom.json: what the next worker trains with."""
+        return read_run_config(self.run.path)
 
     def _max_restarts(self) -> int:
         try:
@@ -208,14 +206,10 @@ class Supervisor:
         return cfg.oom_max_restarts if cfg.oom_recovery else 0
 
     def _prepare_restart(self, code: int, reason: str) -> None:
-        """Point launch.json at the last checkpoint; lower the settings when the worker keeps dying."""
+        """Continue from the last checkpoint (or launch.json's start when there is none yet); lower the
+        settings when the worker keeps dying."""
         checkpoint = self.run.latest_checkpoint()
-        launch_path = self.run.path / "launch.json"
-        launch = json.loads(launch_path.read_text(encoding="utf-8")) if launch_path.is_file() else {}
-        launch["resume_from"] = str(checkpoint) if checkpoint else None
-        from loratui.util.atomic import atomic_write_text
-
-        atomic_write_text(launch_path, json.dumps(launch, indent=1))
+        self.resume_from = checkpoint or self.launch.resume_from
         status = self.run.status() or RunStatus()
         lowered = ""
         if code < 0:
@@ -245,9 +239,10 @@ class Supervisor:
         print(f"[loratui] {message}", flush=True)
 
     def _lower_one_rung(self, step: int) -> str:
-        """The next OOM-ladder rung applied to config.yaml (the worker died twice at the same step)."""
+        """The next OOM-ladder rung recorded in oom.json for the next worker (this one died twice at the same
+        step)."""
         from loratui.train.oom.ladder import OomLadder, describe_change, kind_of, settings_of
-        from loratui.train.oom.record import apply_settings, note_settings, read_record, save_live_config
+        from loratui.train.oom.record import apply_settings, note_settings, read_record
 
         try:
             resolved = self._config()
@@ -266,7 +261,6 @@ class Supervisor:
         if rung is None:
             return ""
         apply_settings(resolved, rung.changes)
-        save_live_config(self.run, resolved)
         new = settings_of(resolved.config, kind)
         note_settings(
             self.run.path,
@@ -293,8 +287,6 @@ class Supervisor:
 
     def _fail_ranks(self, code: int) -> int:
         """Several processes ended without a final event: name the rank that failed first."""
-        from loratui.train.process.launcher import launcher_root_cause
-
         if self._peer_lost:  # rank 0 saw a peer stop and said what it saved
             self._fail(str(self._peer_lost[-1].get("message")))
             return 1

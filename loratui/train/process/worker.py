@@ -1,28 +1,31 @@
-"""The training worker: `python -m loratui.train.process.worker RUN_DIR`.
+"""The training worker: `python -m loratui.train.process.worker RUN_DIR [--resume-from CHECKPOINT]`.
 
-Reads the run directory's resolved `config.yaml` and `launch.json`, runs the trainer for the task type, and
+Reads the run directory's `launch.json` and its config (`config.yaml` with the live settings of `oom.json`
+laid over it: `loratui.runs.config_file.read_run_config`), runs the trainer for the task type, and
 records the outcome in `events.jsonl` / `status.json` (with several processes, started by accelerate's
 launcher, every rank runs this and only rank 0 writes; see `loratui.train.process.distributed`).
 
 Exit codes: 0 finished (also a rank other than 0 after an agreed stop), 130 stopped, 1 failed (with several
 processes, rank 0 after losing a peer leaves a `peer_lost` warning and the supervisor records the end),
-2 the trainer for this task is not available, 75 (`oom.EXIT_RESTART`) out of memory that only a restart from
-the last checkpoint can fix (the supervisor does it, with the lowered settings already in config.yaml).
+2 wrong command-line arguments, 75 (`oom.EXIT_RESTART`) out of memory that only a restart from
+the last checkpoint can fix (the supervisor does it, passing `--resume-from`; the lowered settings are already
+in oom.json).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from loratui.config import load_config
+from loratui.runs.config_file import read_run_config
 from loratui.runs.events import EventWriter
+from loratui.runs.launch_file import read_launch
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
 from loratui.train.job import WorkerJob
+from loratui.train.process.launcher import RESUME_FLAG
 
 
 def _record_failure(run: RunDir, message: str, details: str = "") -> None:
@@ -41,7 +44,7 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
 def run_job(job: WorkerJob) -> int:
     """Dispatch to the trainer of the task type; returns the process exit code."""
     from loratui.train.oom.cache import apply_cached_settings
-    from loratui.train.oom.recovering import EXIT_RESTART, RestartNeeded
+    from loratui.train.oom.errors import EXIT_RESTART, RestartNeeded
     from loratui.train.process.distributed import PeerLost, finish, is_main, rank, world_size
     from loratui.train.process.launcher import RESTART_TAG
 
@@ -55,16 +58,11 @@ def run_job(job: WorkerJob) -> int:
                 message=f"starting from settings that fitted this model on this GPU "
                 f"before (OOM cache; --no-oom-cache to turn off): {cached}",
             )
-    try:
-        if task == "image-generation":
-            from loratui.train.sd.trainer import train as trainer
-        else:
-            from loratui.train.llm.trainer import train as trainer
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("loratui.train."):
-            _record_failure(job.run, f"training for {task} is not implemented yet")
-            return 2
-        raise
+    # Only the family's trainer is imported: an image run never loads the LLM stack, and the other way round.
+    if task == "image-generation":
+        from loratui.train.sd.trainer import train as trainer
+    else:
+        from loratui.train.llm.trainer import train as trainer
     try:
         state = trainer(job)
     except RestartNeeded as exc:
@@ -99,13 +97,24 @@ def _peer_lost_message(run: RunDir, exc: Exception) -> str:
     return f"{exc}. The run was stopped; {where}; resume with: loratui train --resume {run.path}"
 
 
+def _arguments(args: list[str]) -> tuple[Path, Path | None] | None:
+    """(run directory, checkpoint to continue from) of `RUN_DIR [--resume-from CHECKPOINT]`, or None."""
+    if len(args) == 1:
+        return Path(args[0]), None
+    if len(args) == 3 and args[1] == RESUME_FLAG:
+        return Path(args[0]), Path(args[2])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m loratui.train.process.worker RUN_DIR", file=sys.stderr)
+    parsed = _arguments(list(sys.argv[1:] if argv is None else argv))
+    if parsed is None:
+        print(
+            "usage: python -m loratui.train.process.worker RUN_DIR [--resume-from CHECKPOINT]",
+            file=sys.stderr,
+        )
         return 2
-    run = RunDir(Path(args[0]))
-    launch = json.loads((run.path / "launch.json").read_text(encoding="utf-8"))
+    run = RunDir(parsed[0])
     from loratui.train.process.distributed import is_main
 
     if is_main():
@@ -113,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         status.pid, status.state = os.getpid(), RunState.RUNNING.value
         run.write_status(status)
     try:
-        resolved = load_config(run.config_path)
+        launch = read_launch(run.path)
         job = WorkerJob(
             run=run,
-            resolved=resolved,
-            resume_from=Path(launch["resume_from"]) if launch.get("resume_from") else None,
-            overwrite=bool(launch.get("overwrite")),
-            skip_checks=bool(launch.get("skip_checks")),
+            resolved=read_run_config(run.path),
+            resume_from=parsed[1] or launch.resume_from,
+            overwrite=launch.overwrite,
+            skip_checks=launch.skip_checks,
         )
         return run_job(job)
     except Exception as exc:

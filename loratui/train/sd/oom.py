@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from loratui.models.checkpointing import enable_activation_checkpointing
+
 
 def sd_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
     """The modules whose weights sit on the (simulated) card: the UNet, the text encoders unless the ladder
@@ -42,7 +44,7 @@ def sd_rung_applier(
             models.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 for encoder in models.text_encoders:
-                    encoder.gradient_checkpointing_enable()
+                    enable_activation_checkpointing(encoder)
         old_dataset, old_latents, old_text = context.dataset, context.latents, context.text
         try:
             if "resolution" in changes:

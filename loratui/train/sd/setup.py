@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from loratui.models.checkpointing import enable_activation_checkpointing
 from loratui.models.sd.conditioning import TEXT_BATCH, TextConditioner
 from loratui.models.sd.lora import (
     LoraPlan,
@@ -113,7 +114,7 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for encoder in text_encoders:
-                encoder.gradient_checkpointing_enable()
+                enable_activation_checkpointing(encoder)
     return Models(
         pipe,
         loaded.family,
@@ -257,6 +258,17 @@ def setup_text(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> T
 def place_unet(models: Models) -> None:
     """Move the UNet (with its LoRA layers) to the device: after the caching passes, before training."""
     models.unet.to(models.device)
+
+
+def setup_wrappers(cfg, accelerator: Any, models: Models, text: TextConditioner, optimizer: Any) -> Any:
+    """accelerate's autocast (and DDP) wrappers: the loop calls `models.forward_unet` (and the trained text
+    encoders' wrappers); the weights stay on `models.unet`/`models.text_encoders`. Returns the optimizer."""
+    models.unet.train()
+    models.forward_unet = accelerator.prepare(models.unet)
+    if cfg.train_text_encoder:
+        models.forward_text_encoders = [accelerator.prepare(encoder) for encoder in models.text_encoders]
+        text.text_encoders = models.forward_text_encoders
+    return accelerator.prepare(optimizer)
 
 
 def cache_all_captions(text: Any, dataset: Any) -> None:

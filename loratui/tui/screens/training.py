@@ -23,7 +23,9 @@ from textual.widgets import Footer
 from textual.worker import get_current_worker
 
 from loratui.gpu.nvml import GpuSnapshot, SystemSnapshot
+from loratui.memory.facade import EstimateView, MemoryPlanner
 from loratui.runs.events import EventReader
+from loratui.runs.launch_file import read_launch_or_default
 from loratui.runs.status import RunStatus, effective_state, pid_alive
 from loratui.tui.background import Cancelled, call_cancellable
 from loratui.tui.messages import ControlSent, EstimateReady, RunProgress
@@ -50,9 +52,11 @@ The view only reads the run directory: several viewers can watch one run, and cl
 prints plain progress lines."""
 
 
-def default_gpu_index() -> int:
-    """The GPU a worker started from this environment uses: the first of CUDA_VISIBLE_DEVICES, else 0."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+def default_gpu_index(run_dir: Path | None = None) -> int:
+    """The GPU the run's worker uses: the one recorded in its launch.json (picked in the wizard), else the
+    first of this environment's CUDA_VISIBLE_DEVICES, else 0."""
+    recorded = read_launch_or_default(run_dir).gpu if run_dir is not None else None
+    first = (recorded or os.environ.get("CUDA_VISIBLE_DEVICES", "0")).split(",")[0].strip()
     return int(first) if first.isdigit() else 0
 
 
@@ -67,16 +71,15 @@ def load_run_epochs(run_dir: Path) -> int | None:
     return None if resolved.config.max_steps else resolved.config.epochs
 
 
-def predict_peak(run_dir: Path) -> int | None:
-    """The memory planner's predicted peak for the run's config (None without the planner)."""
+def predict_peak(run_dir: Path) -> EstimateView | None:
+    """The memory planner's predicted peak for the run's config (None when it cannot be predicted)."""
     try:
         from loratui.config import load_config
-        from loratui.memory.estimate import estimate_peak
 
         resolved = load_config(run_dir / "config.yaml")
         if not resolved.config.base_model:
             return None
-        return int(estimate_peak(resolved).total_bytes)
+        return MemoryPlanner().estimate(resolved)
     except Exception:
         return None
 
@@ -118,7 +121,7 @@ class TrainingScreen(Screen):
         self.predicted_bytes = predicted_bytes
         self._predicting = predicted_bytes is not None
         self.poll_interval = poll_interval
-        self.gpu_index = default_gpu_index() if gpu_index is None else gpu_index
+        self.gpu_index = default_gpu_index(self.run_dir) if gpu_index is None else gpu_index
         self._stop = threading.Event()
         self._ooms_seen: int | None = None
 
@@ -166,8 +169,8 @@ class TrainingScreen(Screen):
 
     @on(EstimateReady)
     def _on_estimate(self, message: EstimateReady) -> None:
-        if isinstance(message.estimate, int):
-            self.predicted_bytes = message.estimate
+        if message.estimate is not None:
+            self.predicted_bytes = message.estimate.total_bytes
             if self.view is not None:
                 self._on_progress(RunProgress(self.view))
 

@@ -147,8 +147,8 @@ class WizardScreen(Screen):
 
     @on(EstimateReady)
     def _estimate(self, message: EstimateReady) -> None:
-        total = getattr(message.estimate, "total_bytes", None)
-        self.state.predicted_bytes = int(total) if total is not None else None
+        estimate = message.estimate
+        self.state.predicted_bytes = estimate.total_bytes if estimate is not None else None
 
     @on(ModelInspected)
     def _model(self, message: ModelInspected) -> None:

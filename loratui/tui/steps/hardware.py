@@ -7,11 +7,11 @@ from textual.app import ComposeResult
 from textual.widgets import ListItem, ListView, Static
 
 from loratui.gpu.nvml import GpuSnapshot, SystemSnapshot
-from loratui.tui.formatting import fmt_bytes
 from loratui.tui.messages import GpuChosen
 from loratui.tui.steps.base import WizardStep
 from loratui.tui.widgets.gpu_card import GpuCard
 from loratui.tui.wizard_state import GpuChoice
+from loratui.util.sizes import format_bytes
 
 GIB = 1024**3
 CARD_SIZES = (8, 12, 16, 24, 48, 80)  # hypothetical cards offered on machines without a GPU
@@ -36,12 +36,12 @@ def hardware_summary(snap: SystemSnapshot) -> str:
     best = max(snap.gpus, key=lambda g: g.memory_free or 0)
     if count > 1:
         lines.append(
-            f"GPU {best.index} ({best.name}) has the most free memory: {fmt_bytes(best.memory_free)}."
+            f"GPU {best.index} ({best.name}) has the most free memory: {format_bytes(best.memory_free, short=True)}."
         )
     for gpu in snap.gpus:
         if gpu.memory_used_by_others:
             lines.append(
-                f"GPU {gpu.index} is shared: other processes hold {fmt_bytes(gpu.memory_used_by_others)}."
+                f"GPU {gpu.index} is shared: other processes hold {format_bytes(gpu.memory_used_by_others, short=True)}."
             )
     return " ".join(lines)
 
@@ -148,7 +148,7 @@ class HardwareStep(WizardStep):
         if choice is None:
             text = "Nothing chosen yet."
         elif choice.index is not None:
-            text = f"Chosen: GPU {choice.index} ({choice.name}), {fmt_bytes(choice.usable_bytes)} usable now."
+            text = f"Chosen: GPU {choice.index} ({choice.name}), {format_bytes(choice.usable_bytes, short=True)} usable now."
         elif choice.total_bytes:
             text = f"Chosen: plan for a {choice.name}; training here runs on the CPU."
         else:

@@ -11,44 +11,23 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Checkbox, DataTable, Input, Select, Static
 
+from loratui.memory.facade import EstimateView, MemoryPlanner, PlannerFacade, Suggestion
 from loratui.tui.background import Cancelled, call_cancellable
-from loratui.tui.formatting import SHORT_KEYS, bar_text, fmt_bytes, fmt_number
+from loratui.tui.formatting import SHORT_KEYS, bar_text, fmt_number
 from loratui.tui.messages import EstimateReady, OptionsReady, PresetChosen, ValueChosen
 from loratui.tui.steps.base import WizardStep
 from loratui.tui.widgets.memory_bar import MemoryBar
 from loratui.tui.wizard_state import WizardState
+from loratui.util.sizes import format_bytes
 
 # (config key, label) of the knobs edited here; resolution or max_seq_len follows the task.
 INT_KNOBS = (("lora_rank", "rank"), ("batch_size", "batch"), ("gradient_accumulation_steps", "accum"))
 TASK_KNOB = {"image": ("resolution", "res"), "text": ("max_seq_len", "seq")}
-PLANNER_MISSING = "The memory planner is not available in this installation, so there is no prediction."
 
 
-def planner() -> tuple[Any, Any, Any] | None:
-    """(estimate_peak, recommend, no_fit_message) from the memory planner, or None when not installed."""
-    try:
-        from loratui.memory.estimate import estimate_peak
-        from loratui.memory.recommend import recommend
-    except ImportError:
-        return None
-    try:
-        from loratui.memory.recommend import no_fit_message
-    except ImportError:
-        no_fit_message = None
-    return estimate_peak, recommend, no_fit_message
-
-
-def planner_available() -> bool:
-    """True when the memory planner is installed (checked without importing it)."""
-    from importlib.util import find_spec
-
-    try:
-        return (
-            find_spec("loratui.memory.estimate") is not None
-            and find_spec("loratui.memory.recommend") is not None
-        )
-    except (ImportError, ValueError):
-        return False
+def planner() -> PlannerFacade:
+    """The memory planner the step asks (tests put a `PlannerFacade` fake in its place)."""
+    return MemoryPlanner()
 
 
 def copy_state(state: WizardState) -> WizardState:
@@ -58,37 +37,34 @@ def copy_state(state: WizardState) -> WizardState:
     )
 
 
-def fmt_band(estimate: Any) -> str:
-    """The estimate's error band as text: '± 10%' or '4.8–5.9 GiB'."""
-    band = getattr(estimate, "error_band", None)
-    if isinstance(band, int | float) and band:
-        return f" ± {band:.0%}" if band < 1 else f" ± {fmt_bytes(band)}"
-    if isinstance(band, tuple | list) and len(band) == 2:
-        return f" ({fmt_bytes(band[0])}–{fmt_bytes(band[1])})"
-    return ""
+def fmt_band(estimate: EstimateView) -> str:
+    """The estimate's relative error band as text: ' ± 10%' (empty without one)."""
+    return f" ± {estimate.error_band:.0%}" if estimate.error_band else ""
 
 
-def fmt_changes(changes: Any) -> str:
+def fmt_changes(changes: dict[str, object]) -> str:
     """An option's changes: {'lora_rank': 8, 'batch_size': 2} -> 'rank 8, batch 2'."""
-    if isinstance(changes, dict):
-        if not changes:
-            return "as configured"
-        return ", ".join(f"{SHORT_KEYS.get(k, k)} {fmt_number(v)}" for k, v in changes.items())
-    return str(changes)
+    if not changes:
+        return "as configured"
+    return ", ".join(f"{SHORT_KEYS.get(k, k)} {fmt_number(v)}" for k, v in changes.items())
 
 
-def estimate_sentence(estimate: Any, usable: int | None) -> str:
+def estimate_sentence(estimate: EstimateView, usable: int | None) -> str:
     """'Predicted peak 5.3 GiB ± 10% (analytic): fits with 12.2 GiB to spare.'"""
-    total = int(estimate.total_bytes)
-    method = str(getattr(estimate, "method", "") or "").split(",")[0].split(" (")[0]
+    total = estimate.total_bytes
+    method = estimate.method.split(",")[0].split(" (")[0]
     method = f" ({method})" if method else ""
-    text = f"Predicted peak {fmt_bytes(total)}{fmt_band(estimate)}{method}"
+    text = f"Predicted peak {format_bytes(total, short=True)}{fmt_band(estimate)}{method}"
     if usable is None:
         return text + ": no GPU chosen to compare with."
     if total <= usable:
-        return text + f": fits, {fmt_bytes(usable - total)} to spare. Bars: █ in use ▒ this run ░ free."
+        return (
+            text
+            + f": fits, {format_bytes(usable - total, short=True)} to spare. Bars: █ in use ▒ this run ░ free."
+        )
     return (
-        text + f": does NOT fit ({fmt_bytes(total - usable)} over). Pick an option below or lower the knobs."
+        text
+        + f": does NOT fit ({format_bytes(total - usable, short=True)} over). Pick an option below or lower the knobs."
     )
 
 
@@ -100,7 +76,7 @@ class SettingsStep(WizardStep):
 
     def __init__(self, state, **kwargs) -> None:
         super().__init__(state, **kwargs)
-        self._options: list[Any] = []
+        self._options: list[Suggestion] = []
         self._filling = False
 
     def compose(self) -> ComposeResult:
@@ -146,11 +122,10 @@ class SettingsStep(WizardStep):
 
     # --- showing the state ---------------------------------------------------------------------
     def enter(self) -> None:
-        if planner_available():
-            self.say(
-                f"{gpu_title(self.state)}\nPredicting peak memory… (the first prediction for a model "
-                "traces a small reference step; later edits update in a moment)"
-            )
+        self.say(
+            f"{gpu_title(self.state)}\nPredicting peak memory… (the first prediction for a model "
+            "traces a small reference step; later edits update in a moment)"
+        )
         self._fill()
         self.estimate(copy_state(self.state))
         self.plan(copy_state(self.state))
@@ -235,11 +210,10 @@ class SettingsStep(WizardStep):
         event.stop()
         index = event.cursor_row
         if 0 <= index < len(self._options):
-            changes = getattr(self._options[index], "changes", None)
-            if isinstance(changes, dict):
-                for key, value in changes.items():
-                    self.post_message(ValueChosen(key, value))
-                self.notify(f"Applied option {index + 1}: {fmt_changes(changes)}", timeout=4)
+            changes = self._options[index].changes
+            for key, value in changes.items():
+                self.post_message(ValueChosen(key, value))
+            self.notify(f"Applied option {index + 1}: {fmt_changes(changes)}", timeout=4)
 
     def action_replan(self) -> None:
         self.plan(copy_state(self.state))
@@ -248,18 +222,12 @@ class SettingsStep(WizardStep):
     @work(thread=True, exclusive=True, exit_on_error=False, group="estimate")
     def estimate(self, state: WizardState) -> None:
         """Predict the peak for the current settings."""
-        tools = planner()
-        if tools is None:
-            self.post_message(EstimateReady(None, PLANNER_MISSING))
-            return
-        estimate_peak = tools[0]
-
         resolved = state.try_resolve()
         if resolved is None:
             self.post_message(EstimateReady(None, "No prediction: " + "; ".join(state.problems()[:2])))
             return
         try:
-            self.post_message(EstimateReady(call_cancellable(estimate_peak, resolved)))
+            self.post_message(EstimateReady(call_cancellable(planner().estimate, resolved)))
         except Cancelled:
             return
         except Exception as exc:
@@ -268,12 +236,6 @@ class SettingsStep(WizardStep):
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
     def plan(self, state: WizardState) -> None:
         """Ask the planner for the top options that fit the chosen card."""
-        tools = planner()
-        if tools is None:
-            self.post_message(OptionsReady([], "Options need the memory planner; presets are listed above."))
-            return
-        recommend, no_fit_message = tools[1], tools[2]
-
         usable = state_gpu_usable(state)
         resolved = state.try_resolve()
         if resolved is None or usable is None:
@@ -281,11 +243,12 @@ class SettingsStep(WizardStep):
             self.post_message(OptionsReady([], f"No options: {why}."))
             return
         try:
-            options = call_cancellable(recommend, resolved, usable, top=5)
+            tools = planner()
+            options = call_cancellable(tools.recommend, resolved, usable, top=5)
             note = ""
-            if not options and no_fit_message is not None:
-                message = call_cancellable(no_fit_message, resolved, usable)
-                note = "No option fits: " + " ".join(str(message).split())
+            if not options:
+                message = call_cancellable(tools.no_fit_message, resolved, usable)
+                note = "No option fits: " + " ".join(message.split())
         except Cancelled:
             return
         except Exception as exc:
@@ -307,7 +270,7 @@ class SettingsStep(WizardStep):
         total = gpu.total_bytes if gpu and gpu.total_bytes else None
         taken = (total - usable) if total and usable is not None else 0
         bar.total = total or int(message.estimate.total_bytes * 1.25)
-        bar.segments = ((taken, "others"), (int(message.estimate.total_bytes), "predicted"))
+        bar.segments = ((taken, "others"), (message.estimate.total_bytes, "predicted"))
 
     @on(OptionsReady)
     def _options_ready(self, message: OptionsReady) -> None:
@@ -324,13 +287,15 @@ class SettingsStep(WizardStep):
         total = gpu.total_bytes if gpu and gpu.total_bytes else None
         taken = total - gpu.usable_bytes if total and gpu.usable_bytes is not None else 0
         for rank, option in enumerate(self._options, 1):
-            estimate = getattr(option, "estimate", None)
-            peak_bytes = int(getattr(estimate, "total_bytes", 0) or 0)
-            speed = getattr(option, "relative_speed", None)
-            speed_text = f"{speed:.0%}" if isinstance(speed, int | float) else "-"
+            peak_bytes = option.estimate.total_bytes
+            speed_text = f"{option.relative_speed:.0%}"
             bar = bar_text(taken, peak_bytes, total) if total else "-"
             table.add_row(
-                str(rank), fmt_changes(getattr(option, "changes", "")), fmt_bytes(peak_bytes), bar, speed_text
+                str(rank),
+                fmt_changes(option.changes),
+                format_bytes(peak_bytes, short=True),
+                bar,
+                speed_text,
             )
 
     @on(DataTable.RowHighlighted, "#options")
@@ -339,8 +304,8 @@ class SettingsStep(WizardStep):
         index = event.cursor_row
         if 0 <= index < len(self._options):
             option = self._options[index]
-            spare = fmt_bytes(getattr(option, "headroom_bytes", None))
-            note = str(getattr(option, "quality_note", "") or "")
+            spare = format_bytes(option.headroom_bytes, short=True)
+            note = option.quality_note
             self.query_one("#option-note", Static).update(
                 f"Option {index + 1}: {spare} to spare. {note}".strip()
             )
@@ -352,8 +317,8 @@ def gpu_title(state: WizardState) -> str:
     if gpu is None or (gpu.index is None and not gpu.total_bytes):
         return "For the CPU (no GPU chosen): predictions are for reference."
     if gpu.index is None:
-        return f"For a {gpu.name}: {fmt_bytes(gpu.usable_bytes)}."
-    return f"For GPU {gpu.index} ({gpu.name}): {fmt_bytes(gpu.usable_bytes)} usable now."
+        return f"For a {gpu.name}: {format_bytes(gpu.usable_bytes, short=True)}."
+    return f"For GPU {gpu.index} ({gpu.name}): {format_bytes(gpu.usable_bytes, short=True)} usable now."
 
 
 def state_gpu_usable(state: WizardState) -> int | None:

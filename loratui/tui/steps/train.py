@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from textual import on, work
@@ -17,12 +16,13 @@ from loratui.tui.wizard_state import GpuChoice
 
 
 def start_run(resolved, gpu: GpuChoice | None) -> tuple[Path, int]:
-    """Create the run directory and start the worker in its own session (the core does both)."""
+    """Create the run directory and start the worker in its own session, as `loratui train` does. The chosen
+    GPU is recorded in the run's launch.json (the worker gets it as CUDA_VISIBLE_DEVICES); this process's
+    environment is left as it is."""
     from loratui.train.process.launch import prepare_run, start_worker
 
-    if gpu is not None and gpu.index is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
-    run, _ = prepare_run(resolved, resume=None, overwrite=False)
+    chosen = str(gpu.index) if gpu is not None and gpu.index is not None else None
+    run, _ = prepare_run(resolved, resume=None, overwrite=False, gpu=chosen)
     process = start_worker(run)
     return run.path, process.pid
 

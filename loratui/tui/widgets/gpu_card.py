@@ -8,8 +8,8 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from loratui.gpu.nvml import GpuSnapshot
-from loratui.tui.formatting import fmt_bytes
 from loratui.tui.widgets.memory_bar import MemoryBar
+from loratui.util.sizes import format_bytes
 
 
 def gpu_title(gpu: GpuSnapshot) -> str:
@@ -34,10 +34,10 @@ def memory_line(gpu: GpuSnapshot) -> str:
     others = gpu.memory_used_by_others or 0
     rest = max(0, (gpu.memory_used or 0) - others)
     if others:
-        parts.append(f"█ other processes {fmt_bytes(others)}")
+        parts.append(f"█ other processes {format_bytes(others, short=True)}")
     if rest:
-        parts.append(f"▓ {'other' if others else 'used'} {fmt_bytes(rest)}")
-    free, total = fmt_bytes(gpu.memory_free), fmt_bytes(gpu.memory_total)
+        parts.append(f"▓ {'other' if others else 'used'} {format_bytes(rest, short=True)}")
+    free, total = format_bytes(gpu.memory_free, short=True), format_bytes(gpu.memory_total, short=True)
     if free.endswith(" GiB") and total.endswith(" GiB"):
         free = free.removesuffix(" GiB")
     parts.append(f"░ free {free} of {total}")

@@ -9,9 +9,10 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from loratui.gpu.nvml import GpuSnapshot
-from loratui.tui.formatting import fmt_bytes, fmt_number
+from loratui.tui.formatting import fmt_number
 from loratui.tui.run_model import RunView
 from loratui.tui.widgets.memory_bar import MemoryBar
+from loratui.util.sizes import format_bytes
 
 
 def stats_lines(view: RunView) -> list[tuple[str, str]]:
@@ -44,7 +45,9 @@ def stats_lines(view: RunView) -> list[tuple[str, str]]:
 def rank_memory_row(view: RunView) -> tuple[str, str]:
     """('per GPU', '0: 3.1 GiB · 1: 3.0 GiB') for a run on several processes."""
     label = "per GPU" if view.rank_memory_kind == "gpu" else "per proc"
-    return label, " · ".join(f"{rank}: {fmt_bytes(value)}" for rank, value in enumerate(view.rank_memory))
+    return label, " · ".join(
+        f"{rank}: {format_bytes(value, short=True)}" for rank, value in enumerate(view.rank_memory)
+    )
 
 
 def _short(path: str) -> str:
@@ -55,14 +58,17 @@ def _short(path: str) -> str:
 
 def vram_lines(view: RunView, gpu: GpuSnapshot | None) -> list[tuple[str, str]]:
     """(label, value) rows under the VRAM bar: run memory vs prediction vs card, GPU load."""
-    predicted = f" · pred {fmt_bytes(view.memory_predicted)}" if view.memory_predicted else ""
+    predicted = f" · pred {format_bytes(view.memory_predicted, short=True)}" if view.memory_predicted else ""
     if gpu is None:
         device = view.device or "no GPU reported"
-        return [("vram", f"{fmt_bytes(view.memory_used)}{predicted}"), ("device", device)]
+        return [("vram", f"{format_bytes(view.memory_used, short=True)}{predicted}"), ("device", device)]
     util = f"{gpu.utilization_gpu}%" if gpu.utilization_gpu is not None else "-"
     temp = f"{gpu.temperature}°C" if gpu.temperature is not None else "-"
     return [
-        ("vram", f"{fmt_bytes(view.memory_used)} of {fmt_bytes(gpu.memory_total)}{predicted}"),
+        (
+            "vram",
+            f"{format_bytes(view.memory_used, short=True)} of {format_bytes(gpu.memory_total, short=True)}{predicted}",
+        ),
         (f"gpu {gpu.index}", f"util {util} · {temp}"),
     ]
 

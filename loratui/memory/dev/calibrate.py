@@ -1,4 +1,4 @@
-"""Regenerate the shipped memory tables: `python -m loratui.memory.calibrate [NAME ...]`.
+"""Regenerate the shipped memory tables: `python -m loratui.memory.dev.calibrate [NAME ...]`.
 
 For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, TinyLlama-1.1B) this builds the model
 on the meta device, summarises its parameters, traces the reference training step over the calibration design
@@ -22,7 +22,7 @@ from loratui.memory.tables import _versions, fit_key
 
 SD_NAMES = ("sd15", "sd2", "sdxl")
 LLM_NAMES = ("llama-2-7b", "llama-2-13b", "tinyllama-1.1b")
-TABLE_DIR = Path(__file__).resolve().parent / "arch_configs" / "tables"
+TABLE_DIR = Path(__file__).resolve().parent.parent / "arch_configs" / "tables"
 
 
 def spec_for(name: str) -> ArchSpec:

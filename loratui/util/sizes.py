@@ -57,14 +57,28 @@ def parse_size(text: str | int | float, *, card: bool = False) -> int:
     return result
 
 
-def format_bytes(count: float, *, signed: bool = False) -> str:
-    """'7.41 GiB', '512.0 MiB', '12.0 KiB' (binary units, what NVML and PyTorch report)."""
+#: decimals per unit: the precise form of the planner's messages, and the short form of GPU tables and the TUI
+_DIGITS = {"TiB": 2, "GiB": 2, "MiB": 1, "KiB": 1}
+_SHORT_DIGITS = {"TiB": 1, "GiB": 1, "MiB": 1, "KiB": 0}
+_UNIT_SIZES = (("TiB", 2**40), ("GiB", GIB), ("MiB", MIB), ("KiB", 2**10))
+
+
+def format_bytes(
+    count: float | None, *, signed: bool = False, short: bool = False, unknown: str = "-"
+) -> str:
+    """'7.41 GiB', '512.0 MiB', '12.0 KiB', '100 B' (binary units, what NVML and PyTorch report).
+
+    `signed`: '+' before positive counts. `short`: one decimal for GiB and TiB and none for KiB ('7.4 GiB',
+    '12 KiB'). A count that is not a number (None: unknown) reads as `unknown`.
+    """
+    if not isinstance(count, int | float):
+        return unknown
     sign = "-" if count < 0 else ("+" if signed else "")
     value = abs(float(count))
-    for unit, size in (("TiB", 2**40), ("GiB", GIB), ("MiB", MIB), ("KiB", 2**10)):
+    digits = _SHORT_DIGITS if short else _DIGITS
+    for unit, size in _UNIT_SIZES:
         if value >= size:
-            digits = 2 if unit in ("GiB", "TiB") else 1
-            return f"{sign}{value / size:.{digits}f} {unit}"
+            return f"{sign}{value / size:.{digits[unit]}f} {unit}"
     return f"{sign}{int(value)} B"
 
 

@@ -1,0 +1,92 @@
+"""Keys that only one task type reads, and which of them a user set for a run of the other type.
+
+An image run never reads `packing` or `val_split`; a text run never reads `resolution` or `trigger_word`.
+`ignored_settings(resolved)` lists the keys a user set (config file, `--set`, flags, preset, wizard) that have
+no effect for the resolved task, each with a one-line reason, so that they are reported instead of dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loratui.config.loader import ResolvedConfig
+from loratui.config.schema import TrainConfig
+
+IMAGE = "image-generation"
+TEXT = "text-generation"
+
+#: keys only text (LLM) runs read -> why an image run ignores them
+TEXT_ONLY: dict[str, str] = {
+    "max_seq_len": "captions are cut at the text encoder's own token limit",
+    "load_in_4bit": "4-bit (QLoRA) loading applies to LLM base models only",
+    "train_on_prompt": "image samples have no prompt/answer split",
+    "packing": "image batches are never packed into token sequences",
+    "val_split": "image runs hold out no samples for an evaluation loss",
+    "chat_template": "image runs render no chat",
+    "trust_remote_code": "image models are loaded without code from the model folder",
+    "chunked_loss": "the chunked loss is computed over an LLM's output head",
+}
+
+#: keys only image (SD) runs read -> why a text run ignores them
+IMAGE_ONLY: dict[str, str] = {
+    "metadata_path": "text datasets carry their prompts and answers in the JSON/JSONL records",
+    "train_text_encoder": "an LLM has no separate text encoder",
+    "text_encoder_lr": "an LLM has no separate text encoder",
+    "resolution": "text runs have no images (the length limit is max_seq_len)",
+    "bucket": "text runs have no images",
+    "bucket_no_upscale": "text runs have no images",
+    "random_crop": "text runs have no images",
+    "flip_aug": "text runs have no images",
+    "caption_extension": "text runs read no caption files",
+    "caption_dropout": "text runs have no captions",
+    "shuffle_tags": "text runs have no caption tags",
+    "keep_tokens": "text runs have no caption tags",
+    "trigger_word": "text runs have no captions to prepend it to",
+    "cache_latents": "text runs have no VAE latents",
+    "cache_latents_to_disk": "text runs have no VAE latents",
+    "cache_text_encoder_outputs": "an LLM has no separate text encoder",
+    "min_snr_gamma": "Min-SNR weighting applies to the diffusion loss only",
+    "noise_offset": "noise offset applies to the diffusion loss only",
+    "prediction_type": "the prediction type applies to diffusion models only",
+}
+
+#: what each task ignores
+IGNORED_BY_TASK: dict[str, dict[str, str]] = {IMAGE: TEXT_ONLY, TEXT: IMAGE_ONLY}
+
+_NOT_USER_SOURCES = ("default", "inferred")
+
+
+@dataclass(frozen=True)
+class IgnoredSetting:
+    """A key the user set that the run's task type does not read."""
+
+    key: str
+    source: str  # where it was set: "config x.yaml:7", "--set", "flag", "preset 12gb[sd15]", ...
+    reason: str
+    task_type: str
+
+    def message(self) -> str:
+        """One line: what is ignored, where it was set, and why."""
+        kind = "image" if self.task_type == IMAGE else "text"
+        return f"`{self.key}` ({self.source}) does nothing for {kind} runs: {self.reason}; remove it"
+
+
+def _set_by_user(source: str) -> bool:
+    return not source.startswith(_NOT_USER_SOURCES)
+
+
+def ignored_settings(resolved: ResolvedConfig) -> list[IgnoredSetting]:
+    """Keys set explicitly (file, `--set`, flags, preset) that do nothing for the resolved task, in schema
+    order. Values equal to the default are left out: they change nothing either way."""
+    cfg = resolved.config
+    ignored = IGNORED_BY_TASK[cfg.task_type]
+    found = []
+    for key, reason in ignored.items():
+        source = resolved.sources.get(key)
+        if source is None or not _set_by_user(source):
+            continue
+        if getattr(cfg, key) == TrainConfig.model_fields[key].get_default(call_default_factory=True):
+            continue
+        found.append(IgnoredSetting(key, source, reason, cfg.task_type))
+    order = list(TrainConfig.model_fields)
+    return sorted(found, key=lambda item: order.index(item.key))

@@ -1,0 +1,222 @@
+"""What the SD loop writes besides training: checkpoints (exact resume), samples and the kohya export.
+
+`Checkpointer` holds what a checkpoint saves and restores (LoRA, optimizer, scheduler, scaler, RNG, and the
+kohya training metadata); `render_samples` draws the sample prompts with the LoRA as it is; `export_lora`
+writes the kohya `.safetensors` file from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratui.models.sd.kohya import KohyaInfo
+from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state
+from loratui.models.sd.lora_files import export_checkpoint, usage_string
+from loratui.runs.checkpoints import load_checkpoint
+from loratui.train.job import WorkerJob
+from loratui.train.loop.checkpointing import restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.plan import StepPlan
+from loratui.train.loop.reporting import Reporter
+from loratui.train.sd.dataset import SDDataset
+from loratui.train.sd.setup import Models
+
+SAMPLE_STEPS = 20
+
+
+def kohya_info(
+    job: WorkerJob,
+    models: Models,
+    dataset: SDDataset,
+    plan: LoraPlan,
+    steps: StepPlan,
+    precision: str,
+    started: float,
+    processes: int = 1,
+) -> KohyaInfo:
+    """`batch_size` is per device; the step plan's batch is the global one (all processes)."""
+    cfg = job.resolved.config
+    return KohyaInfo(
+        name=cfg.name,
+        family=models.family,
+        rank=plan.rank,
+        alpha=plan.kohya_alpha,
+        prediction_type=models.prediction_type,
+        dropout=plan.dropout,
+        learning_rate=cfg.learning_rate,
+        text_encoder_lr=cfg.text_encoder_lr,
+        train_text_encoder=cfg.train_text_encoder,
+        num_train_images=len(dataset),
+        num_epochs=math.ceil(steps.total_steps / steps.steps_per_epoch),
+        max_train_steps=steps.total_steps,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_processes=processes,
+        total_batch_size=steps.effective_batch,
+        mixed_precision=precision,
+        resolution=cfg.resolution,
+        seed=cfg.seed,
+        started_at=started,
+        tag_frequency=dataset.tag_frequency(),
+        dataset_dirs=dataset.dataset_dirs(),
+        base_model_name=Path(cfg.base_model).name,
+        trigger_word=cfg.trigger_word,
+        run=job.run.name,
+        # kohya's network args are strings (`--network_args key=value`)
+        network_args={
+            "target_modules": ",".join(sorted({_short_name(p) for ps in plan.targets.values() for p in ps}))
+        },
+    )
+
+
+def _short_name(path: str) -> str:
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+@dataclass
+class Checkpointer:
+    """The objects a checkpoint saves, and the step it last saved."""
+
+    job: WorkerJob
+    models: Models
+    dataset: SDDataset
+    lora: LoraPlan
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    step_plan: StepPlan
+    precision: str
+    started_at: float
+    reporter: Reporter
+    last_saved: int = -1
+
+    def save(self, step: int) -> Path:
+        cfg = self.job.resolved.config
+        scaler = getattr(self.accelerator, "scaler", None)
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        }
+        epochs_done = self.step_plan.epoch_of(step - 1) + 1 if step else 0
+        processes = self.accelerator.num_processes
+        info = kohya_info(
+            self.job,
+            self.models,
+            self.dataset,
+            self.lora,
+            self.step_plan,
+            self.precision,
+            self.started_at,
+            processes,
+        )
+        info.epoch = epochs_done
+        meta = {
+            "epoch": self.step_plan.epoch_of(max(0, step - 1)),
+            "epochs_done": epochs_done,
+            "data_position": step,
+            "total_steps": self.step_plan.total_steps,
+            "family": self.models.family,
+            "prediction_type": self.models.prediction_type,
+            "precision": self.precision,
+            "run": self.job.run.name,
+            "name": cfg.name,
+            "output_dir": str(Path(cfg.output_dir).expanduser()),
+            "kohya_alpha": self.lora.kohya_alpha,
+            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": self.lora.targets},
+            "unet_layers_per_block": int(self.models.unet.config.layers_per_block),
+            "started_at": self.started_at,
+            "num_samples": len(self.dataset),
+            "global_batch": self.step_plan.effective_batch,
+            "processes": processes,
+            "kohya": asdict(info),
+        }
+        path = save_checkpoint(
+            self.job.run,
+            step,
+            lora_state=lora_state(self.models.components(), self.lora),
+            training_state=training_state,
+            meta=meta,
+            config_yaml=self.job.resolved.to_yaml(),
+            keep_last_n=cfg.keep_last_n,
+        )
+        self.last_saved = step
+        self.reporter.checkpoint(step, path)
+        return path
+
+    def restore(self, checkpoint_path: Path) -> int:
+        """Load LoRA, optimizer, scheduler, scaler and RNG states; returns the step to continue from."""
+        ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+        load_lora_state(self.models.components(), ckpt.lora_state)
+        state = ckpt.training_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        if ckpt.meta.get("total_steps") not in (None, self.step_plan.total_steps):
+            self.reporter.event(
+                "warning",
+                message=f"the checkpoint was planned for {ckpt.meta['total_steps']} steps, this run has "
+                f"{self.step_plan.total_steps} (changed epochs/max_steps/batch?)",
+            )
+        self.started_at = float(ckpt.meta.get("started_at") or self.started_at)
+        self.last_saved = ckpt.step
+        return ckpt.step
+
+
+@torch.no_grad()
+def render_samples(models: Models, prompts: list[str], step: int, folder: Path, cfg: Any) -> list[Path]:
+    """Render `prompts` (fixed seed) with the LoRA as it is now; returns the PNG paths."""
+    from loratui.data.image_io import save_png
+
+    vae_device = next(models.vae.parameters()).device
+    text_devices = [next(encoder.parameters()).device for encoder in models.text_encoders]
+    models.vae.to(models.device)
+    for encoder in models.text_encoders:
+        encoder.to(models.device)
+    models.unet.eval()
+    models.pipeline.set_progress_bar_config(disable=True)
+    paths = []
+    try:
+        for number, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(cfg.seed)
+            image = models.pipeline(
+                prompt,
+                num_inference_steps=SAMPLE_STEPS,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=generator,
+            ).images[0]
+            paths.append(save_png(image, folder / f"step-{step:06d}-{number}.png"))
+    finally:
+        models.unet.train()
+        models.vae.to(vae_device)
+        for encoder, device in zip(models.text_encoders, text_devices, strict=True):
+            encoder.to(device)
+    return paths
+
+
+def export_lora(checkpoints: Checkpointer, output: Path) -> Path:
+    """Write the kohya file from the newest checkpoint and announce it."""
+    job = checkpoints.job
+    written = export_checkpoint(
+        job.run.latest_checkpoint(),
+        fmt="kohya",
+        out=output,
+        overwrite=job.overwrite,
+        resuming=job.resume_from is not None,
+        finished_at=time.time(),
+    )
+    checkpoints.reporter.event(
+        "export", checkpoints.last_saved, path=str(written), usage=usage_string(written.stem), format="kohya"
+    )
+    return written
