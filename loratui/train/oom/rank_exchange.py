@@ -35,7 +35,7 @@ class RankExchange:
     def before_update(self) -> None:
         """`optimizer_step`'s hook before the update: with several processes, agree on OOM and stop."""
         from loratui.train.loop.signals import current
-        from loratui.train.process.oom_dist import world_size
+        from loratui.train.process.distributed import world_size
 
         if world_size() > 1:
             self.agreed = True

@@ -191,7 +191,7 @@ class RecoveringStep:
                 peer=True,
             )
         except Exception as exc:
-            from loratui.train.process.oom_dist import world_size
+            from loratui.train.process.distributed import world_size
 
             if world_size() > 1 and is_comm_error(exc) and not is_oom(exc):
                 raise PeerLost(describe_loss(exc, "an optimizer step")) from exc
@@ -214,8 +214,8 @@ class RecoveringStep:
     # --- recovery -------------------------------------------------------------------------------------------
 
     def _recover(self, step: int, failure: Failure, pending: Pending | None) -> Pending:
-        from loratui.train.process.distributed import peer_errors
-        from loratui.train.process.oom_dist import agree_max, world_size
+        from loratui.train.process.distributed import peer_errors, world_size
+        from loratui.train.process.oom_dist import agree_max
 
         if failure.sticky:  # before freeing: CUDA calls may fail again
             self._restart(step, failure, "a CUDA error that only a new process clears", lower=False)

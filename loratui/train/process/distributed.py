@@ -61,8 +61,20 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """Number of training processes (1 without a distributed launcher)."""
-    return max(1, _env_int("WORLD_SIZE", 1))
+    """Number of training processes: the size of the initialised torch.distributed group, else what the
+    launcher announced in WORLD_SIZE (before the group exists), else 1."""
+    group = _group_size()
+    return group if group is not None else max(1, _env_int("WORLD_SIZE", 1))
+
+
+def _group_size() -> int | None:
+    """The default process group's size, or None while there is none (torch is imported only if loaded)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return int(dist.get_world_size())
 
 
 def is_main() -> bool:

@@ -8,16 +8,7 @@ freeing when it did); with one process these are no-ops.
 
 from __future__ import annotations
 
-
-def world_size() -> int:
-    """Processes in the default group (1 without torch.distributed)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 1
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return int(dist.get_world_size())
+from loratui.train.process.distributed import control, world_size
 
 
 def agree_max(value: int) -> int:
@@ -26,8 +17,6 @@ def agree_max(value: int) -> int:
         return int(value)
     import torch
     import torch.distributed as dist
-
-    from loratui.train.process.distributed import control
 
     group, device = control()
     flag = torch.tensor([int(value)], dtype=torch.int64, device=device)
