@@ -31,6 +31,9 @@ def caption(
     max_new_tokens: int = typer.Option(
         48, "--max-new-tokens", help="Longest caption the model may generate."
     ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow code shipped with the model folder (auto_map) to run."
+    ),
 ) -> None:
     """Caption images with BLIP (or a compatible local model) and write metadata.csv or .txt files.
 
@@ -52,6 +55,7 @@ def caption(
         append=append,
         caption_extension=caption_extension,
         max_new_tokens=max_new_tokens,
+        trust_remote_code=trust_remote_code,
     )
     plain = plain_output()
     raise typer.Exit(run_caption_job(opts, console(), plain=plain))

@@ -30,6 +30,7 @@ def _settings_from_config(path: Path) -> dict[str, Any]:
         "max_seq_len": cfg.max_seq_len,
         "trigger_word": cfg.trigger_word,
         "caption_extensions": (cfg.caption_extension,),
+        "trust_remote_code": cfg.trust_remote_code,
     }
 
 
@@ -67,6 +68,9 @@ def check(
         "--tokenizer",
         help="Local tokenizer folder for token counts (default: from the config's base_model).",
     ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow code shipped with the tokenizer folder (auto_map) to run."
+    ),
 ) -> None:
     """Check a dataset and report findings by severity with counts, example files and fixes.
 
@@ -100,6 +104,7 @@ def check(
         deep=deep,
         metadata_path=metadata or settings.get("metadata"),
         caption_extensions=exts or DEFAULT_CAPTION_EXTENSIONS,
+        trust_remote_code=trust_remote_code or bool(settings.get("trust_remote_code")),
     )
     shown = max_examples if max_examples > 0 else None
     if json_out:

@@ -34,6 +34,7 @@ class CaptionOptions:
     append: str = ""
     caption_extension: str = ".txt"
     max_new_tokens: int = MAX_NEW_TOKENS
+    trust_remote_code: bool = False
 
 
 def _say(console: Any, text: str, plain: bool, err: bool = False) -> None:
@@ -95,7 +96,12 @@ def run_caption_job(opts: CaptionOptions, console: Any = None, plain: bool = Tru
         return 0
     try:
         model_path = resolve_caption_model(opts.model)
-        captioner = load_captioner(model_path, opts.device, max_new_tokens=opts.max_new_tokens)
+        captioner = load_captioner(
+            model_path,
+            opts.device,
+            max_new_tokens=opts.max_new_tokens,
+            trust_remote_code=opts.trust_remote_code,
+        )
     except ModelNotAvailable as exc:
         _say(console, f"error: {exc}", plain, err=True)
         return 2

@@ -124,13 +124,21 @@ class _TorchModel:
 
     produces_tags = False
 
-    def __init__(self, path: Path, device: str | None, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str | None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         self.path = path
+        # passed to every from_pretrained: code shipped with the folder runs only when the user allowed it
+        self.trust_remote_code = trust_remote_code
         self.max_new_tokens = max_new_tokens
         self.name = path.name
         self.device = pick_device(device)
@@ -146,13 +154,21 @@ class _TorchModel:
 class BlipCaptioner(_TorchModel):
     """BLIP image captioning (``Salesforce/blip-image-captioning-*`` layout)."""
 
-    def __init__(self, path: Path, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
-        super().__init__(path, device, max_new_tokens)
+    def __init__(
+        self,
+        path: Path,
+        device: str | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(path, device, max_new_tokens, trust_remote_code)
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        self.processor = BlipProcessor.from_pretrained(str(path), local_files_only=True)
+        self.processor = BlipProcessor.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=self.trust_remote_code
+        )
         self.model = BlipForConditionalGeneration.from_pretrained(
-            str(path), local_files_only=True, dtype=self.dtype
+            str(path), local_files_only=True, dtype=self.dtype, trust_remote_code=self.trust_remote_code
         )
         self.model.to(self.device).eval()
 
@@ -168,8 +184,14 @@ class BlipCaptioner(_TorchModel):
 class Vision2SeqCaptioner(_TorchModel):
     """Any image-to-text model the installed transformers maps to AutoModelForImageTextToText/Vision2Seq."""
 
-    def __init__(self, path: Path, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
-        super().__init__(path, device, max_new_tokens)
+    def __init__(
+        self,
+        path: Path,
+        device: str | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(path, device, max_new_tokens, trust_remote_code)
         import transformers
 
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or getattr(
@@ -177,9 +199,13 @@ class Vision2SeqCaptioner(_TorchModel):
         )
         if auto is None:
             raise ModelNotAvailable("this transformers version has no image-to-text auto class")
-        self.processor = transformers.AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        self.processor = transformers.AutoProcessor.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=self.trust_remote_code
+        )
         try:
-            self.model = auto.from_pretrained(str(path), local_files_only=True, dtype=self.dtype)
+            self.model = auto.from_pretrained(
+                str(path), local_files_only=True, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
         except ValueError as exc:
             raise ModelNotAvailable(
                 f"{path} is not an image-captioning model this transformers supports: {exc}"
@@ -200,13 +226,21 @@ class ImageTagger(_TorchModel):
 
     produces_tags = True
 
-    def __init__(self, path: Path, device: str | None = None, threshold: float = TAG_THRESHOLD) -> None:
-        super().__init__(path, device)
+    def __init__(
+        self,
+        path: Path,
+        device: str | None = None,
+        threshold: float = TAG_THRESHOLD,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(path, device, trust_remote_code=trust_remote_code)
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        self.processor = AutoImageProcessor.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=self.trust_remote_code
+        )
         self.model = AutoModelForImageClassification.from_pretrained(
-            str(path), local_files_only=True, dtype=self.dtype
+            str(path), local_files_only=True, dtype=self.dtype, trust_remote_code=self.trust_remote_code
         )
         self.model.to(self.device).eval()
         self.threshold = threshold
@@ -228,12 +262,26 @@ class ImageTagger(_TorchModel):
         return out
 
 
-def load_captioner(path: Path, device: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Captioner:
-    """Load the right ``Captioner`` for a local model folder (see module docstring)."""
+def load_captioner(
+    path: Path,
+    device: str | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    *,
+    trust_remote_code: bool = False,
+) -> Captioner:
+    """Load the right ``Captioner`` for a local model folder (see module docstring).
+
+    A folder that ships its own code (``auto_map``) is refused unless ``trust_remote_code``; nothing asks on
+    stdin."""
+    from loratui.data.model_paths import REMOTE_CODE_HINT, shipped_code
+
     config = _read_config(path)
+    code = None if trust_remote_code else shipped_code(path)
+    if code:
+        raise ModelNotAvailable(f"{path} ships its own model code ({code}); {REMOTE_CODE_HINT}")
     architectures = config.get("architectures") or []
     if config.get("model_type") == "blip":
-        return BlipCaptioner(path, device, max_new_tokens)
+        return BlipCaptioner(path, device, max_new_tokens, trust_remote_code)
     if any(str(a).endswith("ForImageClassification") for a in architectures):
-        return ImageTagger(path, device)
-    return Vision2SeqCaptioner(path, device, max_new_tokens)
+        return ImageTagger(path, device, trust_remote_code=trust_remote_code)
+    return Vision2SeqCaptioner(path, device, max_new_tokens, trust_remote_code)

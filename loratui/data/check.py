@@ -106,6 +106,7 @@ def run_checks(
     metadata_path: Path | None = None,
     caption_extensions: tuple[str, ...] | list[str] = DEFAULT_CAPTION_EXTENSIONS,
     workers: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Report:
     """Check an image or text dataset and return a ``Report`` (never raises for dataset problems)."""
     path = Path(path)
@@ -128,9 +129,12 @@ def run_checks(
             metadata_path=metadata_path,
             caption_extensions=caption_extensions,
             workers=workers,
+            trust_remote_code=trust_remote_code,
         )
     if task == "text":
-        return run_text_checks(path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len)
+        return run_text_checks(
+            path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code
+        )
     raise ValueError(f"unknown task {task!r}: use 'image' or 'text'")
 
 
@@ -252,10 +256,18 @@ def _duplicate_findings(
 
 
 def _caption_findings(
-    scan: ImageDatasetScan, tokenizer_path: Path | None, bag: FindingBag, summary: dict[str, object]
+    scan: ImageDatasetScan,
+    tokenizer_path: Path | None,
+    bag: FindingBag,
+    summary: dict[str, object],
+    trust_remote_code: bool = False,
 ) -> None:
     captioned = [item for item in scan.items if item.caption]
-    tokenizer, why = (None, "") if tokenizer_path is None else load_local_tokenizer(tokenizer_path)
+    tokenizer, why = (
+        (None, "")
+        if tokenizer_path is None
+        else load_local_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    )
     counts = clip_token_counts([item.caption for item in captioned], tokenizer)
     approx = tokenizer is None
     long_ = [(item, n) for item, n in zip(captioned, counts, strict=True) if n > CLIP_MAX_TOKENS]
@@ -302,6 +314,7 @@ def run_image_checks(
     metadata_path: Path | None = None,
     caption_extensions: tuple[str, ...] | list[str] = DEFAULT_CAPTION_EXTENSIONS,
     workers: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Report:
     """All image dataset checks (layout, captions, files, duplicates) for the folder ``root``."""
     start = time.perf_counter()
@@ -325,7 +338,7 @@ def run_image_checks(
     _file_findings(scan, results, resolution, bag)
     summary: dict[str, object] = {}
     summary.update(_duplicate_findings(scan, results, deep, bag, n_workers))
-    _caption_findings(scan, tokenizer_path, bag, summary)
+    _caption_findings(scan, tokenizer_path, bag, summary, trust_remote_code)
     elapsed = time.perf_counter() - start
     sources = Counter(item.caption_source or "none" for item in scan.items)
     summary = {
@@ -357,7 +370,11 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def run_text_checks(
-    path: Path, *, tokenizer_path: Path | None = None, max_seq_len: int | None = None
+    path: Path,
+    *,
+    tokenizer_path: Path | None = None,
+    max_seq_len: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Report:
     """All text dataset checks (parsing, formats, duplicates, token lengths) for a file or folder."""
     path = Path(path)
@@ -375,7 +392,11 @@ def run_text_checks(
         if fmt is not None:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
             bag.add("detected_format", Example(file, None, f"{fmt} ({detail})"), data=scan.formats)
-    tokenizer, why = (None, "") if tokenizer_path is None else load_local_tokenizer(tokenizer_path)
+    tokenizer, why = (
+        (None, "")
+        if tokenizer_path is None
+        else load_local_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    )
     counts = text_token_counts(scan.records, tokenizer)
     approx = tokenizer is None
     ordered = sorted(counts)

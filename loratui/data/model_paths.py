@@ -22,3 +22,24 @@ def resolve_local_model(name_or_path: str | Path) -> Path | None:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # not cached (or an invalid id): callers explain how to fetch it
         return None
+
+
+def shipped_code(folder: str | Path) -> str | None:
+    """Where a local model folder declares its own Python code (``auto_map``), e.g. "auto_map in config.json".
+
+    Loading such a folder with ``trust_remote_code=True`` runs that code; callers refuse it unless the user
+    passed ``--trust-remote-code``. Unreadable or invalid JSON counts as no code (the load reports it).
+    """
+    import json
+
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            return f"auto_map in {name}"
+    return None
+
+
+REMOTE_CODE_HINT = "loratui does not run it unless you pass --trust-remote-code (read the code first)"

@@ -39,17 +39,26 @@ def approx_text_tokens(record: TextRecord) -> int:
     return sum(math.ceil(len(m.content) / 4) + 4 for m in record.messages)
 
 
-def load_local_tokenizer(path: str | Path) -> tuple[Any | None, str]:
-    """(tokenizer, "") or (None, reason). Only local files are read."""
+def load_local_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> tuple[Any | None, str]:
+    """(tokenizer, "") or (None, reason). Only local files are read; code shipped with the folder
+    (``auto_map``) runs only with ``trust_remote_code``, and nothing ever asks on stdin."""
+    from loratui.data.model_paths import REMOTE_CODE_HINT, shipped_code
+
     path = Path(path)
     if not path.is_dir():
         return None, f"{path} is not a local folder"
+    code = None if trust_remote_code else shipped_code(path)
+    if code:
+        return None, f"{path} ships its own code ({code}); {REMOTE_CODE_HINT}"
     try:
         import transformers
         from transformers import AutoTokenizer
 
         transformers.logging.set_verbosity_error()
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True), ""
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        return tokenizer, ""
     except Exception as exc:  # any loading problem: fall back to the approximation
         return None, f"cannot load a tokenizer from {path}: {type(exc).__name__}: {str(exc)[:200]}"
 

@@ -200,6 +200,7 @@ def load_tokenizer(source: BaseSource, *, trust_remote_code: bool = False) -> An
             f"no tokenizer in {source.folder} (expected one of {', '.join(TOKENIZER_FILES[:3])}); copy the "
             "tokenizer files from the original model repository into this folder"
         )
+    _check_remote_code(source, trust_remote_code)
     if source.gguf_file:
         _check_gguf()
     from transformers import AutoTokenizer

@@ -399,6 +399,7 @@ def load_sd_pipeline(
                 local_files_only=True,
                 torch_dtype=torch_dtype,
                 use_safetensors=not allow_pickle or None,
+                trust_remote_code=False,
                 **_extra_kwargs(family),
             )
     except OSError as exc:
