@@ -5,11 +5,12 @@ Reads only small things: a safetensors header (JSON), `model_index.json`, `confi
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loratui.util import jsonsafe
 
 SD_FAMILIES = ("sd15", "sd2", "sdxl")
 GGML_MAGICS = {b"lmgg", b"tjgg", b"fmgg", b"ggml", b"ggjt", b"ggmf"}
@@ -75,7 +76,16 @@ def read_safetensors_header(path: Path) -> dict:
         header = handle.read(length)
         if len(header) < length:
             raise ValueError("truncated safetensors header")
-    return json.loads(header)
+    return jsonsafe.loads(header, "the safetensors header")
+
+
+def unreadable_safetensors(path: Path, exc: BaseException) -> str:
+    """One line for a .safetensors file that failed to load: which file, why, and what to do."""
+    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return (
+        f"{path} is not a complete .safetensors file ({why}); it may be truncated or damaged: copy or "
+        "export it again"
+    )
 
 
 def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
@@ -117,7 +127,7 @@ def _llm_params(config: dict) -> int | None:
 
 def _inspect_diffusers(folder: Path) -> ModelInfo:
     info = ModelInfo(str(folder), "diffusers-folder")
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index = jsonsafe.loads((folder / "model_index.json").read_text(encoding="utf-8"), "model_index.json")
     info.architecture = str(index.get("_class_name"))
     if "text_encoder_2" in index or "XL" in info.architecture:
         info.family = "sdxl"
@@ -126,10 +136,10 @@ def _inspect_diffusers(folder: Path) -> ModelInfo:
     unet_cfg = folder / "unet" / "config.json"
     sched_cfg = folder / "scheduler" / "scheduler_config.json"
     try:
-        unet = json.loads(unet_cfg.read_text(encoding="utf-8"))
+        unet = jsonsafe.loads(unet_cfg.read_text(encoding="utf-8"), "unet/config.json")
         if unet.get("cross_attention_dim") == 1024 or unet.get("use_linear_projection"):
             info.family = "sd2"
-        sched = json.loads(sched_cfg.read_text(encoding="utf-8")) if sched_cfg.exists() else {}
+        sched = jsonsafe.loads(sched_cfg.read_text(encoding="utf-8")) if sched_cfg.exists() else {}
         if sched.get("prediction_type") == "v_prediction":
             info.notes.append("v-prediction")
     except (OSError, ValueError):
@@ -138,7 +148,7 @@ def _inspect_diffusers(folder: Path) -> ModelInfo:
 
 
 def _inspect_hf_folder(folder: Path) -> ModelInfo:
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = jsonsafe.loads((folder / "config.json").read_text(encoding="utf-8"), "config.json")
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     info = ModelInfo(str(folder), "hf-folder", family="llm", architecture=str(archs[0]))
     info.params = _llm_params(config)

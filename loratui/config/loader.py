@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from loratui.config.aliases import KEY_ALIASES, canonical_key, normalise_value
 from loratui.config.errors import ConfigError, ConfigProblem
 from loratui.config.schema import FIELD_NAMES, PATH_FIELDS, TrainConfig
-from loratui.config.yaml_source import YamlMapping, parse_set_overrides, read_yaml_file
+from loratui.config.yaml_source import YamlMapping, parse_set_overrides, read_yaml_file, short_repr
 
 KNOWN_KEYS = tuple(FIELD_NAMES) + tuple(KEY_ALIASES)
 
@@ -102,7 +102,7 @@ def _expected(error: dict) -> str:
         "string_type": "expected text",
         "list_type": "expected a list",
     }
-    return table.get(kind, error.get("msg", "invalid value"))
+    return table.get(kind, str(error.get("msg", "invalid value")).replace("Input should be", "expected"))
 
 
 def _validation_problems(exc: ValidationError, owner: dict[str, Layer]) -> list[ConfigProblem]:
@@ -116,11 +116,11 @@ def _validation_problems(exc: ValidationError, owner: dict[str, Layer]) -> list[
         got = error.get("input")
         message = _expected(error)
         if error.get("type") == "literal_error":
-            message = f"got {got!r}; {error.get('msg', '').replace('Input should be', 'expected')}"
+            message = f"got {short_repr(got)}; {error.get('msg', '').replace('Input should be', 'expected')}"
         elif error.get("type") == "value_error":
             message = str(error.get("msg", "")).removeprefix("Value error, ")
         elif key:
-            message = f"{message} (got {got!r})"
+            message = f"{message} (got {short_repr(got)})"
         problems.append(ConfigProblem(key, message, "", source, line))
     return problems
 

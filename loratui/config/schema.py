@@ -6,9 +6,10 @@ kohya, diffusers and LLM tools. Every field carries a description that the docs 
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 TaskType = Literal["image-generation", "text-generation"]
 ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
@@ -16,6 +17,15 @@ Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
+#: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
+MAX_SEED = 2**32 - 1
+
+
+def _number_types(annotation: Any) -> set[type]:
+    """int/float/bool among a field's annotation (``int | None`` -> {int})."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return {t for arg in get_args(annotation) for t in _number_types(arg)}
+    return {annotation} & {int, float, bool}
 
 
 class TrainConfig(BaseModel):
@@ -77,7 +87,9 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations to save memory (~30% slower)."
     )
-    seed: int = Field(42, description="Seed for weights init, data order, noise and augmentations.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for weights init, data order, noise and augmentations."
+    )
 
     # --- checkpoints, logging, sampling ---------------------------------------------------------
     save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N optimizer steps.")
@@ -131,6 +143,17 @@ class TrainConfig(BaseModel):
     chunked_loss: bool = Field(
         False, description="LLM: compute the loss in chunks of tokens (saves logits memory; OOM ladder)."
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """`batch_size: true` is a mistake, not 1: refuse booleans for number fields."""
+        if isinstance(value, bool) and info.field_name:
+            kinds = _number_types(cls.model_fields[info.field_name].annotation)
+            if kinds and bool not in kinds:
+                number = "a whole number" if int in kinds else "a number"
+                raise ValueError(f"expected {number}, not {str(value).lower()}")
+        return value
 
     @field_validator("target_modules", mode="before")
     @classmethod

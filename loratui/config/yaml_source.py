@@ -2,12 +2,70 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from loratui.config.errors import ConfigProblem
+
+#: the most YAML nodes one value may expand to through anchors and aliases (an "alias bomb" expands to billions)
+MAX_VALUE_NODES = 100_000
+#: the most characters an error message echoes of a value
+MAX_ECHO = 200
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = MAX_ECHO
+
+
+def short_repr(value: object) -> str:
+    """`repr(value)` cut to `MAX_ECHO` characters, in time bounded by that size (never expands a big value)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
+
+
+def expanded_size(node: yaml.Node, limit: int = MAX_VALUE_NODES) -> int:
+    """How many nodes `node` becomes once its aliases are expanded, counted up to just over `limit`
+    (a recursive alias counts as over the limit). Linear in the size of the document."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            return limit + 1
+        busy.add(key)
+        total = 1
+        children: list[yaml.Node] = []
+        if isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        busy.discard(key)
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    try:
+        return size(node)
+    except RecursionError:
+        return limit + 1
+
+
+def _too_big(key: str, source: str, line: int | None) -> ConfigProblem:
+    return ConfigProblem(
+        key,
+        f"the value expands through YAML anchors/aliases to more than {MAX_VALUE_NODES:,} items",
+        "write the value out without `&anchor`/`*alias` repetition",
+        source,
+        line,
+    )
 
 
 @dataclass
@@ -25,6 +83,11 @@ def read_yaml_mapping(text: str, source: str) -> YamlMapping:
     result = YamlMapping(source=source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        result.problems.append(
+            ConfigProblem("", "the YAML nests too deeply to be read", "fix the YAML", source, None)
+        )
+        return result
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -51,6 +114,9 @@ def read_yaml_mapping(text: str, source: str) -> YamlMapping:
                     key, f"given twice (first on line {result.lines[key]})", "keep one", source, line
                 )
             )
+            continue
+        if expanded_size(value_node) > MAX_VALUE_NODES:
+            result.problems.append(_too_big(key, source, line))
             continue
         try:
             value = constructor.construct_object(value_node, deep=True)
@@ -90,8 +156,12 @@ def parse_set_overrides(items: list[str]) -> YamlMapping:
             )
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None
+            if node is not None and expanded_size(node) > MAX_VALUE_NODES:
+                result.problems.append(_too_big(key, "--set", None))
+                continue
+            value = yaml.SafeLoader("").construct_object(node, deep=True) if node is not None else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
         result.values[key] = value
     return result

@@ -23,6 +23,11 @@ CODES: dict[str, tuple[Severity, str, str]] = {
         "No images or JSON/JSONL files were found here.",
         "Point at a folder of images (with captions) or at a .jsonl/.json file or folder of them.",
     ),
+    "file_unreadable": (
+        "error",
+        "Dataset files that cannot be read (no permission, or an I/O error); they are not used.",
+        "Make them readable by this user (e.g. `chmod a+r FILE`) or move them out of the dataset.",
+    ),
     "tokenizer_unavailable": (
         "info",
         "No tokenizer was loaded; token counts are an approximation.",

@@ -167,7 +167,11 @@ def _join(rel_dir: str, name: str) -> str:
 
 def _read_caption_file(path: Path, label: str, bag: FindingBag) -> str:
     """First non-empty line of a caption file (UTF-8; bad bytes replaced and reported)."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permission, I/O error: reported, the image counts as uncaptioned
+        bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
+        return ""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -123,7 +123,12 @@ def read_metadata_csv(path: str | Path, root: str | Path) -> MetadataTable:
     path, root = Path(path), Path(root)
     table = MetadataTable(path=path)
     label = path.name if path.parent == root else str(path)
-    text = _decode(path.read_bytes(), table.bag, label)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permission, I/O error: an error finding, so nothing rewrites the file
+        table.bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
+        return table
+    text = _decode(data, table.bag, label)
     records = _records(text, table.bag, label)
     header = next(records, None)
     if header is None:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loratui.data.findings import Example, Finding, FindingBag
+from loratui.util.jsonsafe import TOO_DEEP
 
 Role = Literal["system", "user", "assistant"]
 TEXT_EXTENSIONS = (".jsonl", ".json")
@@ -283,6 +284,9 @@ def _iter_json_array(text: str, label: str, bag: FindingBag) -> list[tuple[int, 
         except json.JSONDecodeError as exc:
             bag.add("json_parse_error", Example(label, exc.lineno, f"{exc.msg} (column {exc.colno})"))
             return []
+        except RecursionError:
+            bag.add("json_parse_error", Example(label, _line_of(text, i, cache), f"the value {TOO_DEEP}"))
+            return []
         if text[end:].strip():
             line = _line_of(text, end, cache)
             bag.add("json_parse_error", Example(label, line, "extra data after the top-level value"))
@@ -334,6 +338,9 @@ def _elements(text: str, start: int, label: str, bag: FindingBag) -> list[tuple[
         except json.JSONDecodeError as exc:
             bag.add("json_parse_error", Example(label, exc.lineno, f"{exc.msg} (column {exc.colno})"))
             return out
+        except RecursionError:
+            bag.add("json_parse_error", Example(label, _line_of(text, i, cache), f"the record {TOO_DEEP}"))
+            return out
         out.append((_line_of(text, i, cache), value))
         i = skip(end)
         if i < n and text[i] == ",":
@@ -366,6 +373,8 @@ def _read_jsonl(data: bytes, label: str, bag: FindingBag) -> list[tuple[int, Any
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
             bag.add("jsonl_parse_error", Example(label, lineno, f"{exc.msg} (column {exc.colno})"))
+        except RecursionError:
+            bag.add("jsonl_parse_error", Example(label, lineno, f"the record {TOO_DEEP}"))
     return out
 
 
@@ -409,7 +418,11 @@ def read_text_dataset(path: Path) -> TextDatasetScan:
     total_bytes = 0
     for file in files:
         label = file.relative_to(root).as_posix()
-        data = file.read_bytes()
+        try:
+            data = file.read_bytes()
+        except OSError as exc:  # permission, I/O error: reported, the other files are still read
+            bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
+            continue
         total_bytes += len(data.strip())
         if file.suffix.lower() == ".jsonl" and not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             values = _read_jsonl(data, label, bag)

@@ -5,7 +5,6 @@ The adapter folder format itself (and the trainer's writer) is `loratui.models.l
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from loratui.models.llm.adapter_files import (
     usage_snippet,
     write_adapter,
 )
+from loratui.util import jsonsafe
 from loratui.util.atomic import atomic_directory
 
 # --- sources: run directories, checkpoints, adapter folders --------------------------------------------
@@ -88,19 +88,34 @@ def _from_checkpoint(path: Path, kind: str) -> ExportSource:
     )
 
 
-def _from_adapter(path: Path) -> ExportSource:
+def _load_weights(weights: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from loratui.config.base_model import unreadable_safetensors
+
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, RecursionError) as exc:
+        raise ExportError(unreadable_safetensors(weights, exc)) from exc
+
+
+def _from_adapter(path: Path) -> ExportSource:
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{path} has no {ADAPTER_WEIGHTS} (pickle adapter_model.bin files are not read)")
-    config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = jsonsafe.loads(
+            (path / ADAPTER_CONFIG).read_text(encoding="utf-8"), str(path / ADAPTER_CONFIG)
+        )
+    except ValueError as exc:
+        raise ExportError(f"{path / ADAPTER_CONFIG} is not valid JSON: {str(exc)[:200]}") from exc
     template = (
         (path / TEMPLATE_FILE).read_text(encoding="utf-8") if (path / TEMPLATE_FILE).is_file() else None
     )
     marker = read_marker(path) or {}
     return ExportSource(
-        path, "adapter", load_file(weights), config, template, marker.get("run"), marker.get("step")
+        path, "adapter", _load_weights(weights), config, template, marker.get("run"), marker.get("step")
     )
 
 

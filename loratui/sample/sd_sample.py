@@ -67,6 +67,7 @@ def collect_loras(specs: list[str], prompt: str, lora_dir: Path | None) -> tuple
     requests = [parse_lora_spec(spec) for spec in specs]
     clean, tags = prompt_loras(prompt)
     requests += [LoraRequest(resolve_lora_name(name, lora_dir), weight) for name, weight in tags]
+    requests = [_file_of(request) for request in requests]
     for request in requests:
         if not request.path.is_file():
             raise SampleError(f"LoRA file not found: {request.path}")
@@ -77,15 +78,46 @@ def collect_loras(specs: list[str], prompt: str, lora_dir: Path | None) -> tuple
     return clean, requests
 
 
+def _file_of(request: LoraRequest) -> LoraRequest:
+    """A folder given as --lora: the diffusers LoRA file inside it, else a SampleError saying what it is."""
+    folder = request.path
+    if not folder.is_dir():
+        return request
+    inside = folder / "pytorch_lora_weights.safetensors"
+    if inside.is_file():
+        return LoraRequest(inside, request.weight)
+    if (folder / "adapter_config.json").is_file():
+        raise SampleError(
+            f"{folder} is a PEFT adapter for a text model; an image base model needs an image LoRA "
+            "(.safetensors file): pass a text base model with --base to use this adapter"
+        )
+    raise SampleError(f"{folder} is a folder; --lora takes an image LoRA .safetensors file")
+
+
 def _adapter_name(path: Path, position: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{position}"
 
 
 def check_family(request: LoraRequest, family: str) -> None:
     """Refuse a LoRA trained for another model family, with a clear message."""
-    from loratui.models.sd.kohya import family_from_lora_keys, read_lora_file
+    from loratui.models.sd.kohya import LoraFileError, family_from_lora_keys, read_lora_file
 
-    tensors, meta = read_lora_file(request.path)
+    try:
+        tensors, meta = read_lora_file(request.path)
+    except LoraFileError as exc:
+        raise SampleError(str(exc)) from exc
+    image_prefixes = ("lora_unet_", "lora_te", "unet.", "text_encoder.", "text_encoder_2.")
+    if not any(key.startswith(image_prefixes) for key in tensors):
+        first = next(iter(tensors), "no tensors")
+        what = (
+            "a PEFT adapter for a text model"
+            if any(".lora_A." in k or "base_model.model." in k for k in tensors)
+            else "not an image LoRA"
+        )
+        raise SampleError(
+            f"{request.path.name} is {what} (first tensor: {first}); the base model is an image model ({family}): "
+            "pass an image LoRA, or a text base model with --base"
+        )
     versions = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
     declared = versions.get(meta.get("ss_base_model_version", ""))
     lora_family = declared or family_from_lora_keys(tensors)
@@ -119,11 +151,35 @@ def apply_loras(pipe, requests: list[LoraRequest], family: str) -> list[str]:
         name = _adapter_name(request.path, position)
         with quiet_libraries(), warnings.catch_warnings():  # notices about UNet-only LoRAs / several adapters
             warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-            pipe.load_lora_weights(str(request.path), adapter_name=name)
+            try:
+                pipe.load_lora_weights(str(request.path), adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                why = next(
+                    (ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__
+                )
+                raise SampleError(
+                    f"{request.path.name} does not fit the base model ({why[:200]}); was it trained on another "
+                    "base model?"
+                ) from exc
+        if not _loaded(pipe, name):
+            raise SampleError(
+                f"{request.path.name} has no tensor that matches the base model ({family}); was it trained on "
+                "another base model?"
+            )
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[r.weight for r in requests])
     return names
+
+
+def _loaded(pipe, name: str) -> bool:
+    """Whether diffusers registered the adapter `name` (it silently skips a file none of whose keys fit)."""
+    try:
+        present = pipe.get_list_adapters()
+    except Exception:  # an older diffusers without the listing: trust the load
+        return True
+    return any(name in adapters for adapters in present.values())
 
 
 def generate(

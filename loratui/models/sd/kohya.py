@@ -364,13 +364,23 @@ def save_kohya(
     return Path(path)
 
 
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be read (truncated, damaged, not safetensors); the message names it."""
+
+
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a LoRA `.safetensors` file."""
-    from safetensors import safe_open
+    """Tensors and header metadata of a LoRA `.safetensors` file. Raises `LoraFileError` for a file that
+    is not a complete safetensors file (e.g. cut short by an interrupted copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    from loratui.config.base_model import unreadable_safetensors
 
     tensors = {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-            tensors[key] = handle.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, RecursionError) as exc:
+        raise LoraFileError(unreadable_safetensors(path, exc)) from exc
     return tensors, dict(metadata)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from loratui.models.sd.kohya import (
     name_map,
     read_lora_file,
 )
+from loratui.util import jsonsafe
 
 ADAPTER = "default"
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -163,7 +163,7 @@ def diffusers_modules(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], components
 ) -> list[LoraModule]:
     """Modules of a diffusers/PEFT-style LoRA file (`unet.<path>.lora_A.weight`, ...)."""
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    config = jsonsafe.loads(metadata.get("lora_adapter_metadata", "{}") or "{}", "lora_adapter_metadata")
     modules = []
     for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
