@@ -107,6 +107,8 @@ def run_text_sample(*, console: Any, **options: Any) -> int:
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         _say(console, f"error: {exc}")
         return 1
+    for note in sample.notes:
+        _say(console, f"warning: {note}")
     if sample.base_answer is None:
         _say(console, sample.answer)
     else:

@@ -15,7 +15,7 @@ from loratui.config import ResolvedConfig
 from loratui.runs.events import EventReader
 from loratui.runs.follow import FINAL_EVENTS, format_event
 from loratui.runs.rundir import RunDir
-from loratui.runs.status import RunStatus, pid_alive
+from loratui.runs.status import RunState, RunStatus, pid_alive
 from loratui.train.process.launch import EXIT_STOPPED, prepare_run, start_worker
 from loratui.train.process.launcher import Processes
 from loratui.train.process.preflight import PreflightResult, run_preflight
@@ -62,6 +62,8 @@ def follow_plain(
         code = process.wait()
         if code == 2 and final is None:
             return 2
+    if final is None:  # the event log was moved or cut short: status.json still has the outcome
+        final = _outcome_from_status(run, out)
     if final == "run_finished":
         return 0
     if final == "run_stopped":
@@ -69,6 +71,19 @@ def follow_plain(
     log = run.path / "worker.log"
     out.print(f"training did not finish; see {log}", markup=False)
     return 1
+
+
+def _outcome_from_status(run: RunDir, out) -> str | None:
+    """The final event type status.json stands for (finished/stopped), said in one line; None otherwise."""
+    status = run.status()
+    state = status.state if status else None
+    final = {RunState.FINISHED.value: "run_finished", RunState.STOPPED.value: "run_stopped"}.get(state or "")
+    if final:
+        out.print(
+            f"{state} (from {run.status_path}; the event log {run.events_path.name} was moved or cut short)",
+            markup=False,
+        )
+    return final
 
 
 def launch_training(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from loratui.runs.rundir import RunDir
 from loratui.train.loop.reporting import Reporter
-from loratui.train.loop.signals import StopFlag, StopRequest
+from loratui.train.loop.signals import StopFlag, StopRequest, current
 
 
 @dataclass
@@ -33,7 +33,10 @@ def training_session(
     run: RunDir, *, stop: StopFlag | None = None, console: bool = True
 ) -> Iterator[TrainingSession]:
     """Install a `StopRequest` (unless `stop` is given) and open the run's Reporter; undo both on exit."""
+    earlier = current()
     installed = StopRequest().install() if stop is None else None
+    if installed is not None and earlier is not None and earlier.raw_requested:
+        installed.request(earlier.signal_name or "requested")  # a stop that came during start-up
     try:
         reporter = Reporter(run, total_steps=0, console=console)
         try:

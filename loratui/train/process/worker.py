@@ -25,6 +25,7 @@ from loratui.runs.launch_file import read_launch
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
 from loratui.train.job import WorkerJob
+from loratui.train.loop.signals import StopRequest
 from loratui.train.process.launcher import RESUME_FLAG
 
 
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     run = RunDir(parsed[0])
+    # Before anything slow (imports, model load): a SIGTERM/SIGINT from now on is a stop request that the
+    # trainer honours at its first step (checkpoint, "stopped"), not the end of the process ("failed").
+    early_stop = StopRequest().install()
     from loratui.train.process.distributed import is_main
 
     if is_main():
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         _record_failure(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         traceback.print_exc()
         return 1
+    finally:
+        early_stop.restore()
 
 
 if __name__ == "__main__":
