@@ -78,7 +78,7 @@ def test_check_never_runs_shipped_tokenizer_code(tmp_path: Path, shipped_llama: 
     assert not marker.exists(), "model code ran"
     assert "[y/N]" not in out and "Do you wish" not in out
     assert "ships its own code (auto_map in config.json)" in out and "--trust-remote-code" in out
-    assert "approximate count" in out
+    assert "approximate count" in out and "if you trust it, pass --trust-remote-code" in out
 
 
 def test_check_with_a_config_base_model_never_runs_code(

@@ -93,6 +93,13 @@ def tokenizer_path_for(base_model: str | Path | None, task: str) -> Path | None:
     return base if any((base / f).exists() for f in _TOKENIZER_FILES) else None
 
 
+def _tokenizer_fix(why: str) -> str | None:
+    """The fix for a tokenizer that was not loaded because it ships code; None keeps the catalogue's."""
+    if "--trust-remote-code" in why:
+        return "Read the code in the tokenizer folder; if you trust it, pass --trust-remote-code."
+    return None
+
+
 def run_checks(
     path: Path,
     *,
@@ -284,7 +291,11 @@ def _caption_findings(
             )
     if approx and captioned:
         why = why or "no --config with a local base model folder"
-        bag.add("tokenizer_unavailable", message=f"Caption token counts are an {CLIP_APPROXIMATION} ({why}).")
+        bag.add(
+            "tokenizer_unavailable",
+            message=f"Caption token counts are an {CLIP_APPROXIMATION} ({why}).",
+            fix=_tokenizer_fix(why),
+        )
     summary["caption_tokens"] = {
         "counted_with": "approximation" if approx else str(tokenizer_path),
         "max": max(counts, default=0),
@@ -438,7 +449,11 @@ def run_text_checks(
             )
     if approx and ordered:
         why = why or "no --config with a local base model folder"
-        bag.add("tokenizer_unavailable", message=f"Token lengths are an {TEXT_APPROXIMATION} ({why}).")
+        bag.add(
+            "tokenizer_unavailable",
+            message=f"Token lengths are an {TEXT_APPROXIMATION} ({why}).",
+            fix=_tokenizer_fix(why),
+        )
     summary = {
         "files": len(scan.files),
         "records": len(scan.records),
