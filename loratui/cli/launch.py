@@ -95,6 +95,10 @@ def launch_training(
         out.print(f"error: {exc}", markup=False)
         return 1
     if checkpoint:
+        from loratui.runs.checkpoints import damaged_newer
+
+        for line in damaged_newer(checkpoint):
+            out.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
         out.print(f"resuming from {checkpoint}", markup=False)
     if processes is not None and processes.launcher:
         out.print(distributed_summary(resolved, processes), markup=False)

@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from loratui.models.sd.kohya import KohyaInfo
 from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state
 from loratui.models.sd.lora_files import export_checkpoint, usage_string
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.job import WorkerJob
-from loratui.train.loop.checkpointing import restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.checkpointing import (
+    refuse_nonfinite,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.sd.dataset import SDDataset
@@ -208,8 +214,10 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
 def export_lora(checkpoints: Checkpointer, output: Path) -> Path:
     """Write the kohya file from the newest checkpoint and announce it."""
     job = checkpoints.job
+    latest = job.run.latest_checkpoint()
+    refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
     written = export_checkpoint(
-        job.run.latest_checkpoint(),
+        latest,
         fmt="kohya",
         out=output,
         overwrite=job.overwrite,
