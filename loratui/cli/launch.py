@@ -92,14 +92,14 @@ def launch_training(
             resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks, processes=processes
         )
     except FileNotFoundError as exc:
-        out.print(f"error: {exc}", markup=False)
+        out.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
     if checkpoint:
         from loratui.runs.checkpoints import damaged_newer
 
         for line in damaged_newer(checkpoint):
             out.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
-        out.print(f"resuming from {checkpoint}", markup=False)
+        out.print(f"resuming from {checkpoint}", markup=False, highlight=False, soft_wrap=True)
     if processes is not None and processes.launcher:
         out.print(distributed_summary(resolved, processes), markup=False)
     reader = EventReader(run.events_path)

@@ -112,7 +112,7 @@ def looks_like_checkpoint(path: Path) -> bool:
         return False
     if path.parent.name == "checkpoints" and re.fullmatch(r"step-\d+", path.name):
         return True
-    return any((path / name).is_file() for name in (*CHECKPOINT_FILES, MANIFEST))
+    return any((path / name).is_file() for name in (*WEIGHTS_FILES, "training_state.pt", MANIFEST))
 
 
 # --- checking -------------------------------------------------------------------------------------------
