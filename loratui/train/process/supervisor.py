@@ -210,7 +210,7 @@ class Supervisor:
         settings when the worker keeps dying."""
         from loratui.runs.checkpoints import newest_intact
 
-        checkpoint = newest_intact(self.run)
+        checkpoint = newest_intact(self.run) or self.run.latest_checkpoint()  # damaged: the worker says so
         self.resume_from = checkpoint or self.launch.resume_from
         status = self.run.status() or RunStatus()
         lowered = ""
