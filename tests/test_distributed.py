@@ -391,10 +391,16 @@ def test_another_machine_resumes_into_its_own_run_directory(tmp_path) -> None:
         overwrite=False,
         processes=Processes(4, num_machines=2, machine_rank=0),
     )
-    checkpoint = main_run.checkpoints_dir / "step-2"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "meta.json").write_text(json.dumps({"step": 2, "processes": 4, "global_batch": 8}))
-    (checkpoint / "lora.safetensors").write_bytes(b"")
+    from loratui.runs.checkpoints import write_checkpoint
+
+    checkpoint = write_checkpoint(  # an intact checkpoint: damaged ones are refused
+        main_run,
+        2,
+        lora_state={},
+        training_state={},
+        meta={"processes": 4, "global_batch": 8},
+        config_yaml="",
+    )
     before = {p.name: p.read_bytes() for p in main_run.path.iterdir() if p.is_file()}
 
     other, resumed = prepare_run(

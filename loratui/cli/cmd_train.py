@@ -40,6 +40,11 @@ def train(
     resume: str | None = typer.Option(
         None, "--resume", help="latest, a run directory, or a checkpoint folder."
     ),
+    allow_changed_data: bool = typer.Option(
+        False,
+        "--allow-changed-data",
+        help="With --resume: continue even though the base model or the dataset changed since the checkpoint.",
+    ),
     skip_checks: bool = typer.Option(
         False, "--skip-checks", help="Train even if the dataset check has errors."
     ),
@@ -163,6 +168,7 @@ def train(
         tui=not no_tui,
         out=out,
         processes=processes,
+        allow_changed_data=allow_changed_data,
     )
     raise typer.Exit(code)
 

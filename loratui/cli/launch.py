@@ -96,21 +96,35 @@ def launch_training(
     tui: bool,
     out,
     processes: Processes | None = None,
+    allow_changed_data: bool = False,
 ) -> int:
     """Check, prepare the run directory, start the worker(s), and follow the run (or detach)."""
     preflight = run_preflight(resolved)
     print_preflight(preflight, skip_checks=skip_checks, out=out)
     if preflight.blocked(skip_checks=skip_checks):
         return 1
+    from loratui.train.loop.resume_inputs import ChangedInputs
+
+    notes: list[str] = []
     try:
         run, checkpoint = prepare_run(
-            resolved, resume=resume, overwrite=overwrite, skip_checks=skip_checks, processes=processes
+            resolved,
+            resume=resume,
+            overwrite=overwrite,
+            skip_checks=skip_checks,
+            processes=processes,
+            allow_changed_data=allow_changed_data,
+            notes=notes,
         )
-    except FileNotFoundError as exc:
-        out.print(f"error: {exc}", markup=False)
+    except (FileNotFoundError, ChangedInputs) as exc:
+        out.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
     if checkpoint:
-        out.print(f"resuming from {checkpoint}", markup=False)
+        from loratui.runs.checkpoints import damaged_newer
+
+        for line in [*damaged_newer(checkpoint), *notes]:
+            out.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"resuming from {checkpoint}", markup=False, highlight=False, soft_wrap=True)
     if processes is not None and processes.launcher:
         out.print(distributed_summary(resolved, processes), markup=False)
     reader = EventReader(run.events_path)

@@ -83,6 +83,12 @@ class TrainConfig(BaseModel):
     optimizer: Optimizer = Field("adamw", description="adamw or adamw8bit (needs bitsandbytes).")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables it.")
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description="Stop the run after this many optimizer steps in a row with a nan/inf loss or gradient "
+        "(each one is skipped; with fp16 the grad scaler skips them).",
+    )
     mixed_precision: Precision = Field("auto", description="auto, no (fp32), fp16 or bf16.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations to save memory (~30% slower)."

@@ -69,7 +69,7 @@ def _config_flags(config_yaml: Path) -> dict[str, Any]:
 def _from_checkpoint(path: Path, kind: str) -> ExportSource:
     from loratui.runs.checkpoints import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, training_state=False)
     meta = ckpt.meta
     if "adapter_config" not in meta:
         raise ExportError(f"{path} is not an LLM checkpoint (no adapter settings in meta.json)")
@@ -121,19 +121,24 @@ def _from_adapter(path: Path) -> ExportSource:
 
 def resolve_source(source: Path) -> ExportSource:
     """A run directory (its newest checkpoint), a checkpoint folder, or an adapter folder."""
-    from loratui.runs.checkpoints import is_checkpoint
+    from loratui.runs.checkpoints import looks_like_checkpoint, newest_intact
     from loratui.runs.rundir import RunDir
 
     source = Path(source)
-    if is_checkpoint(source):
-        return _from_checkpoint(source, "checkpoint")
     if (source / ADAPTER_CONFIG).is_file():
         return _from_adapter(source)
+    if looks_like_checkpoint(source):
+        return _from_checkpoint(source, "checkpoint")
     if (source / "checkpoints").is_dir():
-        latest = RunDir(source).latest_checkpoint()
-        if latest is None:
+        run = RunDir(source)
+        if run.latest_checkpoint() is None:
             raise ExportError(f"run {source} has no checkpoint to export yet")
-        return _from_checkpoint(latest, "run")
+        intact = newest_intact(run, state=False)  # the optimizer state is not needed for an export
+        if intact is None:
+            raise ExportError(
+                f"every checkpoint of run {source} has damaged weights; nothing intact to export"
+            )
+        return _from_checkpoint(intact, "run")
     raise ExportError(f"{source} is not a run directory, checkpoint folder or PEFT adapter folder")
 
 
@@ -194,7 +199,15 @@ def export_adapter(
         )
     if dtype is not None and dtype not in DTYPES:
         raise UnusableExportRequest(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
+    from loratui.runs.checkpoints import nonfinite_tensors
+
     src = resolve_source(Path(source))
+    bad = nonfinite_tensors(src.tensors)
+    if bad:
+        raise ExportError(
+            f"{src.path} holds nan/inf values in {len(bad)} of {len(src.tensors)} tensors (e.g. {bad[0]}): "
+            "training diverged; export an earlier checkpoint (runs/<run>/checkpoints/step-N) instead"
+        )
     target = Path(out) if out else src.default_out(merge, dtype)
     if merge:
         path = merge_to_folder(src, target, dtype=dtype or "bf16", overwrite=overwrite)

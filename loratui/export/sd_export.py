@@ -97,18 +97,39 @@ def convert_lora_file(
 
 def resolve_source(source: Path) -> tuple[str, Path]:
     """('checkpoint', folder) or ('file', path) for a run directory, checkpoint folder or LoRA file."""
-    from loratui.runs.checkpoints import is_checkpoint
+    from loratui.runs.checkpoints import looks_like_checkpoint, newest_intact
     from loratui.runs.rundir import RunDir
 
     source = Path(source)
     if source.is_file():
         return "file", source
-    if is_checkpoint(source):
+    if looks_like_checkpoint(source):
         return "checkpoint", source
-    latest = RunDir(source).latest_checkpoint()
-    if latest is None:
+    run = RunDir(source)
+    if run.latest_checkpoint() is None:
         raise ExportError(f"{source} has no checkpoint to export (training has not saved one yet)")
-    return "checkpoint", latest
+    intact = newest_intact(run, state=False)  # the optimizer state is not needed for an export
+    if intact is None:
+        raise ExportError(f"every checkpoint of {source} has damaged weights; nothing intact to export")
+    return "checkpoint", intact
+
+
+def refuse_nonfinite(path: Path) -> None:
+    """ExportError when a LoRA file holds nan/inf values (a diverged run): they would break every image."""
+    from safetensors.torch import load_file
+
+    from loratui.runs.checkpoints import nonfinite_tensors
+
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # unreadable or missing: the export itself reports it
+        return
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ExportError(
+            f"{path} holds nan/inf values in {len(bad)} of {len(tensors)} tensors (e.g. {bad[0]}): training "
+            "diverged; export an earlier checkpoint (runs/<run>/checkpoints/step-N) instead"
+        )
 
 
 def export_image_lora(
@@ -136,6 +157,7 @@ def export_image_lora(
         )
     torch_dtype = parse_dtype(dtype)
     kind, path = resolve_source(Path(source))
+    refuse_nonfinite(path / "lora.safetensors" if kind == "checkpoint" else path)
     if kind == "file":
         written = convert_lora_file(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
     else:

@@ -9,7 +9,7 @@ runs/<name>-<timestamp>/
     oom.json          settings out-of-memory recovery changed, and when           oom_file; train.oom.record
     status.json       {"pid", "pid_started", "state", "step", ...}                status (the worker's processes)
     events.jsonl      one JSON object per line: {"type", "time", "step", ...}     events (the worker's processes)
-    checkpoints/      step-N/ folders written atomically                          checkpoints; train.loop
+    checkpoints/      step-N/ folders written atomically, manifest.json last      checkpoints; train.loop
     logs/             TensorBoard event files
     samples/          images or texts rendered during training
 

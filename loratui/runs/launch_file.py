@@ -2,7 +2,7 @@
 starts, and read by the supervisor and the worker.
 
     {"resume_from": "runs/x/checkpoints/step-40" | null, "overwrite": false, "skip_checks": false,
-     "processes": {...} | null, "gpu": "1" | null}
+     "processes": {...} | null, "gpu": "1" | null, "allow_changed_data": false}
 
 `processes` is `loratui.train.process.launcher.Processes` as JSON (several training processes); `gpu` is the
 CUDA_VISIBLE_DEVICES value the worker gets (the GPU picked in the TUI), None to inherit the caller's.
@@ -35,6 +35,7 @@ class LaunchSpec:
     skip_checks: bool = False
     processes: dict[str, Any] | None = None
     gpu: str | None = None
+    allow_changed_data: bool = False  # resume despite a changed base model or dataset
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class LaunchSpec:
             "skip_checks": self.skip_checks,
             "processes": self.processes,
             "gpu": self.gpu,
+            "allow_changed_data": self.allow_changed_data,
         }
 
     @classmethod
@@ -55,6 +57,7 @@ class LaunchSpec:
             skip_checks=bool(data.get("skip_checks")),
             processes=processes if isinstance(processes, dict) else None,
             gpu=str(gpu) if gpu is not None else None,
+            allow_changed_data=bool(data.get("allow_changed_data")),
         )
 
 

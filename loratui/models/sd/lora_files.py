@@ -173,7 +173,7 @@ def export_checkpoint(
     """Write the LoRA of a checkpoint folder; returns the file written."""
     from loratui.runs.checkpoints import load_checkpoint
 
-    ckpt = load_checkpoint(Path(checkpoint))
+    ckpt = load_checkpoint(Path(checkpoint), training_state=False)
     meta = ckpt.meta
     modules = checkpoint_modules(ckpt.lora_state, meta)
     target = _resolve_out(out, meta, fmt)

@@ -17,7 +17,7 @@ from loratui.models.llm.adapter_files import OutputConflict, lora_tensors, save_
 from loratui.models.llm.batches import LLMData, collate
 from loratui.models.llm.loss import token_loss_sum
 from loratui.train.job import WorkerJob
-from loratui.train.loop.checkpointing import rng_state, save_checkpoint
+from loratui.train.loop.checkpointing import refuse_nonfinite, rng_state, save_checkpoint
 from loratui.train.loop.reporting import Reporter
 from loratui.train.oom.ladder import settings_of
 from loratui.util.atomic import atomic_write_text
@@ -99,6 +99,7 @@ def live_settings(cfg: TrainConfig, batch: dict[str, Any] | None = None) -> dict
 
 def export_adapter(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Reporter) -> Path:
     """Write the adapter to output_dir (or into the run directory when output_dir belongs to another run)."""
+    refuse_nonfinite(lora_tensors(model), job.run)
     args = {
         "base_model": meta["base_model"],
         "chat_template": meta["chat_template"],

@@ -16,8 +16,14 @@ from loratui.models.llm.loading import base_model_reference
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.job import WorkerJob
 from loratui.train.llm.oom import cut_data, data_seq_len
-from loratui.train.loop.optim import build_optimizer, build_scheduler
+from loratui.train.loop.optim import (
+    apply_configured_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    configured_hyperparameters,
+)
 from loratui.train.loop.precision import pick_device, resolve_precision, weight_dtype
+from loratui.train.loop.resume_inputs import shape_mismatch_message
 
 
 def setup_output(job: WorkerJob) -> Path:
@@ -122,14 +128,21 @@ def restore(
     from peft import set_peft_model_state_dict
 
     ckpt = load_checkpoint(checkpoint_path)
-    result = set_peft_model_state_dict(model, ckpt.lora_state)
+    try:
+        result = set_peft_model_state_dict(model, ckpt.lora_state)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise ValueError(shape_mismatch_message(checkpoint_path, ckpt.meta, model.peft_config)) from None
     if getattr(result, "unexpected_keys", None):
         raise ValueError(
             f"checkpoint {checkpoint_path} does not match this LoRA: {result.unexpected_keys[:3]}"
         )
+    wanted = configured_hyperparameters(optimizer, scheduler)
     optimizer.load_state_dict(ckpt.training_state["optimizer"])
     scheduler.load_state_dict(ckpt.training_state["scheduler"])
     state = dict(ckpt.training_state)
+    state["hyperparameter_changes"] = apply_configured_hyperparameters(optimizer, scheduler, wanted)
     saved = ckpt.meta.get("settings", {})
     state["mismatch"] = {k: (saved.get(k), v) for k, v in settings.items() if k in saved and saved[k] != v}
     return ckpt.step, state

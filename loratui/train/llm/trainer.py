@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from loratui.config import TrainConfig
+from loratui.data.fingerprint import input_fingerprints
 from loratui.models.llm.batches import LLMData, collate
 from loratui.models.llm.chat import choose_template
 from loratui.models.llm.lora import setup_lora
@@ -131,6 +132,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     meta = checkpoint_meta(accelerator, model, source, template, settings, batch, global_batch)
+    meta["learning_rate"] = cfg.learning_rate  # really used (a resume applies a changed one)
+    meta["inputs"] = input_fingerprints(cfg)
     checkpoints = Checkpointer(job, model, optimizer, scheduler, accelerator, meta, reporter)
     context = LossContext(cfg, model, data, tokenizer.pad_token_id, accelerator)
 
@@ -139,6 +142,12 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
         reporter.resumed_from(start)
     for message in data.warnings:
         reporter.event("warning", start, message=message)
+    for change in (saved_state or {}).get("hyperparameter_changes", []):
+        reporter.event(
+            "warning",
+            start,
+            message=f"resumed with a changed setting: {change} (applied from step {start + 1})",
+        )
     if saved_state and saved_state["mismatch"]:
         reporter.event(
             "warning", start, message=f"settings differ from the checkpoint: {saved_state['mismatch']}"

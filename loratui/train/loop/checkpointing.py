@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from loratui.runs.checkpoints import write_checkpoint
 from loratui.runs.rundir import RunDir
@@ -37,6 +38,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteWeights(ValueError):
+    """The trained LoRA holds nan/inf values; it is not exported as the result."""
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], run: RunDir) -> None:
+    """Raise `NonFiniteWeights` (naming the newest intact checkpoint) when `tensors` hold nan/inf."""
+    from loratui.runs.checkpoints import checkpoint_problems, nonfinite_tensors
+
+    bad = nonfinite_tensors(tensors)
+    if not bad:
+        return
+    good = None
+    for path in reversed(run.checkpoints()):
+        if not checkpoint_problems(path) and not nonfinite_tensors(load_file(path / "lora.safetensors")):
+            good = path
+            break
+    where = f"the last good checkpoint is {good}" if good else "no checkpoint has finite weights"
+    raise NonFiniteWeights(
+        f"the trained LoRA holds nan/inf values in {len(bad)} of {len(tensors)} tensors (e.g. {bad[0]}), so "
+        f"it was not exported: training diverged (learning_rate too high, or fp16 overflow); {where}"
+    )
 
 
 def save_checkpoint(

@@ -50,3 +50,43 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int):
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
     """A LambdaLR following `lr_lambda`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps))
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler) -> list[dict[str, float]]:
+    """Each parameter group's base learning rate and weight decay as the config set them (call before a
+    checkpoint's optimizer and scheduler states are loaded over them)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the LambdaLR
+    return [
+        {"lr": float(base), "weight_decay": float(group.get("weight_decay", 0.0))}
+        for base, group in zip(inner.base_lrs, optimizer.param_groups, strict=True)
+    ]
+
+
+def apply_configured_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler, wanted: list[dict[str, float]]
+) -> list[str]:
+    """After loading a checkpoint's states: use the configured base learning rates and weight decay (the
+    loaded states hold the checkpoint's). Returns one line per change, e.g. `learning_rate 0.0001 -> 0.0005`."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    changes: list[str] = []
+    if len(wanted) != len(optimizer.param_groups):
+        return changes
+    for index, (group, want) in enumerate(zip(optimizer.param_groups, wanted, strict=True)):
+        name = "learning_rate" if index == 0 else f"learning_rate of parameter group {index}"
+        old = float(inner.base_lrs[index])
+        if not math.isclose(old, want["lr"], rel_tol=1e-9, abs_tol=0.0):
+            inner.base_lrs[index] = want["lr"]
+            group["initial_lr"] = want["lr"]
+            lambdas = getattr(inner, "lr_lambdas", None)
+            if lambdas:
+                group["lr"] = want["lr"] * lambdas[index](inner.last_epoch)
+            else:
+                group["lr"] = group["lr"] * (want["lr"] / old) if old else want["lr"]
+            changes.append(f"{name} {old:g} -> {want['lr']:g}")
+        decay = float(group.get("weight_decay", 0.0))
+        if "weight_decay" in group and not math.isclose(decay, want["weight_decay"]):
+            group["weight_decay"] = want["weight_decay"]
+            if index == 0:
+                changes.append(f"weight_decay {decay:g} -> {want['weight_decay']:g}")
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes

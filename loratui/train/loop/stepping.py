@@ -9,6 +9,7 @@ OOM ladder halve the micro-batch mid-run without changing the update.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ class StepResult:
     grad_norm: float | None
     micro_batches: int
     lr: float
+    nonfinite: bool = False  # the loss or a gradient was nan/inf
+    skipped: bool = False  # the update was not applied (fp16: the grad scaler skipped it)
 
 
 def optimizer_step(
@@ -45,6 +48,10 @@ def optimizer_step(
     (`loratui.train.process.distributed.all_reduce_gradients`). `before_update` runs after the last backward and
     before the update (the OOM ladder uses it to let every process agree that none ran out of memory; it
     may raise to abandon the step).
+
+    A nan/inf loss or gradient marks the result `nonfinite`. Without a grad scaler the update is then skipped
+    (the weights stay as they were; the schedule still advances with the data); with fp16 skipping the step is
+    the scaler's job, and `skipped` reports what it did.
     """
     total = 0.0
     several = accelerator.num_processes > 1
@@ -63,11 +70,29 @@ def optimizer_step(
         from loratui.train.process.distributed import all_reduce_gradients
 
         all_reduce_gradients(params)
+    scaler = getattr(accelerator, "scaler", None)
+    # several processes: the loss is each one's own, the gradients (all-reduced) are the same everywhere
+    nonfinite = (not several and not math.isfinite(total)) or not gradients_finite(params)
     grad_norm = None
     if max_grad_norm is not None and max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)
         grad_norm = float(norm) if norm is not None else None
-    optimizer.step()
+    skipped = nonfinite
+    if scaler is not None:
+        optimizer.step()  # the scaler skips a step whose gradients hold nan/inf
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    elif not nonfinite:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(total, grad_norm, len(micro_batches), float(scheduler.get_last_lr()[0]))
+    lr = float(scheduler.get_last_lr()[0])
+    return StepResult(total, grad_norm, len(micro_batches), lr, nonfinite=nonfinite, skipped=skipped)
+
+
+def gradients_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    """False when any gradient holds nan or inf (one device sync for all of them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    flags = [torch.isfinite(g).all() for g in grads]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())

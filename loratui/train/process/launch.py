@@ -30,11 +30,16 @@ def prepare_run(
     skip_checks: bool = False,
     processes: Processes | None = None,
     gpu: str | None = None,
+    allow_changed_data: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[RunDir, Path | None]:
     """Create (or, when resuming, reuse) the run directory and write its resolved config and launch.json
     (`processes`: several training processes through accelerate's launcher; a resumed run may use another
     number of processes than before; `gpu`: the CUDA_VISIBLE_DEVICES value for the worker, None to inherit
-    this process's). The only writer of config.yaml and launch.json."""
+    this process's). The only writer of config.yaml and launch.json.
+
+    A resume whose base model or dataset differs from the checkpoint's raises `ChangedInputs` before anything
+    is written, unless `allow_changed_data` (then `notes` gets a warning line for each change)."""
     cfg = resolved.config
     runs_dir = Path(cfg.runs_dir)
     name = cfg.run_name or cfg.name
@@ -43,6 +48,11 @@ def prepare_run(
         from loratui.runs.checkpoints import resolve_resume
 
         run, checkpoint = resolve_resume(resume, runs_dir, name)
+        from loratui.train.loop.resume_inputs import check_resume_inputs
+
+        allowed = check_resume_inputs(cfg, checkpoint, allow_changed_data=allow_changed_data)
+        if notes is not None:
+            notes.extend(allowed)
     if processes is not None and not processes.main_node:
         # Another machine of a multi-node run: the run itself is written on machine 0 (which may share this
         # filesystem); this machine keeps its own directory for its log and launch files, and resumes from
@@ -59,6 +69,7 @@ def prepare_run(
         skip_checks=skip_checks,
         processes=processes.to_json() if processes else None,
         gpu=gpu,
+        allow_changed_data=allow_changed_data,
     )
     write_launch(run.path, launch)
     RunStatus(state="starting").write(run.status_path) if not run.status_path.exists() else None

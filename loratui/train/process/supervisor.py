@@ -208,7 +208,9 @@ class Supervisor:
     def _prepare_restart(self, code: int, reason: str) -> None:
         """Continue from the last checkpoint (or launch.json's start when there is none yet); lower the
         settings when the worker keeps dying."""
-        checkpoint = self.run.latest_checkpoint()
+        from loratui.runs.checkpoints import newest_intact
+
+        checkpoint = newest_intact(self.run) or self.run.latest_checkpoint()  # damaged: the worker says so
         self.resume_from = checkpoint or self.launch.resume_from
         status = self.run.status() or RunStatus()
         lowered = ""

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from loratui.models.sd.kohya import KohyaInfo
 from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state
 from loratui.models.sd.lora_files import export_checkpoint, usage_string
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.job import WorkerJob
-from loratui.train.loop.checkpointing import restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.checkpointing import (
+    refuse_nonfinite,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from loratui.train.loop.optim import apply_configured_hyperparameters, configured_hyperparameters
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
+from loratui.train.loop.resume_inputs import shape_mismatch_message
 from loratui.train.sd.dataset import SDDataset
 from loratui.train.sd.setup import Models
 
@@ -95,6 +103,7 @@ class Checkpointer:
     started_at: float
     reporter: Reporter
     last_saved: int = -1
+    inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints of the base model and dataset
 
     def save(self, step: int) -> Path:
         cfg = self.job.resolved.config
@@ -137,6 +146,8 @@ class Checkpointer:
             "global_batch": self.step_plan.effective_batch,
             "processes": processes,
             "kohya": asdict(info),
+            "learning_rate": cfg.learning_rate,  # really used (a resume applies a changed one)
+            "inputs": self.inputs,
         }
         path = save_checkpoint(
             self.job.run,
@@ -154,10 +165,22 @@ class Checkpointer:
     def restore(self, checkpoint_path: Path) -> int:
         """Load LoRA, optimizer, scheduler, scaler and RNG states; returns the step to continue from."""
         ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
-        load_lora_state(self.models.components(), ckpt.lora_state)
+        try:
+            load_lora_state(self.models.components(), ckpt.lora_state)
+        except RuntimeError as exc:
+            if "size" not in str(exc):
+                raise
+            raise ValueError(shape_mismatch_message(checkpoint_path, ckpt.meta, self.lora.rank)) from None
         state = ckpt.training_state
+        wanted = configured_hyperparameters(self.optimizer, self.scheduler)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for change in apply_configured_hyperparameters(self.optimizer, self.scheduler, wanted):
+            self.reporter.event(
+                "warning",
+                ckpt.step,
+                message=f"resumed with a changed setting: {change} (applied from step {ckpt.step + 1})",
+            )
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -208,8 +231,10 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
 def export_lora(checkpoints: Checkpointer, output: Path) -> Path:
     """Write the kohya file from the newest checkpoint and announce it."""
     job = checkpoints.job
+    latest = job.run.latest_checkpoint()
+    refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
     written = export_checkpoint(
-        job.run.latest_checkpoint(),
+        latest,
         fmt="kohya",
         out=output,
         overwrite=job.overwrite,

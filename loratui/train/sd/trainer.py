@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from loratui.data.fingerprint import input_fingerprints
 from loratui.models.sd.conditioning import TextConditioner, sdxl_added_conditions
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
@@ -156,6 +157,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         precision,
         time.time(),
         reporter,
+        inputs=input_fingerprints(cfg),
     )
 
     start = 0
