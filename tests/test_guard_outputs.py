@@ -193,11 +193,7 @@ def test_read_only_runs_dir_is_refused_through_the_cli(
     result = CliRunner().invoke(app, ["train", "--config", str(config), "--no-tui"])
     assert result.exit_code == 1, result.output
     assert f"error: runs_dir {tmp_path / 'runs'} is not writable (Read-only file system)" in result.output
-    assert (
-        "choose another runs_dir" in result.output
-        and result.exception is None
-        or isinstance(result.exception, SystemExit)
-    )
+    assert "choose another runs_dir" in result.output and "Traceback" not in result.output
     assert list((tmp_path / "runs").iterdir()) == []
 
 
@@ -389,6 +385,21 @@ def test_disk_full_mid_run_fails_clearly_with_the_step_reached(
     assert [p.name for p in run.checkpoints()] == ["step-2"]  # the earlier checkpoint survived
 
 
+def test_status_is_rewritten_in_place_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = create_run_dir(tmp_path / "runs", "r")
+    RunStatus(state="running", step=59).write(run.status_path)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("loratui.runs.status.atomic_write_text", full)
+    RunStatus(state="failed", step=60, message="no space left").write(run.status_path)
+    status = RunStatus.read(run.status_path)
+    assert (status.state, status.step) == ("failed", 60)
+
+
 def test_low_free_space_is_warned_at_start(
     tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,3 +414,17 @@ def test_low_free_space_is_warned_at_start(
         and "optimizer state" in warning
         and "fewer than 3 fit" in warning
     )
+
+    # through the CLI: the warning is printed before the worker starts
+    config = _llm_yaml(tmp_path, tiny_llama)
+    started = []
+
+    def start_worker(run):
+        core.release_locks(run)
+        started.append(run)
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr("loratui.cli.launch.start_worker", start_worker)
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--no-tui", "--detach"])
+    assert result.exit_code == 0, result.output
+    assert "warning: only 2.0 KiB free on " in result.output and len(started) == 1
