@@ -133,7 +133,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(
 def test_two_trains_started_together_one_is_refused_and_the_export_is_intact(
     tmp_path: Path, tiny_llama: Path
 ) -> None:
-    config = _llm_yaml(tmp_path, tiny_llama, max_steps=6)
+    config = _llm_yaml(tmp_path, tiny_llama, max_steps=30)  # the first still trains when the second starts
     cmd = [sys.executable, "-m", "loratui", "train", "--config", str(config), "--no-tui"]
     procs = [
         subprocess.Popen(
@@ -151,7 +151,7 @@ def test_two_trains_started_together_one_is_refused_and_the_export_is_intact(
     assert f"error: output_dir {tmp_path / 'adapter'} is in use by run {run.name}" in loser
     assert "Traceback" not in loser and "finished" in winner
     marker = json.loads((tmp_path / "adapter" / MARKER_FILE).read_text())
-    assert marker["run"] == run.name and marker["step"] == 6
+    assert marker["run"] == run.name and marker["step"] == 30
     assert not list(tmp_path.glob(".adapter.lock"))  # the finished run removed its lock file
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ except ImportError:  # not POSIX: no locking
 
 LOCK_FDS_ENV = "LORATUI_LOCK_FDS"
 RUN_LOCK_FILE = "run.lock"
+NOTE_SIZE = 4096
 
 
 class LockHeld(RuntimeError):
@@ -61,13 +63,19 @@ def output_lock_path(target: Path) -> Path:
     return sibling
 
 
-def holder(path: Path) -> dict:
-    """What the lock file says about who holds it ({} when unreadable)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def holder(path: Path, *, wait_s: float = 2.0) -> dict:
+    """What the lock file says about who holds it ({} when unreadable). The holder writes its run a moment
+    after it took the lock: wait up to `wait_s` for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8").strip() or "{}")
+        except (OSError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        if data.get("run") or time.monotonic() >= deadline:
+            return data
+        time.sleep(0.05)
 
 
 def describe_holder(path: Path) -> dict[str, str]:
@@ -116,9 +124,9 @@ def note(fd: int, run: Path | None) -> None:
         "pid": os.getpid(),
         "pid_started": process_start_time(os.getpid()),
     }
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    text = json.dumps(info).encode("utf-8")
+    with contextlib.suppress(OSError):  # one write of a fixed size (JSON padded with spaces): never seen half
+        os.pwrite(fd, text.ljust(max(NOTE_SIZE, len(text))), 0)
 
 
 def inherited() -> dict[int, Path]:
