@@ -137,6 +137,8 @@ def train(
         )
         raise typer.Exit(EXIT_UNUSABLE)
     count = processes.processes if processes is not None else 1
+    if config is None and resume is not None:
+        config = _resumed_config(resume, runs_dir)
     try:
         resolved = load_config(config, preset=None if auto else preset, overrides=set_, flags=flags)
     except ConfigError as exc:
@@ -171,6 +173,26 @@ def train(
         allow_changed_data=allow_changed_data,
     )
     raise typer.Exit(code)
+
+
+def _resumed_config(resume: str, runs_dir: Path | None) -> Path:
+    """The config.yaml of the run `--resume` names (a run directory carries its config, so resuming it needs
+    no --config); `latest`: the newest run with a checkpoint in --runs-dir (default: the config default)."""
+    from loratui.config import TrainConfig
+    from loratui.runs.checkpoints import resolve_resume
+    from loratui.runs.config_file import config_path
+
+    where = runs_dir or Path(TrainConfig.model_fields["runs_dir"].default)
+    try:
+        run, _ = resolve_resume(resume, where)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNUSABLE) from None
+    path = config_path(run.path)
+    if not path.is_file():
+        typer.echo(f"error: run {run.path} has no config.yaml; give the config with --config", err=True)
+        raise typer.Exit(EXIT_UNUSABLE)
+    return path
 
 
 def _processes(gpus: str | None, cpu_processes: int | None, accelerate_config: Path | None, *, dry_run: bool):

@@ -14,11 +14,12 @@ import time
 from loratui.config import ResolvedConfig
 from loratui.runs.events import EventReader
 from loratui.runs.follow import FINAL_EVENTS, format_event
+from loratui.runs.lock import LockHeld
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus, pid_alive
 from loratui.train.process.launch import EXIT_STOPPED, prepare_run, start_worker
 from loratui.train.process.launcher import Processes
-from loratui.train.process.preflight import PreflightResult, run_preflight
+from loratui.train.process.preflight import OutputProblem, PreflightResult, disk_space_warning, run_preflight
 
 
 def follow_plain(
@@ -116,9 +117,12 @@ def launch_training(
             allow_changed_data=allow_changed_data,
             notes=notes,
         )
-    except (FileNotFoundError, ChangedInputs) as exc:
+    except (FileNotFoundError, ChangedInputs, OutputProblem, LockHeld) as exc:
         out.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
+    space = disk_space_warning(resolved)
+    if space:
+        out.print(f"warning: {space}", markup=False, highlight=False, soft_wrap=True)
     if checkpoint:
         from loratui.runs.checkpoints import damaged_newer
 

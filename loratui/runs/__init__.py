@@ -12,8 +12,10 @@ runs/<name>-<timestamp>/
     checkpoints/      step-N/ folders written atomically, manifest.json last      checkpoints; train.loop
     logs/             TensorBoard event files
     samples/          images or texts rendered during training
+    run.lock          held (flock) by the run's processes while it runs            lock; train.process.launch
 
-`liveness` tells whether the pid in status.json is still the run's process; `stop` stops a running run.
+`liveness` tells whether the pid in status.json is still the run's process; `stop` stops a running run;
+`lock` keeps a second run off a running run's directory and off its output_dir.
 """
 
 from loratui.runs.events import EventReader, EventWriter, read_events

@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from loratui.runs.rundir import RunDir, find_run, list_runs
 from loratui.util.atomic import atomic_directory
+from loratui.util.disk import no_space_guard, tensor_bytes
+from loratui.util.sizes import format_bytes
 
 
 @dataclass
@@ -58,7 +60,12 @@ def write_checkpoint(
     """Write `checkpoints/step-<step>/` atomically and rotate old ones. Returns the folder."""
     target = run.checkpoints_dir / f"step-{step}"
     clean_leftovers(run)
-    with atomic_directory(target, replace=True) as tmp:
+    lora_bytes, state_bytes = tensor_bytes(lora_state), tensor_bytes(training_state)
+    parts = f"LoRA tensors {format_bytes(lora_bytes)} + optimizer state {format_bytes(state_bytes)}"
+    with (
+        no_space_guard(target, what="a checkpoint", needed=lora_bytes + state_bytes, parts=parts),
+        atomic_directory(target, replace=True) as tmp,
+    ):
         save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, tmp / "lora.safetensors")
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1), encoding="utf-8")
@@ -309,12 +316,27 @@ def _run_of(checkpoint: Path) -> RunDir:
 # --- resuming -------------------------------------------------------------------------------------------
 
 
-def resolve_resume(spec: str, runs_dir: Path, run_name_prefix: str | None = None) -> tuple[RunDir, Path]:
+def _trains_the_same(run: RunDir, like: dict[str, Any]) -> bool:
+    """Whether the run's config.yaml names the same values for every key of `like` (base model, data)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and all(data.get(key) == value for key, value in like.items())
+
+
+def resolve_resume(
+    spec: str, runs_dir: Path, run_name_prefix: str | None = None, like: dict[str, Any] | None = None
+) -> tuple[RunDir, Path]:
     """Turn `--resume latest|RUN|CHECKPOINT` into (run directory, checkpoint folder).
 
-    `latest` picks the newest run (with this name prefix, when given) that has a checkpoint; in a run, the
-    newest intact checkpoint is used (`damaged_newer` lists the ones skipped). A checkpoint folder given
-    explicitly must be intact. Raises FileNotFoundError (or `DamagedCheckpoint`) with a clear message otherwise.
+    `latest` picks the newest run that has a checkpoint and whose name starts with `run_name_prefix` or whose
+    config.yaml has the values of `like` (the same base model and data: a run whose output_dir, and so its
+    name, changed since); any run when neither is given. In a run, the newest intact checkpoint is used
+    (`damaged_newer` lists the ones skipped). A checkpoint folder given explicitly must be intact. Raises
+    FileNotFoundError (or `DamagedCheckpoint`) with a clear message otherwise.
     """
     path = Path(spec)
     if looks_like_checkpoint(path):
@@ -329,7 +351,9 @@ def resolve_resume(spec: str, runs_dir: Path, run_name_prefix: str | None = None
         return run, _intact_of(run)
     for summary in list_runs(runs_dir):
         name_ok = run_name_prefix is None or re.match(re.escape(run_name_prefix) + r"-\d", summary.run.name)
-        if name_ok and summary.run.latest_checkpoint() is not None:
+        if summary.run.latest_checkpoint() is not None and (
+            name_ok or (like and _trains_the_same(summary.run, like))
+        ):
             return summary.run, _intact_of(summary.run)
     raise FileNotFoundError(f"no run with a checkpoint in {runs_dir} to resume (`--resume latest`)")
 

@@ -7,6 +7,7 @@ running. The supervisor adds `supervisor_pid` and `supervisor_started` to `extra
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -58,7 +59,17 @@ class RunStatus:
         self.updated_at = time.time()
         if self.pid == os.getpid():
             self.pid_started = process_start_time(self.pid)
-        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        text = json.dumps(asdict(self), indent=1)
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:
+            # A full disk has no room for the second copy an atomic replace needs: rewrite the file in place,
+            # so that status.json still tells the step reached and why the run ended.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not Path(path).is_file():
+                raise
+            with open(path, "r+", encoding="utf-8") as handle:
+                handle.truncate(0)
+                handle.write(text)
 
     @classmethod
     def read(cls, path: Path) -> RunStatus | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.util.atomic import atomic_directory
+from loratui.util.disk import no_space_guard, tensor_bytes
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -165,7 +166,10 @@ def write_adapter(
     for name, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
         clean[name] = tensor.to(target_dtype) if target_dtype is not None else tensor
-    with atomic_directory(out, replace=True) as tmp:
+    with (
+        no_space_guard(out, what="the adapter", needed=tensor_bytes(clean)),
+        atomic_directory(out, replace=True) as tmp,
+    ):
         save_file(clean, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(
             json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8"

@@ -22,6 +22,7 @@ from loratui.models.sd.kohya import (
     save_kohya,
     text_model_path,
 )
+from loratui.util.disk import no_space_guard, tensor_bytes
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
@@ -179,15 +180,17 @@ def export_checkpoint(
     target = _resolve_out(out, meta, fmt)
     check_output(target, meta.get("run"), overwrite=overwrite, resuming=resuming)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "diffusers":
-        return write_diffusers(target, modules, dtype=dtype, run=meta.get("run"))
-    info = kohya_info_from_meta(meta)
-    info.steps, info.epoch = ckpt.step, int(meta.get("epochs_done", info.epoch))
-    if finished_at is not None:
-        info.finished_at = finished_at
-    return write_kohya(
-        target, modules, info, layers_per_block=int(meta.get("unet_layers_per_block", 2)), dtype=dtype
-    )
+    needed = tensor_bytes(ckpt.lora_state)
+    with no_space_guard(target, what="the exported LoRA", needed=needed):
+        if fmt == "diffusers":
+            return write_diffusers(target, modules, dtype=dtype, run=meta.get("run"))
+        info = kohya_info_from_meta(meta)
+        info.steps, info.epoch = ckpt.step, int(meta.get("epochs_done", info.epoch))
+        if finished_at is not None:
+            info.finished_at = finished_at
+        return write_kohya(
+            target, modules, info, layers_per_block=int(meta.get("unet_layers_per_block", 2)), dtype=dtype
+        )
 
 
 def _resolve_out(out: Path | None, meta: dict[str, Any], fmt: str) -> Path:

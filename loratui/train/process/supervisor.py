@@ -35,6 +35,7 @@ from loratui.config import ResolvedConfig
 from loratui.runs.config_file import read_run_config
 from loratui.runs.events import EventReader, EventWriter
 from loratui.runs.launch_file import read_launch_or_default
+from loratui.runs.lock import child_env, inherited, note, remove_inherited
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import EXIT_STOPPED, RunState, RunStatus, mark_supervised, pid_alive
 from loratui.train.oom.errors import EXIT_RESTART
@@ -50,11 +51,12 @@ RESTART_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT
 FINAL = {"run_finished": 0, "run_stopped": EXIT_STOPPED, "run_failed": 1}
 
 
-def spawn_supervisor(run: RunDir) -> subprocess.Popen:
+def spawn_supervisor(run: RunDir, locks: dict[int, Path] | None = None) -> subprocess.Popen:
     """Start `python -m loratui.train.process.supervisor RUN_DIR` in its own session (survives the terminal);
-    output goes to the run's worker.log."""
+    output goes to the run's worker.log. `locks` (descriptor: lock file, `loratui.runs.lock`) are inherited:
+    the supervisor and its workers hold them for the run's life."""
     log = (run.path / "worker.log").open("ab")
-    env = dict(os.environ)
+    env = child_env(locks or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.Popen(
         [sys.executable, "-m", "loratui.train.process.supervisor", str(run.path)],
@@ -63,6 +65,7 @@ def spawn_supervisor(run: RunDir) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env=env,
+        pass_fds=tuple(locks or ()),
     )
 
 
@@ -135,7 +138,10 @@ class Supervisor:
         )
         if self.spec.launcher:
             print(f"[loratui] starting {self.spec.describe()}: {' '.join(argv)}", flush=True)
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+        locks = inherited()  # a worker outliving a killed supervisor still holds the run's locks
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, env=child_env(locks, env), pass_fds=tuple(locks)
+        )
 
     def supervise(self) -> int:
         """Run the worker (again) until the run ends; returns the exit code."""
@@ -367,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m loratui.train.process.supervisor RUN_DIR", file=sys.stderr)
         return 2
     run = RunDir(Path(args[0]))
-    return Supervisor(run).install().supervise()
+    locks = inherited()
+    for fd in locks:
+        note(fd, run.path)  # the holder named to a refused run is this process now
+    try:
+        return Supervisor(run).install().supervise()
+    finally:
+        remove_inherited(locks)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,21 @@ in oom.json).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from loratui.runs.config_file import read_run_config
-from loratui.runs.events import EventWriter
+from loratui.runs.events import EventWriter, read_events
 from loratui.runs.launch_file import read_launch
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
 from loratui.train.job import WorkerJob
 from loratui.train.loop.signals import StopRequest
 from loratui.train.process.launcher import RESUME_FLAG
+from loratui.util.disk import NoSpaceLeft
 
 
 def _record_failure(run: RunDir, message: str, details: str = "") -> None:
@@ -36,7 +38,10 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
         print(f"[loratui] rank {rank()}: {message}", file=sys.stderr, flush=True)
         return
     status = run.status() or RunStatus()
-    with EventWriter(run.events_path) as events:
+    # status.json is written at most once a second: the step events record is the one really reached
+    steps = [e["step"] for e in read_events(run.events_path) if e.get("type") == "step"]
+    status.step = max([status.step, *(step for step in steps if isinstance(step, int))])
+    with contextlib.suppress(OSError), EventWriter(run.events_path) as events:  # a full disk: status still
         events.write("run_failed", status.step or None, error=message, traceback=details)
     status.state, status.message, status.pid = RunState.FAILED.value, message[:500], os.getpid()
     run.write_status(status)
@@ -135,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             skip_checks=launch.skip_checks,
         )
         return run_job(job)
+    except NoSpaceLeft as exc:  # the message names the device, the path and the space needed
+        _record_failure(
+            run, f"{exc}; then resume with: loratui train --resume {run.path}", traceback.format_exc()
+        )
+        print(f"[loratui] {exc}", file=sys.stderr, flush=True)
+        return 1
     except Exception as exc:
         _record_failure(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         traceback.print_exc()
