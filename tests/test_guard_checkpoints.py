@@ -164,7 +164,7 @@ def _llm_config(tmp_path: Path, base: Path) -> Path:
 
 def _train_in_process(config: Path) -> RunDir:
     from loratui.train.process import worker
-    from loratui.train.process.launch import prepare_run
+    from loratui.train.process.launch import prepare_run, release_locks
 
     run, _ = prepare_run(load_config(config), resume=None, overwrite=False)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -173,6 +173,7 @@ def _train_in_process(config: Path) -> RunDir:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        release_locks(run)  # as the supervisor does when its run ends
     return run
 
 

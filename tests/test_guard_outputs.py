@@ -116,10 +116,14 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(
         assert f"output_dir {tmp_path / 'adapter'} is in use by run {first.name}" in message
         assert "choose another output_dir" in message
         assert [s.run for s in list_runs(tmp_path / "runs")] == [first]  # nothing created for the refused run
-        checkpoint = first.checkpoints_dir / "step-1"
-        checkpoint.mkdir()
-        (checkpoint / "meta.json").write_text("{}")
-        (checkpoint / "lora.safetensors").write_text("")
+        write_checkpoint(
+            first,
+            1,
+            lora_state={"base_model.model.layer.lora_A.weight": torch.zeros(4, 8)},
+            training_state={"optimizer": {}},
+            meta={},
+            config_yaml=first.config_path.read_text(encoding="utf-8"),
+        )
         with pytest.raises(LockHeld, match=f"run {first.name} .*still running.*loratui stop {first.name}"):
             core.prepare_run(_llm(tmp_path, tiny_llama), resume=str(first.path), overwrite=False)
     finally:

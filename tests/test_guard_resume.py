@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from llm_helpers import records, single_thread, write_jsonl
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
 from loratui.config import load_config
-from loratui.runs.checkpoints import resolve_resume
+from loratui.runs.checkpoints import resolve_resume, write_checkpoint
 from loratui.runs.events import read_events
 from loratui.runs.rundir import create_run_dir, list_runs
 from loratui.train.process import launch as core
@@ -54,10 +55,14 @@ def _fake_run(tmp_path: Path, config: Path, name: str = "adapter"):
     resolved = load_config(config)
     run, _ = core.prepare_run(resolved, resume=None, overwrite=False)
     core.release_locks(run)
-    checkpoint = run.checkpoints_dir / "step-2"
-    checkpoint.mkdir()
-    (checkpoint / "meta.json").write_text(json.dumps({"step": 2}))
-    (checkpoint / "lora.safetensors").write_text("")
+    checkpoint = write_checkpoint(
+        run,
+        2,
+        lora_state={"base_model.model.layer.lora_A.weight": torch.zeros(4, 8)},
+        training_state={"optimizer": {}},
+        meta={},
+        config_yaml=run.config_path.read_text(encoding="utf-8"),
+    )
     return run, checkpoint
 
 

@@ -103,3 +103,47 @@ def test_export_refuses_nonfinite_weights(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "holds nan/inf values" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_diverging_run_through_the_cli_fails_and_exports_nothing(tmp_path: Path, tiny_llama: Path) -> None:
+    """`loratui train` as a user runs it (worker subprocess): exit 1, the cause named, no adapter written."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
+    config = tmp_path / "llm.yaml"
+    settings = {
+        "base_model": str(tiny_llama),
+        "task_type": "text-generation",
+        "train_data_dir": str(data),
+        "output_dir": str(tmp_path / "adapter"),
+        "runs_dir": str(tmp_path / "runs"),
+        "lora_rank": 4,
+        "learning_rate": 1e9,
+        "weight_decay": 0.01,
+        "max_steps": 12,
+        "save_steps": 1,
+        "batch_size": 2,
+        "max_seq_len": 160,
+        "mixed_precision": "no",
+    }
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loratui", "train", "--config", str(config), "--no-tui"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "training diverged" in out and "learning_rate 1e+09 too high" in out
+    assert "The last good checkpoint is" in out
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "adapter").exists()
