@@ -21,7 +21,7 @@ from loratui.memory.regime import Regime
 from loratui.memory.tables import _versions, fit_key
 
 SD_NAMES = ("sd15", "sd2", "sdxl")
-LLM_NAMES = ("llama-2-7b", "llama-2-13b", "tinyllama-1.1b")
+LLM_NAMES = ("llama-2-7b", "llama-2-13b", "llama-3.1-8b", "tinyllama-1.1b")
 TABLE_DIR = Path(__file__).resolve().parent.parent / "arch_configs" / "tables"
 
 
