@@ -1,7 +1,7 @@
 """Regenerate the shipped memory tables: `python -m loratui.memory.dev.calibrate [NAME ...]`.
 
-For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, TinyLlama-1.1B) this builds the model
-on the meta device, summarises its parameters, traces the reference training step over the calibration design
+For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, Llama-3.1-8B,
+TinyLlama-1.1B) this builds the model on the meta device, summarises its parameters, traces the reference training step over the calibration design
 for every regime the estimator can ask for, and writes `arch_configs/tables/NAME.json`. Takes minutes per SD
 architecture on a laptop CPU; nothing is downloaded and no weights are read.
 """
