@@ -301,3 +301,32 @@ def test_data_parallel_estimate_is_per_gpu() -> None:
     assert sum(two.breakdown.values()) == two.total_bytes
     assert any("per GPU" in note and "2 processes" in note for note in two.notes)
     assert estimate_peak(cfg, processes=1) == one
+
+
+def test_a_family_the_tracer_cannot_build_is_sized_from_its_own_keys(tmp_path, monkeypatch) -> None:
+    """Bloom spells its dimensions n_layer / n_embed: the analytic estimate reads them (not 7B, not 32 layers)
+    and says it is analytic, with its band."""
+    import json
+
+    from loratui.config import TrainConfig
+    from loratui.memory import estimate as estimate_module
+    from loratui.memory.estimate import estimate_peak
+
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    estimate_module._PLANNERS.clear()
+    folder = tmp_path / "tiny-bloom"
+    folder.mkdir()
+    config = {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "n_embed": 64, "n_layer": 3}
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "vocab_size": 1000}))
+    cfg = TrainConfig(task_type="text-generation", model_family="llm", base_model=str(folder), lora_rank=4)
+    estimate = estimate_peak(cfg, device="cpu")
+    estimate_module._PLANNERS.clear()
+    assert estimate.method.startswith("analytic")
+    assert estimate.error_band == 0.35
+    # 3 x (4 x 64² attention + 2 x 64 x 256 MLP) + 1000 x 64 tied embeddings
+    sized = [n for n in estimate.notes if "parameters" in n]
+    assert sized == [
+        "0.2M parameters, counted from its config.json; 3 layers (config.json n_layer); analytic "
+        "estimate, error band ±35%"
+    ]
+    assert estimate.breakdown["weights"] == 4 * (3 * (4 * 64 * 64 + 2 * 64 * 256) + 1000 * 64)

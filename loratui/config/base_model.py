@@ -106,23 +106,74 @@ def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
     return "unknown", None
 
 
-def _llm_params(config: dict) -> int | None:
-    """Rough parameter count of a decoder-only LM from its config.json."""
+#: the keys that hold each dimension, in the spellings families use (Llama, GPT-2/Bloom, OPT/T5-style)
+LLM_DIMENSION_KEYS = {
+    "hidden": ("hidden_size", "n_embd", "n_embed", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "vocab": ("vocab_size", "padded_vocab_size"),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
+}
+#: families whose MLP is gated (three matrices) and whose embeddings are untied unless the config says otherwise
+_GATED = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo",
+    "olmo2",
+}
+
+
+def llm_dimension(config: dict, name: str) -> tuple[int, str] | None:
+    """(value, key it was read from) of one dimension of a causal LM's config.json, or None."""
     text = config.get("text_config", config)
-    try:
-        hidden = int(text["hidden_size"])
-        layers = int(text["num_hidden_layers"])
-        vocab = int(text["vocab_size"])
-    except (KeyError, TypeError, ValueError):
+    for key in LLM_DIMENSION_KEYS[name]:
+        try:
+            value = int(text[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if value > 0:
+            return value, key
+    return None
+
+
+def _llm_params(config: dict) -> int | None:
+    """Rough parameter count of a decoder-only LM from its config.json (any family's key spellings)."""
+    text = config.get("text_config", config)
+    found = {name: llm_dimension(config, name) for name in ("hidden", "layers", "vocab")}
+    if any(v is None for v in found.values()):
         return None
-    inter = int(text.get("intermediate_size") or 4 * hidden)
-    heads = int(text.get("num_attention_heads") or 1)
+    hidden, layers, vocab = (found[n][0] for n in ("hidden", "layers", "vocab"))
+    gated = str(text.get("model_type", "")) in _GATED or str(text.get("hidden_act", "")) in ("silu", "swish")
+    inter = (llm_dimension(config, "intermediate") or (4 * hidden, ""))[0]
+    heads = (llm_dimension(config, "heads") or (1, ""))[0]
     kv = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or hidden // max(heads, 1))
     attn = hidden * head_dim * (heads * 2 + kv * 2)
-    mlp = 3 * hidden * inter
-    tied = bool(text.get("tie_word_embeddings", False))
+    mlp = (3 if gated else 2) * hidden * inter
+    tied = bool(text.get("tie_word_embeddings", not gated))
     return layers * (attn + mlp) + vocab * hidden * (1 if tied else 2)
+
+
+def layers_from_weight_files(folder: Path) -> int | None:
+    """Decoder layers stored in a folder's .safetensors files (the highest `layers.N.` / `h.N.` index + 1)."""
+    highest = -1
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            header = read_safetensors_header(path)
+        except (OSError, ValueError):
+            return None
+        for name in header:
+            found = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", name)
+            if found:
+                highest = max(highest, int(found.group(1)))
+    return highest + 1 if highest >= 0 else None
 
 
 def _inspect_diffusers(folder: Path) -> ModelInfo:

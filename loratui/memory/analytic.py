@@ -33,14 +33,39 @@ def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
     return 7_000_000_000, "ASSUMED (nothing readable gives the size; the estimate may be far off)"
 
 
+LLM_BAND = 0.35
+SD_BAND = 0.40
+
+
+def llm_layers(spec: ArchSpec) -> tuple[int, str]:
+    """(decoder layers, where the number comes from): its config's own key, else its weights' headers, else 32."""
+    from pathlib import Path
+
+    from loratui.config.base_model import layers_from_weight_files, llm_dimension
+
+    found = llm_dimension(spec.configs["model"], "layers")
+    if found:
+        return found[0], f"config.json {found[1]}"
+    folder = Path(spec.source).parent if spec.source.endswith(".json") else None
+    stored = layers_from_weight_files(folder) if folder is not None else None
+    if stored:
+        return stored, ".safetensors headers"
+    return 32, "ASSUMED"
+
+
 def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[str, int], float]:
-    text = spec.configs["model"].get("text_config", spec.configs["model"])
+    from loratui.config.base_model import llm_dimension
+
+    model = spec.configs["model"]
     params, origin = llm_params(spec, str(cfg.base_model or ""))
+    layers, layers_origin = llm_layers(spec)
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    notes.append(f"{size} parameters, {origin}")
-    hidden = int(text.get("hidden_size") or 4096)
-    layers = int(text.get("num_hidden_layers") or 32)
-    vocab = int(text.get("vocab_size") or 32000)
+    notes.append(
+        f"{size} parameters, {origin}; {layers} layers ({layers_origin}); analytic estimate, error band "
+        f"±{LLM_BAND:.0%}"
+    )
+    hidden = (llm_dimension(model, "hidden") or (4096, ""))[0]
+    vocab = (llm_dimension(model, "vocab") or (32000, ""))[0]
     b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
     width = 4 if (device == "cpu" or cfg.mixed_precision == "no") and not cfg.load_in_4bit else 2
     if cfg.load_in_4bit and device == "cuda":
@@ -58,7 +83,7 @@ def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[
         "gradients": lora,
         "activations": stored,
         "logits_loss": logits,
-    }, 0.35
+    }, LLM_BAND
 
 
 def _sd(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
@@ -74,11 +99,11 @@ def _sd(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
         "optimizer_state": 2 * lora,
         "gradients": lora,
         "activations": int(acts),
-    }, 0.40
+    }, SD_BAND
 
 
 def analytic_estimate(spec: ArchSpec, cfg: Any, device: str, notes: list[str]):
-    """An `Estimate` from closed-form rules; error band 35-40 %."""
+    """An `Estimate` from closed-form rules; error band `LLM_BAND` / `SD_BAND`."""
     from loratui.memory.estimate_types import Estimate, cuda_overheads
 
     notes = list(notes)

@@ -85,6 +85,12 @@ _LLM_KEYS = (
     "attention_bias",
     "mlp_bias",
 )
+#: what transformers assumes for `_LLM_KEYS` a config.json leaves out, per model type (files saved by older
+#: versions omit them: Llama-2's published config has no attention_bias / mlp_bias), so such a file matches the
+#: same shipped table as one that spells the defaults out
+_LLM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "tie_word_embeddings": False},
+}
 DEFAULT_LLM = "llama-2-7b"
 
 
@@ -125,7 +131,8 @@ def fingerprint(kind: str, configs: dict[str, dict[str, Any]]) -> str:
     if kind == "llm":
         model = configs["model"]
         text = model.get("text_config", model)
-        payload: Any = {k: text.get(k) for k in _LLM_KEYS}
+        defaults = _LLM_DEFAULTS.get(str(text.get("model_type")), {})
+        payload: Any = {k: text.get(k, defaults.get(k)) for k in _LLM_KEYS}
         if payload["num_key_value_heads"] is None:
             payload["num_key_value_heads"] = text.get("num_attention_heads")
         if payload["head_dim"] is None and text.get("hidden_size") and text.get("num_attention_heads"):
@@ -168,7 +175,8 @@ def bundled_sd_configs(name: str) -> dict[str, dict[str, Any]]:
 
 
 def bundled_llm_config(name: str) -> dict[str, Any]:
-    """A causal-LM config shipped with the memory planner (llama-2-7b, llama-2-13b, tinyllama-1.1b)."""
+    """A causal-LM config shipped with the memory planner (llama-2-7b, llama-2-13b, llama-3.1-8b,
+    tinyllama-1.1b)."""
     text = resources.files("loratui.memory").joinpath("arch_configs", f"{name}.json").read_text("utf-8")
     return json.loads(text)
 

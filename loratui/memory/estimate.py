@@ -85,15 +85,15 @@ def planner_for(cfg: Any, family: str | None = None) -> Planner:
 
 
 def _summary(spec: ArchSpec, notes: list[str], cfg: Any) -> ArchSummary | None:
-    from loratui.memory.tables import table_for
+    from loratui.memory.tables import cached_summary, store_summary
 
-    table = table_for(spec.fingerprint)
-    if table is not None:
-        return ArchSummary.from_dict(table["summary"])
+    found = cached_summary(spec)
+    if found is not None:
+        return ArchSummary.from_dict(found)
     from loratui.memory.summary import build_summary
 
     try:
-        return build_summary(spec)
+        summary = build_summary(spec)
     except Exception as exc:  # unknown model_type, config the libraries reject, missing optional package
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
         notes.append(
@@ -101,6 +101,8 @@ def _summary(spec: ArchSpec, notes: list[str], cfg: Any) -> ArchSummary | None:
             "using the analytic estimate (wider error)"
         )
         return None
+    store_summary(spec, summary.to_dict())
+    return summary
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------

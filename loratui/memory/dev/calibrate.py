@@ -1,7 +1,7 @@
 """Regenerate the shipped memory tables: `python -m loratui.memory.dev.calibrate [NAME ...]`.
 
-For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, TinyLlama-1.1B) this builds the model
-on the meta device, summarises its parameters, traces the reference training step over the calibration design
+For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, Llama-3.1-8B,
+TinyLlama-1.1B) this builds the model on the meta device, summarises its parameters, traces the reference training step over the calibration design
 for every regime the estimator can ask for, and writes `arch_configs/tables/NAME.json`. Takes minutes per SD
 architecture on a laptop CPU; nothing is downloaded and no weights are read.
 """
@@ -21,7 +21,7 @@ from loratui.memory.regime import Regime
 from loratui.memory.tables import _versions, fit_key
 
 SD_NAMES = ("sd15", "sd2", "sdxl")
-LLM_NAMES = ("llama-2-7b", "llama-2-13b", "tinyllama-1.1b")
+LLM_NAMES = ("llama-2-7b", "llama-2-13b", "llama-3.1-8b", "tinyllama-1.1b")
 TABLE_DIR = Path(__file__).resolve().parent.parent / "arch_configs" / "tables"
 
 
