@@ -81,3 +81,14 @@ def test_refuses_to_overwrite_a_report_and_unknown_sections(tmp_path: Path) -> N
     proc = _run("--smoke", "--only", "llm,nope", "--out", str(tmp_path / "x"), timeout=60)
     assert proc.returncode == 2
     assert "unknown section nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_a_gpu_asks_for_smoke(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the real check would start here
+    proc = _run("--out", str(tmp_path / "report"), timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU here; run with --smoke" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "report").exists()
