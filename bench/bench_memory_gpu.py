@@ -20,6 +20,7 @@ allocator to what an 8 GB card leaves (8 GiB - driver share - measured context);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -33,7 +34,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GIB = 2**30
 
 
-def build_sd_folder(name: str, dest: Path) -> Path:
+@contextlib.contextmanager
+def init_on(device: str, dtype_name: str):
+    """Build modules directly on `device` in `dtype_name` (a GPU initialises billions of weights in seconds);
+    on the CPU modules are built as usual (fp32) and converted afterwards."""
+    import torch
+
+    if device == "cpu":
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype_name))
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_sd_folder(name: str, dest: Path, device: str = "cpu") -> Path:
     """A diffusers pipeline folder with random fp16 weights for the bundled `name` architecture."""
     import diffusers
     import torch
@@ -46,23 +65,27 @@ def build_sd_folder(name: str, dest: Path) -> Path:
     source = bundled_config_folder(name)
     shutil.copytree(source, dest)
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel.from_config(
-        diffusers.UNet2DConditionModel.load_config(source / "unet")
-    )
+    with init_on(device, "float16"):
+        unet = diffusers.UNet2DConditionModel.from_config(
+            diffusers.UNet2DConditionModel.load_config(source / "unet")
+        )
     unet.to(torch.float16).save_pretrained(dest / "unet", safe_serialization=True)
     del unet
-    vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(source / "vae"))
+    with init_on(device, "float16"):
+        vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(source / "vae"))
     vae.to(torch.float16).save_pretrained(dest / "vae", safe_serialization=True)
     del vae
     for folder in ("text_encoder", "text_encoder_2"):
         if (source / folder).is_dir():
             config = transformers.AutoConfig.from_pretrained(source / folder)
             cls = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0])
-            cls(config).to(torch.float16).save_pretrained(dest / folder, safe_serialization=True)
+            with init_on(device, "float16"):
+                encoder = cls(config)
+            encoder.to(torch.float16).save_pretrained(dest / folder, safe_serialization=True)
     return dest
 
 
-def build_llama_folder(dest: Path, work: Path) -> Path:
+def build_llama_folder(dest: Path, work: Path, device: str = "cpu") -> Path:
     """TinyLlama-1.1B architecture, random bf16 weights, with the tiny model's tokenizer files."""
     import torch
     import transformers
@@ -77,7 +100,9 @@ def build_llama_folder(dest: Path, work: Path) -> Path:
         **{k: v for k, v in values.items() if k not in ("architectures", "model_type")}
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
+    with init_on(device, "bfloat16"):
+        model = transformers.LlamaForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
     tiny = build_tiny_llama(work / "tiny-llama")
     for item in tiny.iterdir():
         if item.name.startswith("tokenizer") or item.name in (
