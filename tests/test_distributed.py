@@ -226,7 +226,7 @@ def test_out_of_memory_on_one_rank_only_is_agreed_and_recovered(tmp_path, tiny_l
 
     seed, long_text, short_text = 3, "the patient has a fever and a cough " * 5, "rest"
     first = StepPlan(8, 4, 1, 2, seed).samples_for_step(0)
-    long_rows = set(first[0::2])  # rank 0's share of step 1 (see distributed.shard)
+    long_rows = set(first[0::2])  # rank 0's share of step 1 (see batches.shard)
     rows = [{"text": f"{long_text if i in long_rows else short_text} {i}"} for i in range(8)]
     data = write_jsonl(tmp_path / "data" / "text.jsonl", rows)
     only_long = write_jsonl(tmp_path / "long" / "text.jsonl", [{"text": long_text}] * 4)

@@ -304,7 +304,7 @@ def _print_dry_run(
             "memory": prediction,
         }
         if processes is not None:
-            from loratui.train.process.distributed import global_batch
+            from loratui.train.process.batches import global_batch
 
             cfg = resolved.config
             payload["processes"] = {

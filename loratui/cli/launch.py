@@ -164,7 +164,7 @@ def print_preflight(result: PreflightResult, *, skip_checks: bool, out) -> None:
 
 def distributed_summary(resolved: ResolvedConfig, processes: Processes) -> str:
     """One line on how the batch is spread over the processes (`batch_size` is per device)."""
-    from loratui.train.process.distributed import global_batch
+    from loratui.train.process.batches import global_batch
 
     cfg = resolved.config
     total = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes.processes)

@@ -47,13 +47,8 @@ from loratui.train.loop.session import training_session
 from loratui.train.loop.signals import StopFlag
 from loratui.train.oom.errors import skipped_when_out_of_memory
 from loratui.train.oom.recovering import RecoveringStep
-from loratui.train.process.distributed import (
-    batch_info,
-    checkpoint_on_peer_loss,
-    is_main,
-    plan_batch,
-    resume_note,
-)
+from loratui.train.process.batches import batch_info, plan_batch, resume_note
+from loratui.train.process.distributed import checkpoint_on_peer_loss, is_main
 
 SAMPLE_HINT = "Try samples after training instead (`loratui sample --compare`), or fewer sample_prompts."
 EVAL_HINT = "Evaluation runs at batch_size on one GPU; set val_split: 0 to turn it off."

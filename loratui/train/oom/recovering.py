@@ -205,7 +205,8 @@ class RecoveringStep:
     def _attempt(self, indices: Sequence[int], micro_loss: Callable[[Sequence[int]], Any], *, retrying: bool):
         from loratui.train.loop.plan import split_micro_batches
         from loratui.train.loop.stepping import optimizer_step
-        from loratui.train.process.distributed import PeerLost, describe_loss, is_comm_error, shard
+        from loratui.train.process.batches import shard
+        from loratui.train.process.distributed import PeerLost, describe_loss, is_comm_error
 
         seen: list[int] = []
         processes, index = data_parallel_view(self.step_kwargs.get("accelerator"))

@@ -30,13 +30,8 @@ from loratui.train.loop.session import training_session
 from loratui.train.loop.signals import StopFlag
 from loratui.train.oom.errors import skipped_when_out_of_memory
 from loratui.train.oom.recovering import RecoveringStep
-from loratui.train.process.distributed import (
-    batch_info,
-    checkpoint_on_peer_loss,
-    is_main,
-    plan_batch,
-    resume_note,
-)
+from loratui.train.process.batches import batch_info, plan_batch, resume_note
+from loratui.train.process.distributed import checkpoint_on_peer_loss, is_main
 from loratui.train.sd.dataset import SampleView, SDDataset
 from loratui.train.sd.latent_cache import LatentSource
 from loratui.train.sd.oom import sd_meter_modules, sd_rung_applier
