@@ -28,7 +28,6 @@ The pieces: `errors` (telling an out-of-memory error from others), `step_memory`
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 from loratui.config import TrainConfig
 from loratui.train.job import WorkerJob
+from loratui.train.loop.divergence import DivergenceWatch
 from loratui.train.oom import cache as oom_cache
 from loratui.train.oom.errors import (
     EventSink,
@@ -60,10 +60,6 @@ from loratui.train.oom.step_memory import (
 )
 
 DEBUG_SAMPLES_ENV = "LORATUI_DEBUG_SAMPLES"
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many optimizer steps in a row had a nan/inf loss or gradient; the message says what to do."""
 
 
 class RecoveringStep:
@@ -92,7 +88,6 @@ class RecoveringStep:
         self.apply = apply
         self.step_kwargs = step_kwargs
         self.recoveries: list[dict[str, Any]] = []
-        self.nonfinite_steps: list[int] = []  # the current run of optimizer steps with a nan/inf loss
         self.debug_samples = os.environ.get(DEBUG_SAMPLES_ENV, "") not in ("", "0")
         self._samples: list[int] = []
         self.ranks = RankExchange()
@@ -109,6 +104,7 @@ class RecoveringStep:
         )
         self.memory = StepMemory(job, step_kwargs, meter_modules)
         self.planner = PlannerJump(job, self.memory, self.kind)
+        self.divergence = DivergenceWatch(job, reporter, step_kwargs.get("accelerator"))
 
     # --- public ------------------------------------------------------------------------------------------
 
@@ -130,7 +126,7 @@ class RecoveringStep:
             pending = self._recover(step, outcome, pending)
         if pending is not None:
             self._recovered(step, pending)
-        self._watch_nonfinite(step, outcome)
+        self.divergence.observe(step, outcome)
         return outcome
 
     def step_fields(self) -> dict[str, Any]:
@@ -153,52 +149,6 @@ class RecoveringStep:
     def summary(self) -> dict[str, Any]:
         """Fields for `run_finished`: every recovery of this worker."""
         return {"oom_recoveries": list(self.recoveries)}
-
-    # --- nan/inf --------------------------------------------------------------------------------------------
-
-    def _watch_nonfinite(self, step: int, result: Any) -> None:
-        """Count optimizer steps in a row with a nan/inf loss (or, without fp16's grad scaler, gradient);
-        warn on each, raise `TrainingDiverged` at `max_nonfinite_steps`. The loss is the all-ranks one, so
-        every process decides alike. With fp16 an overflowing gradient is the scaler's business (it skips
-        the step and lowers its scale), but a nan/inf loss still counts."""
-        scaler = getattr(self.step_kwargs.get("accelerator"), "scaler", None)
-        loss_bad = not math.isfinite(result.loss)
-        if not (loss_bad or (scaler is None and result.nonfinite)):
-            self.nonfinite_steps = []
-            return
-        self.nonfinite_steps.append(step)
-        limit = self.cfg.max_nonfinite_steps
-        what = "loss" if loss_bad else "gradients"
-        self.reporter.event(
-            "warning",
-            step,
-            message=f"non-finite {what} (nan/inf) at step {step}: the update was skipped "
-            f"({len(self.nonfinite_steps)} in a row; the run stops at max_nonfinite_steps {limit})",
-            nonfinite=True,
-        )
-        if len(self.nonfinite_steps) >= limit:
-            raise TrainingDiverged(self._diverged_message(what))
-
-    def _diverged_message(self, what: str) -> str:
-        from loratui.runs.checkpoints import last_good_checkpoint
-
-        first, last = self.nonfinite_steps[0], self.nonfinite_steps[-1]
-        precision = str(getattr(self.step_kwargs.get("accelerator"), "mixed_precision", "no") or "no")
-        cause = f"learning_rate {self.cfg.learning_rate:g} too high"
-        if precision in ("fp16", "bf16"):
-            cause += f", or mixed_precision {precision} overflowing (try bf16 or no)"
-        good = last_good_checkpoint(self.job.run, before_step=first) if self.job.run is not None else None
-        if good is not None:
-            where = (
-                f"The last good checkpoint is {good}; resume from it with a lower learning rate: "
-                f"loratui train --resume {good} --set learning_rate=..."
-            )
-        else:
-            where = "No checkpoint was saved before it; start again with a lower learning_rate"
-        return (
-            f"training diverged: the {what} was nan/inf for {len(self.nonfinite_steps)} optimizer steps in a "
-            f"row (steps {first}-{last}, the updates were skipped). Likely cause: {cause}. {where}"
-        )
 
     # --- one attempt ---------------------------------------------------------------------------------------
 
