@@ -101,9 +101,6 @@ def test_stop_checkpoints_a_detached_run(tmp_path: Path, tiny_llama: Path, subpr
         assert status.pid != supervisor.pid and status.pid_started == process_start_time(status.pid)
         assert effective_state(status)[0] == "running"  # the real worker, with its own start time
         assert _stop("no-such-run", "--runs-dir", runs).exit_code == 2
-
-        hurried = _stop("--runs-dir", runs, "--timeout", "0")  # asked, but not given time to save
-        assert hurried.exit_code == 1 and "still running" in hurried.output
         result = _stop("--runs-dir", runs, "--timeout", str(TIMEOUT_S))  # the latest running run
         code = supervisor.wait(timeout=30)
     finally:
@@ -116,6 +113,31 @@ def test_stop_checkpoints_a_detached_run(tmp_path: Path, tiny_llama: Path, subpr
     assert checkpoint is not None and int(checkpoint.name.split("-")[1]) < 400
     assert read_events(run.events_path)[-1]["type"] == "run_stopped"
     assert _stop(run.name, "--runs-dir", runs).exit_code == 2  # no longer running
+
+
+def test_stop_that_runs_out_of_time_says_the_run_is_still_running(tmp_path: Path) -> None:
+    """A run that does not end within --timeout (here a worker that ignores SIGTERM): exit 1, still running."""
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+        ]
+    )
+    try:
+        time.sleep(0.3)  # the SIGTERM handler is in place
+        run = create_run_dir(tmp_path / "runs", "stubborn")
+        status = RunStatus(
+            state="running", pid=stubborn.pid, pid_started=process_start_time(stubborn.pid), step=3
+        )
+        status.write(run.status_path)
+        result = _stop(run.name, "--runs-dir", str(tmp_path / "runs"), "--timeout", "0.5")
+        assert result.exit_code == 1 and "still running" in result.output, result.output
+        assert stubborn.poll() is None  # asked, not killed
+        assert RunStatus.read(run.status_path).state == "running"
+    finally:
+        stubborn.kill()
+        stubborn.wait()
 
 
 def test_stop_now_kills_the_run_without_a_checkpoint(
