@@ -279,6 +279,23 @@ def _add_bare(row: dict[str, Any], bare: Any, units: int, steps: int) -> None:
     row["speed_ratio"] = round(row["rate"] / row["bare_rate"], 4)
 
 
+def _measured_columns(unit: str, rate_format: str) -> list[tuple[str, str, str]]:
+    """The columns every measured LLM/SD row shares: memory predicted vs measured, speed vs the bare loop."""
+    return [
+        ("predicted", "predicted (total)", "gib"),
+        ("reserved_plus_context", "max reserved + context", "gib"),
+        ("error_vs_reserved", "error", "pct"),
+        ("predicted_allocated_basis", "predicted (allocated basis)", "gib"),
+        ("allocated", "max allocated", "gib"),
+        ("error_vs_allocated", "error", "pct"),
+        ("bare_allocated", "bare loop max allocated", "gib"),
+        ("rate", f"loratui {unit}", rate_format),
+        ("bare_rate", f"bare {unit}", rate_format),
+        ("speed_ratio", "ratio", "ratio"),
+        ("status", "status", "text"),
+    ]
+
+
 # --- LLM -------------------------------------------------------------------------------------------------------
 
 LLM_COLUMNS = [
@@ -286,17 +303,7 @@ LLM_COLUMNS = [
     ("method", "method", "text"),
     ("seq", "seq", "int"),
     ("batch", "batch", "int"),
-    ("predicted", "predicted (total)", "gib"),
-    ("reserved_plus_context", "max reserved + context", "gib"),
-    ("error_vs_reserved", "error", "pct"),
-    ("predicted_allocated_basis", "predicted (allocated basis)", "gib"),
-    ("allocated", "max allocated", "gib"),
-    ("error_vs_allocated", "error", "pct"),
-    ("bare_allocated", "bare loop max allocated", "gib"),
-    ("rate", "loratui tokens/s", "rate"),
-    ("bare_rate", "bare tokens/s", "rate"),
-    ("speed_ratio", "ratio", "ratio"),
-    ("status", "status", "text"),
+    *_measured_columns("tokens/s", "rate"),
 ]
 
 
@@ -392,17 +399,7 @@ SD_COLUMNS = [
     ("resolution", "resolution", "int"),
     ("batch", "batch", "int"),
     ("checkpointing", "grad ckpt", "text"),
-    ("predicted", "predicted (total)", "gib"),
-    ("reserved_plus_context", "max reserved + context", "gib"),
-    ("error_vs_reserved", "error", "pct"),
-    ("predicted_allocated_basis", "predicted (allocated basis)", "gib"),
-    ("allocated", "max allocated", "gib"),
-    ("error_vs_allocated", "error", "pct"),
-    ("bare_allocated", "bare loop max allocated", "gib"),
-    ("rate", "loratui samples/s", "rate2"),
-    ("bare_rate", "bare samples/s", "rate2"),
-    ("speed_ratio", "ratio", "ratio"),
-    ("status", "status", "text"),
+    *_measured_columns("samples/s", "rate2"),
 ]
 
 

@@ -205,3 +205,28 @@ def write_tiny_gguf(hf_folder: Path, dest: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+def write_llm_yaml(tmp_path: Path, base: Path, data: Path | None = None, **overrides: Any) -> Path:
+    """`tmp_path/llm.yaml`: a text-generation config for the tiny model as a user writes it (a short run, rank 4,
+    fp32), on `data` or on 8 prompt/response records written to `tmp_path/data/qa.jsonl`."""
+    import yaml
+
+    if data is None:
+        data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
+    values = {
+        "base_model": str(base),
+        "task_type": "text-generation",
+        "train_data_dir": str(data),
+        "output_dir": str(tmp_path / "adapter"),
+        "runs_dir": str(tmp_path / "runs"),
+        "lora_rank": 4,
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_seq_len": 96,
+        "mixed_precision": "no",
+        **overrides,
+    }
+    path = tmp_path / "llm.yaml"
+    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+    return path

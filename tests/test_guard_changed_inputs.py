@@ -9,8 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-import yaml
-from llm_helpers import records, single_thread, write_jsonl
+from llm_helpers import records, single_thread, write_jsonl, write_llm_yaml
 from sd_helpers import make_image_dataset, seed_like_config
 from typer.testing import CliRunner
 
@@ -38,25 +37,9 @@ def _run_worker(run) -> int:
 
 
 def _llm_config(tmp_path: Path, base: Path, data: Path, **extra) -> Path:
-    config = {
-        "base_model": str(base),
-        "task_type": "text-generation",
-        "train_data_dir": str(data),
-        "output_dir": str(tmp_path / "adapter"),
-        "runs_dir": str(tmp_path / "runs"),
-        "lora_rank": 4,
-        "max_steps": 2,
-        "save_steps": 1,
-        "batch_size": 2,
-        "max_seq_len": 96,
-        "mixed_precision": "no",
-        "learning_rate": 1e-3,
-        "lr_scheduler": "constant",
-        **extra,
-    }
-    path = tmp_path / "llm.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_llm_yaml(
+        tmp_path, base, data, save_steps=1, learning_rate=1e-3, lr_scheduler="constant", **extra
+    )
 
 
 @pytest.fixture()

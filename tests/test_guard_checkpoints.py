@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from llm_helpers import records, single_thread, write_jsonl
+from llm_helpers import single_thread, write_llm_yaml
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
@@ -143,23 +142,7 @@ def _fake_run_write(run: RunDir, step: int) -> None:
 
 
 def _llm_config(tmp_path: Path, base: Path) -> Path:
-    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    config = {
-        "base_model": str(base),
-        "task_type": "text-generation",
-        "train_data_dir": str(data),
-        "output_dir": str(tmp_path / "adapter"),
-        "runs_dir": str(tmp_path / "runs"),
-        "lora_rank": 4,
-        "max_steps": 3,
-        "save_steps": 1,
-        "batch_size": 2,
-        "max_seq_len": 96,
-        "mixed_precision": "no",
-    }
-    path = tmp_path / "llm.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_llm_yaml(tmp_path, base, max_steps=3, save_steps=1)
 
 
 def _train_in_process(config: Path) -> RunDir:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from llm_helpers import make_config, records, single_thread, write_jsonl
+from llm_helpers import make_config, records, single_thread, write_jsonl, write_llm_yaml
 from sd_helpers import make_image_dataset, seed_like_config
 from typer.testing import CliRunner
 
@@ -52,23 +51,7 @@ def _llm(tmp_path: Path, tiny_llama: Path, **overrides) -> ResolvedConfig:
 
 
 def _llm_yaml(tmp_path: Path, tiny_llama: Path, **overrides) -> Path:
-    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    values = {
-        "base_model": str(tiny_llama),
-        "task_type": "text-generation",
-        "train_data_dir": str(data),
-        "output_dir": str(tmp_path / "adapter"),
-        "runs_dir": str(tmp_path / "runs"),
-        "lora_rank": 4,
-        "max_steps": 2,
-        "batch_size": 2,
-        "max_seq_len": 96,
-        "mixed_precision": "no",
-        **overrides,
-    }
-    path = tmp_path / "llm.yaml"
-    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
-    return path
+    return write_llm_yaml(tmp_path, tiny_llama, **overrides)
 
 
 def _unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int = errno.EROFS) -> None:

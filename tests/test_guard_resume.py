@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from llm_helpers import records, single_thread, write_jsonl
+from llm_helpers import single_thread, write_llm_yaml
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
@@ -31,23 +30,7 @@ def _one_thread():
 
 
 def _config(tmp_path: Path, tiny_llama: Path, **overrides) -> Path:
-    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    values = {
-        "base_model": str(tiny_llama),
-        "task_type": "text-generation",
-        "train_data_dir": str(data),
-        "output_dir": str(tmp_path / "adapter"),
-        "runs_dir": str(tmp_path / "runs"),
-        "lora_rank": 4,
-        "max_steps": 2,
-        "batch_size": 2,
-        "max_seq_len": 96,
-        "mixed_precision": "no",
-        **overrides,
-    }
-    path = tmp_path / "llm.yaml"
-    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
-    return path
+    return write_llm_yaml(tmp_path, tiny_llama, **overrides)
 
 
 def _fake_run(tmp_path: Path, config: Path, name: str = "adapter"):

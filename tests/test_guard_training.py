@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_helpers import make_config, records, single_thread, write_jsonl
+from llm_helpers import make_config, records, single_thread, write_jsonl, write_llm_yaml
 from safetensors.torch import load_file, save_file
 from sd_helpers import events_of, make_image_dataset, seed_like_config
 
@@ -111,26 +111,15 @@ def test_diverging_run_through_the_cli_fails_and_exports_nothing(tmp_path: Path,
     import subprocess
     import sys
 
-    import yaml
-
-    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
-    config = tmp_path / "llm.yaml"
-    settings = {
-        "base_model": str(tiny_llama),
-        "task_type": "text-generation",
-        "train_data_dir": str(data),
-        "output_dir": str(tmp_path / "adapter"),
-        "runs_dir": str(tmp_path / "runs"),
-        "lora_rank": 4,
-        "learning_rate": 1e9,
-        "weight_decay": 0.01,
-        "max_steps": 12,
-        "save_steps": 1,
-        "batch_size": 2,
-        "max_seq_len": 160,
-        "mixed_precision": "no",
-    }
-    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    config = write_llm_yaml(
+        tmp_path,
+        tiny_llama,
+        learning_rate=1e9,
+        weight_decay=0.01,
+        max_steps=12,
+        save_steps=1,
+        max_seq_len=160,
+    )
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from loratui.config.base_model import read_safetensors_header
 from loratui.runs.rundir import RunDir, find_run, list_runs
 from loratui.util.atomic import atomic_directory
 from loratui.util.disk import no_space_guard, tensor_bytes
@@ -160,14 +161,13 @@ def _safetensors_problem(path: Path) -> str | None:
     """Why a safetensors file is unusable (header unreadable, data shorter than the header says), or None."""
     try:
         size = path.stat().st_size
+        if size < 8:
+            return f"{path.name} is truncated ({size} bytes)"
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return f"{path.name} is truncated ({size} bytes)"
-            (length,) = struct.unpack("<Q", head)
-            if length > size - 8:
-                return f"{path.name} is truncated ({size} bytes, its header alone needs {length + 8})"
-            header = json.loads(handle.read(length))
+            (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            return f"{path.name} is truncated ({size} bytes, its header alone needs {length + 8})"
+        header = read_safetensors_header(path)
         end = max(
             (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
             default=0,
