@@ -21,7 +21,11 @@ def _settings_from_config(path: Path) -> dict[str, Any]:
     except OSError as exc:
         fail(f"cannot read config {path}: {exc}", EXIT_UNUSABLE)
     return {
-        "task": "image" if cfg.task_type == "image-generation" else "text",
+        "task": "image"
+        if cfg.task_type == "image-generation"
+        else "preference"
+        if cfg.method != "sft"
+        else "text",
         "base_model": cfg.base_model or None,
         "data": Path(cfg.train_data_dir).expanduser() if cfg.train_data_dir else None,
         "metadata": Path(cfg.metadata_path).expanduser() if cfg.metadata_path else None,
@@ -39,7 +43,9 @@ def check(
         None, help="Dataset folder (images + captions) or JSON/JSONL file/folder (default: the config's)."
     ),
     task: str | None = typer.Option(
-        None, "--task", help="image or text; detected from the files if omitted."
+        None,
+        "--task",
+        help="image, text or preference (chosen/rejected pairs); detected from the files if omitted.",
     ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="Take resolution, batch size etc. from it."
@@ -84,8 +90,8 @@ def check(
     target = path or settings.get("data")
     if target is None:
         fail("give a dataset PATH or a --config with train_data_dir", EXIT_UNUSABLE)
-    if task is not None and task not in ("image", "text"):
-        fail(f"--task must be image or text, not {task!r}", EXIT_UNUSABLE)
+    if task is not None and task not in ("image", "text", "preference"):
+        fail(f"--task must be image, text or preference, not {task!r}", EXIT_UNUSABLE)
     task = task or settings.get("task")
     exts = tuple(caption_extension) if caption_extension else settings.get("caption_extensions")
     tok = tokenizer

@@ -46,6 +46,17 @@ KEY_ALIASES: dict[str, str] = {
     "shuffle_caption": "shuffle_tags",
     "quantization_bit_4": "load_in_4bit",
     "family": "model_family",
+    "beta": "pref_beta",
+    "dpo_beta": "pref_beta",
+    "rl_beta": "pref_beta",
+    "loss_type": "pref_loss",
+    "dpo_loss": "pref_loss",
+    "dpo_label_smoothing": "label_smoothing",
+    "orpo_alpha": "orpo_lambda",
+    "orpo_beta": "orpo_lambda",
+    "rl": "method",
+    "stage": "method",
+    "training_method": "method",
 }
 
 # Values normalised before validation, per canonical key (lower-cased lookup).
@@ -81,6 +92,8 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     "model_family": {"sd1": "sd15", "sd1.5": "sd15", "sd21": "sd2", "sd2.1": "sd2", "sd-xl": "sdxl"},
     "lr_scheduler": {"cosine_with_restarts": "cosine"},
     "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
+    "method": {"supervised": "sft"},
+    "pref_loss": {"dpo": "sigmoid"},
 }
 
 

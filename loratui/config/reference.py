@@ -6,7 +6,7 @@ import json
 
 from loratui.config.aliases import KEY_ALIASES
 from loratui.config.schema import TrainConfig
-from loratui.config.task_keys import IMAGE_ONLY, TEXT_ONLY
+from loratui.config.task_keys import IMAGE_ONLY, METHOD_KEYS, TEXT_ONLY
 
 INTRO = """# Config reference
 
@@ -56,6 +56,14 @@ def render() -> str:
         lines += [title, "", "| key | why the other task ignores it |", "|---|---|"]
         lines += [f"| `{key}` | {reason} |" for key, reason in keys.items()]
         lines.append("")
+    lines += [
+        "Read by some training methods (`method`) of text runs only; a text run with another method warns:",
+        "",
+        "| key | read by | why the other methods ignore it |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{key}` | {', '.join(methods)} | {why} |" for key, (methods, why) in METHOD_KEYS.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

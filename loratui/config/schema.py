@@ -17,6 +17,8 @@ Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
+Method = Literal["sft", "dpo", "orpo"]
+PrefLoss = Literal["sigmoid", "ipo"]
 #: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
 MAX_SEED = 2**32 - 1
 
@@ -134,6 +136,24 @@ class TrainConfig(BaseModel):
     val_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for eval loss.")
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
 
+    # --- preference training (LLM) -------------------------------------------------------------
+    method: Method = Field(
+        "sft", description="LLM: sft (prompt/response), or dpo / orpo on prompt/chosen/rejected pairs."
+    )
+    pref_beta: float = Field(
+        0.1, gt=0, description="DPO: beta, how far the adapter may move from the reference (0.1 typical)."
+    )
+    pref_loss: PrefLoss = Field("sigmoid", description="DPO loss: sigmoid (DPO) or ipo.")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="DPO (sigmoid): share of pairs assumed mislabelled (conservative DPO).",
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, description="ORPO: weight of the odds-ratio term added to the chosen answer's NLL."
+    )
+
     # --- safety and recovery ----------------------------------------------------------------
     allow_pickle: bool = Field(False, description="Allow loading pickle weights (.ckpt/.bin): runs code.")
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the model folder.")
@@ -181,6 +201,13 @@ class TrainConfig(BaseModel):
             value = [v.strip() for v in value.split(",")]
         if isinstance(value, list | tuple) and len(value) == 2 and str(value[0]) == str(value[1]):
             return value[0]
+        return value
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_is_for_sigmoid(cls, value: float, info: ValidationInfo) -> float:
+        if value and info.data.get("pref_loss") == "ipo":
+            raise ValueError("label_smoothing applies to pref_loss: sigmoid only; set it to 0 for ipo")
         return value
 
     @field_validator("caption_extension")

@@ -25,6 +25,21 @@ TEXT_ONLY: dict[str, str] = {
     "chat_template": "image runs render no chat",
     "trust_remote_code": "image models are loaded without code from the model folder",
     "chunked_loss": "the chunked loss is computed over an LLM's output head",
+    "method": "preference training (dpo, orpo) applies to LLM runs only",
+    "pref_beta": "preference training applies to LLM runs only",
+    "pref_loss": "preference training applies to LLM runs only",
+    "label_smoothing": "preference training applies to LLM runs only",
+    "orpo_lambda": "preference training applies to LLM runs only",
+}
+
+#: keys that only some `method`s of a text run read -> (the methods that read it, why the others ignore it)
+METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "train_on_prompt": (("sft",), "preference losses score the answers only"),
+    "packing": (("sft",), "preference pairs are not packed (each answer is scored as a whole sequence)"),
+    "pref_beta": (("dpo",), "beta weighs DPO's distance to the reference model"),
+    "pref_loss": (("dpo",), "the loss variant is DPO's"),
+    "label_smoothing": (("dpo",), "label smoothing is a DPO loss option"),
+    "orpo_lambda": (("orpo",), "lambda weighs ORPO's odds-ratio term"),
 }
 
 #: keys only image (SD) runs read -> why a text run ignores them
@@ -79,7 +94,11 @@ def ignored_settings(resolved: ResolvedConfig) -> list[IgnoredSetting]:
     """Keys set explicitly (file, `--set`, flags, preset) that do nothing for the resolved task, in schema
     order. Values equal to the default are left out: they change nothing either way."""
     cfg = resolved.config
-    ignored = IGNORED_BY_TASK[cfg.task_type]
+    ignored = dict(IGNORED_BY_TASK[cfg.task_type])
+    if cfg.task_type == TEXT:
+        for key, (methods, why) in METHOD_KEYS.items():
+            if cfg.method not in methods:
+                ignored[key] = f"{why}, and this run's method is {cfg.method}"
     found = []
     for key, reason in ignored.items():
         source = resolved.sources.get(key)

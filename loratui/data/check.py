@@ -4,8 +4,10 @@ Public API (stable):
 
 - ``run_checks(path, *, task=None, resolution=512, batch_size=1, tokenizer_path=None, max_seq_len=None,
   trigger_word=None, deep=False, metadata_path=None, caption_extensions=(".txt", ".caption"),
-  workers=None) -> Report``: detects the task when ``task`` is None ("image" or "text").
-- ``run_image_checks(root, ...) -> Report`` and ``run_text_checks(path, ...) -> Report``.
+  workers=None) -> Report``: detects the task when ``task`` is None ("image", "text", or "preference" for
+  records with ``chosen``/``rejected`` answers).
+- ``run_image_checks(root, ...) -> Report``, ``run_text_checks(path, ...) -> Report`` and
+  ``run_preference_checks(path, ...) -> Report``.
 - ``detect_task(path) -> "image" | "text" | None`` and ``tokenizer_path_for(base_model, task)``.
 
 ``Report.exit_code`` is 0 without errors, 1 with errors, 2 when the input is unusable (missing, empty,
@@ -21,6 +23,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from loratui.data.codes import describe
 from loratui.data.findings import Example, FindingBag, Report
@@ -33,7 +36,8 @@ from loratui.data.image_dataset import (
 )
 from loratui.data.image_io import IMAGE_EXTENSIONS
 from loratui.data.perceptual_hash import DEFAULT_MAX_DISTANCE, near_duplicate_pairs
-from loratui.data.text_dataset import TEXT_EXTENSIONS, read_text_dataset
+from loratui.data.preference_dataset import PreferenceRecord, looks_like_preference
+from loratui.data.text_dataset import TEXT_EXTENSIONS, TextRecord, read_text_dataset
 from loratui.data.token_count import (
     CLIP_APPROXIMATION,
     CLIP_MAX_TOKENS,
@@ -120,6 +124,8 @@ def run_checks(
     if not path.exists():
         return _unusable(path, task, "path_not_found")
     detected = detect_task(path)
+    if task is None and detected == "text" and looks_like_preference(path):
+        detected = "preference"  # chosen/rejected records: the preference checks, not the SFT ones
     task = task or detected
     if task is None:
         return _unusable(path, None, "not_a_dataset")
@@ -138,11 +144,12 @@ def run_checks(
             workers=workers,
             trust_remote_code=trust_remote_code,
         )
-    if task == "text":
-        return run_text_checks(
+    if task in ("text", "preference"):
+        run = run_text_checks if task == "text" else run_preference_checks
+        return run(
             path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code
         )
-    raise ValueError(f"unknown task {task!r}: use 'image' or 'text'")
+    raise ValueError(f"unknown task {task!r}: use 'image', 'text' or 'preference'")
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -380,6 +387,61 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[k]
 
 
+def _length_findings(
+    bag: FindingBag,
+    counts: list[int],
+    places: list[tuple[str, int]],
+    tokenizer_path: Path | None,
+    approx: bool,
+    max_seq_len: int | None,
+    why: str,
+) -> tuple[dict[str, object], int]:
+    """Token length statistics and the records over max_seq_len; returns (stats, records over)."""
+    ordered = sorted(counts)
+    stats: dict[str, object] = {
+        "counted_with": "approximation" if approx else str(tokenizer_path),
+        "min": ordered[0] if ordered else 0,
+        "p50": _percentile(ordered, 0.5),
+        "p90": _percentile(ordered, 0.9),
+        "p99": _percentile(ordered, 0.99),
+        "max": ordered[-1] if ordered else 0,
+        "mean": round(statistics.fmean(ordered), 1) if ordered else 0,
+        "total": sum(ordered),
+    }
+    if ordered:
+        how = TEXT_APPROXIMATION if approx else f"counted with the tokenizer in {tokenizer_path}"
+        bag.add(
+            "token_lengths",
+            count=len(ordered),
+            message=(
+                f"Tokens per record: min {stats['min']}, median {stats['p50']}, p90 {stats['p90']}, "
+                f"p99 {stats['p99']}, max {stats['max']} ({how})."
+            ),
+            data=stats,
+        )
+    over = 0
+    if max_seq_len:
+        for (file, line), n in zip(places, counts, strict=True):
+            if n > max_seq_len:
+                over += 1
+                bag.add("exceeds_max_seq_len", Example(file, line, f"{'~' if approx else ''}{n} tokens"))
+        if over:
+            bag.add(
+                "exceeds_max_seq_len",
+                count=0,
+                message=f"{over} of {len(counts)} records are longer than max_seq_len={max_seq_len} tokens; "
+                "training truncates them.",
+            )
+    if approx and ordered:
+        why = why or "no --config with a local base model folder"
+        bag.add(
+            "tokenizer_unavailable",
+            message=f"Token lengths are an {TEXT_APPROXIMATION} ({why}).",
+            fix=_tokenizer_fix(why),
+        )
+    return stats, over
+
+
 def run_text_checks(
     path: Path,
     *,
@@ -409,51 +471,8 @@ def run_text_checks(
         else load_local_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     )
     counts = text_token_counts(scan.records, tokenizer)
-    approx = tokenizer is None
-    ordered = sorted(counts)
-    stats = {
-        "counted_with": "approximation" if approx else str(tokenizer_path),
-        "min": ordered[0] if ordered else 0,
-        "p50": _percentile(ordered, 0.5),
-        "p90": _percentile(ordered, 0.9),
-        "p99": _percentile(ordered, 0.99),
-        "max": ordered[-1] if ordered else 0,
-        "mean": round(statistics.fmean(ordered), 1) if ordered else 0,
-        "total": sum(ordered),
-    }
-    if ordered:
-        how = TEXT_APPROXIMATION if approx else f"counted with the tokenizer in {tokenizer_path}"
-        bag.add(
-            "token_lengths",
-            count=len(ordered),
-            message=(
-                f"Tokens per record: min {stats['min']}, median {stats['p50']}, p90 {stats['p90']}, "
-                f"p99 {stats['p99']}, max {stats['max']} ({how})."
-            ),
-            data=stats,
-        )
-    over = 0
-    if max_seq_len:
-        for rec, n in zip(scan.records, counts, strict=True):
-            if n > max_seq_len:
-                over += 1
-                bag.add(
-                    "exceeds_max_seq_len", Example(rec.file, rec.line, f"{'~' if approx else ''}{n} tokens")
-                )
-        if over:
-            bag.add(
-                "exceeds_max_seq_len",
-                count=0,
-                message=f"{over} of {len(counts)} records are longer than max_seq_len={max_seq_len} tokens; "
-                "training truncates them.",
-            )
-    if approx and ordered:
-        why = why or "no --config with a local base model folder"
-        bag.add(
-            "tokenizer_unavailable",
-            message=f"Token lengths are an {TEXT_APPROXIMATION} ({why}).",
-            fix=_tokenizer_fix(why),
-        )
+    places = [(rec.file, rec.line) for rec in scan.records]
+    stats, over = _length_findings(bag, counts, places, tokenizer_path, tokenizer is None, max_seq_len, why)
     summary = {
         "files": len(scan.files),
         "records": len(scan.records),
@@ -463,3 +482,61 @@ def run_text_checks(
         "over_max_seq_len": over,
     }
     return Report(findings=bag.to_list(), summary=summary, task="text", path=str(path))
+
+
+# --- preference pairs -------------------------------------------------------------------------------------
+
+
+def _pair_token_counts(records: list[PreferenceRecord], tokenizer: Any | None) -> list[int]:
+    """Per pair: the longer of prompt + chosen and prompt + rejected, in tokens."""
+    sides = [
+        TextRecord(r.file, r.line, "chat", [*r.prompt, *answer])
+        for r in records
+        for answer in (r.chosen, r.rejected)
+    ]
+    counts = text_token_counts(sides, tokenizer)
+    return [max(counts[i], counts[i + 1]) for i in range(0, len(counts), 2)]
+
+
+def run_preference_checks(
+    path: Path,
+    *,
+    tokenizer_path: Path | None = None,
+    max_seq_len: int | None = None,
+    trust_remote_code: bool = False,
+) -> Report:
+    """All preference dataset checks (pairs, formats, duplicates, token lengths) for a file or folder."""
+    from loratui.data.preference_dataset import read_preference_dataset
+
+    path = Path(path)
+    if not path.exists():
+        return _unusable(path, "preference", "path_not_found")
+    scan = read_preference_dataset(path)
+    bag = FindingBag()
+    bag.extend(scan.findings)
+    if not scan.files:
+        return _unusable(path, "preference", "not_a_dataset", "no .jsonl or .json files", bag)
+    if scan.total_bytes == 0:
+        return _unusable(path, "preference", "not_a_dataset", "all files are empty", bag)
+    for file, counts in scan.formats.items():
+        if counts:
+            fmt = next(iter(counts)) if len(counts) == 1 else "mixed"
+            detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            bag.add("detected_format", Example(file, None, f"{fmt} ({detail})"), data=scan.formats)
+    tokenizer, why = (
+        (None, "")
+        if tokenizer_path is None
+        else load_local_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    )
+    counts = _pair_token_counts(scan.records, tokenizer)
+    places = [(rec.file, rec.line) for rec in scan.records]
+    stats, over = _length_findings(bag, counts, places, tokenizer_path, tokenizer is None, max_seq_len, why)
+    summary = {
+        "files": len(scan.files),
+        "pairs": len(scan.records),
+        "formats": scan.formats,
+        "tokens": stats,
+        "max_seq_len": max_seq_len,
+        "over_max_seq_len": over,
+    }
+    return Report(findings=bag.to_list(), summary=summary, task="preference", path=str(path))

@@ -293,6 +293,23 @@ CODES: dict[str, tuple[Severity, str, str]] = {
         "Delete the duplicates.",
     ),
     "detected_format": ("info", "Detected record format per file.", ""),
+    "not_a_preference_record": (
+        "error",
+        "Records without both a `chosen` and a `rejected` answer; preference training (DPO/ORPO) skips them.",
+        'Give every record a prompt with "chosen" and "rejected" answers (see docs/datasets.md), or train '
+        "these records with method: sft.",
+    ),
+    "pair_prompt_mismatch": (
+        "error",
+        "Pairs whose `chosen` and `rejected` conversations do not share the prompt (the same turns up to the "
+        "last user turn), or go on with user turns after the answer; they are skipped.",
+        "Give both conversations the same prompt turns, or use the explicit `prompt` field.",
+    ),
+    "identical_pair": (
+        "warning",
+        "Pairs whose chosen and rejected answers are the same; they teach no preference.",
+        "Fix or delete these pairs.",
+    ),
     "empty_file": ("warning", "Files without any records.", "Delete them or fill them in."),
     "token_lengths": ("info", "Token length distribution of the records.", ""),
     "exceeds_max_seq_len": (

@@ -388,6 +388,18 @@ def _read_json(data: bytes, label: str, bag: FindingBag) -> list[tuple[int, Any]
     return _iter_json_array(text, label, bag)
 
 
+def json_values(file: Path, data: bytes, label: str, bag: FindingBag) -> list[tuple[int, Any]]:
+    """(line, parsed value) of every record in one .jsonl/.json file's bytes; parse problems become findings."""
+    if file.suffix.lower() == ".jsonl" and not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return _read_jsonl(data, label, bag)
+    return _read_json(data, label, bag)
+
+
+def list_dataset_files(path: Path) -> list[Path]:
+    """The .jsonl/.json files of a file or folder (searched recursively, hidden ones skipped)."""
+    return _list_files(path)
+
+
 def _list_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -424,10 +436,7 @@ def read_text_dataset(path: Path) -> TextDatasetScan:
             bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
             continue
         total_bytes += len(data.strip())
-        if file.suffix.lower() == ".jsonl" and not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            values = _read_jsonl(data, label, bag)
-        else:
-            values = _read_json(data, label, bag)
+        values = json_values(file, data, label, bag)
         counts: Counter[str] = Counter()
         for line, obj in values:
             try:

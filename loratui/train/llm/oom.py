@@ -16,6 +16,7 @@ from loratui.models.checkpointing import NON_REENTRANT, enable_activation_checkp
 from loratui.models.llm.batches import LLMData, Unit
 from loratui.models.llm.chat import IGNORE_INDEX
 from loratui.models.llm.loss import causal_lm, supports_chunked_loss
+from loratui.models.llm.preference_data import PreferenceData
 
 
 def cut_units(units: list[Unit], max_seq_len: int) -> list[Unit]:
@@ -33,7 +34,10 @@ def cut_units(units: list[Unit], max_seq_len: int) -> list[Unit]:
 
 
 def cut_data(data: LLMData, max_seq_len: int) -> None:
-    """Cut the train and validation units in place."""
+    """Cut the train and validation units in place (both sides of every pair for preference data)."""
+    if isinstance(data, PreferenceData):
+        data.cut(max_seq_len)
+        return
     data.train[:] = cut_units(data.train, max_seq_len)
     data.val[:] = cut_units(data.val, max_seq_len)
 

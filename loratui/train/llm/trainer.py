@@ -30,6 +30,7 @@ from loratui.models.llm.loss import chunked_token_loss_sum, token_loss_sum
 from loratui.train.job import WorkerJob
 from loratui.train.llm.oom import llm_rung_applier
 from loratui.train.llm.outputs import Checkpointer, evaluate, export_adapter, write_samples
+from loratui.train.llm.preference_step import PreferenceStep, Reference, preference_fields
 from loratui.train.llm.setup import (
     checkpoint_meta,
     checkpoint_settings,
@@ -114,6 +115,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
     model = setup_lora(cfg, model)
+    reference = Reference.at_start(cfg, model) if cfg.method == "dpo" else None  # before a resume
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
@@ -131,6 +133,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     meta["inputs"] = input_fingerprints(cfg)
     checkpoints = Checkpointer(job, model, optimizer, scheduler, accelerator, meta, reporter)
     context = LossContext(cfg, model, data, tokenizer.pad_token_id, accelerator)
+    if cfg.method != "sft":  # DPO/ORPO: pairs of sequences per sample, rewards in the step events
+        context = PreferenceStep(cfg, model, data, tokenizer.pad_token_id, accelerator, reference)
 
     reporter.status.total_steps = plan.total_steps
     if start:
@@ -206,6 +210,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                     target_tokens=data.target_tokens(indices),
                     process_cpu_s=time.process_time(),
                     **recovering.step_fields(),
+                    **preference_fields(context, indices),
                 )
                 last_log, tokens_since_log, samples_since_log = now, 0, 0
             stopping = stop.requested and not last_step  # save at once: no eval or samples on the way out

@@ -1,0 +1,158 @@
+"""Preference training data: each pair rendered with the chat template into prompt + chosen and
+prompt + rejected token sequences, the prompt tokens masked from the loss.
+
+Read with `loratui.data.preference_dataset` (the same reader as `loratui check --task preference`); records
+the reader rejects are skipped with a warning naming where (as for SFT data, see
+`loratui.models.llm.batches`). The prompt is rendered with the generation prompt (`add_generation_prompt`),
+and every token that starts after it is a target, so both answers are scored after exactly the same prompt
+tokens. Each side is cut to `max_seq_len`; a pair left without targets on either side is dropped. Pairs are
+never packed, and no validation pairs are held out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loratui.data.preference_dataset import PreferenceRecord, read_preference_dataset
+from loratui.models.llm.batches import MAX_LISTED, LLMData, LLMDataError, Unit
+from loratui.models.llm.chat import IGNORE_INDEX, TemplateProblem, _tokenize_with_offsets, render
+
+
+@dataclass
+class Pair:
+    """One training row of a preference run: the chosen and the rejected sequence of one prompt."""
+
+    chosen: Unit
+    rejected: Unit
+    num_samples: int = 1
+
+    @property
+    def num_targets(self) -> int:
+        return self.chosen.num_targets + self.rejected.num_targets
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Both sequences' tokens (token counts of the events)."""
+        return self.chosen.input_ids + self.rejected.input_ids
+
+
+class PreferenceData(LLMData):
+    """`LLMData` whose rows are `Pair`s (`train[i]` is pair i; a micro-batch takes whole pairs)."""
+
+    def cut(self, max_seq_len: int) -> None:
+        """Cut both sides of every pair to `max_seq_len` tokens in place (the OOM ladder's max_seq_len rung)."""
+        self.train[:] = [Pair(_cut(p.chosen, max_seq_len), _cut(p.rejected, max_seq_len)) for p in self.train]
+
+
+def _cut(unit: Unit, max_seq_len: int) -> Unit:
+    if len(unit.input_ids) <= max_seq_len:
+        return unit
+    labels = unit.labels[:max_seq_len]
+    targets = sum(1 for label in labels if label != IGNORE_INDEX)
+    return Unit(unit.input_ids[:max_seq_len], labels, targets)
+
+
+def encode_side(tokenizer: Any, template: str, prompt: list[Any], answer: list[Any]) -> Unit:
+    """Tokens and labels of prompt + answer; only tokens after the rendered prompt are targets."""
+    prefix = render(tokenizer, template, prompt, generation_prompt=True)
+    full = render(tokenizer, template, [*prompt, *answer])
+    if not full.startswith(prefix):
+        raise TemplateProblem("the chat template renders the prompt differently before an answer")
+    ids, offsets = _tokenize_with_offsets(tokenizer, full, False)
+    boundary = len(prefix)
+    labels = [
+        tok if end > start and start >= boundary else IGNORE_INDEX
+        for tok, (start, end) in zip(ids, offsets, strict=True)
+    ]
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and eos_id not in [t for t in labels if t != IGNORE_INDEX][-3:]:
+        ids.append(eos_id)
+        labels.append(eos_id)
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Unit(ids, labels, sum(1 for label in labels if label != IGNORE_INDEX))
+
+
+def encode_pair(record: PreferenceRecord, tokenizer: Any, template: str) -> Pair:
+    """Both sides of one record. Raises `TemplateProblem`."""
+    return Pair(
+        encode_side(tokenizer, template, record.prompt, record.chosen),
+        encode_side(tokenizer, template, record.prompt, record.rejected),
+    )
+
+
+def _where(items: list[tuple[str, int | None, str]]) -> str:
+    shown = [
+        f"{file}:{line}" + (f" ({detail})" if detail else "") for file, line, detail in items[:MAX_LISTED]
+    ]
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return "; ".join(shown) + more
+
+
+def build_preference_data(
+    path: str | Path, tokenizer: Any, template: str, *, max_seq_len: int
+) -> PreferenceData:
+    """Everything the preference step needs from the dataset."""
+    path = Path(path)
+    try:
+        scan = read_preference_dataset(path)
+    except FileNotFoundError as exc:
+        raise LLMDataError(str(exc)) from exc
+    warnings: list[str] = []
+    rejected = [
+        (e.path, e.line, finding.code)
+        for finding in scan.findings
+        if finding.severity == "error"
+        for e in finding.examples
+    ]
+    skipped = sum(f.count for f in scan.findings if f.severity == "error")
+    if skipped:
+        warnings.append(
+            f"skipped {skipped} unusable record(s) in {path} (see `loratui check {path} --task preference`): "
+            + _where(rejected)
+        )
+    pairs: list[Pair] = []
+    unrenderable: list[tuple[str, int | None, str]] = []
+    for record in scan.records:
+        try:
+            pairs.append(encode_pair(record, tokenizer, template))
+        except TemplateProblem as exc:
+            unrenderable.append((record.file, record.line, str(exc)[:120]))
+    if unrenderable:
+        warnings.append(
+            f"skipped {len(unrenderable)} pair(s) the chat template rejects: {_where(unrenderable)}"
+        )
+    if not pairs:
+        detail = f"; problems: {_where(rejected)}" if rejected else ""
+        raise LLMDataError(f"no usable preference pairs in {path}{detail}")
+    data = PreferenceData(pairs, [], warnings)
+    longest = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs)
+    cut = sum(1 for p in pairs if max(len(p.chosen.input_ids), len(p.rejected.input_ids)) > max_seq_len)
+    data.cut(max_seq_len)
+    kept = [p for p in data.train if p.chosen.num_targets and p.rejected.num_targets]
+    if cut:
+        warnings.append(
+            f"{cut} of {len(pairs)} pairs have a side longer than max_seq_len={max_seq_len} tokens and were cut "
+            f"(longest {longest}); raise max_seq_len or shorten them"
+        )
+    if len(kept) < len(pairs):
+        warnings.append(
+            f"{len(pairs) - len(kept)} pair(s) had no answer tokens left after cutting and are dropped"
+        )
+    if not kept:
+        raise LLMDataError(f"no pair has answer tokens within max_seq_len={max_seq_len}; raise max_seq_len")
+    data.train[:] = kept
+    data.stats = {
+        "samples": len(pairs),
+        "pairs": len(kept),
+        "truncated": cut,
+        "max_tokens": longest,
+        "train_samples": len(kept),
+        "val_samples": 0,
+        "train_rows": len(kept),
+        "target_tokens": sum(p.num_targets for p in kept),
+        "tokens": sum(len(p.input_ids) for p in kept),
+    }
+    return data

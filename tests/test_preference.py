@@ -1,0 +1,281 @@
+"""Preference training (DPO, IPO, ORPO): the losses against hand-computed values, the pair formats, the
+training runs on the tiny Llama (margins rise, exact resume, OOM splits whole pairs), and the planner."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from llm_helpers import (
+    QA,
+    StopAfter,
+    adapter_tensors,
+    make_config,
+    make_job,
+    max_diff,
+    single_thread,
+    write_jsonl,
+)
+
+from loratui.models.llm.preference import dpo_losses, log1mexp, orpo_losses
+from loratui.runs.events import read_events
+from loratui.train.llm.preference_step import PreferenceStep, Reference
+from loratui.train.llm.trainer import run_training
+
+REJECTED = [
+    "不知道。",
+    "No idea, ask someone else.",
+    "随便吧。",
+    "Yes, as much as you like.",
+    "不用管。",
+    "Ten litres.",
+    "多喝酒。",
+    "Nothing much.",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORATUI_DEBUG_SAMPLES", "1")
+    monkeypatch.delenv("LORATUI_SIMULATE_VRAM", raising=False)
+
+
+class _Cpu:
+    """The two things `PreferenceStep` reads from an accelerator."""
+
+    device = torch.device("cpu")
+    autocast = None
+
+
+def pairs(n: int = 4) -> list[dict[str, Any]]:
+    return [{"prompt": QA[i][0], "chosen": QA[i][1], "rejected": REJECTED[i]} for i in range(n)]
+
+
+def _steps(job) -> list[dict[str, Any]]:
+    return [e for e in read_events(job.run.events_path) if e["type"] == "step"]
+
+
+# --- the losses ------------------------------------------------------------------------------------------
+
+
+def test_dpo_sigmoid_loss_and_rewards_match_hand_computed_values() -> None:
+    # policy chosen/rejected -10, -12; reference -11, -11: h = (1) - (-1) = 2
+    out = dpo_losses(
+        torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.5
+    )
+    assert float(out.loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))), rel=1e-6)  # log(1 + e^-1)
+    assert float(out.chosen_rewards) == pytest.approx(0.5) and float(out.rejected_rewards) == pytest.approx(
+        -0.5
+    )
+
+
+def test_conservative_dpo_mixes_the_flipped_label() -> None:
+    out = dpo_losses(
+        torch.tensor([-10.0]),
+        torch.tensor([-12.0]),
+        torch.tensor([-11.0]),
+        torch.tensor([-11.0]),
+        beta=0.5,
+        label_smoothing=0.2,
+    )
+    expected = 0.8 * math.log(1 + math.exp(-1.0)) + 0.2 * math.log(1 + math.exp(1.0))
+    assert float(out.loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_ipo_loss_uses_length_normalised_log_ratios() -> None:
+    # chosen ratio (-10 + 11) / 4 tokens = 0.25, rejected (-12 + 11) / 2 tokens = -0.5: h = 0.75;
+    # beta 0.5: target 1 / (2 * 0.5) = 1; loss (0.75 - 1)^2
+    out = dpo_losses(
+        torch.tensor([-10.0]),
+        torch.tensor([-12.0]),
+        torch.tensor([-11.0]),
+        torch.tensor([-11.0]),
+        beta=0.5,
+        loss_type="ipo",
+        chosen_tokens=torch.tensor([4.0]),
+        rejected_tokens=torch.tensor([2.0]),
+    )
+    assert float(out.loss) == pytest.approx(0.0625, rel=1e-6)
+
+
+def test_orpo_loss_is_nll_plus_lambda_times_the_odds_ratio_term() -> None:
+    chosen, rejected = math.log(0.5), math.log(0.2)  # mean token probabilities 0.5 and 0.2
+    odds = (0.5 / 0.5) / (0.2 / 0.8)  # = 4
+    expected = -chosen + 0.1 * math.log(1 + 1 / odds)  # -log sigmoid(log 4) = log(1 + 1/4)
+    out = orpo_losses(torch.tensor([chosen]), torch.tensor([rejected]), lam=0.1)
+    assert float(out.loss) == pytest.approx(expected, rel=1e-6)
+    assert float(out.extra["log_odds_ratio"]) == pytest.approx(math.log(4), rel=1e-6)
+    # log(1 - e^x) is finite and accurate at both ends
+    assert float(log1mexp(torch.tensor(-1e-20))) == pytest.approx(math.log(1e-20), rel=1e-6)
+    assert float(log1mexp(torch.tensor(-50.0))) == pytest.approx(-math.exp(-50.0), rel=1e-6)
+
+
+# --- training on the tiny Llama ----------------------------------------------------------------------------
+
+
+def _pref_config(tiny_llama: Path, data: Path, out: Path, **overrides: Any):
+    values: dict[str, Any] = {
+        "method": "dpo",
+        "batch_size": 2,
+        "max_steps": 30,
+        "learning_rate": 5e-3,
+        "lora_rank": 4,
+        "save_steps": 10,
+    }
+    values.update(overrides)
+    return make_config(tiny_llama, data, out, **values)
+
+
+def test_dpo_raises_the_reward_margin_on_the_training_pairs(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    job = make_job(_pref_config(tiny_llama, data, tmp_path / "dpo"))
+    result = run_training(job, console=False)
+    assert result.state == "finished" and result.step == 30
+    steps = _steps(job)
+    first, last = steps[0], steps[-1]
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # a new LoRA starts at the reference
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert last["reward_margin"] > 0.5 and last["reward_accuracy"] == 1.0
+    assert sum(e["reward_margin"] for e in steps[-5:]) > sum(e["reward_margin"] for e in steps[:5])
+    assert last["loss"] < 0.7 * first["loss"]
+    # every training pair, scored by the trained model against the reference (the adapter switched off)
+    step = PreferenceStep(
+        job.resolved.config, result.model, result.data, 0, _Cpu(), Reference(result.model, None)
+    )
+    with torch.no_grad():
+        losses = step.pair_losses(list(range(len(result.data.train))))
+    margins = (losses.chosen_rewards - losses.rejected_rewards).tolist()
+    assert len(margins) == 4 and min(margins) > 0.2
+
+
+def test_orpo_raises_the_log_odds_ratio_and_the_margin(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    job = make_job(
+        _pref_config(tiny_llama, data, tmp_path / "orpo", method="orpo", orpo_lambda=1.0, learning_rate=2e-2)
+    )
+    result = run_training(job, console=False)
+    assert result.state == "finished" and result.step == 30
+    steps = _steps(job)
+    early, late = steps[:5], steps[-5:]
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(e[key] for e in rows) / len(rows)
+
+    assert mean(late, "log_odds_ratio") > mean(early, "log_odds_ratio") + 0.2
+    assert mean(late, "reward_margin") > mean(early, "reward_margin")
+    assert mean(late, "nll_chosen") < mean(early, "nll_chosen")
+    assert steps[-1]["reward_accuracy"] == 1.0
+    assert all("reward_chosen" in e and "reward_rejected" in e for e in steps)
+
+
+def test_an_out_of_memory_split_keeps_both_sides_of_every_pair_together(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loratui.train.llm.preference_step as step_module
+
+    monkeypatch.setenv("LORATUI_OOM_PLANNER", "0")  # one rung at a time: micro_batch first
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    seen: list[tuple[list[int], list[Any]]] = []
+    real_pair_losses, real_logps = step_module.PreferenceStep.pair_losses, step_module.sequence_logps
+    collated: list[list[Any]] = []
+    real_collate = step_module.collate
+
+    def recording_collate(rows, pad_id):
+        collated.append(list(rows))
+        return real_collate(rows, pad_id)
+
+    def recording_pair_losses(self, indices):
+        out = real_pair_losses(self, indices)
+        seen.append((list(indices), collated[-1]))
+        return out
+
+    def small_card(model, batch, **kwargs):
+        if torch.is_grad_enabled() and batch.input_ids.shape[0] > 4:  # more than two pairs: out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_logps(model, batch, **kwargs)
+
+    monkeypatch.setattr(step_module, "collate", recording_collate)
+    monkeypatch.setattr(step_module.PreferenceStep, "pair_losses", recording_pair_losses)
+    monkeypatch.setattr(step_module, "sequence_logps", small_card)
+    job = make_job(
+        _pref_config(tiny_llama, data, tmp_path / "oom", batch_size=4, max_steps=2, save_steps=None)
+    )
+    result = run_training(job, console=False)
+    monkeypatch.undo()
+
+    assert result.state == "finished"
+    events = read_events(job.run.events_path)
+    recovered = [e for e in events if e["type"] == "oom_recovered"]
+    assert [e["rung"] for e in recovered] == ["micro_batch"]
+    assert (recovered[0]["new"]["batch_size"], recovered[0]["new"]["gradient_accumulation_steps"]) == (2, 2)
+    train = result.data.train
+    assert len(seen) == 4  # after the failed 4-pair forward: 2 steps x 2 micro-batches of 2 pairs
+    for indices, rows in seen:
+        assert len(indices) == 2
+        # the forward's rows are exactly the chosen then the rejected side of the same pairs, in order
+        assert rows == [train[i].chosen for i in indices] + [train[i].rejected for i in indices]
+    steps = [e for e in events if e["type"] == "step"]
+    for step in steps:
+        assert sorted(step["sample_indices"]) == sorted({i for i in step["sample_indices"]})
+    # the update equals a run configured with 2 x 2 from the start
+    reference = make_job(
+        _pref_config(
+            tiny_llama,
+            data,
+            tmp_path / "ref",
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            save_steps=None,
+        )
+    )
+    expected = run_training(reference, console=False)
+    assert max_diff(adapter_tensors(result.adapter_dir), adapter_tensors(expected.adapter_dir)) <= 1e-5
+
+
+def _sft_adapter(tmp_path: Path, tiny_llama: Path) -> Path:
+    from llm_helpers import records
+
+    sft_data = write_jsonl(tmp_path / "data" / "sft.jsonl", records("prompt_response", 4))
+    sft = run_training(
+        make_job(make_config(tiny_llama, sft_data, tmp_path / "sft", max_steps=3)), console=False
+    )
+    return sft.adapter_dir
+
+
+def test_dpo_from_an_sft_adapter_uses_it_as_the_reference_and_resumes_exactly(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    sft = _sft_adapter(tmp_path, tiny_llama)
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    options = {"init_lora": str(sft), "max_steps": 6, "save_steps": None, "lr_scheduler": "cosine"}
+    straight_job = make_job(_pref_config(tiny_llama, data, tmp_path / "a", **options))
+    straight = run_training(straight_job, console=False)
+    steps = _steps(straight_job)
+    # the SFT adapter is the reference: the first step starts at margin 0 and loss ln 2, then the margin grows
+    assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert steps[-1]["reward_margin"] > 0
+
+    cfg = _pref_config(tiny_llama, data, tmp_path / "b", **options)
+    job = make_job(cfg)
+    assert run_training(job, stop=StopAfter(2), console=False).state == "stopped"
+    job2 = make_job(cfg, resume_from=job.run.latest_checkpoint(), run=job.run)
+    assert run_training(job2, stop=StopAfter(2), console=False).state == "stopped"
+    resumed = run_training(make_job(cfg, resume_from=job.run.latest_checkpoint(), run=job.run), console=False)
+    assert resumed.state == "finished" and resumed.step == 6
+    assert max_diff(adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)) <= 1e-6
+    events = read_events(job.run.events_path)
+    resumed_steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in resumed_steps] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(steps, resumed_steps, strict=True):
+        assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-5)
