@@ -279,3 +279,32 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference_and_resumes_exactly(
     assert [e["step"] for e in resumed_steps] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(steps, resumed_steps, strict=True):
         assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-5)
+
+
+def test_the_planner_predicts_two_sequences_per_sample_for_dpo_and_orpo() -> None:
+    from loratui.config import TrainConfig
+    from loratui.memory.estimate import estimate_peak
+
+    base = TrainConfig(
+        task_type="text-generation",
+        model_family="llm",
+        base_model="meta-llama/Llama-2-7b-hf",
+        max_seq_len=1024,
+        batch_size=2,
+        mixed_precision="bf16",
+    )
+    sft = estimate_peak(base)
+    sft_rows = estimate_peak(base.model_copy(update={"batch_size": 4}))  # the rows a pair step runs
+    dpo = estimate_peak(base.model_copy(update={"method": "dpo"}))
+    orpo = estimate_peak(base.model_copy(update={"method": "orpo"}))
+    assert dpo.total_bytes > sft.total_bytes and orpo.total_bytes > sft.total_bytes
+    acts = ("activations", "logits_loss")
+    for pair in (dpo, orpo):
+        assert [pair.breakdown[k] for k in acts] == [sft_rows.breakdown[k] for k in acts]
+        assert pair.breakdown["activations"] > 1.8 * sft.breakdown["activations"]
+    assert any("(4 rows per forward), plus a reference forward" in n for n in dpo.notes)
+    assert any("4 rows per forward" in n for n in orpo.notes) and not any(
+        "reference" in n for n in orpo.notes
+    )
+    # the reference pass runs without gradients: it never sets the peak of a step that also trains
+    assert dpo.total_bytes == orpo.total_bytes and dpo.phase == "micro-batch forward/backward"

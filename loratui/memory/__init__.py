@@ -16,6 +16,7 @@ How a prediction is made (called through the modules above):
 
 - `estimate_types`: the `Estimate` result and the CUDA overheads every prediction adds.
 - `arch`, `summary`: the architecture of a config (`arch_configs/`) and its parameter counts (meta device).
+- `methods`: what the LLM training method changes (DPO/ORPO: two sequences per sample, DPO's reference pass).
 - `regime`, `tracemode`, `probe`: the reference training step, built from `loratui.models`, traced on the meta
   device or a CPU.
 - `fit`, `tables`: activation-memory models fitted from traces; shipped tables and the disk cache.

@@ -55,6 +55,7 @@ def llm_layers(spec: ArchSpec) -> tuple[int, str]:
 
 def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[str, int], float]:
     from loratui.config.base_model import llm_dimension
+    from loratui.memory.methods import sequences_per_sample
 
     model = spec.configs["model"]
     params, origin = llm_params(spec, str(cfg.base_model or ""))
@@ -66,7 +67,7 @@ def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[
     )
     hidden = (llm_dimension(model, "hidden") or (4096, ""))[0]
     vocab = (llm_dimension(model, "vocab") or (32000, ""))[0]
-    b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
+    b, s, r = cfg.batch_size * sequences_per_sample(cfg), cfg.max_seq_len, cfg.lora_rank  # DPO/ORPO: pairs
     width = 4 if (device == "cpu" or cfg.mixed_precision == "no") and not cfg.load_in_4bit else 2
     if cfg.load_in_4bit and device == "cuda":
         weights = int(params * 0.52 + 2 * vocab * hidden * 4)

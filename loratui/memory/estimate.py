@@ -22,6 +22,7 @@ from loratui.memory.estimate_types import (
     _band,
     cuda_overheads,
 )
+from loratui.memory.methods import has_reference_pass, method_note, sequences_per_sample
 from loratui.memory.regime import Regime
 from loratui.memory.summary import ArchSummary
 
@@ -185,8 +186,10 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     notes = planner.notes + notes
     source = planner.trace_source()
     fit = get_fit(planner.spec, regime, source)
-    b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
+    b, s, r = cfg.batch_size * sequences_per_sample(cfg), cfg.max_seq_len, cfg.lora_rank  # DPO/ORPO: pairs
     layers = int(summary.info.get("layers", 1))
+    if method_note(cfg):
+        notes = [*notes, method_note(cfg)]
     if regime.precision == "qlora":
         weights = model.quantizable * NF4_BYTES + (model.params - model.quantizable) * 4
     else:
@@ -204,6 +207,9 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     head, _ = fit.evaluate(b, s, r, 0)
     logits = int(min(max(head, 0), activations))
     phases = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
+    if has_reference_pass(cfg):  # DPO: the rows again without gradients (logits only, nothing kept)
+        accumulated = lora if cfg.gradient_accumulation_steps > 1 else 0
+        phases["reference forward (no grad)"] = max(head, 0) + mask + accumulated
     static = weights + lora + state
     if phases["optimizer step"] >= step:
         parts = {

@@ -1,0 +1,40 @@
+"""What the LLM training `method` changes in a step's memory.
+
+- `sft`: one sequence per sample.
+- `dpo`, `orpo`: every sample is a pair, scored in one forward of its chosen and its rejected sequence, so a
+  micro-batch of `batch_size` pairs runs `2 x batch_size` rows through the model with gradients.
+- `dpo` also runs the same rows once more without gradients for the reference log-probabilities (the adapter
+  switched off), before the forward with gradients: its peak is the logits of those rows (no activations are
+  kept), on top of the gradients already accumulated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PAIR_METHODS = ("dpo", "orpo")
+
+
+def method_of(cfg: Any) -> str:
+    return str(getattr(cfg, "method", "sft") or "sft")
+
+
+def sequences_per_sample(cfg: Any) -> int:
+    """Rows through the model per sample of a micro-batch."""
+    return 2 if method_of(cfg) in PAIR_METHODS else 1
+
+
+def has_reference_pass(cfg: Any) -> bool:
+    """True when each micro-batch also runs a forward without gradients for a reference model."""
+    return method_of(cfg) == "dpo"
+
+
+def method_note(cfg: Any) -> str | None:
+    """A line for the estimate's notes, or None for SFT."""
+    method = method_of(cfg)
+    if method not in PAIR_METHODS:
+        return None
+    note = (
+        f"{method}: each sample is a chosen and a rejected sequence ({2 * cfg.batch_size} rows per forward)"
+    )
+    return note + (", plus a reference forward without gradients" if has_reference_pass(cfg) else "")
