@@ -168,3 +168,17 @@ def test_both_sides_share_the_masked_prompt_and_only_answers_are_targets(tiny_ll
     answer = tokenizer.decode([t for t in chosen.labels if t != IGNORE_INDEX], skip_special_tokens=True)
     assert answer.strip() == "Rest and fluids."
     assert chosen.labels[-1] == tokenizer.eos_token_id
+
+
+def test_the_training_view_model_keeps_the_reward_margins_of_preference_steps() -> None:
+    from loratui.tui.run_model import RunModel
+    from loratui.tui.testing import synthetic_events
+
+    model = RunModel("dpo")
+    model.feed(synthetic_events(steps=30, total_steps=30, preference=True))
+    view = model.view()
+    assert len(view.margin_series) == 30 and len(view.smooth_margin_series) == 30
+    assert view.reward_margin == view.margin_series[-1] and 0 < view.reward_accuracy <= 1
+    plain = RunModel("sft")
+    plain.feed(synthetic_events(steps=30, total_steps=30))
+    assert plain.view().margin_series == () and plain.view().reward_accuracy is None

@@ -140,6 +140,23 @@ def test_training_view(snap_compare, tmp_path, monkeypatch, state: str, size: st
     assert snap_compare(app, terminal_size=SIZES[size], run_before=run_before)
 
 
+def test_training_view_preference(snap_compare, tmp_path, monkeypatch) -> None:
+    """A DPO run: the reward margin chart next to the loss curve, with the reward accuracy."""
+    spec = tmp_path / "nvml.json"
+    spec.write_text(json.dumps(EXAMPLE_SPEC))
+    monkeypatch.setenv("LORATUI_FAKE_NVML", str(spec))
+    run = write_synthetic_run(
+        tmp_path / "runs" / "my_dpo-20261121-120000", steps=120, oom_at=None, pid=os.getpid(), preference=True
+    )
+    app = TrainingApp(run, telemetry_interval=0, poll_interval=0.05)
+
+    async def run_before(pilot) -> None:
+        await wait_for(pilot, lambda: pilot.app.screen.view is not None and pilot.app.screen.view.step == 120)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=SIZES["120x40"], run_before=run_before)
+
+
 def test_docs_screens_match_snapshots() -> None:
     """docs/screens/ holds a copy of every snapshot (listed in docs/tui.md)."""
     snapshots = sorted(p.name for p in SNAPSHOTS.glob("*.svg"))

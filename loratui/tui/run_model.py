@@ -58,6 +58,10 @@ class RunView:
     family: str = ""
     loss_series: tuple[float, ...] = ()
     smooth_series: tuple[float, ...] = ()
+    margin_series: tuple[float, ...] = ()  # preference runs (DPO/ORPO): reward margin per step
+    smooth_margin_series: tuple[float, ...] = ()
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     checkpoint: str | None = None
     samples: tuple[str, ...] = ()
     ooms: tuple[OomRecovery, ...] = ()
@@ -103,6 +107,10 @@ class RunModel:
     family: str = ""
     losses: list[float] = field(default_factory=list)
     smooth: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    smooth_margins: list[float] = field(default_factory=list)
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     checkpoint: str | None = None
     samples: deque = field(default_factory=lambda: deque(maxlen=8))
     ooms: list[OomRecovery] = field(default_factory=list)
@@ -113,6 +121,7 @@ class RunModel:
     error: str = ""
     _ema: float = 0.0
     _ema_n: int = 0
+    _margin_ema: float = 0.0
     _first_step: tuple[int, float] | None = None
     _last_step: tuple[int, float] | None = None
 
@@ -198,6 +207,7 @@ class RunModel:
             self.smoothed = self._ema / (1 - SMOOTHING**self._ema_n)
             self.losses.append(self.loss)
             self.smooth.append(self.smoothed)
+        self._apply_rewards(event)
         if isinstance(event.get("lr"), int | float):
             self.lr = float(event["lr"])
         if isinstance(event.get("samples_per_s"), int | float):
@@ -214,6 +224,18 @@ class RunModel:
             if self._first_step is None:
                 self._first_step = (step, float(when))
             self._last_step = (step, float(when))
+
+    def _apply_rewards(self, event: dict[str, Any]) -> None:
+        """Preference runs: the reward margin (raw and smoothed) and the reward accuracy."""
+        margin = event.get("reward_margin")
+        if isinstance(margin, int | float) and not isinstance(margin, bool) and math.isfinite(margin):
+            self.reward_margin = float(margin)
+            self._margin_ema = SMOOTHING * self._margin_ema + (1 - SMOOTHING) * self.reward_margin
+            self.margins.append(self.reward_margin)
+            self.smooth_margins.append(self._margin_ema / (1 - SMOOTHING ** len(self.margins)))
+        accuracy = event.get("reward_accuracy")
+        if isinstance(accuracy, int | float) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
+            self.reward_accuracy = float(accuracy)
 
     def eta_s(self) -> float | None:
         """Seconds left from the step rate seen in the events (None before two timed steps)."""
@@ -250,6 +272,10 @@ class RunModel:
             family=self.family,
             loss_series=tuple(resample(self.losses, SERIES_POINTS)),
             smooth_series=tuple(resample(self.smooth, SERIES_POINTS)),
+            margin_series=tuple(resample(self.margins, SERIES_POINTS)),
+            smooth_margin_series=tuple(resample(self.smooth_margins, SERIES_POINTS)),
+            reward_margin=self.reward_margin,
+            reward_accuracy=self.reward_accuracy,
             checkpoint=self.checkpoint,
             samples=tuple(self.samples),
             ooms=tuple(self.ooms),

@@ -19,10 +19,17 @@ GIB = 1024**3
 
 
 def synthetic_events(
-    *, steps: int, total_steps: int, finished: bool = False, oom_at: int | None = None, t0: float = T0
+    *,
+    steps: int,
+    total_steps: int,
+    finished: bool = False,
+    oom_at: int | None = None,
+    t0: float = T0,
+    preference: bool = False,
 ) -> list[dict[str, Any]]:
     """Events as a trainer writes them: start, steps with a decaying noisy loss, a checkpoint every 50
-    steps, a sample every 40, an optional OOM recovery, and at the end an export and run_finished."""
+    steps, a sample every 40, an optional OOM recovery, and at the end an export and run_finished.
+    `preference` adds the reward fields of a DPO run to every step."""
     events: list[dict[str, Any]] = [
         {
             "type": "run_started",
@@ -75,6 +82,15 @@ def synthetic_events(
                 "memory_peak": int(5.4 * GIB),
             }
         )
+        if preference:
+            margin = 2.4 * (1 - math.exp(-step / 60)) + 0.25 * math.sin(step * 1.3)
+            chosen = 0.4 * margin - 0.1
+            events[-1].update(
+                reward_chosen=chosen,
+                reward_rejected=chosen - margin,
+                reward_margin=margin,
+                reward_accuracy=min(1.0, 0.5 + step / 150),
+            )
         if step % 50 == 0:
             events.append(
                 {
@@ -112,13 +128,16 @@ def write_synthetic_run(
     oom_at: int | None = 50,
     pid: int | None = None,
     epochs: int = 5,
+    preference: bool = False,
 ) -> Path:
     """Write config.yaml, events.jsonl and status.json of a synthetic run; `pid` marks it running."""
     run_dir = Path(run_dir)
     for sub in ("checkpoints", "logs", "samples"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(f"epochs: {epochs}\n", encoding="utf-8")
-    events = synthetic_events(steps=steps, total_steps=total_steps, finished=finished, oom_at=oom_at)
+    events = synthetic_events(
+        steps=steps, total_steps=total_steps, finished=finished, oom_at=oom_at, preference=preference
+    )
     (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
     state = "finished" if finished else "running"
     RunStatus(state=state, pid=pid, step=steps, total_steps=total_steps, started_at=T0, updated_at=T0).write(

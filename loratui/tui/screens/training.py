@@ -33,6 +33,7 @@ from loratui.tui.run_model import RunModel, RunView
 from loratui.tui.screens.confirm import ConfirmScreen
 from loratui.tui.screens.message_box import MessageBox
 from loratui.tui.widgets.loss_chart import LossChart
+from loratui.tui.widgets.reward_chart import RewardChart
 from loratui.tui.widgets.run_header import RunHeader
 from loratui.tui.widgets.run_log import RunLog
 from loratui.tui.widgets.run_result import RunResult
@@ -128,7 +129,10 @@ class TrainingScreen(Screen):
     def compose(self) -> ComposeResult:
         yield RunHeader()
         with Horizontal(id="top"):
-            yield LossChart()
+            yield LossChart(id="loss")
+            rewards = RewardChart(id="rewards")  # shown once steps carry reward margins (DPO/ORPO)
+            rewards.display = False
+            yield rewards
             yield RunStats()
         yield RunResult()
         yield RunLog()
@@ -183,8 +187,12 @@ class TrainingScreen(Screen):
             view = replace(view, memory_predicted=self.predicted_bytes)
         self.view = view
         self.query_one(RunHeader).view = view
-        chart = self.query_one(LossChart)
+        chart = self.query_one("#loss", LossChart)
         chart.raw, chart.smoothed, chart.last_step = view.loss_series, view.smooth_series, view.step
+        rewards = self.query_one("#rewards", RewardChart)
+        rewards.display = bool(view.margin_series)
+        rewards.raw, rewards.smoothed = view.margin_series, view.smooth_margin_series
+        rewards.last_step, rewards.accuracy = view.step, view.reward_accuracy
         self.query_one(RunStats).view = view
         self.query_one(RunResult).view = view
         self.query_one(RunLog).show(view)

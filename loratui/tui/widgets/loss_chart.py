@@ -20,10 +20,12 @@ class LossChart(Widget):
     raw: reactive[tuple[float, ...]] = reactive(())
     smoothed: reactive[tuple[float, ...]] = reactive(())
     last_step: reactive[int] = reactive(0)
+    chart_title = "loss"
+    chart_subtitle = "⣀ raw  ⣿ smoothed"
 
     def on_mount(self) -> None:
-        self.border_title = "loss"
-        self.border_subtitle = "⣀ raw  ⣿ smoothed"
+        self.border_title = self.chart_title
+        self.border_subtitle = self.chart_subtitle
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
