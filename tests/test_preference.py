@@ -308,3 +308,43 @@ def test_the_planner_predicts_two_sequences_per_sample_for_dpo_and_orpo() -> Non
     )
     # the reference pass runs without gradients: it never sets the peak of a step that also trains
     assert dpo.total_bytes == orpo.total_bytes and dpo.phase == "micro-batch forward/backward"
+
+
+def test_chunked_sequence_logps_equal_the_full_ones_with_the_same_gradients(tiny_llama: Path) -> None:
+    from loratui.models.llm.batches import Unit, collate
+    from loratui.models.llm.loading import load_base
+    from loratui.models.llm.preference import sequence_logps
+
+    model, _, _ = load_base(str(tiny_llama))
+    model.train()
+    units = [Unit([1, 5, 9, 13, 17, 21], [-100, -100, 9, 13, 17, 21], 4), Unit([1, 7, 8], [-100, 7, 8], 2)]
+    batch = collate(units, 0)
+    full = sequence_logps(model, batch)
+    full.logps.sum().backward()
+    expected = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    chunked = sequence_logps(model, batch, chunked=True, chunk_tokens=2)
+    chunked.logps.sum().backward()
+    assert full.tokens.tolist() == [4.0, 2.0] == chunked.tokens.tolist()
+    torch.testing.assert_close(chunked.logps.detach(), full.logps.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.lm_head.weight.grad, expected, rtol=1e-4, atol=1e-6)
+    # the per-row sums are the token loss of each row, negated
+    from loratui.models.llm.loss import token_loss_sum
+
+    with torch.no_grad():
+        rows = [float(token_loss_sum(model, collate([u], 0))) for u in units]
+    assert [-v for v in full.logps.tolist()] == pytest.approx(rows, rel=1e-5)
+
+
+def test_ipo_and_chunked_dpo_train_and_report_rewards(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    runs = {"ipo": {"pref_loss": "ipo"}, "chunked": {"chunked_loss": True, "label_smoothing": 0.1}}
+    first = {}
+    for name, extra in runs.items():
+        job = make_job(_pref_config(tiny_llama, data, tmp_path / name, max_steps=4, save_steps=None, **extra))
+        assert run_training(job, console=False).state == "finished"
+        steps = _steps(job)
+        assert len(steps) == 4 and all(math.isfinite(e["loss"]) and "reward_margin" in e for e in steps)
+        first[name] = steps[0]["loss"]
+    assert first["ipo"] == pytest.approx(25.0, rel=1e-4)  # (0 - 1 / (2 * 0.1))^2 with a new LoRA
+    assert first["chunked"] == pytest.approx(math.log(2), rel=1e-4)  # label smoothing: still ln 2 at h = 0
