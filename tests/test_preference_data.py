@@ -182,3 +182,16 @@ def test_the_training_view_model_keeps_the_reward_margins_of_preference_steps() 
     plain = RunModel("sft")
     plain.feed(synthetic_events(steps=30, total_steps=30))
     assert plain.view().margin_series == () and plain.view().reward_accuracy is None
+
+
+def test_the_dpo_example_config_validates() -> None:
+    from loratui.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / "llm_dpo.yaml").config
+    assert (cfg.method, cfg.pref_beta, cfg.pref_loss, cfg.task_type) == (
+        "dpo",
+        0.1,
+        "sigmoid",
+        "text-generation",
+    )
+    assert cfg.init_lora and cfg.batch_size == 2
