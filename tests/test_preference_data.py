@@ -195,3 +195,28 @@ def test_the_dpo_example_config_validates() -> None:
         "text-generation",
     )
     assert cfg.init_lora and cfg.batch_size == 2
+
+
+def test_plain_progress_lines_show_the_margin_and_accuracy() -> None:
+    from loratui.runs.follow import format_event
+
+    line = format_event(
+        {"type": "step", "step": 3, "loss": 0.5, "lr": 1e-4, "reward_margin": 0.25, "reward_accuracy": 0.75}
+    )
+    assert line is not None and "margin 0.250 acc 75%" in line
+    assert "margin" not in (format_event({"type": "step", "step": 3, "loss": 0.5, "lr": 1e-4}) or "")
+
+
+def test_training_refuses_a_preference_run_on_bad_pairs_before_it_starts(tmp_path: Path) -> None:
+    from loratui.config import ResolvedConfig
+    from loratui.train.process.preflight import run_preflight
+
+    data = _write(
+        tmp_path / "pairs.jsonl", [json.dumps(ROWS[0]), json.dumps({"prompt": "q", "response": "a"})]
+    )
+    cfg = TrainConfig(task_type="text-generation", method="dpo", train_data_dir=str(data))
+    result = run_preflight(ResolvedConfig(cfg, {}, "llm"))
+    assert [f.code for f in result.errors] == ["not_a_preference_record"]
+    assert result.errors[0].examples[0].line == 2
+    sft = run_preflight(ResolvedConfig(cfg.model_copy(update={"method": "sft"}), {}, "llm"))
+    assert "not_a_preference_record" not in [f.code for f in sft.errors]

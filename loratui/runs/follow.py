@@ -59,6 +59,9 @@ def format_event(event: dict[str, Any]) -> str | None:
         ]
         if isinstance(rate, int | float):
             parts.append(f"{rate:.2f} samples/s")
+        margin, accuracy = event.get("reward_margin"), event.get("reward_accuracy")
+        if isinstance(margin, int | float) and isinstance(accuracy, int | float):  # DPO/ORPO steps
+            parts.append(f"margin {margin:.3f} acc {accuracy:.0%}")
         if "memory_peak" in event:
             parts.append(f"peak {_mib(event['memory_peak'])}")
         ranks = event.get("rank_memory")
