@@ -348,3 +348,34 @@ def test_ipo_and_chunked_dpo_train_and_report_rewards(tmp_path: Path, tiny_llama
         first[name] = steps[0]["loss"]
     assert first["ipo"] == pytest.approx(25.0, rel=1e-4)  # (0 - 1 / (2 * 0.1))^2 with a new LoRA
     assert first["chunked"] == pytest.approx(math.log(2), rel=1e-4)  # label smoothing: still ln 2 at h = 0
+
+
+def test_the_metered_pair_step_matches_the_planners_two_rows_per_pair(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    """The same 8 sequences, as 8 SFT samples or as 4 pairs: the metered step peaks agree, as the planner's
+    prediction (2 rows per pair) says; 4 SFT samples need about half."""
+    from loratui.memory.estimate import estimate_peak
+
+    data = pairs(4)
+    pair_file = write_jsonl(tmp_path / "data" / "pairs.jsonl", data)
+    sft_file = write_jsonl(
+        tmp_path / "data" / "sft.jsonl",
+        [{"prompt": r["prompt"], "response": r[side]} for r in data for side in ("chosen", "rejected")],
+    )
+    peaks, predicted = {}, {}
+    for name, path, extra in [
+        ("sft8", sft_file, {"batch_size": 8}),
+        ("sft4", sft_file, {"batch_size": 4}),
+        ("dpo4", pair_file, {"batch_size": 4, "method": "dpo"}),
+        ("orpo4", pair_file, {"batch_size": 4, "method": "orpo"}),
+    ]:
+        cfg = make_config(tiny_llama, path, tmp_path / name, max_steps=1, simulate_vram="1TiB", **extra)
+        job = make_job(cfg)
+        run_training(job, console=False)
+        peaks[name] = _steps(job)[0]["meter_peak"]
+        predicted[name] = estimate_peak(cfg, device="cpu").total_bytes
+    assert peaks["dpo4"] == pytest.approx(peaks["sft8"], rel=0.02)
+    assert peaks["orpo4"] == pytest.approx(peaks["sft8"], rel=0.02)
+    assert peaks["dpo4"] > 1.5 * peaks["sft4"]
+    assert predicted["dpo4"] == predicted["orpo4"] == predicted["sft8"] > predicted["sft4"]
