@@ -3,6 +3,7 @@ training runs on the tiny Llama (margins rise, exact resume, OOM splits whole pa
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,8 @@ def test_dpo_raises_the_reward_margin_on_the_training_pairs(tmp_path: Path, tiny
         losses = step.pair_losses(list(range(len(result.data.train))))
     margins = (losses.chosen_rewards - losses.rejected_rewards).tolist()
     assert len(margins) == 4 and min(margins) > 0.2
+    marker = json.loads((result.adapter_dir / "loratui_adapter.json").read_text())
+    assert marker["training"]["method"] == "dpo" and marker["training"]["pref_beta"] == 0.1
 
 
 def test_orpo_raises_the_log_odds_ratio_and_the_margin(tmp_path: Path, tiny_llama: Path) -> None:

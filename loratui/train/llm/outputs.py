@@ -17,6 +17,7 @@ from loratui.models.llm.adapter_files import OutputConflict, lora_tensors, save_
 from loratui.models.llm.batches import LLMData, collate
 from loratui.models.llm.loss import token_loss_sum
 from loratui.train.job import WorkerJob
+from loratui.train.llm.preference_step import preference_settings
 from loratui.train.loop.checkpointing import refuse_nonfinite, rng_state, save_checkpoint
 from loratui.train.loop.reporting import Reporter
 from loratui.train.oom.ladder import settings_of
@@ -94,7 +95,12 @@ def live_settings(cfg: TrainConfig, batch: dict[str, Any] | None = None) -> dict
     spread over processes (`batch_size` is per device), for the adapter."""
     batch = batch or {}
     spread = {k: batch[k] for k in ("processes", "global_batch") if k in batch}
-    return {**settings_of(cfg, "llm"), "effective_batch": cfg.effective_batch, **spread}
+    return {
+        **settings_of(cfg, "llm"),
+        "effective_batch": cfg.effective_batch,
+        **spread,
+        **preference_settings(cfg),
+    }
 
 
 def export_adapter(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Reporter) -> Path:

@@ -154,3 +154,14 @@ class PreferenceStep:
 def preference_fields(context: Any, indices: list[int]) -> dict[str, float]:
     """The step event's reward fields for a preference step; nothing for SFT."""
     return context.step_fields(indices) if isinstance(context, PreferenceStep) else {}
+
+
+def preference_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The method and its keys, for the adapter's record of how it was trained; nothing for SFT."""
+    if cfg.method == "dpo":
+        keys = ("pref_beta", "pref_loss", "label_smoothing")
+    elif cfg.method == "orpo":
+        keys = ("orpo_lambda",)
+    else:
+        return {}
+    return {"method": cfg.method, **{key: getattr(cfg, key) for key in keys}}
