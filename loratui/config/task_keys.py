@@ -36,6 +36,7 @@ TEXT_ONLY: dict[str, str] = {
 METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "train_on_prompt": (("sft",), "preference losses score the answers only"),
     "packing": (("sft",), "preference pairs are not packed (each answer is scored as a whole sequence)"),
+    "val_split": (("sft",), "preference runs hold out no pairs for an evaluation loss"),
     "pref_beta": (("dpo",), "beta weighs DPO's distance to the reference model"),
     "pref_loss": (("dpo",), "the loss variant is DPO's"),
     "label_smoothing": (("dpo",), "label smoothing is a DPO loss option"),
