@@ -223,7 +223,9 @@ def test_training_refuses_a_preference_run_on_bad_pairs_before_it_starts(tmp_pat
 
 
 def test_check_with_a_dpo_config_runs_the_preference_checks(tmp_path: Path) -> None:
-    data = _write(tmp_path / "pairs.jsonl", [json.dumps(ROWS[0]), json.dumps({"prompt": "q", "response": "a"})])
+    data = _write(
+        tmp_path / "pairs.jsonl", [json.dumps(ROWS[0]), json.dumps({"prompt": "q", "response": "a"})]
+    )
     cfg = tmp_path / "dpo.yaml"
     cfg.write_text(f"task_type: text-generation\nmethod: dpo\ntrain_data_dir: {data}\n", encoding="utf-8")
     result = runner.invoke(app, ["check", "--config", str(cfg), "--json"])
