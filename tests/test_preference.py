@@ -382,3 +382,17 @@ def test_the_metered_pair_step_matches_the_planners_two_rows_per_pair(
     assert peaks["orpo4"] == pytest.approx(peaks["sft8"], rel=0.02)
     assert peaks["dpo4"] > 1.5 * peaks["sft4"]
     assert predicted["dpo4"] == predicted["orpo4"] == predicted["sft8"] > predicted["sft4"]
+
+
+def test_a_new_lora_dpo_run_with_dropout_resumes_exactly(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    options = {"max_steps": 4, "save_steps": None, "lora_dropout": 0.1, "gradient_accumulation_steps": 2}
+    straight = run_training(
+        make_job(_pref_config(tiny_llama, data, tmp_path / "a", **options)), console=False
+    )
+    cfg = _pref_config(tiny_llama, data, tmp_path / "b", **options)
+    job = make_job(cfg)
+    assert run_training(job, stop=StopAfter(2), console=False).state == "stopped"
+    resumed = run_training(make_job(cfg, resume_from=job.run.latest_checkpoint(), run=job.run), console=False)
+    assert resumed.state == "finished" and resumed.step == 4
+    assert max_diff(adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)) <= 1e-6

@@ -232,3 +232,42 @@ def test_check_with_a_dpo_config_runs_the_preference_checks(tmp_path: Path) -> N
     report = json.loads(result.output)
     assert result.exit_code == 1 and report["task"] == "preference"
     assert [f["code"] for f in report["findings"] if f["severity"] == "error"] == ["not_a_preference_record"]
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_chatml_template_masks_the_whole_prompt_including_earlier_answers(tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from loratui.data.text_dataset import Message
+    from loratui.models.llm.chat import IGNORE_INDEX
+    from loratui.models.llm.preference_data import encode_side
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    prompt = [
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello there"),  # an earlier answer is part of the prompt: never a target
+        Message("user", "2+2?"),
+    ]
+    side = encode_side(tokenizer, CHATML, prompt, [Message("assistant", "Four.")])
+    targets = tokenizer.decode([t for t in side.labels if t != IGNORE_INDEX], skip_special_tokens=True)
+    assert "Hello there" not in targets and targets.startswith("Four.") and "<|im_end|>" in targets
+
+
+def test_cutting_pairs_keeps_every_pair_and_cuts_both_sides() -> None:
+    from loratui.models.llm.batches import Unit
+    from loratui.models.llm.preference_data import Pair, PreferenceData
+
+    long = Unit(list(range(10)), [-100] * 4 + list(range(4, 10)), 6)
+    short = Unit([1, 2, 3], [-100, 2, 3], 2)
+    data = PreferenceData([Pair(long, short), Pair(short, long)], [])
+    data.cut(6)
+    assert len(data.train) == 2
+    assert data.train[0].chosen.input_ids == list(range(6)) and data.train[0].chosen.num_targets == 2
+    assert data.train[0].rejected is short and data.train[1].rejected.num_targets == 2
+    assert data.target_tokens([0, 1]) == 8
