@@ -207,9 +207,9 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     head, _ = fit.evaluate(b, s, r, 0)
     logits = int(min(max(head, 0), activations))
     phases = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
-    if has_reference_pass(cfg):  # DPO: the rows again without gradients (logits only, nothing kept)
+    if has_reference_pass(cfg):  # DPO: the rows again without gradients (their logits; no activations kept)
         accumulated = lora if cfg.gradient_accumulation_steps > 1 else 0
-        phases["reference forward (no grad)"] = max(head, 0) + mask + accumulated
+        phases["reference forward (no grad)"] = min(logits + mask, activations) + accumulated
     static = weights + lora + state
     if phases["optimizer step"] >= step:
         parts = {
