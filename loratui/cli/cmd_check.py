@@ -10,6 +10,13 @@ import typer
 from loratui.cli.common import EXIT_UNUSABLE, console, fail, plain_output
 
 
+def _task_of(task_type: str, method: str) -> str:
+    """The check a config's dataset gets: image, text (SFT records) or preference (DPO/ORPO pairs)."""
+    if task_type == "image-generation":
+        return "image"
+    return "text" if method == "sft" else "preference"
+
+
 def _settings_from_config(path: Path) -> dict[str, Any]:
     """The few config values the check needs (validated by ``loratui.config.load_config``)."""
     from loratui.config import ConfigError, load_config
@@ -21,11 +28,7 @@ def _settings_from_config(path: Path) -> dict[str, Any]:
     except OSError as exc:
         fail(f"cannot read config {path}: {exc}", EXIT_UNUSABLE)
     return {
-        "task": "image"
-        if cfg.task_type == "image-generation"
-        else "preference"
-        if cfg.method != "sft"
-        else "text",
+        "task": _task_of(cfg.task_type, cfg.method),
         "base_model": cfg.base_model or None,
         "data": Path(cfg.train_data_dir).expanduser() if cfg.train_data_dir else None,
         "metadata": Path(cfg.metadata_path).expanduser() if cfg.metadata_path else None,
