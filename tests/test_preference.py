@@ -396,3 +396,86 @@ def test_a_new_lora_dpo_run_with_dropout_resumes_exactly(tmp_path: Path, tiny_ll
     resumed = run_training(make_job(cfg, resume_from=job.run.latest_checkpoint(), run=job.run), console=False)
     assert resumed.state == "finished" and resumed.step == 4
     assert max_diff(adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)) <= 1e-6
+
+
+# --- KTO ----------------------------------------------------------------------------------------------------
+
+
+def test_kto_loss_matches_hand_computed_values() -> None:
+    from loratui.models.llm.preference import kto_losses
+
+    # ratios: +1 (desirable), -2 (undesirable); KL estimate 0.5; beta 0.5; weights 1 and 2
+    out = kto_losses(
+        torch.tensor([-9.0, -13.0]),
+        torch.tensor([-10.0, -11.0]),
+        torch.tensor([True, False]),
+        torch.tensor(0.5),
+        beta=0.5,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [1 - sigmoid(0.5 * (1 - 0.5)), 2 * (1 - sigmoid(0.5 * (0.5 + 2)))]
+    assert out.loss.tolist() == pytest.approx(expected, rel=1e-6)
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and math.isnan(float(out.chosen_rewards[1]))
+    assert float(out.rejected_rewards[1]) == pytest.approx(-1.0) and math.isnan(
+        float(out.rejected_rewards[0])
+    )
+    # a negative KL estimate counts as 0
+    zero = kto_losses(
+        torch.tensor([-9.0]), torch.tensor([-10.0]), torch.tensor([True]), torch.tensor(-3.0), beta=0.5
+    )
+    assert float(zero.loss) == pytest.approx(1 - sigmoid(0.5), rel=1e-6)
+
+
+def test_kto_raises_chosen_rewards_and_lowers_rejected_ones(tmp_path: Path, tiny_llama: Path) -> None:
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))  # 4 pairs: 8 KTO examples
+    job = make_job(_pref_config(tiny_llama, data, tmp_path / "kto", method="kto", batch_size=4))
+    result = run_training(job, console=False)
+    assert result.state == "finished" and result.step == 30
+    steps = _steps(job)
+    early, late = steps[:5], steps[-5:]
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(e[key] for e in rows) / len(rows)
+
+    assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6) and steps[0]["kl"] == 0.0
+    assert mean(late, "reward_margin") > mean(early, "reward_margin") + 0.2
+    assert mean(late, "reward_chosen") > 0 > mean(late, "reward_rejected")
+    assert all("reward_accuracy" not in e for e in steps)  # examples, not pairs
+    assert result.data.stats["desirable"] == 4 and result.data.stats["undesirable"] == 4
+
+
+def test_a_kto_step_gives_the_same_update_in_micro_batches(tmp_path: Path, tiny_llama: Path) -> None:
+    """The KL estimate is taken over the whole step, so splitting it (as the OOM ladder does) changes nothing."""
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs(4))
+    options = {"method": "kto", "max_steps": 3, "save_steps": None}
+    whole = run_training(
+        make_job(_pref_config(tiny_llama, data, tmp_path / "a", batch_size=4, **options)), console=False
+    )
+    split = run_training(
+        make_job(
+            _pref_config(
+                tiny_llama, data, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2, **options
+            )
+        ),
+        console=False,
+    )
+    assert max_diff(adapter_tensors(whole.adapter_dir), adapter_tensors(split.adapter_dir)) <= 1e-5
+
+
+def test_the_planner_predicts_kto_as_one_sequence_per_sample() -> None:
+    from loratui.config import TrainConfig
+    from loratui.memory.estimate import estimate_peak
+
+    base = TrainConfig(
+        task_type="text-generation",
+        model_family="llm",
+        base_model="meta-llama/Llama-2-7b-hf",
+        max_seq_len=1024,
+        batch_size=2,
+        mixed_precision="bf16",
+    )
+    sft, kto = estimate_peak(base), estimate_peak(base.model_copy(update={"method": "kto"}))
+    assert kto.breakdown["activations"] == sft.breakdown["activations"]
+    assert any("KL estimate" in note for note in kto.notes)

@@ -271,3 +271,34 @@ def test_cutting_pairs_keeps_every_pair_and_cuts_both_sides() -> None:
     assert data.train[0].chosen.input_ids == list(range(6)) and data.train[0].chosen.num_targets == 2
     assert data.train[0].rejected is short and data.train[1].rejected.num_targets == 2
     assert data.target_tokens([0, 1]) == 8
+
+
+def test_unpaired_kto_records_are_read_for_kto_and_flagged_for_dpo(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"prompt": "What helps a cold?", "completion": "Rest and fluids.", "label": True}),
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "Capital of France?"}],
+                "completion": [{"role": "assistant", "content": "Lyon."}],
+                "label": False,
+            }
+        ),
+        json.dumps({"prompt": "q", "completion": "a", "label": "yes"}),  # 3: label is not a boolean
+        json.dumps(ROWS[0]),  # 4: a pair (two KTO examples)
+    ]
+    path = _write(tmp_path / "kto.jsonl", lines)
+    scan = read_preference_dataset(path, paired=False)
+    assert [(r.line, r.fmt, r.paired) for r in scan.records] == [
+        (1, "unpaired", False),
+        (2, "unpaired", False),
+        (4, "prompt_pair", True),
+    ]
+    assert [len(r.answers()) for r in scan.records] == [1, 1, 2]
+    assert scan.records[1].rejected[0].content == "Lyon." and not scan.records[1].chosen
+    report = json.loads(runner.invoke(app, ["check", str(path), "--json"]).output)  # detected: kto
+    assert report["task"] == "kto"
+    where = {f["code"]: [e["line"] for e in f["examples"]] for f in report["findings"]}
+    assert where["missing_fields"] == [3] and "unpaired_record" not in where
+    dpo = json.loads(runner.invoke(app, ["check", str(path), "--task", "preference", "--json"]).output)
+    where = {f["code"]: [e["line"] for e in f["examples"]] for f in dpo["findings"]}
+    assert where["unpaired_record"] == [1, 2] and dpo["summary"]["pairs"] == 1

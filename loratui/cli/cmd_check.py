@@ -14,7 +14,7 @@ def _task_of(task_type: str, method: str) -> str:
     """The check a config's dataset gets: image, text (SFT records) or preference (DPO/ORPO pairs)."""
     if task_type == "image-generation":
         return "image"
-    return "text" if method == "sft" else "preference"
+    return {"sft": "text", "kto": "kto"}.get(method, "preference")
 
 
 def _settings_from_config(path: Path) -> dict[str, Any]:
@@ -48,7 +48,8 @@ def check(
     task: str | None = typer.Option(
         None,
         "--task",
-        help="image, text or preference (chosen/rejected pairs); detected from the files if omitted.",
+        help="image, text, preference (chosen/rejected pairs) or kto (pairs or labelled completions); "
+        "detected from the files if omitted.",
     ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="Take resolution, batch size etc. from it."
@@ -93,8 +94,8 @@ def check(
     target = path or settings.get("data")
     if target is None:
         fail("give a dataset PATH or a --config with train_data_dir", EXIT_UNUSABLE)
-    if task is not None and task not in ("image", "text", "preference"):
-        fail(f"--task must be image, text or preference, not {task!r}", EXIT_UNUSABLE)
+    if task is not None and task not in ("image", "text", "preference", "kto"):
+        fail(f"--task must be image, text, preference or kto, not {task!r}", EXIT_UNUSABLE)
     task = task or settings.get("task")
     exts = tuple(caption_extension) if caption_extension else settings.get("caption_extensions")
     tok = tokenizer

@@ -57,6 +57,10 @@ KEY_ALIASES: dict[str, str] = {
     "rl": "method",
     "stage": "method",
     "training_method": "method",
+    "desirable_weight": "kto_desirable_weight",
+    "kto_chosen_weight": "kto_desirable_weight",
+    "undesirable_weight": "kto_undesirable_weight",
+    "kto_rejected_weight": "kto_undesirable_weight",
 }
 
 # Values normalised before validation, per canonical key (lower-cased lookup).

@@ -17,7 +17,7 @@ Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
-Method = Literal["sft", "dpo", "orpo"]
+Method = Literal["sft", "dpo", "orpo", "kto"]
 PrefLoss = Literal["sigmoid", "ipo"]
 #: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
 MAX_SEED = 2**32 - 1
@@ -138,10 +138,14 @@ class TrainConfig(BaseModel):
 
     # --- preference training (LLM) -------------------------------------------------------------
     method: Method = Field(
-        "sft", description="LLM: sft (prompt/response), or dpo / orpo on prompt/chosen/rejected pairs."
+        "sft",
+        description="LLM: sft (prompt/response); dpo / orpo on prompt/chosen/rejected pairs; kto on pairs or "
+        "prompt/completion/label records.",
     )
     pref_beta: float = Field(
-        0.1, gt=0, description="DPO: beta, how far the adapter may move from the reference (0.1 typical)."
+        0.1,
+        gt=0,
+        description="DPO, KTO: beta, how far the adapter may move from the reference (0.1 typical).",
     )
     pref_loss: PrefLoss = Field("sigmoid", description="DPO loss: sigmoid (DPO) or ipo.")
     label_smoothing: float = Field(
@@ -153,6 +157,8 @@ class TrainConfig(BaseModel):
     orpo_lambda: float = Field(
         0.1, gt=0, description="ORPO: weight of the odds-ratio term added to the chosen answer's NLL."
     )
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of desirable answers.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of undesirable answers.")
 
     # --- safety and recovery ----------------------------------------------------------------
     allow_pickle: bool = Field(False, description="Allow loading pickle weights (.ckpt/.bin): runs code.")

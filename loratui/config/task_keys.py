@@ -25,11 +25,13 @@ TEXT_ONLY: dict[str, str] = {
     "chat_template": "image runs render no chat",
     "trust_remote_code": "image models are loaded without code from the model folder",
     "chunked_loss": "the chunked loss is computed over an LLM's output head",
-    "method": "preference training (dpo, orpo) applies to LLM runs only",
+    "method": "preference training (dpo, orpo, kto) applies to LLM runs only",
     "pref_beta": "preference training applies to LLM runs only",
     "pref_loss": "preference training applies to LLM runs only",
     "label_smoothing": "preference training applies to LLM runs only",
     "orpo_lambda": "preference training applies to LLM runs only",
+    "kto_desirable_weight": "preference training applies to LLM runs only",
+    "kto_undesirable_weight": "preference training applies to LLM runs only",
 }
 
 #: keys that only some `method`s of a text run read -> (the methods that read it, why the others ignore it)
@@ -37,10 +39,12 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "train_on_prompt": (("sft",), "preference losses score the answers only"),
     "packing": (("sft",), "preference pairs are not packed (each answer is scored as a whole sequence)"),
     "val_split": (("sft",), "preference runs hold out no pairs for an evaluation loss"),
-    "pref_beta": (("dpo",), "beta weighs DPO's distance to the reference model"),
+    "pref_beta": (("dpo", "kto"), "beta weighs the distance to the reference model (DPO, KTO)"),
     "pref_loss": (("dpo",), "the loss variant is DPO's"),
     "label_smoothing": (("dpo",), "label smoothing is a DPO loss option"),
     "orpo_lambda": (("orpo",), "lambda weighs ORPO's odds-ratio term"),
+    "kto_desirable_weight": (("kto",), "the weights are KTO's"),
+    "kto_undesirable_weight": (("kto",), "the weights are KTO's"),
 }
 
 #: keys only image (SD) runs read -> why a text run ignores them

@@ -5,7 +5,7 @@ Public API (stable):
 - ``run_checks(path, *, task=None, resolution=512, batch_size=1, tokenizer_path=None, max_seq_len=None,
   trigger_word=None, deep=False, metadata_path=None, caption_extensions=(".txt", ".caption"),
   workers=None) -> Report``: detects the task when ``task`` is None ("image", "text", or "preference" for
-  records with ``chosen``/``rejected`` answers).
+  records with ``chosen``/``rejected`` answers); "kto" checks preference data that may be unpaired.
 - ``run_image_checks(root, ...) -> Report``, ``run_text_checks(path, ...) -> Report`` and
   ``run_preference_checks(path, ...) -> Report``.
 - ``detect_task(path) -> "image" | "text" | None`` and ``tokenizer_path_for(base_model, task)``.
@@ -36,7 +36,7 @@ from loratui.data.image_dataset import (
 )
 from loratui.data.image_io import IMAGE_EXTENSIONS
 from loratui.data.perceptual_hash import DEFAULT_MAX_DISTANCE, near_duplicate_pairs
-from loratui.data.preference_dataset import PreferenceRecord, looks_like_preference
+from loratui.data.preference_dataset import PreferenceRecord, detect_preference
 from loratui.data.text_dataset import TEXT_EXTENSIONS, TextRecord, read_text_dataset
 from loratui.data.token_count import (
     CLIP_APPROXIMATION,
@@ -124,8 +124,8 @@ def run_checks(
     if not path.exists():
         return _unusable(path, task, "path_not_found")
     detected = detect_task(path)
-    if task is None and detected == "text" and looks_like_preference(path):
-        detected = "preference"  # chosen/rejected records: the preference checks, not the SFT ones
+    if task is None and detected == "text":
+        detected = detect_preference(path) or detected  # chosen/rejected or labelled records: not SFT ones
     task = task or detected
     if task is None:
         return _unusable(path, None, "not_a_dataset")
@@ -144,12 +144,19 @@ def run_checks(
             workers=workers,
             trust_remote_code=trust_remote_code,
         )
-    if task in ("text", "preference"):
-        run = run_text_checks if task == "text" else run_preference_checks
-        return run(
+    if task == "text":
+        return run_text_checks(
             path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code
         )
-    raise ValueError(f"unknown task {task!r}: use 'image', 'text' or 'preference'")
+    if task in ("preference", "kto"):
+        return run_preference_checks(
+            path,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            trust_remote_code=trust_remote_code,
+            paired=task == "preference",
+        )
+    raise ValueError(f"unknown task {task!r}: use 'image', 'text', 'preference' or 'kto'")
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -488,14 +495,18 @@ def run_text_checks(
 
 
 def _pair_token_counts(records: list[PreferenceRecord], tokenizer: Any | None) -> list[int]:
-    """Per pair: the longer of prompt + chosen and prompt + rejected, in tokens."""
+    """Per record: the longer of prompt + chosen and prompt + rejected (the one answer of an unpaired record),
+    in tokens."""
     sides = [
-        TextRecord(r.file, r.line, "chat", [*r.prompt, *answer])
-        for r in records
-        for answer in (r.chosen, r.rejected)
+        (i, TextRecord(r.file, r.line, "chat", [*r.prompt, *answer]))
+        for i, r in enumerate(records)
+        for answer, _ in r.answers()
     ]
-    counts = text_token_counts(sides, tokenizer)
-    return [max(counts[i], counts[i + 1]) for i in range(0, len(counts), 2)]
+    counts = text_token_counts([side for _, side in sides], tokenizer)
+    longest = [0] * len(records)
+    for (i, _), n in zip(sides, counts, strict=True):
+        longest[i] = max(longest[i], n)
+    return longest
 
 
 def run_preference_checks(
@@ -504,20 +515,23 @@ def run_preference_checks(
     tokenizer_path: Path | None = None,
     max_seq_len: int | None = None,
     trust_remote_code: bool = False,
+    paired: bool = True,
 ) -> Report:
-    """All preference dataset checks (pairs, formats, duplicates, token lengths) for a file or folder."""
+    """All preference dataset checks (pairs, formats, duplicates, token lengths) for a file or folder.
+    `paired=False` (KTO, task "kto") also accepts unpaired prompt/completion/label records."""
     from loratui.data.preference_dataset import read_preference_dataset
 
     path = Path(path)
+    task = "preference" if paired else "kto"
     if not path.exists():
-        return _unusable(path, "preference", "path_not_found")
-    scan = read_preference_dataset(path)
+        return _unusable(path, task, "path_not_found")
+    scan = read_preference_dataset(path, paired=paired)
     bag = FindingBag()
     bag.extend(scan.findings)
     if not scan.files:
-        return _unusable(path, "preference", "not_a_dataset", "no .jsonl or .json files", bag)
+        return _unusable(path, task, "not_a_dataset", "no .jsonl or .json files", bag)
     if scan.total_bytes == 0:
-        return _unusable(path, "preference", "not_a_dataset", "all files are empty", bag)
+        return _unusable(path, task, "not_a_dataset", "all files are empty", bag)
     for file, counts in scan.formats.items():
         if counts:
             fmt = next(iter(counts)) if len(counts) == 1 else "mixed"
@@ -539,4 +553,4 @@ def run_preference_checks(
         "max_seq_len": max_seq_len,
         "over_max_seq_len": over,
     }
-    return Report(findings=bag.to_list(), summary=summary, task="preference", path=str(path))
+    return Report(findings=bag.to_list(), summary=summary, task=task, path=str(path))

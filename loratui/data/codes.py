@@ -305,6 +305,11 @@ CODES: dict[str, tuple[Severity, str, str]] = {
         "last user turn), or go on with user turns after the answer; they are skipped.",
         "Give both conversations the same prompt turns, or use the explicit `prompt` field.",
     ),
+    "unpaired_record": (
+        "error",
+        "Records with one labelled completion (KTO data) in a dataset for DPO or ORPO, which need pairs; skipped.",
+        "Train them with method: kto, or give every record a chosen and a rejected answer.",
+    ),
     "identical_pair": (
         "warning",
         "Pairs whose chosen and rejected answers are the same; they teach no preference.",

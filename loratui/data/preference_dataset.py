@@ -17,10 +17,15 @@ Formats, detected per record (first match wins):
 ``prompt_pair``          ``{"prompt": str, "chosen": str, "rejected": str}``; ``question`` or
                          ``instruction`` (+ ``input``, alpaca style) in place of ``prompt``; optional
                          ``system``
+``unpaired``             TRL's unpaired preference (KTO): ``{"prompt": str | [messages], "completion": str |
+                         [messages], "label": true | false}``: one answer, desirable or not
 =======================  ===============================================================================
 
+An unpaired record has only a chosen (``label: true``) or only a rejected answer; it is read only with
+``paired=False`` (KTO), else it is an ``unpaired_record`` error.
+
 Public API: ``read_preference_dataset(path) -> PreferenceScan``, ``PreferenceRecord``,
-``normalise_preference(obj)`` (raises ``RecordError``), ``looks_like_preference(path)``, ``PREFERENCE_FORMATS``.
+``normalise_preference(obj)`` (raises ``RecordError``), ``detect_preference(path)``, ``PREFERENCE_FORMATS``.
 """
 
 from __future__ import annotations
@@ -44,13 +49,14 @@ from loratui.data.text_dataset import (
     list_dataset_files,
 )
 
-PREFERENCE_FORMATS = ("sharegpt_pair", "messages_pair", "implicit_messages", "prompt_pair")
+PREFERENCE_FORMATS = ("sharegpt_pair", "messages_pair", "implicit_messages", "prompt_pair", "unpaired")
 PROMPT_KEYS = ("prompt", "question", "instruction")
 
 
 @dataclass
 class PreferenceRecord:
-    """One pair: the prompt turns (ending with a user turn) and the chosen/rejected answer turns."""
+    """One pair: the prompt turns (ending with a user turn) and the chosen/rejected answer turns (an unpaired
+    record has one of them empty)."""
 
     file: str
     line: int
@@ -58,6 +64,14 @@ class PreferenceRecord:
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.chosen) and bool(self.rejected)
+
+    def answers(self) -> list[tuple[list[Message], bool]]:
+        """(answer turns, desirable) of each answer the record has."""
+        return [(self.chosen, True)] * bool(self.chosen) + [(self.rejected, False)] * bool(self.rejected)
 
     def plain_texts(self) -> tuple[str, str]:
         """(prompt + chosen, prompt + rejected) as plain text (approximate token counts)."""
@@ -169,6 +183,8 @@ def normalise_preference(obj: Any) -> tuple[str, list[Message], list[Message], l
     """(format, prompt, chosen, rejected) of one parsed JSON value. Raises ``RecordError``."""
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"a JSON {type(obj).__name__}, expected an object")
+    if "completion" in obj and "label" in obj and "chosen" not in obj and "rejected" not in obj:
+        return _unpaired(obj)
     if "chosen" not in obj or "rejected" not in obj:
         missing = " and ".join(k for k in ("chosen", "rejected") if k not in obj)
         keys = ", ".join(list(obj)[:8]) or "no keys"
@@ -209,6 +225,20 @@ def normalise_preference(obj: Any) -> tuple[str, list[Message], list[Message], l
     )
 
 
+def _unpaired(obj: dict[str, Any]) -> tuple[str, list[Message], list[Message], list[Message]]:
+    fmt = "unpaired"
+    label = obj["label"]
+    if not isinstance(label, bool):
+        raise RecordError("missing_fields", f"'label' is {type(label).__name__}, expected true or false", fmt)
+    if isinstance(obj.get("prompt"), list):
+        prompt = _turns(obj["prompt"], "prompt", fmt, _CHAT_ROLES, "role", "content")
+    else:
+        prompt = _text_prompt(obj, fmt)
+    answer = _answer(obj["completion"], "completion", fmt)
+    prompt = _check_prompt(_system(obj, fmt) + prompt, fmt)
+    return fmt, prompt, answer if label else [], [] if label else answer
+
+
 # --- files -------------------------------------------------------------------------------------------------
 
 
@@ -217,8 +247,11 @@ def _key(prompt: list[Message], chosen: list[Message], rejected: list[Message]) 
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).digest()
 
 
-def read_preference_dataset(path: Path) -> PreferenceScan:
-    """Read and normalise every pair of a .jsonl/.json file or folder; problems become findings."""
+def read_preference_dataset(path: Path, *, paired: bool = True) -> PreferenceScan:
+    """Read and normalise every pair of a .jsonl/.json file or folder; problems become findings.
+
+    `paired` (DPO, ORPO): an unpaired record (one labelled completion) is an `unpaired_record` error; without
+    it (KTO) unpaired records are read too."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
@@ -244,6 +277,9 @@ def read_preference_dataset(path: Path) -> PreferenceScan:
             except RecordError as err:
                 bag.add(err.code, Example(label, line, err.detail + (f" ({err.fmt})" if err.fmt else "")))
                 continue
+            if paired and not (chosen and rejected):
+                bag.add("unpaired_record", Example(label, line, "one labelled completion, no pair"))
+                continue
             counts[fmt] += 1
             if chosen == rejected:
                 bag.add("identical_pair", Example(label, line, "chosen and rejected are the same"))
@@ -262,19 +298,24 @@ def read_preference_dataset(path: Path) -> PreferenceScan:
     return PreferenceScan(root, files, records, bag.to_list(), formats, total_bytes)
 
 
-def looks_like_preference(path: Path) -> bool:
-    """True when the first record of the first dataset file has `chosen` and `rejected` keys."""
+def detect_preference(path: Path) -> str | None:
+    """From the first record of the first dataset file: "preference" (`chosen` and `rejected` keys), "kto"
+    (`completion` and `label`: an unpaired record) or None."""
     path = Path(path)
     if not path.exists():
-        return False
+        return None
     for file in list_dataset_files(path)[:1]:
         try:
             with file.open("rb") as handle:
                 head = handle.read(1 << 16)
         except OSError:
-            return False
+            return None
         probe = FindingBag()
         text = head.split(b"\n", 1)[0] if file.suffix.lower() == ".jsonl" else head
         values = json_values(file, text, file.name, probe)
-        return bool(values) and isinstance(values[0][1], dict) and {"chosen", "rejected"} <= set(values[0][1])
-    return False
+        first = values[0][1] if values else None
+        keys = set(first) if isinstance(first, dict) else set()
+        if {"chosen", "rejected"} <= keys:
+            return "preference"
+        return "kto" if {"completion", "label"} <= keys else None
+    return None

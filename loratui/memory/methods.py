@@ -6,6 +6,8 @@
 - `dpo` also runs the same rows once more without gradients for the reference log-probabilities (the adapter
   switched off), before the forward with gradients: its peak is the logits of those rows (no activations are
   kept), on top of the gradients already accumulated.
+- `kto`: one sequence per sample with gradients, a reference forward of it without, and once per step a KL
+  estimate: forwards without gradients (policy and reference) of mismatched answers, `batch_size` at a time.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ def sequences_per_sample(cfg: Any) -> int:
 
 def has_reference_pass(cfg: Any) -> bool:
     """True when each micro-batch also runs a forward without gradients for a reference model."""
-    return method_of(cfg) == "dpo"
+    return method_of(cfg) in ("dpo", "kto")
 
 
 def method_note(cfg: Any) -> str | None:
     """A line for the estimate's notes, or None for SFT."""
     method = method_of(cfg)
+    if method == "kto":
+        return (
+            "kto: one sequence per sample, plus a reference forward and, once per step, forwards of mismatched "
+            "answers for the KL estimate, all without gradients"
+        )
     if method not in PAIR_METHODS:
         return None
     note = (

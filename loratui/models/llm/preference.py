@@ -15,6 +15,12 @@ The formulas, per pair of a prompt x with a chosen answer y_w and a rejected ans
   arXiv:2403.07691, eqs. 4-7): with P = exp(mean token log-prob) and odds(y) = P / (1 - P),
   loss = NLL(y_w) + lambda * -log sigmoid(log odds(y_w) - log odds(y_l)); no reference model.
 
+- KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv:2402.01306,
+  eq. 8), for single answers labelled desirable or not: with r = log pi(y|x) - log ref(y|x) and z0 =
+  max(0, KL estimate) (detached), loss = w_D * (1 - sigmoid(beta * (r - z0))) for a desirable answer and
+  w_U * (1 - sigmoid(beta * (z0 - r))) for an undesirable one. The KL estimate is the mean of
+  log pi(y'|x) - log ref(y'|x) over the step's examples, each with a mismatched answer y' (as TRL does).
+
 The implicit rewards logged (as TRL and LLaMA-Factory do): DPO beta * (log pi - log ref) per answer; ORPO
 lambda * mean token log-prob per answer. `accuracy` is the share of pairs whose chosen reward is higher.
 
@@ -102,6 +108,35 @@ def orpo_losses(
         lam * chosen.detach(),
         lam * rejected.detach(),
         {"log_odds_ratio": log_odds.detach(), "nll": -chosen.detach()},
+    )
+
+
+def kto_losses(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PairLosses:
+    """KTO losses from summed answer log-probabilities; `desirable` is a bool per row, `kl` the (detached) KL
+    estimate. Rewards of the other kind are nan (a row is either a chosen or a rejected answer)."""
+    ratio = policy.float() - reference.float()
+    z0 = kl.detach().float().clamp(min=0)
+    loss = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))),
+    )
+    rewards = beta * ratio.detach()
+    nan = torch.full_like(rewards, float("nan"))
+    return PairLosses(
+        loss,
+        torch.where(desirable, rewards, nan),
+        torch.where(desirable, nan, rewards),
+        {"kl": z0.expand_as(rewards)},
     )
 
 

@@ -46,6 +46,36 @@ class PreferenceData(LLMData):
         self.train[:] = [Pair(_cut(p.chosen, max_seq_len), _cut(p.rejected, max_seq_len)) for p in self.train]
 
 
+@dataclass
+class KtoExample:
+    """One training row of a KTO run: an answer labelled desirable or not, and the same prompt with another
+    example's answer (`mismatched`, for the KL estimate)."""
+
+    own: Unit
+    mismatched: Unit
+    desirable: bool
+    num_samples: int = 1
+
+    @property
+    def num_targets(self) -> int:
+        return self.own.num_targets
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Both sequences' tokens (token counts of the events)."""
+        return self.own.input_ids + self.mismatched.input_ids
+
+
+class KtoData(PreferenceData):
+    """`LLMData` whose rows are `KtoExample`s."""
+
+    def cut(self, max_seq_len: int) -> None:
+        self.train[:] = [
+            KtoExample(_cut(e.own, max_seq_len), _cut(e.mismatched, max_seq_len), e.desirable)
+            for e in self.train
+        ]
+
+
 def _cut(unit: Unit, max_seq_len: int) -> Unit:
     if len(unit.input_ids) <= max_seq_len:
         return unit
@@ -89,6 +119,91 @@ def _where(items: list[tuple[str, int | None, str]]) -> str:
     ]
     more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return "; ".join(shown) + more
+
+
+def build_kto_data(path: str | Path, tokenizer: Any, template: str, *, max_seq_len: int) -> KtoData:
+    """KTO examples: every answer of every record (a pair gives a desirable and an undesirable example, as TRL
+    unpairs them), each with the answer of the next example (in dataset order, wrapping) for the KL estimate."""
+    path = Path(path)
+    try:
+        scan = read_preference_dataset(path, paired=False)
+    except FileNotFoundError as exc:
+        raise LLMDataError(str(exc)) from exc
+    warnings = _skipped(scan, path, "kto")
+    answers = [(record, answer, good) for record in scan.records for answer, good in record.answers()]
+    examples: list[KtoExample] = []
+    unrenderable: list[tuple[str, int | None, str]] = []
+    for i, (record, answer, good) in enumerate(answers):
+        other = answers[(i + 1) % len(answers)][1]
+        try:
+            own = encode_side(tokenizer, template, record.prompt, answer)
+            mismatched = encode_side(tokenizer, template, record.prompt, other)
+        except TemplateProblem as exc:
+            unrenderable.append((record.file, record.line, str(exc)[:120]))
+            continue
+        examples.append(KtoExample(own, mismatched, good))
+    if unrenderable:
+        warnings.append(
+            f"skipped {len(unrenderable)} answer(s) the chat template rejects: {_where(unrenderable)}"
+        )
+    if not examples:
+        raise LLMDataError(f"no usable KTO examples in {path}")
+    data = KtoData(examples, [], warnings)
+    longest = max(len(e.own.input_ids) for e in examples)
+    cut = sum(1 for e in examples if len(e.own.input_ids) > max_seq_len)
+    data.cut(max_seq_len)
+    kept = [e for e in data.train if e.own.num_targets]
+    if cut:
+        warnings.append(
+            f"{cut} of {len(examples)} answers are longer than max_seq_len={max_seq_len} tokens with their prompt "
+            f"and were cut (longest {longest}); raise max_seq_len or shorten them"
+        )
+    if not kept:
+        raise LLMDataError(f"no answer has tokens within max_seq_len={max_seq_len}; raise max_seq_len")
+    data.train[:] = kept
+    desirable = sum(e.desirable for e in kept)
+    if desirable in (0, len(kept)):
+        warnings.append(
+            f"every KTO example is {'desirable' if desirable else 'undesirable'}; KTO learns from both"
+        )
+    data.stats = {
+        "samples": len(examples),
+        "desirable": desirable,
+        "undesirable": len(kept) - desirable,
+        "truncated": cut,
+        "max_tokens": longest,
+        "train_samples": len(kept),
+        "val_samples": 0,
+        "train_rows": len(kept),
+        "target_tokens": sum(e.num_targets for e in kept),
+        "tokens": sum(len(e.input_ids) for e in kept),
+    }
+    return data
+
+
+def _skipped(scan: Any, path: Path, task: str) -> list[str]:
+    """A warning naming the records the reader rejected (none: an empty list)."""
+    rejected = [
+        (e.path, e.line, finding.code)
+        for finding in scan.findings
+        if finding.severity == "error"
+        for e in finding.examples
+    ]
+    skipped = sum(f.count for f in scan.findings if f.severity == "error")
+    if not skipped:
+        return []
+    return [
+        f"skipped {skipped} unusable record(s) in {path} (see `loratui check {path} --task {task}`): "
+        + _where(rejected)
+    ]
+
+
+def build_method_data(
+    method: str, path: str | Path, tokenizer: Any, template: str, *, max_seq_len: int
+) -> PreferenceData:
+    """The training data of a preference method: pairs (dpo, orpo) or KTO examples (kto)."""
+    build = build_kto_data if method == "kto" else build_preference_data
+    return build(path, tokenizer, template, max_seq_len=max_seq_len)
 
 
 def build_preference_data(

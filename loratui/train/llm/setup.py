@@ -61,10 +61,12 @@ def setup_data(job: WorkerJob, tokenizer: Any, template: str) -> LLMData:
     """Training and validation units. A worker restarted after the OOM ladder lowered max_seq_len builds the
     units at the length the run started with and cuts them, so it trains on the same units."""
     cfg = job.resolved.config
-    if cfg.method != "sft":  # DPO/ORPO: prompt/chosen/rejected pairs
-        from loratui.models.llm.preference_data import build_preference_data
+    if cfg.method != "sft":  # DPO/ORPO: prompt/chosen/rejected pairs; KTO: labelled answers
+        from loratui.models.llm.preference_data import build_method_data
 
-        pairs = build_preference_data(cfg.train_data_dir, tokenizer, template, max_seq_len=data_seq_len(job))
+        pairs = build_method_data(
+            cfg.method, cfg.train_data_dir, tokenizer, template, max_seq_len=data_seq_len(job)
+        )
         cut_data(pairs, cfg.max_seq_len)
         return pairs
     data = build_llm_data(

@@ -115,7 +115,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
     model = setup_lora(cfg, model)
-    reference = Reference.at_start(cfg, model) if cfg.method == "dpo" else None  # before a resume
+    reference = Reference.at_start(cfg, model)  # DPO/KTO: taken before a resume loads later weights
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)

@@ -40,7 +40,11 @@ class PreflightResult:
 def run_preflight(resolved: ResolvedConfig) -> PreflightResult:
     """Run the dataset checks of the resolved config and return the errors among the findings."""
     cfg = resolved.config
-    task = "image" if cfg.task_type == "image-generation" else "text" if cfg.method == "sft" else "preference"
+    task = (
+        "image"
+        if cfg.task_type == "image-generation"
+        else {"sft": "text", "kto": "kto"}.get(cfg.method, "preference")
+    )
     report = run_checks(
         cfg.train_data_dir,
         task=task,
