@@ -7,6 +7,9 @@ the reader rejects are skipped with a warning naming where (as for SFT data, see
 and every token that starts after it is a target, so both answers are scored after exactly the same prompt
 tokens. Each side is cut to `max_seq_len`; a pair left without targets on either side is dropped. Pairs are
 never packed, and no validation pairs are held out.
+
+KTO (`build_kto_data`) reads single answers labelled desirable or not (a pair gives one of each); each example
+also carries its prompt with the next example's answer, for the KL estimate.
 """
 
 from __future__ import annotations
@@ -215,19 +218,7 @@ def build_preference_data(
         scan = read_preference_dataset(path)
     except FileNotFoundError as exc:
         raise LLMDataError(str(exc)) from exc
-    warnings: list[str] = []
-    rejected = [
-        (e.path, e.line, finding.code)
-        for finding in scan.findings
-        if finding.severity == "error"
-        for e in finding.examples
-    ]
-    skipped = sum(f.count for f in scan.findings if f.severity == "error")
-    if skipped:
-        warnings.append(
-            f"skipped {skipped} unusable record(s) in {path} (see `loratui check {path} --task preference`): "
-            + _where(rejected)
-        )
+    warnings = _skipped(scan, path, "preference")
     pairs: list[Pair] = []
     unrenderable: list[tuple[str, int | None, str]] = []
     for record in scan.records:
@@ -240,7 +231,7 @@ def build_preference_data(
             f"skipped {len(unrenderable)} pair(s) the chat template rejects: {_where(unrenderable)}"
         )
     if not pairs:
-        detail = f"; problems: {_where(rejected)}" if rejected else ""
+        detail = f"; {warnings[0]}" if warnings else ""
         raise LLMDataError(f"no usable preference pairs in {path}{detail}")
     data = PreferenceData(pairs, [], warnings)
     longest = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs)
