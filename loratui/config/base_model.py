@@ -214,12 +214,26 @@ def _inspect_hf_folder(folder: Path) -> ModelInfo:
     return info
 
 
+def _inspect_gguf(path: Path) -> ModelInfo:
+    from loratui.config.gguf_header import llm_config_from_gguf, read_gguf_header
+
+    info = ModelInfo(str(path), "gguf", family="llm")
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ValueError) as exc:
+        info.notes.append(f"unreadable GGUF header: {exc}")
+        return info
+    info.architecture = header.architecture or None
+    info.params = header.params or _llm_params(llm_config_from_gguf(header))
+    return info
+
+
 def _inspect_file(path: Path) -> ModelInfo:
     suffix = path.suffix.lower()
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":
-        return ModelInfo(str(path), "gguf", family="llm")
+        return _inspect_gguf(path)
     if magic in GGML_MAGICS or re.search(r"ggml", path.name, re.IGNORECASE):
         return ModelInfo(str(path), "ggml", family="llm")
     if suffix == ".safetensors":

@@ -213,10 +213,32 @@ def _llm_spec(base_model: str, info: Any) -> ArchSpec:
         config_path = _hub_config(base_model)
     if config_path is not None and config_path.is_file():
         return ArchSpec("llm", "llm", {"model": _read_json(config_path)}, str(config_path))
+    if info is not None and info.kind == "gguf":
+        found = _gguf_spec(folder)
+        if found is not None:
+            return found
     name = _default_llm_for(base_model)
     why = "no base_model set" if not base_model else f"the architecture of {base_model} cannot be read here"
     note = f"{why}; assuming the {name} architecture"
     return ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}", [note])
+
+
+def _gguf_spec(path: Path) -> ArchSpec | None:
+    """The architecture stored in a GGUF file's header, at its own size (training dequantises the weights)."""
+    from loratui.config.gguf_header import describe_gguf, llm_config_from_gguf, read_gguf_header
+
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ValueError):
+        return None
+    config = llm_config_from_gguf(header)
+    if not config.get("num_hidden_layers") or not config.get("hidden_size"):
+        return None
+    note = (
+        f"architecture read from the GGUF header ({header.architecture}, {config['num_hidden_layers']} layers, "
+        f"hidden {config['hidden_size']}); {describe_gguf(header)}; training loads it dequantised"
+    )
+    return ArchSpec("llm", "llm", {"model": config}, str(path), [note])
 
 
 def _sd_bundled_name(family: str, info: Any) -> str:
