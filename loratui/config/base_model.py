@@ -30,14 +30,15 @@ class ModelInfo:
 
     @property
     def preset_family(self) -> str | None:
-        """The preset section that fits: sd15/sdxl (sd2 uses sd15's), llm-7b or llm-13b by size."""
+        """The preset section that fits: sd15/sdxl (sd2 uses sd15's), or the LLM size class (`llm-3b` ...)."""
         if self.family in ("sd15", "sd2"):
             return "sd15"
         if self.family == "sdxl":
             return "sdxl"
         if self.family == "llm":
-            params = self.params or params_from_name(self.path) or 0
-            return "llm-13b" if params > 9e9 else "llm-7b"
+            from loratui.config.presets import llm_preset_family
+
+            return llm_preset_family(self.params or params_from_name(self.path) or 0)
         return None
 
 

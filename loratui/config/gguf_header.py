@@ -193,10 +193,10 @@ def _vocab(header: GGUFHeader, hidden: int | None) -> int | None:
 def llm_config_from_gguf(header: GGUFHeader) -> dict[str, Any]:
     """The `config.json` keys of the model stored in a GGUF file (as transformers builds it on loading).
 
-    An architecture transformers does not load from GGUF keeps llama.cpp's name as `model_type`, so building
-    it fails and the planner falls back to its analytic estimate, sized from the tensor table."""
+    An architecture not listed in `GGUF_MODEL_TYPES` gets the model_type `gguf-{arch}`, which nothing builds: the
+    planner falls back to its analytic estimate, sized from the tensor table."""
     arch = header.architecture
-    config: dict[str, Any] = {"model_type": GGUF_MODEL_TYPES.get(arch, arch)}
+    config: dict[str, Any] = {"model_type": GGUF_MODEL_TYPES.get(arch, f"gguf-{arch}")}
     for suffix, key in _GGUF_KEYS.items():
         value = header.metadata.get(f"{arch}.{suffix}")
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -206,7 +206,8 @@ def llm_config_from_gguf(header: GGUFHeader) -> dict[str, Any]:
         if vocab:
             config["vocab_size"] = vocab
     names = {t.name for t in header.tensors}
-    config["tie_word_embeddings"] = "output.weight" not in names
+    if names:  # llama.cpp writes no output.weight when the head shares the embedding
+        config["tie_word_embeddings"] = "output.weight" not in names
     if any(".attn_q.bias" in n for n in names) and arch in ("llama", "mistral"):
         config["attention_bias"] = True
     if arch == "qwen3moe" and "intermediate_size" not in config and "moe_intermediate_size" in config:

@@ -175,8 +175,8 @@ def bundled_sd_configs(name: str) -> dict[str, dict[str, Any]]:
 
 
 def bundled_llm_config(name: str) -> dict[str, Any]:
-    """A causal-LM config shipped with the memory planner (llama-2-7b, llama-2-13b, llama-3.1-8b,
-    tinyllama-1.1b)."""
+    """A causal-LM config shipped with the memory planner (`known_llm_names()`: Llama 2/3.x, Qwen2.5/3,
+    Gemma 2/3, Mistral, Phi-4, ...): the real config.json of the published model, no weights."""
     text = resources.files("loratui.memory").joinpath("arch_configs", f"{name}.json").read_text("utf-8")
     return json.loads(text)
 
@@ -187,7 +187,12 @@ def known_llm_names() -> list[str]:
 
 
 def _default_llm_for(name: str) -> str:
+    """The shipped config a model name refers to ("Qwen/Qwen2.5-7B-Instruct" -> qwen2.5-7b), else one of its
+    size read from the name."""
     lowered = name.lower()
+    for known in sorted(known_llm_names(), key=len, reverse=True):
+        if known in lowered:
+            return known
     if re.search(r"(^|[^0-9])13b", lowered):
         return "llama-2-13b"
     if re.search(r"(^|[^0-9.])1(\.1)?b", lowered):
@@ -218,9 +223,12 @@ def _llm_spec(base_model: str, info: Any) -> ArchSpec:
         if found is not None:
             return found
     name = _default_llm_for(base_model)
+    bundled = ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}")
+    if base_model == name:  # a shipped architecture asked for by name (presets, benchmarks)
+        return bundled
     why = "no base_model set" if not base_model else f"the architecture of {base_model} cannot be read here"
-    note = f"{why}; assuming the {name} architecture"
-    return ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}", [note])
+    bundled.notes.append(f"{why}; assuming the {name} architecture")
+    return bundled
 
 
 def _gguf_spec(path: Path) -> ArchSpec | None:
