@@ -451,11 +451,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         figure = by_id[row["id"]]
         verdict = "within" if row["within_goal"] else f"not within: {row['reason']}"
+        published = f"{figure.value:g} {figure.unit}"
+        if figure.unit != "GiB":
+            published += f" = {row['peer_gib']:.2f} GiB"
         if row["not_modelled"]:
             verdict += f" (peer also used {', '.join(row['not_modelled'])}: not modelled)"
         lines.append(
-            f"| {figure.peer} {figure.model} {figure.method} | {_settings(figure)} | {figure.value:g} {figure.unit} "
-            f"= {row['peer_gib']:.2f} GiB; {figure.statistic} | {row['predicted_gib']:.2f} GiB "
+            f"| {figure.peer} {figure.model} {figure.method} | {_settings(figure)} | {published}; "
+            f"{figure.statistic} | {row['predicted_gib']:.2f} GiB "
             f"(band ±{row['band']:.0%}) | {row['ratio']:.2f} | {verdict} |"
         )
     return "\n".join(lines)

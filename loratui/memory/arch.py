@@ -114,8 +114,13 @@ class ArchSpec:
 
     @property
     def num_layers(self) -> int:
-        """Decoder layers of a causal LM (0 for SD)."""
-        return int(self.configs["model"].get("num_hidden_layers", 0)) if self.kind == "llm" else 0
+        """Decoder layers of a causal LM, under the family's own key (`num_hidden_layers`, `n_layer`, ...); 0 for SD."""
+        if self.kind != "llm":
+            return 0
+        from loratui.config.base_model import llm_dimension
+
+        found = llm_dimension(self.configs["model"], "layers")
+        return found[0] if found else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "configs": self.configs, "source": self.source}
