@@ -194,15 +194,26 @@ def known_llm_names() -> list[str]:
 def _default_llm_for(name: str) -> str:
     """The shipped config a model name refers to ("Qwen/Qwen2.5-7B-Instruct" -> qwen2.5-7b), else one of its
     size read from the name."""
-    lowered = name.lower()
+    lowered = Path(name).name.lower() if name else ""
     for known in sorted(known_llm_names(), key=len, reverse=True):
-        if known in lowered:
+        found = re.search(rf"(^|[^a-z0-9.]){re.escape(known)}([^a-z0-9.]|$)", lowered)
+        if found and not lowered[found.end() :].startswith(("mini", "small", "medium")):
             return known
-    if re.search(r"(^|[^0-9])13b", lowered):
-        return "llama-2-13b"
-    if re.search(r"(^|[^0-9.])1(\.1)?b", lowered):
-        return "tinyllama-1.1b"
-    return DEFAULT_LLM
+    return _nearest_in_size(name)
+
+
+def _nearest_in_size(name: str) -> str:
+    """The shipped config nearest in size to the one in a name ("Llama-2-70b-hf" -> llama-3.1-70b); a ~7B name
+    or none: `DEFAULT_LLM`."""
+    import math
+
+    from loratui.config.base_model import _llm_params, params_from_name
+
+    size = params_from_name(name or "")
+    if not size or abs(math.log(size / 7e9)) < 0.1:
+        return DEFAULT_LLM
+    sizes = {known: _llm_params(bundled_llm_config(known)) or 1 for known in known_llm_names()}
+    return min(sizes, key=lambda known: abs(math.log(sizes[known] / size)))
 
 
 def _hub_config(repo_id: str) -> Path | None:
