@@ -69,7 +69,9 @@ def test_a_tiny_gguf_is_planned_at_its_tensor_count(tmp_path, tiny_llama: Path) 
             stored += math.prod(handle.get_slice(key).get_shape())
     info = inspect_base_model(str(path))
     assert info.kind == "gguf" and info.params == stored
-    assert planner_for(_config(path)).params == stored
+    planner = planner_for(_config(path))
+    assert planner.params == stored
+    assert any("stored as F32 100%" in note for note in planner.notes)  # the tensors' storage types
 
 
 def test_a_gguf_family_the_tracer_cannot_build_is_analytic_at_its_size(tmp_path) -> None:
