@@ -66,10 +66,16 @@ PHI3_MINI = {
     "eos_token_id": 32000,
     "pad_token_id": 32000,
 }
-#: options a peer used that change memory, and the loratui config keys that would express them
-OPTION_KEYS = {
-    "chunked cross-entropy": ("chunked_loss",),
-    "activation offloading to CPU": ("activation_offloading", "offload_activations", "activation_offload"),
+#: options a peer used that change memory, and the loratui config (key, value) pairs that would express them
+#: (the first key the config has is used; none: loratui lacks the option)
+OPTION_KEYS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "chunked cross-entropy": (("chunked_loss", True),),
+    "activation offloading to CPU": (
+        ("activation_offloading", True),
+        ("offload_activations", True),
+        ("activation_offload", True),
+    ),
+    "LoRA weights in bf16": (("lora_dtype", "bf16"), ("lora_weights_dtype", "bf16")),
 }
 
 
@@ -130,6 +136,7 @@ def _litgpt(id_: str, model: str, arch: str, method: str, batch: int, value: flo
         value=value,
         unit="GB",
         settings_note=LITGPT_COMMON,
+        options=("LoRA weights in bf16",),
         **kw,
     )
 
@@ -156,7 +163,7 @@ FIGURES: tuple[PeerFigure, ...] = (
         value=16.2,
         unit="GiB",
         settings_note="dataset packed to 2048 tokens, no gradient accumulation, torch.compile on",
-        options=("chunked cross-entropy", "torch.compile"),
+        options=("chunked cross-entropy", "LoRA weights in bf16", "torch.compile"),
     ),
     PeerFigure(
         id="torchtune-llama3.1-8b-qlora",
@@ -179,7 +186,7 @@ FIGURES: tuple[PeerFigure, ...] = (
         value=7.4,
         unit="GiB",
         settings_note="dataset packed to 2048 tokens, no gradient accumulation, torch.compile on",
-        options=("chunked cross-entropy", "torch.compile"),
+        options=("chunked cross-entropy", "LoRA weights in bf16", "torch.compile"),
     ),
     PeerFigure(
         id="torchtune-llama3.2-3b-lora",
@@ -203,7 +210,12 @@ FIGURES: tuple[PeerFigure, ...] = (
         unit="GiB",
         settings_note="packed to 4096 tokens, torch.compile, chunked cross-entropy, activation checkpointing and "
         "activation offloading (the table's options applied in sequence), gradient accumulation 1",
-        options=("chunked cross-entropy", "activation offloading to CPU", "torch.compile"),
+        options=(
+            "chunked cross-entropy",
+            "activation offloading to CPU",
+            "LoRA weights in bf16",
+            "torch.compile",
+        ),
     ),
     PeerFigure(
         id="torchtune-llama3.2-3b-qlora",
@@ -227,7 +239,12 @@ FIGURES: tuple[PeerFigure, ...] = (
         unit="GiB",
         settings_note="packed to 4096 tokens, torch.compile, chunked cross-entropy, activation checkpointing and "
         "activation offloading, gradient accumulation 1 (the README's command for this row)",
-        options=("chunked cross-entropy", "activation offloading to CPU", "torch.compile"),
+        options=(
+            "chunked cross-entropy",
+            "activation offloading to CPU",
+            "LoRA weights in bf16",
+            "torch.compile",
+        ),
     ),
     _litgpt("litgpt-llama2-7b-lora", "Llama-2-7B", "llama-2-7b", "LoRA", 2, 19.77),
     _litgpt("litgpt-llama2-7b-qlora", "Llama-2-7B", "llama-2-7b", "QLoRA", 2, 13.68),
@@ -351,9 +368,9 @@ def loratui_config(figure: PeerFigure, base_model: str) -> tuple[Any, list[str]]
     extra: dict[str, Any] = {}
     lacking = []
     for option in figure.options:
-        keys = [k for k in OPTION_KEYS.get(option, ()) if k in fields]
-        if keys:
-            extra[keys[0]] = True
+        pairs = [(k, v) for k, v in OPTION_KEYS.get(option, ()) if k in fields]
+        if pairs:
+            extra[pairs[0][0]] = pairs[0][1]
         elif option in OPTION_KEYS:
             lacking.append(option)
     config = TrainConfig(
