@@ -103,3 +103,11 @@ def test_moe_keeps_all_experts_but_activates_top_k() -> None:
 
     routed, top_k_dense = per_layer(moe), per_layer(dense)
     assert top_k_dense <= routed <= 1.6 * top_k_dense
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_only_count_agrees_with_the_published_size(name: str) -> None:
+    """The closed-form count (preset class, GGUF and analytic sizing) reads MoE experts, tied Gemma embeddings."""
+    from loratui.config.base_model import _llm_params
+
+    assert abs(_llm_params(bundled_llm_config(name)) / PUBLISHED[name] - 1) <= 0.015, name

@@ -104,3 +104,29 @@ def test_a_broken_gguf_header_falls_back_with_a_note(tmp_path) -> None:
     assert info.kind == "gguf" and any("unreadable GGUF header" in n for n in info.notes)
     planner = planner_for(_config(path))
     assert any("assuming the llama-2-7b architecture" in n for n in planner.notes)
+
+
+def test_a_moe_gguf_keeps_its_experts(tmp_path) -> None:
+    """Qwen3-30B-A3B's llama.cpp metadata (qwen3moe): 128 experts, 8 routed; planned at 30.5B parameters."""
+    path = tmp_path / "Qwen3-30B-A3B-Q4_K_M.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_block_count(48)
+    writer.add_embedding_length(2048)
+    writer.add_feed_forward_length(6144)
+    writer.add_expert_feed_forward_length(768)
+    writer.add_expert_count(128)
+    writer.add_expert_used_count(8)
+    writer.add_head_count(32)
+    writer.add_head_count_kv(4)
+    writer.add_key_length(128)
+    writer.add_value_length(128)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(151936)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    planner = planner_for(_config(path))
+    assert planner.summary is not None
+    assert planner.params == pytest.approx(30.53e9, rel=0.01)
+    assert inspect_base_model(str(path)).preset_family == "llm-32b"

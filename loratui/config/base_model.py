@@ -116,6 +116,7 @@ LLM_DIMENSION_KEYS = {
     "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
 }
 #: families whose MLP is gated (three matrices) and whose embeddings are untied unless the config says otherwise
+#: (Gemma ties them)
 _GATED = {
     "llama",
     "mistral",
@@ -125,6 +126,7 @@ _GATED = {
     "gemma",
     "gemma2",
     "gemma3",
+    "gemma3_text",
     "phi3",
     "olmo",
     "olmo2",
@@ -158,7 +160,12 @@ def _llm_params(config: dict) -> int | None:
     head_dim = int(text.get("head_dim") or hidden // max(heads, 1))
     attn = hidden * head_dim * (heads * 2 + kv * 2)
     mlp = (3 if gated else 2) * hidden * inter
-    tied = bool(text.get("tie_word_embeddings", not gated))
+    experts = int(text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts") or 0)
+    if experts > 1:  # mixture of experts: every expert's weights are stored (Qwen-MoE, Mixtral, ...)
+        expert_inter = int(text.get("moe_intermediate_size") or inter)
+        mlp = experts * (3 if gated else 2) * hidden * expert_inter + experts * hidden
+    model_type = str(text.get("model_type", ""))
+    tied = bool(text.get("tie_word_embeddings", model_type.startswith("gemma") or not gated))
     return layers * (attn + mlp) + vocab * hidden * (1 if tied else 2)
 
 
