@@ -56,9 +56,9 @@ def test_fused_projections_are_the_lora_targets_phi4_has() -> None:
     assert {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"} <= names and "q_proj" not in names
 
 
-@pytest.mark.parametrize(
-    "name", ["qwen2.5-7b", "qwen3-8b", "gemma-2-9b", "gemma-3-12b", "mistral-nemo-12b", "phi-4"]
-)
+#: one of each kind of layer the tracer meets beyond Llama's (q/k norms, eager attention, sliding windows,
+#: fused projections); Qwen2.5 and Mistral build like Llama (bench/published_figures.py traces Mistral too)
+@pytest.mark.parametrize("name", ["qwen3-8b", "gemma-2-9b", "gemma-3-12b", "phi-4"])
 def test_family_is_planned_from_its_config_folder(tmp_path, monkeypatch, name: str) -> None:
     """A base-model folder with the family's config.json is traced (not the analytic fallback)."""
     from loratui.memory import estimate as estimate_module
