@@ -407,10 +407,8 @@ def _reason(figure: PeerFigure, estimate: Any, lacking: list[str]) -> str:
     }
     biggest = sorted(((v, k) for k, v in parts.items() if k != "weights"), reverse=True)[:2]
     heavy = ", ".join(f"{name} {value / GIB:.1f} GiB" for value, name in biggest)
-    text = f"weights {parts.get('weights', 0) / GIB:.1f} GiB, {heavy}"
-    if lacking:
-        return f"loratui lacks {', '.join(lacking)}; {text}"
-    return f"loratui's step is heavier: {text}"
+    text = f"loratui's step is heavier: weights {parts.get('weights', 0) / GIB:.1f} GiB, {heavy}"
+    return f"{text}; loratui lacks {', '.join(lacking)}" if lacking else text
 
 
 def evaluate(figure: PeerFigure, folder: Path) -> dict[str, Any]:
