@@ -160,7 +160,9 @@ def _llm_params(config: dict) -> int | None:
     head_dim = int(text.get("head_dim") or hidden // max(heads, 1))
     attn = hidden * head_dim * (heads * 2 + kv * 2)
     mlp = (3 if gated else 2) * hidden * inter
-    experts = int(text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts") or 0)
+    experts = int(
+        text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts") or 0
+    )
     if experts > 1:  # mixture of experts: every expert's weights are stored (Qwen-MoE, Mixtral, ...)
         expert_inter = int(text.get("moe_intermediate_size") or inter)
         mlp = experts * (3 if gated else 2) * hidden * expert_inter + experts * hidden
