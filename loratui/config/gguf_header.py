@@ -222,6 +222,8 @@ def llm_config_from_gguf(header: GGUFHeader) -> dict[str, Any]:
 def describe_gguf(header: GGUFHeader) -> str:
     """One line: parameters and storage types of the file's tensors."""
     params = header.params
+    if not header.tensors:
+        return "the file lists no tensors"
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     types = header.quant_types()
     stored = ", ".join(f"{name} {count / max(params, 1):.0%}" for name, count in list(types.items())[:3])
