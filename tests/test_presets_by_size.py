@@ -57,3 +57,15 @@ def test_a_hub_id_not_cached_uses_the_size_in_its_name(tmp_path) -> None:
     small = tmp_path / "s.yaml"
     small.write_text("base_model: meta-llama/Llama-3.2-1B\ntask_type: text-generation\n")
     assert load_config(small, preset="24gb").sources["max_seq_len"] == "preset 24gb[llm-3b]"
+
+
+def test_docs_tables_follow_the_preset_files() -> None:
+    from loratui.config.presets import load_preset, preset_names
+    from loratui.memory.dev.preset_sections import markdown_tables
+
+    settings, peaks = markdown_tables().split("\n\n")
+    for table in (settings, peaks):
+        rows = table.splitlines()[2:]
+        assert [row.split("|")[1].strip() for row in rows] == [f"`{n}`" for n in preset_names()]
+    for row, name in zip(settings.splitlines()[2:], preset_names(), strict=True):
+        assert row.count("not supported") == len(load_preset(name).unsupported)

@@ -5,7 +5,8 @@ a fixed ladder (16-bit LoRA before QLoRA at the same sequence length; longer seq
 first) whose predicted peak on the class's reference model (`integration.PRESET_ARCHS`) fits the tier with 5 %
 to spare, as `tests/test_memory_presets.py` checks. Where nothing on the ladder fits, the recommender's top
 option is used; where that finds nothing either, the section is `unsupported` with the reason. `--write`
-rewrites the LLM sections of `presets/*.yaml` (other sections are kept). Configs only; no weights.
+rewrites the LLM sections of `presets/*.yaml` (other sections are kept); `--markdown` prints the tables of
+docs/presets.md and docs/benchmarks.md from the files as they are. Configs only; no weights.
 """
 
 from __future__ import annotations
@@ -136,10 +137,50 @@ def write(planned: dict[str, dict[str, Any]]) -> None:
         path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=100), encoding="utf-8")
 
 
+def markdown_tables() -> str:
+    """The docs' preset tables from the preset files as they are: LLM settings (docs/presets.md) and every
+    section's predicted peak on its tier (docs/benchmarks.md)."""
+    from loratui.config.presets import PRESET_FAMILIES
+    from loratui.memory.integration import preset_predictions
+
+    llm = [f for f in PRESET_FAMILIES if f.startswith("llm")]
+    settings = ["| preset | card | " + " | ".join(llm) + " |", "|---|---|" + "---|" * len(llm)]
+    peaks = [
+        "| preset | usable | " + " | ".join(PRESET_FAMILIES) + " |",
+        "|---|---|" + "---|" * len(PRESET_FAMILIES),
+    ]
+    for name in preset_names():
+        preset = load_preset(name)
+        cells = []
+        for family in llm:
+            values = preset.families.get(family)
+            if values is None:
+                cells.append("not supported")
+                continue
+            kind = "QLoRA" if values["load_in_4bit"] else "16-bit LoRA"
+            cells.append(
+                f"{kind}, r{values['lora_rank']}, seq {values['max_seq_len']}, batch {values['batch_size']} × "
+                f"{values['gradient_accumulation_steps']}"
+            )
+        settings.append(f"| `{name}` | {preset.vram} | " + " | ".join(cells) + " |")
+        budget = tier_budget(preset.vram_gb)
+        rows = {row["family"]: row["predicted_peak_bytes"] for row in preset_predictions(preset)}
+        predicted = [
+            f"{rows[f] / GIB:.2f} GiB ({rows[f] / budget:.0%})" if f in rows else "not supported"
+            for f in PRESET_FAMILIES
+        ]
+        peaks.append(f"| `{name}` | {budget / GIB:.2f} GiB | " + " | ".join(predicted) + " |")
+    return "\n".join(settings) + "\n\n" + "\n".join(peaks)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the LLM sections of presets/*.yaml")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' preset tables and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_tables())
+        return 0
     planned = plan()
     for name, entry in planned.items():
         for family, values in entry["families"].items():
