@@ -30,14 +30,15 @@ class ModelInfo:
 
     @property
     def preset_family(self) -> str | None:
-        """The preset section that fits: sd15/sdxl (sd2 uses sd15's), llm-7b or llm-13b by size."""
+        """The preset section that fits: sd15/sdxl (sd2 uses sd15's), or the LLM size class (`llm-3b` ...)."""
         if self.family in ("sd15", "sd2"):
             return "sd15"
         if self.family == "sdxl":
             return "sdxl"
         if self.family == "llm":
-            params = self.params or params_from_name(self.path) or 0
-            return "llm-13b" if params > 9e9 else "llm-7b"
+            from loratui.config.presets import llm_preset_family
+
+            return llm_preset_family(self.params or params_from_name(self.path) or 0)
         return None
 
 
@@ -115,6 +116,7 @@ LLM_DIMENSION_KEYS = {
     "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
 }
 #: families whose MLP is gated (three matrices) and whose embeddings are untied unless the config says otherwise
+#: (Gemma ties them)
 _GATED = {
     "llama",
     "mistral",
@@ -124,6 +126,7 @@ _GATED = {
     "gemma",
     "gemma2",
     "gemma3",
+    "gemma3_text",
     "phi3",
     "olmo",
     "olmo2",
@@ -157,7 +160,14 @@ def _llm_params(config: dict) -> int | None:
     head_dim = int(text.get("head_dim") or hidden // max(heads, 1))
     attn = hidden * head_dim * (heads * 2 + kv * 2)
     mlp = (3 if gated else 2) * hidden * inter
-    tied = bool(text.get("tie_word_embeddings", not gated))
+    experts = int(
+        text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts") or 0
+    )
+    if experts > 1:  # mixture of experts: every expert's weights are stored (Qwen-MoE, Mixtral, ...)
+        expert_inter = int(text.get("moe_intermediate_size") or inter)
+        mlp = experts * (3 if gated else 2) * hidden * expert_inter + experts * hidden
+    model_type = str(text.get("model_type", ""))
+    tied = bool(text.get("tie_word_embeddings", model_type.startswith("gemma") or not gated))
     return layers * (attn + mlp) + vocab * hidden * (1 if tied else 2)
 
 
@@ -214,12 +224,26 @@ def _inspect_hf_folder(folder: Path) -> ModelInfo:
     return info
 
 
+def _inspect_gguf(path: Path) -> ModelInfo:
+    from loratui.config.gguf_header import llm_config_from_gguf, read_gguf_header
+
+    info = ModelInfo(str(path), "gguf", family="llm")
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ValueError) as exc:
+        info.notes.append(f"unreadable GGUF header: {exc}")
+        return info
+    info.architecture = header.architecture or None
+    info.params = header.params or _llm_params(llm_config_from_gguf(header))
+    return info
+
+
 def _inspect_file(path: Path) -> ModelInfo:
     suffix = path.suffix.lower()
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":
-        return ModelInfo(str(path), "gguf", family="llm")
+        return _inspect_gguf(path)
     if magic in GGML_MAGICS or re.search(r"ggml", path.name, re.IGNORECASE):
         return ModelInfo(str(path), "ggml", family="llm")
     if suffix == ".safetensors":

@@ -149,7 +149,9 @@ def _preset_family(family: str, base_model: str) -> str:
 
     found = inspect_base_model(base_model).preset_family
     if found is None:  # nothing readable (e.g. a hub id not in the local cache): the name's size, if any
-        found = "llm-13b" if (params_from_name(base_model) or 0) > 9e9 else "llm-7b"
+        from loratui.config.presets import llm_preset_family
+
+        found = llm_preset_family(params_from_name(base_model) or 0)
     return found
 
 

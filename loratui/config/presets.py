@@ -13,7 +13,23 @@ from pathlib import Path
 from loratui.config.errors import ConfigError, ConfigProblem
 from loratui.config.yaml_source import read_yaml_file
 
-PRESET_FAMILIES = ("sd15", "sdxl", "llm-7b", "llm-13b")
+#: LLM sections are by size class: ~1-3B, 7-9B, 12-14B, 30-34B and 70B parameters (the names keep the seed's
+#: `llm-7b` / `llm-13b` for the 7-9B and 12-14B classes)
+LLM_SIZE_CLASSES = (
+    ("llm-3b", 5e9),
+    ("llm-7b", 10.5e9),
+    ("llm-13b", 20e9),
+    ("llm-32b", 50e9),
+    ("llm-70b", float("inf")),
+)
+PRESET_FAMILIES = ("sd15", "sdxl", *(name for name, _ in LLM_SIZE_CLASSES))
+
+
+def llm_preset_family(params: float) -> str:
+    """The LLM preset section for a model of `params` parameters (unknown size: the 7-9B class)."""
+    if params <= 0:
+        return "llm-7b"
+    return next(name for name, limit in LLM_SIZE_CLASSES if params <= limit)
 
 
 @dataclass
@@ -123,7 +139,7 @@ def load_preset(name: str) -> Preset:
 
 
 def preset_section(preset: Preset, family: str) -> dict[str, object]:
-    """Settings for `family` (sd15/sd2/sdxl/llm-7b/llm-13b); sd2 falls back to sd15's section."""
+    """Settings for `family` (sd15/sd2/sdxl or an LLM size class); sd2 falls back to sd15's section."""
     if family in preset.families:
         return dict(preset.families[family])
     if family == "sd2" and "sd15" in preset.families:

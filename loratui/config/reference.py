@@ -13,8 +13,8 @@ INTRO = """# Config reference
 One YAML file describes a training run. Values are resolved in this order, lowest first:
 
 1. built-in defaults (below),
-2. `--preset NAME`: the preset's section for the model family (`sd15`, `sdxl`, `llm-7b`, `llm-13b`;
-   SD2 models use the `sd15` section),
+2. `--preset NAME`: the preset's section for the model family (`sd15`, `sdxl`; LLMs by size: `llm-3b`,
+   `llm-7b`, `llm-13b`, `llm-32b`, `llm-70b`; SD2 models use the `sd15` section),
 3. the config file (`--config x.yaml`),
 4. `--set key=value` overrides (values are parsed as YAML: `--set target_modules=[to_q,to_k]`),
 5. explicit flags (`--lora-rank 16`, `--batch-size 2`, ...).

@@ -24,7 +24,8 @@ How a prediction is made (called through the modules above):
 
 Development only (the product never imports it):
 
-- `dev.calibrate`: regenerates the shipped tables. Predicted-vs-measured checks on the trainers' real step
+- `dev.calibrate`: regenerates the shipped tables; `dev.preset_sections`: chooses the presets' LLM sections
+  with the planner (`--write` rewrites them). Predicted-vs-measured checks on the trainers' real step
   live in `loratui.train.memory_check`, above this layer.
 
 Byte sizes ("3GiB", "7.41 GiB") are parsed and formatted by `loratui.util.sizes`.

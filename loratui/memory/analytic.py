@@ -14,12 +14,19 @@ SD_PARAMS = {"sd15": 1.07e9, "sd2": 1.29e9, "sdxl": 3.47e9}
 
 
 def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
-    """(parameters, where the number comes from) of an LLM whose architecture cannot be built: its config,
-    else its weight files' headers, else its name ("...-13b"), else 7B."""
+    """(parameters, where the number comes from) of an LLM whose architecture cannot be built: its GGUF tensor
+    table, else its config, else its weight files' headers, else its name ("...-13b"), else 7B."""
     from pathlib import Path
 
     from loratui.config.base_model import _llm_params, params_from_name, params_from_weight_files
 
+    if spec.source.lower().endswith(".gguf"):
+        from loratui.config.gguf_header import read_gguf_header
+
+        try:
+            return read_gguf_header(spec.source).params, "counted from its GGUF tensor table"
+        except (OSError, ValueError):
+            pass
     counted = _llm_params(spec.configs["model"])
     if counted:
         return counted, "counted from its config.json"
@@ -45,7 +52,10 @@ def llm_layers(spec: ArchSpec) -> tuple[int, str]:
 
     found = llm_dimension(spec.configs["model"], "layers")
     if found:
-        return found[0], f"config.json {found[1]}"
+        where = (
+            "GGUF header block_count" if spec.source.lower().endswith(".gguf") else f"config.json {found[1]}"
+        )
+        return found[0], where
     folder = Path(spec.source).parent if spec.source.endswith(".json") else None
     stored = layers_from_weight_files(folder) if folder is not None else None
     if stored:

@@ -114,8 +114,13 @@ class ArchSpec:
 
     @property
     def num_layers(self) -> int:
-        """Decoder layers of a causal LM (0 for SD)."""
-        return int(self.configs["model"].get("num_hidden_layers", 0)) if self.kind == "llm" else 0
+        """Decoder layers of a causal LM, under the family's own key (`num_hidden_layers`, `n_layer`, ...); 0 for SD."""
+        if self.kind != "llm":
+            return 0
+        from loratui.config.base_model import llm_dimension
+
+        found = llm_dimension(self.configs["model"], "layers")
+        return found[0] if found else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "configs": self.configs, "source": self.source}
@@ -175,8 +180,8 @@ def bundled_sd_configs(name: str) -> dict[str, dict[str, Any]]:
 
 
 def bundled_llm_config(name: str) -> dict[str, Any]:
-    """A causal-LM config shipped with the memory planner (llama-2-7b, llama-2-13b, llama-3.1-8b,
-    tinyllama-1.1b)."""
+    """A causal-LM config shipped with the memory planner (`known_llm_names()`: Llama 2/3.x, Qwen2.5/3,
+    Gemma 2/3, Mistral, Phi-4, ...): the real config.json of the published model, no weights."""
     text = resources.files("loratui.memory").joinpath("arch_configs", f"{name}.json").read_text("utf-8")
     return json.loads(text)
 
@@ -187,12 +192,28 @@ def known_llm_names() -> list[str]:
 
 
 def _default_llm_for(name: str) -> str:
-    lowered = name.lower()
-    if re.search(r"(^|[^0-9])13b", lowered):
-        return "llama-2-13b"
-    if re.search(r"(^|[^0-9.])1(\.1)?b", lowered):
-        return "tinyllama-1.1b"
-    return DEFAULT_LLM
+    """The shipped config a model name refers to ("Qwen/Qwen2.5-7B-Instruct" -> qwen2.5-7b), else one of its
+    size read from the name."""
+    lowered = Path(name).name.lower() if name else ""
+    for known in sorted(known_llm_names(), key=len, reverse=True):
+        found = re.search(rf"(^|[^a-z0-9.]){re.escape(known)}([^a-z0-9.]|$)", lowered)
+        if found and not lowered[found.end() :].startswith(("mini", "small", "medium")):
+            return known
+    return _nearest_in_size(name)
+
+
+def _nearest_in_size(name: str) -> str:
+    """The shipped config nearest in size to the one in a name ("Llama-2-70b-hf" -> llama-3.1-70b); a ~7B name
+    or none: `DEFAULT_LLM`."""
+    import math
+
+    from loratui.config.base_model import _llm_params, params_from_name
+
+    size = params_from_name(name or "")
+    if not size or abs(math.log(size / 7e9)) < 0.1:
+        return DEFAULT_LLM
+    sizes = {known: _llm_params(bundled_llm_config(known)) or 1 for known in known_llm_names()}
+    return min(sizes, key=lambda known: abs(math.log(sizes[known] / size)))
 
 
 def _hub_config(repo_id: str) -> Path | None:
@@ -213,10 +234,35 @@ def _llm_spec(base_model: str, info: Any) -> ArchSpec:
         config_path = _hub_config(base_model)
     if config_path is not None and config_path.is_file():
         return ArchSpec("llm", "llm", {"model": _read_json(config_path)}, str(config_path))
+    if info is not None and info.kind == "gguf":
+        found = _gguf_spec(folder)
+        if found is not None:
+            return found
     name = _default_llm_for(base_model)
+    bundled = ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}")
+    if base_model == name:  # a shipped architecture asked for by name (presets, benchmarks)
+        return bundled
     why = "no base_model set" if not base_model else f"the architecture of {base_model} cannot be read here"
-    note = f"{why}; assuming the {name} architecture"
-    return ArchSpec("llm", "llm", {"model": bundled_llm_config(name)}, f"bundled:{name}", [note])
+    bundled.notes.append(f"{why}; assuming the {name} architecture")
+    return bundled
+
+
+def _gguf_spec(path: Path) -> ArchSpec | None:
+    """The architecture stored in a GGUF file's header, at its own size (training dequantises the weights)."""
+    from loratui.config.gguf_header import describe_gguf, llm_config_from_gguf, read_gguf_header
+
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ValueError):
+        return None
+    config = llm_config_from_gguf(header)
+    if not config.get("num_hidden_layers") or not config.get("hidden_size"):
+        return None
+    note = (
+        f"architecture read from the GGUF header ({header.architecture}, {config['num_hidden_layers']} layers, "
+        f"hidden {config['hidden_size']}); {describe_gguf(header)}; training loads it dequantised"
+    )
+    return ArchSpec("llm", "llm", {"model": config}, str(path), [note])
 
 
 def _sd_bundled_name(family: str, info: Any) -> str:

@@ -61,7 +61,16 @@ class Planner:
 
             return analytic_estimate(self.spec, cfg, device, self.notes)
         if self.spec.kind == "llm":
-            return _estimate_llm(self, cfg, device)
+            try:
+                return _estimate_llm(self, cfg, device)
+            except (ValueError, NotImplementedError) as exc:  # built, but its step cannot be traced
+                from loratui.memory.analytic import analytic_estimate
+
+                why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                note = (
+                    f"cannot trace a training step of this architecture ({why}); using the analytic estimate"
+                )
+                return analytic_estimate(self.spec, cfg, device, [*self.notes, note])
         return _estimate_sd(self, cfg, device)
 
 

@@ -209,8 +209,12 @@ PRESET_ARCHS = {
     "sd15": "sd15",
     "sd2": "sd2",
     "sdxl": "sdxl",
-    "llm-7b": "llama-2-7b",
-    "llm-13b": "llama-2-13b",
+    # a current model of each LLM size class (shipped configs, `memory/arch_configs/`)
+    "llm-3b": "llama-3.2-3b",
+    "llm-7b": "llama-3.1-8b",
+    "llm-13b": "qwen2.5-14b",
+    "llm-32b": "qwen2.5-32b",
+    "llm-70b": "llama-3.1-70b",
 }
 
 

@@ -123,7 +123,11 @@ def build_llm(config: dict[str, Any], layers: int, device: str, dtype: torch.dty
     hf_config.use_cache = False
     hf_config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        except ValueError:  # no SDPA for this family (e.g. Gemma-2's soft-capping): eager, as loading picks
+            hf_config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.config.use_cache = False
     return model
 

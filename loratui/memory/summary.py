@@ -185,13 +185,18 @@ def _llm_summary(spec: ArchSpec) -> ArchSummary:
         grow(one.quantizable, two.quantizable),
         one.max_linear,
     )
-    text = config.get("text_config", config)
+    from loratui.config.base_model import llm_dimension
+
+    def dimension(name: str) -> int:  # under the family's own key (`hidden_size`, `n_embed`, ...)
+        found = llm_dimension(config, name)
+        return found[0] if found else 0
+
     info = {
         "layers": total_layers,
-        "hidden": int(text.get("hidden_size", 0)),
-        "vocab": int(text.get("vocab_size", 0)),
-        "heads": int(text.get("num_attention_heads", 0)),
-        "intermediate": int(text.get("intermediate_size", 0)),
+        "hidden": dimension("hidden"),
+        "vocab": dimension("vocab"),
+        "heads": dimension("heads"),
+        "intermediate": dimension("intermediate"),
     }
     return ArchSummary("llm", "llm", spec.fingerprint, {"model": comp}, info)
 

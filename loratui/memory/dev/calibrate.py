@@ -1,7 +1,7 @@
 """Regenerate the shipped memory tables: `python -m loratui.memory.dev.calibrate [NAME ...]`.
 
-For each architecture loratui knows (SD1.5, SD2.x, SDXL, Llama-2-7B/13B, Llama-3.1-8B,
-TinyLlama-1.1B) this builds the model on the meta device, summarises its parameters, traces the reference training step over the calibration design
+For SD1.5, SD2.x, SDXL, Llama-2-7B/13B, Llama-3.1-8B, TinyLlama-1.1B and the LLM presets' reference models
+(Llama-3.2-3B, Qwen2.5-14B, Qwen2.5-32B, Llama-3.1-70B) this builds the model on the meta device, summarises its parameters, traces the reference training step over the calibration design
 for every regime the estimator can ask for, and writes `arch_configs/tables/NAME.json`. Takes minutes per SD
 architecture on a laptop CPU; nothing is downloaded and no weights are read.
 """
@@ -21,7 +21,17 @@ from loratui.memory.regime import Regime
 from loratui.memory.tables import _versions, fit_key
 
 SD_NAMES = ("sd15", "sd2", "sdxl")
-LLM_NAMES = ("llama-2-7b", "llama-2-13b", "llama-3.1-8b", "tinyllama-1.1b")
+LLM_NAMES = (
+    "llama-2-7b",
+    "llama-2-13b",
+    "llama-3.1-8b",
+    "tinyllama-1.1b",
+    # the preset classes' reference models (docs/presets.md): 1-3B, 12-14B, 30-34B, 70B
+    "llama-3.2-3b",
+    "qwen2.5-14b",
+    "qwen2.5-32b",
+    "llama-3.1-70b",
+)
 TABLE_DIR = Path(__file__).resolve().parent.parent / "arch_configs" / "tables"
 
 
