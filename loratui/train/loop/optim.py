@@ -15,17 +15,35 @@ class MissingDependency(RuntimeError):
 def build_optimizer(
     param_groups: Iterable, name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW, or 8-bit AdamW from bitsandbytes (`pip install 'loratui[quant]'`)."""
+    """AdamW, or 8-bit AdamW from bitsandbytes (`pip install 'loratui[quant]'`; on CUDA, or on the CPU with
+    bitsandbytes >= 0.50)."""
     if name == "adamw8bit":
+        from loratui.models.quant import bitsandbytes_problem, quiet_cpu_kernel_notice
+
+        param_groups = list(param_groups)
+        problem = bitsandbytes_problem(_device_type(param_groups), "optimizer adamw8bit")
+        if problem:
+            raise MissingDependency(f"{problem} (or set optimizer: adamw)")
+        quiet_cpu_kernel_notice()
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise MissingDependency(
-                "optimizer adamw8bit needs bitsandbytes: pip install 'loratui[quant]' "
+                f'optimizer adamw8bit needs bitsandbytes: pip install "loratui[quant]" ({exc}) '
                 "(or set optimizer: adamw)"
             ) from exc
+
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+
+
+def _device_type(param_groups: list) -> str:
+    """The device type of the first parameter ("cpu" when there is none)."""
+    for group in param_groups:
+        params = group["params"] if isinstance(group, dict) else [group]
+        for param in params:
+            return param.device.type
+    return "cpu"
 
 
 def lr_lambda(name: str, warmup_steps: int, total_steps: int):

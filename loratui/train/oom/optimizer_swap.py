@@ -8,15 +8,17 @@ If carrying fails, the 8-bit optimizer starts with fresh moments (a warning says
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from typing import Any
 
 
 def can_use_8bit(device: Any) -> bool:
-    """bitsandbytes' 8-bit AdamW needs the package and a CUDA device."""
-    return getattr(device, "type", None) == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    """bitsandbytes' 8-bit AdamW runs on this device: CUDA, or the CPU with bitsandbytes >= 0.50."""
+    from loratui.models.quant import bitsandbytes_problem
+
+    device_type = getattr(device, "type", None)
+    return device_type is not None and bitsandbytes_problem(device_type, "8-bit AdamW") is None
 
 
 def _carry(new: Any, old_state: dict, group: dict, p: Any, gindex: int, pindex: int) -> None:
