@@ -210,3 +210,50 @@ def test_oom_rung_swaps_a_running_adamw_to_8bit_on_the_cpu_keeping_its_moments()
     before = big.detach().clone()
     optimizer.step()
     assert not torch.equal(before, big.detach())
+
+
+def test_planner_models_nf4_storage_compute_dtype_weights_and_8bit_state(tiny_llama: Path) -> None:
+    from loratui.config import TrainConfig
+    from loratui.memory.estimate import estimate_peak, optimizer_bytes, planner_for
+    from loratui.memory.estimate_types import NF4_BYTES
+    from loratui.memory.meter import MemoryMeter
+
+    llama7 = TrainConfig(
+        task_type="text-generation",
+        base_model="meta-llama/Llama-2-7b-hf",
+        mixed_precision="bf16",
+        batch_size=2,
+    )
+    qlora = llama7.model_copy(update={"load_in_4bit": True, "gradient_checkpointing": True})
+    model = planner_for(qlora).summary.components["model"]
+    other = model.params - model.quantizable  # embeddings, norms, lm_head
+    expected = model.quantizable * NF4_BYTES + other * 2 + model.buffers * 4
+    assert estimate_peak(qlora).breakdown["weights"] == int(expected)  # not fp32: the compute dtype
+    fp32 = estimate_peak(qlora.model_copy(update={"mixed_precision": "no"})).breakdown["weights"]
+    assert fp32 == int(expected + other * 2)
+    assert (
+        estimate_peak(qlora).total_bytes
+        < estimate_peak(llama7.model_copy(update={"gradient_checkpointing": True})).total_bytes
+    )
+
+    # 8-bit AdamW: 2 B per element + an fp32 absmax per 256-element block and state (small tensors 32-bit)
+    state8, temporaries = optimizer_bytes("adamw8bit", [(4096 * 2, 64)], 16, "cuda")
+    assert state8 == 64 * (2 * 4096 * 2 * 16 + 2 * 4 * (4096 * 2 * 16 // 256)) and temporaries == 0
+    assert optimizer_bytes("adamw8bit", [(100, 3)], 4, "cpu")[0] == 3 * 8 * 400
+    eight = estimate_peak(llama7.model_copy(update={"optimizer": "adamw8bit"}))
+    assert eight.breakdown["optimizer_state"] < 0.3 * estimate_peak(llama7).breakdown["optimizer_state"]
+
+    # on the CPU, QLoRA is planned as it runs there (fp32 compute), and the weights match the loaded model's bytes
+    tiny = TrainConfig(
+        task_type="text-generation", base_model=str(tiny_llama), load_in_4bit=True, mixed_precision="no"
+    )
+    cpu = estimate_peak(tiny, device="cpu")
+    assert not any("CUDA" in note for note in cpu.notes)
+    loaded, _, _ = load_base(str(tiny_llama), load_in_4bit=True)
+    meter = MemoryMeter()
+    meter.register_model(loaded.requires_grad_(False))
+    measured = meter.breakdown("live")["weights"]
+    meter.close()
+    assert abs(cpu.breakdown["weights"] / measured - 1) < 0.03
+    plain = estimate_peak(tiny.model_copy(update={"load_in_4bit": False}), device="cpu").breakdown["weights"]
+    assert cpu.breakdown["weights"] < 0.8 * plain
