@@ -220,14 +220,12 @@ def load_tokenizer(source: BaseSource, *, trust_remote_code: bool = False) -> An
     return tokenizer
 
 
-def qlora_compute_dtype(dtype: Any, device_type: str) -> Any:
-    """The dtype 4-bit layers compute in: the weights' 16-bit dtype; without mixed precision bf16 on CUDA (its
-    4-bit kernels are made for 16-bit) and fp32 on the CPU (no autocast there)."""
+def qlora_compute_dtype(dtype: Any) -> Any:
+    """The dtype 4-bit layers compute in: the dtype of the other weights (bf16/fp16 under mixed precision, fp32
+    with `mixed_precision: no`), so nothing is cast back and forth between layers."""
     import torch
 
-    if dtype in (torch.float16, torch.bfloat16):
-        return dtype
-    return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def quantization_config(compute_dtype: Any, device_type: str | None = None) -> Any:
@@ -276,7 +274,7 @@ def load_causal_lm(
     }
     if load_in_4bit:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        compute = qlora_compute_dtype(dtype, device_type)
+        compute = qlora_compute_dtype(dtype)
         kwargs["quantization_config"] = quantization_config(compute, device_type)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device_type == "cuda" else "cpu"}
     from transformers import AutoModelForCausalLM

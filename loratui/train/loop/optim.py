@@ -20,8 +20,8 @@ def build_optimizer(
     if name == "adamw8bit":
         from loratui.models.quant import bitsandbytes_problem, quiet_cpu_kernel_notice
 
-        param_groups = list(param_groups)
-        problem = bitsandbytes_problem(_device_type(param_groups), "optimizer adamw8bit")
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"  # where training runs (pick_device)
+        problem = bitsandbytes_problem(device_type, "optimizer adamw8bit")
         if problem:
             raise MissingDependency(f"{problem} (or set optimizer: adamw)")
         quiet_cpu_kernel_notice()
@@ -32,18 +32,8 @@ def build_optimizer(
                 f'optimizer adamw8bit needs bitsandbytes: pip install "loratui[quant]" ({exc}) '
                 "(or set optimizer: adamw)"
             ) from exc
-
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-
-
-def _device_type(param_groups: list) -> str:
-    """The device type of the first parameter ("cpu" when there is none)."""
-    for group in param_groups:
-        params = group["params"] if isinstance(group, dict) else [group]
-        for param in params:
-            return param.device.type
-    return "cpu"
 
 
 def lr_lambda(name: str, warmup_steps: int, total_steps: int):

@@ -80,5 +80,25 @@ def swap_to_8bit(optimizer: Any, scheduler: Any | None) -> bool:
     inner_scheduler = getattr(scheduler, "scheduler", scheduler)
     if inner_scheduler is not None and hasattr(inner_scheduler, "optimizer"):
         inner_scheduler.optimizer = new
+        _track_steps(new)
     inner.state.clear()
     return True
+
+
+def _track_steps(optimizer: Any) -> None:
+    """Mark `optimizer.step` the way a torch LR scheduler does when it is built on an optimizer, so the
+    scheduler that now drives it does not warn that `step()` was replaced."""
+    import functools
+    import weakref
+
+    step = optimizer.step.__func__
+    owner = weakref.ref(optimizer)
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = owner()
+        opt._opt_called = True
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
