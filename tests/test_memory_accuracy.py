@@ -86,3 +86,27 @@ def test_cpu_accuracy_full_grid(fresh_fit_cache, tiny_llama, tiny_sd15, tiny_sdx
     for seq, ckpt, rank in itertools.product((128, 256), (False, True), (4, 64)):
         rows += session_rows("mid-llama", "llm", "llm", mid_llama, tmp_path, seq, ckpt, rank)
     _check(rows)
+
+
+QUANT_SESSIONS = [
+    (64, False, 4, {"load_in_4bit": True}),
+    (128, True, 16, {"load_in_4bit": True}),
+    (128, False, 64, {"optimizer": "adamw8bit"}),
+    (128, True, 64, {"load_in_4bit": True, "optimizer": "adamw8bit"}),
+]
+
+
+def test_cpu_accuracy_qlora_and_8bit_adamw(fresh_fit_cache, tiny_llama, tmp_path) -> None:
+    """bitsandbytes' NF4 layers and 8-bit AdamW on the CPU (>= 0.50) against the planner's QLoRA regime (NF4
+    storage, non-quantised weights in the compute dtype, dequantised weight) and its 8-bit optimizer state."""
+    from loratui.models.quant import bitsandbytes_problem
+
+    if bitsandbytes_problem("cpu", "QLoRA"):
+        pytest.skip("bitsandbytes does not run on the CPU here")
+    rows = []
+    for seq, ckpt, rank, options in QUANT_SESSIONS:
+        rows += session_rows(
+            "tiny-llama", "llm", "llm", tiny_llama, tmp_path, seq, ckpt, rank, batches=(4, 2), options=options
+        )
+    assert len(rows) == 8
+    _check(rows)

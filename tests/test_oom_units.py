@@ -277,12 +277,18 @@ def test_exhausted_ladder_names_the_smallest_option(tmp_path: Path) -> None:
         step.run(
             1, [0, 1, 2, 3], lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
         )
+    from loratui.train.oom.optimizer_swap import can_use_8bit
+
+    eight_bit = ["optimizer_8bit"] if can_use_8bit(torch.device("cpu")) else []  # bitsandbytes >= 0.50
     assert [e["rung"] for e in events.items if e["type"] == "oom"] == [
         "micro_batch",
         "micro_batch",
         "gradient_checkpointing",
         "offload",
+        *eight_bit,
     ]
+    if eight_bit:  # the running AdamW was really swapped for bitsandbytes' 8-bit AdamW on the CPU
+        assert type(step.optimizer.optimizer).__name__ == "AdamW8bit"
 
 
 # --- records, cache, console lines -------------------------------------------------------------------------

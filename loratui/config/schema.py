@@ -130,7 +130,10 @@ class TrainConfig(BaseModel):
 
     # --- text (LLM) --------------------------------------------------------------------------
     max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Maximum tokens per sample.")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit NF4 (CUDA only).")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the base model in 4-bit NF4 (needs bitsandbytes; CUDA, or CPU from bitsandbytes 0.50).",
+    )
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
     packing: bool = Field(False, description="Pack short samples into max_seq_len sequences.")
     val_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for eval loss.")

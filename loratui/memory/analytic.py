@@ -78,11 +78,10 @@ def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[
     hidden = (llm_dimension(model, "hidden") or (4096, ""))[0]
     vocab = (llm_dimension(model, "vocab") or (32000, ""))[0]
     b, s, r = cfg.batch_size * sequences_per_sample(cfg), cfg.max_seq_len, cfg.lora_rank  # DPO/ORPO: pairs
-    width = 4 if (device == "cpu" or cfg.mixed_precision == "no") and not cfg.load_in_4bit else 2
-    if cfg.load_in_4bit and device == "cuda":
-        weights = int(params * 0.52 + 2 * vocab * hidden * 4)
-    else:
-        weights = params * width
+    sixteen = cfg.mixed_precision == "bf16" if device == "cpu" else cfg.mixed_precision != "no"
+    width = 2 if sixteen else 4
+    # QLoRA: NF4 decoder; embeddings and lm_head in the compute dtype
+    weights = int(params * 0.52 + 2 * vocab * hidden * width) if cfg.load_in_4bit else params * width
     lora = 4 * layers * r * 8 * hidden  # q, k, v, o: about r * 2h each
     per_layer = 41 * s * b * hidden * width // 2  # LLaMA-style layer, 16-bit (Korthikanti et al. 2022)
     stored = (2 * s * b * hidden * layers + per_layer) if cfg.gradient_checkpointing else per_layer * layers

@@ -124,21 +124,21 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
     targets = tuple(cfg.target_modules) if cfg.target_modules else None
     dropout = cfg.lora_dropout > 0
     if device == "cuda":
-        if cfg.load_in_4bit and kind == "llm":
-            precision = "qlora"
-        else:
-            precision = "fp32" if cfg.mixed_precision == "no" else "amp16"
+        sixteen = cfg.mixed_precision != "no"
     else:
-        if cfg.load_in_4bit and kind == "llm":
-            notes.append("load_in_4bit needs a CUDA GPU; estimated without 4-bit loading")
-        precision = "amp16" if cfg.mixed_precision == "bf16" else "fp32"
-        if precision == "amp16":
+        sixteen = cfg.mixed_precision == "bf16"
+        if sixteen:
             notes.append("bf16 on the CPU is estimated with CUDA's autocast rules")
+    if cfg.load_in_4bit and kind == "llm":
+        precision = "qlora16" if sixteen else "qlora32"  # NF4 base; other weights in the compute dtype
+    else:
+        precision = "amp16" if sixteen else "fp32"
     return Regime(precision, cfg.gradient_checkpointing, dropout, targets), notes
 
 
 def weight_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+    """Bytes per frozen 16/32-bit weight (under QLoRA: per weight that is not quantised)."""
+    return 4 if precision in ("fp32", "qlora32") else 2
 
 
 def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device: str) -> tuple[int, int]:
@@ -199,19 +199,19 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     layers = int(summary.info.get("layers", 1))
     if method_note(cfg):
         notes = [*notes, method_note(cfg)]
-    if regime.precision == "qlora":
-        weights = model.quantizable * NF4_BYTES + (model.params - model.quantizable) * 4
+    width = weight_bytes(regime.precision)
+    if regime.precision.startswith(
+        "qlora"
+    ):  # NF4 decoder Linears; embeddings, norms, lm_head in compute dtype
+        weights = model.quantizable * NF4_BYTES + (model.params - model.quantizable) * width
     else:
-        weights = model.params * weight_bytes(regime.precision)
+        weights = model.params * width
     weights += model.buffers * 4
     lora = 4 * summary.lora_params(r, cfg.target_modules)
     state, temporaries = optimizer_bytes(cfg.optimizer, summary.lora_tensors(cfg.target_modules), r, device)
     peak, acts = fit.evaluate(b, s, r, layers)
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask
-    if regime.precision == "qlora":
-        peak += 2 * model.max_linear  # one base weight dequantised to 16-bit at a time
-        acts += 2 * model.max_linear
     step, activations, grads_at_peak = step_parts(peak, acts, lora, cfg.gradient_accumulation_steps > 1)
     head, _ = fit.evaluate(b, s, r, 0)
     logits = int(min(max(head, 0), activations))

@@ -4,7 +4,8 @@ A `TorchDispatchMode` sees every tensor an operator returns. Each untyped storag
 its data pointer; on the meta device, which has none, by the storage object) with its `nbytes`, and released by
 a weak-reference callback when the storage dies. Storages are put into categories:
 
-- ``weights``: frozen parameters and buffers registered with `register_model`;
+- ``weights``: frozen parameters (with a 4-bit weight's quantisation state) and buffers registered with
+  `register_model`;
 - ``lora``: trainable parameters registered with `register_model`;
 - ``gradients``: `.grad` of registered trainable parameters (post-accumulate-grad hooks);
 - ``optimizer``: optimizer state, and anything allocated while `optimizer.step()` runs;
@@ -56,6 +57,17 @@ def simulated_budget_from_env_or_config(cfg: Any = None) -> int | None:
     if not value:
         value = os.environ.get(ENV_SIMULATE) or None
     return parse_size(value) if value else None
+
+
+def quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a 4-bit weight keeps beside its packed values (bitsandbytes' `quant_state`: block absmax,
+    code, offset and, with double quantisation, the second level's absmax and code); empty for other weights."""
+    found: list[torch.Tensor] = []
+    state = getattr(param, "quant_state", None)
+    while state is not None and len(found) < 16:
+        found += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    return found
 
 
 class MemoryMeter(TorchDispatchMode):
@@ -127,7 +139,9 @@ class MemoryMeter(TorchDispatchMode):
     def register_model(self, model: torch.nn.Module) -> None:
         """Count a model's parameters (frozen: weights, trainable: lora) and buffers; watch its gradients."""
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.register([p for p in model.parameters() if not p.requires_grad], "weights")
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        self.register(frozen, "weights")
+        self.register([t for p in frozen for t in quant_state_tensors(p)], "weights")
         self.register(list(model.buffers()), "weights")
         self.register(trainable, "lora")
         self.watch_gradients(trainable)

@@ -7,8 +7,9 @@ rises above the weights. On the meta device nothing is computed, so a 7B model o
 laptop; GPU behaviour that the meta device lacks (CUDA autocast, fused attention) comes from `TraceMode`.
 
 Precisions: ``fp32`` (CPU training, or `mixed_precision: no`), ``amp16`` (16-bit weights, fp32 LoRA, CUDA
-autocast, outputs converted to fp32 as accelerate does), ``qlora`` (4-bit NF4 base layers emulated as bitsandbytes
-runs them: compute in 16-bit, the layer input not saved, other weights upcast to fp32 by PEFT's k-bit preparation).
+autocast, outputs converted to fp32 as accelerate does), ``qlora16`` / ``qlora32`` (4-bit NF4 base layers
+emulated as bitsandbytes runs them: compute in the compute dtype, the layer input not saved; every other weight
+kept in that dtype, 16-bit with autocast or fp32 without mixed precision; the LoRA fp32).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from loratui.memory.meter import MemoryMeter
 from loratui.memory.regime import Point, Regime
 from loratui.memory.tracemode import TraceMode
-from loratui.models.checkpointing import NON_REENTRANT, enable_activation_checkpointing
+from loratui.models.checkpointing import enable_activation_checkpointing
 
 AMP_DTYPE = torch.bfloat16
 TEXT_TOKENS = 77
@@ -43,15 +44,20 @@ class Trace:
     backward_start: int | None = None  # index in `timeline` where backward began
 
 
+def full_precision(precision: str) -> bool:
+    """True for the precisions that compute in fp32 without autocast (`fp32`, `qlora32`)."""
+    return precision in ("fp32", "qlora32")
+
+
 def _trace_mode(precision: str, device: str) -> TraceMode:
     """The `TraceMode` for a trace; entered only where it changes something (autocast or meta attention)."""
-    mode = TraceMode(AMP_DTYPE if precision != "fp32" else None)
+    mode = TraceMode(AMP_DTYPE if not full_precision(precision) else None)
     mode.autocast_active = False
     return mode
 
 
 def _enter(mode: TraceMode, precision: str, device: str):
-    return mode if precision != "fp32" or device == "meta" else contextlib.nullcontext()
+    return mode if not full_precision(precision) or device == "meta" else contextlib.nullcontext()
 
 
 def _meter_for(models: list[torch.nn.Module]) -> MemoryMeter:
@@ -80,7 +86,7 @@ def _finish(meter: MemoryMeter, point: Point, static: int, backward_start: int |
 @contextlib.contextmanager
 def _forward_autocast(mode: TraceMode, precision: str) -> Iterator[None]:
     """Autocast emulation around a model's forward pass (as accelerate wraps `forward`)."""
-    if precision == "fp32":
+    if full_precision(precision):
         yield
         return
     mode.autocast_active = True
@@ -133,47 +139,44 @@ def build_llm(config: dict[str, Any], layers: int, device: str, dtype: torch.dty
 
 
 class _Matmul4bit(torch.autograd.Function):
-    """bitsandbytes' 4-bit matmul as seen by memory: the input is not saved, the weight is dequantised on use."""
+    """bitsandbytes' 4-bit matmul as seen by memory: the input is not saved, and the weight is dequantised to a
+    fresh compute-dtype copy for the forward and again for the backward matmul (freed right after each)."""
 
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(weight)
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
+        dequantised = weight.to(x.dtype, copy=True)
+        return torch.nn.functional.linear(x, dequantised)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None
+        return grad @ weight.to(grad.dtype, copy=True), None
 
 
 class Linear4bitStandIn(torch.nn.Linear):
-    """A base Linear as bitsandbytes' `Linear4bit` runs it (weights kept 16-bit here; memory is accounted
-    analytically). Casts the input to the compute dtype and the output back to the input dtype."""
+    """A base Linear as bitsandbytes' `Linear4bit` runs it (weights kept in the compute dtype here, the 4-bit
+    storage is accounted analytically). Casts the input to the compute dtype and the output back to the input
+    dtype."""
 
     compute_dtype = AMP_DTYPE
+    adapted = False  # PEFT's 4-bit LoRA layer copies the base layer's output ("defensive clone")
 
     def forward(self, x):
         in_dtype = x.dtype
-        out = _Matmul4bit.apply(x.to(self.compute_dtype), self.weight)
-        return out.to(in_dtype)
+        out = _Matmul4bit.apply(x.to(self.compute_dtype), self.weight).to(in_dtype)
+        return out.clone() if self.adapted else out
 
 
-def _emulate_kbit(model: torch.nn.Module, checkpointing: bool) -> None:
-    """Swap decoder Linears for 4-bit stand-ins and upcast everything else to fp32 (PEFT's k-bit preparation)."""
+def _emulate_kbit(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Swap the decoder's Linears (not `lm_head`, which bitsandbytes leaves unquantised) for 4-bit stand-ins that
+    compute in `compute_dtype`; every other weight stays in the dtype the model was built in (the trainer loads
+    them in the compute dtype, with no fp32 upcast)."""
     for module in model.modules():
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
                 child.__class__ = Linear4bitStandIn
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, Linear4bitStandIn):
-            continue
-        for _, param in module.named_parameters(recurse=False):
-            param.data = param.data.float()
-    if checkpointing:
-        enable_activation_checkpointing(model, NON_REENTRANT)
-        model.enable_input_require_grads()
+                child.compute_dtype = compute_dtype
 
 
 def _llm_train_config(regime: Regime, rank: int) -> Any:
@@ -190,15 +193,18 @@ def _llm_train_config(regime: Regime, rank: int) -> Any:
 
 def add_llm_lora(model: torch.nn.Module, regime: Regime, rank: int) -> torch.nn.Module:
     """LoRA as the LLM trainer adds it (`loratui.models.llm.lora`)."""
-    from loratui.models.llm.lora import lora_config, setup_lora
+    from loratui.models.llm.lora import setup_lora
 
     cfg = _llm_train_config(regime, rank)
-    if regime.precision == "qlora":
-        from peft import get_peft_model
-
-        _emulate_kbit(model, regime.checkpointing)
-        return get_peft_model(model, lora_config(cfg))
-    return setup_lora(cfg, model)
+    if not regime.precision.startswith("qlora"):
+        return setup_lora(cfg, model)
+    _emulate_kbit(model, torch.float32 if full_precision(regime.precision) else AMP_DTYPE)
+    model = setup_lora(cfg, model)
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, Linear4bitStandIn):
+            base.adapted = True
+    return model
 
 
 @contextlib.contextmanager
@@ -228,7 +234,7 @@ def _llm_loss(
         units = [Unit(row, [-100] + row[1:], seq - 1) for row in ids]
         data = collate(units, 0)
         with _forward_autocast(mode, regime.precision):
-            if regime.precision == "fp32":
+            if full_precision(regime.precision):
                 return token_loss_sum(model, data)
             out = _to_fp32(
                 model(input_ids=data.input_ids, attention_mask=data.attention_mask, use_cache=False)
@@ -237,7 +243,7 @@ def _llm_loss(
     ids = torch.empty((batch, seq), dtype=torch.long, device="meta")
     with _forward_autocast(mode, regime.precision):
         out = model(input_ids=ids, use_cache=False)
-        if regime.precision != "fp32":
+        if not full_precision(regime.precision):
             out = _to_fp32(out)
     rows = torch.empty(batch * (seq - 1), dtype=torch.long, device="meta")
     cols = torch.empty(batch * (seq - 1), dtype=torch.long, device="meta")
@@ -268,7 +274,7 @@ def trace_llm(
     config: dict[str, Any], layers: int, regime: Regime, points: list[Point], device: str = "meta"
 ) -> list[Trace]:
     """Trace one micro-batch of LLM LoRA training, with `layers` decoder layers, at each point."""
-    dtype = torch.float32 if regime.precision == "fp32" else AMP_DTYPE
+    dtype = torch.float32 if full_precision(regime.precision) else AMP_DTYPE
     traces = []
     for rank, group in _by_rank(points).items():
         model = add_llm_lora(build_llm(config, layers, device, dtype), regime, rank)
@@ -281,9 +287,8 @@ def trace_llm(
             masks = _meta_masks() if device == "meta" else contextlib.nullcontext()
             with masks, _enter(mode, regime.precision, device), meter:
                 loss = _llm_loss(model, point.batch, point.tokens, vocab, device, mode, regime)
-                mode.autocast_active = (
-                    regime.precision != "fp32"
-                )  # checkpoint recomputation runs under autocast
+                # checkpoint recomputation runs under autocast
+                mode.autocast_active = not full_precision(regime.precision)
                 backward_start = len(meter.timeline or [])
                 _backward(loss)
                 mode.autocast_active = False

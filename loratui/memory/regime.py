@@ -9,7 +9,9 @@ from dataclasses import dataclass
 class Regime:
     """Settings that change the shape of activation memory (one fitted model each)."""
 
-    precision: str = "fp32"  # fp32 | amp16 | qlora
+    precision: str = (
+        "fp32"  # fp32 | amp16 | qlora16 | qlora32 (NF4 base, compute and other weights 16/32-bit)
+    )
     checkpointing: bool = False
     dropout: bool = False
     targets: tuple[str, ...] | None = None  # None: the trainer's default targets

@@ -47,7 +47,9 @@ def regimes(kind: str) -> list[Regime]:
     targets = (None, ("all-linear",))
     return [
         Regime(p, c, d, t)
-        for p, c, d, t in product(("amp16", "qlora", "fp32"), (False, True), (False, True), targets)
+        for p, c, d, t in product(
+            ("amp16", "qlora16", "qlora32", "fp32"), (False, True), (False, True), targets
+        )
     ]
 
 

@@ -7,7 +7,11 @@ what is wrong and what to do:
 - a hub id that is not in the local HF cache: the exact command to fetch it on a machine with internet;
 - GGUF without the optional `gguf` package; pickle `.bin` weights without `allow_pickle`;
 - model code shipped with the folder (`auto_map`) without `trust_remote_code`;
-- a folder without tokenizer files; QLoRA (`load_in_4bit`) without CUDA or bitsandbytes.
+- a folder without tokenizer files; QLoRA (`load_in_4bit`) without bitsandbytes (or, on the CPU, with a
+  bitsandbytes older than 0.50, the first that runs NF4 layers there).
+
+QLoRA loads the decoder's linear layers as NF4 (double quantisation); every other weight (embeddings, norms,
+`lm_head`) stays in the compute dtype (bf16/fp16, or fp32 without mixed precision), not upcast to fp32.
 
 Tokenizers without a pad token get `pad_token = eos_token` (no new token, so the embeddings are never resized;
 padding is always masked out of attention and loss, so the choice of id does not matter for training).
@@ -216,21 +220,25 @@ def load_tokenizer(source: BaseSource, *, trust_remote_code: bool = False) -> An
     return tokenizer
 
 
-def quantization_config(compute_dtype: Any) -> Any:
-    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` without CUDA or bitsandbytes."""
+def qlora_compute_dtype(dtype: Any) -> Any:
+    """The dtype 4-bit layers compute in: the dtype of the other weights (bf16/fp16 under mixed precision, fp32
+    with `mixed_precision: no`), so nothing is cast back and forth between layers."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise ModelLoadError(
-            "load_in_4bit (QLoRA) needs a CUDA GPU; this machine has none. Set load_in_4bit: false to train "
-            "the LoRA on 16/32-bit weights here."
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise ModelLoadError(
-            "load_in_4bit (QLoRA) needs bitsandbytes: pip install 'loratui[quant]' (or set load_in_4bit: false)"
-        ) from exc
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def quantization_config(compute_dtype: Any, device_type: str | None = None) -> Any:
+    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` when bitsandbytes cannot run it here."""
+    import torch
+
+    from loratui.models.quant import bitsandbytes_problem, quiet_cpu_kernel_notice
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    problem = bitsandbytes_problem(device_type, "load_in_4bit (QLoRA)")
+    if problem:
+        raise ModelLoadError(f"{problem} (or set load_in_4bit: false)")
+    quiet_cpu_kernel_notice()
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -249,7 +257,8 @@ def load_causal_lm(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> Any:
-    """Load the model (CPU, or the current CUDA device for 4-bit). Raises `ModelLoadError`."""
+    """Load the model (on the CPU; 4-bit: on the current CUDA device, or the CPU without one). Raises
+    `ModelLoadError`."""
     import torch
 
     dtype = dtype or torch.float32
@@ -264,9 +273,10 @@ def load_causal_lm(
         **source.load_args,
     }
     if load_in_4bit:
-        compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        kwargs["quantization_config"] = quantization_config(compute)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        compute = qlora_compute_dtype(dtype)
+        kwargs["quantization_config"] = quantization_config(compute, device_type)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device_type == "cuda" else "cpu"}
     from transformers import AutoModelForCausalLM
 
     try:

@@ -30,22 +30,26 @@ def lora_config(cfg: TrainConfig) -> Any:
     )
 
 
+def freeze_base(model: Any, gradient_checkpointing: bool) -> None:
+    """Freeze every base weight and turn on activation checkpointing (non-reentrant) when asked.
+
+    The same for 16/32-bit and 4-bit (QLoRA) bases: unlike PEFT's `prepare_model_for_kbit_training`, nothing is
+    upcast to fp32, so a QLoRA base keeps its embeddings, norms and `lm_head` in the compute dtype. Inputs are
+    made to require gradients so that checkpointed blocks over frozen embeddings still backpropagate."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model, {"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
 def setup_lora(cfg: TrainConfig, model: Any) -> Any:
-    """Gradient checkpointing / k-bit preparation, then LoRA (new, or continued from `init_lora`)."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    """Freezing and gradient checkpointing, then LoRA (new, or continued from `init_lora`)."""
+    from peft import PeftModel, get_peft_model
 
     from loratui.util.seeding import set_global_seed
 
-    ckpt_kwargs = {"use_reentrant": False}
-    if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs,
-        )
-    elif cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model, ckpt_kwargs)
-        model.enable_input_require_grads()
+    freeze_base(model, cfg.gradient_checkpointing)
     set_global_seed(cfg.seed)
     if cfg.init_lora:
         folder = Path(cfg.init_lora)

@@ -15,13 +15,21 @@ class MissingDependency(RuntimeError):
 def build_optimizer(
     param_groups: Iterable, name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW, or 8-bit AdamW from bitsandbytes (`pip install 'loratui[quant]'`)."""
+    """AdamW, or 8-bit AdamW from bitsandbytes (`pip install 'loratui[quant]'`; on CUDA, or on the CPU with
+    bitsandbytes >= 0.50)."""
     if name == "adamw8bit":
+        from loratui.models.quant import bitsandbytes_problem, quiet_cpu_kernel_notice
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"  # where training runs (pick_device)
+        problem = bitsandbytes_problem(device_type, "optimizer adamw8bit")
+        if problem:
+            raise MissingDependency(f"{problem} (or set optimizer: adamw)")
+        quiet_cpu_kernel_notice()
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise MissingDependency(
-                "optimizer adamw8bit needs bitsandbytes: pip install 'loratui[quant]' "
+                f'optimizer adamw8bit needs bitsandbytes: pip install "loratui[quant]" ({exc}) '
                 "(or set optimizer: adamw)"
             ) from exc
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)

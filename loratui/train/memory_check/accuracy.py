@@ -38,7 +38,16 @@ class Row:
         return {**asdict(self), "error": round(self.error, 4)}
 
 
-def _config(kind: str, family: str, base: Path, data: Path, size: int, ckpt: bool, rank: int) -> Any:
+def _config(
+    kind: str,
+    family: str,
+    base: Path,
+    data: Path,
+    size: int,
+    ckpt: bool,
+    rank: int,
+    options: dict | None = None,
+) -> Any:
     from loratui.config import TrainConfig
 
     common = {
@@ -48,6 +57,7 @@ def _config(kind: str, family: str, base: Path, data: Path, size: int, ckpt: boo
         "batch_size": EFFECTIVE_BATCH,
         "gradient_checkpointing": ckpt,
         "mixed_precision": "no",
+        **(options or {}),
     }
     if kind == "llm":
         return TrainConfig(task_type="text-generation", model_family="llm", max_seq_len=size, **common)
@@ -64,12 +74,14 @@ def session_rows(
     ckpt: bool,
     rank: int,
     batches: tuple[int, ...] = (4, 2, 1),
+    options: dict | None = None,
 ) -> list[Row]:
-    """Measure and predict each micro-batch size of one trainer session."""
+    """Measure and predict each micro-batch size of one trainer session (`options`: more config keys, e.g.
+    `{"load_in_4bit": True, "optimizer": "adamw8bit"}`)."""
     from loratui.memory.estimate import estimate_peak
     from loratui.train.memory_check.realstep import llm_real_step, measure_real_peak, sd_real_step
 
-    cfg = _config(kind, family, base, data, size, ckpt, rank)
+    cfg = _config(kind, family, base, data, size, ckpt, rank, options)
     step = llm_real_step(cfg) if kind == "llm" else sd_real_step(cfg, family)
     rows = []
     for batch in batches:

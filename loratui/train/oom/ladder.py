@@ -8,7 +8,8 @@ lower settings before restarting a worker that died. Rungs, in order:
 2. `gradient_checkpointing`: recompute activations in backward;
 3. `offload`: SD caches latents / text-encoder outputs (VAE and text encoders leave the GPU); LLMs compute the
    loss in chunks of tokens (`chunked_loss`);
-4. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA), optimizer state carried over;
+4. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
+   carried over;
 5. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
    the value the run started with; only with `oom_allow_quality_reduction`.
 
@@ -105,8 +106,9 @@ class OomLadder:
     """The rungs still available from a set of settings.
 
     `original` holds the settings the run started with (quality floors are half of those); `unavailable`
-    names rungs that cannot be applied here (e.g. `optimizer_8bit` without bitsandbytes or CUDA, `offload`
-    when captions change every epoch); `can_cache_text` says whether SD text-encoder outputs may be cached.
+    names rungs that cannot be applied here (e.g. `optimizer_8bit` without a bitsandbytes that runs on this
+    device, `offload` when captions change every epoch); `can_cache_text` says whether SD text-encoder outputs
+    may be cached.
     """
 
     kind: str

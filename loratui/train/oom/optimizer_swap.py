@@ -8,15 +8,17 @@ If carrying fails, the 8-bit optimizer starts with fresh moments (a warning says
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from typing import Any
 
 
 def can_use_8bit(device: Any) -> bool:
-    """bitsandbytes' 8-bit AdamW needs the package and a CUDA device."""
-    return getattr(device, "type", None) == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    """bitsandbytes' 8-bit AdamW runs on this device: CUDA, or the CPU with bitsandbytes >= 0.50."""
+    from loratui.models.quant import bitsandbytes_problem
+
+    device_type = getattr(device, "type", None)
+    return device_type is not None and bitsandbytes_problem(device_type, "8-bit AdamW") is None
 
 
 def _carry(new: Any, old_state: dict, group: dict, p: Any, gindex: int, pindex: int) -> None:
@@ -78,5 +80,25 @@ def swap_to_8bit(optimizer: Any, scheduler: Any | None) -> bool:
     inner_scheduler = getattr(scheduler, "scheduler", scheduler)
     if inner_scheduler is not None and hasattr(inner_scheduler, "optimizer"):
         inner_scheduler.optimizer = new
+        _track_steps(new)
     inner.state.clear()
     return True
+
+
+def _track_steps(optimizer: Any) -> None:
+    """Mark `optimizer.step` the way a torch LR scheduler does when it is built on an optimizer, so the
+    scheduler that now drives it does not warn that `step()` was replaced."""
+    import functools
+    import weakref
+
+    step = optimizer.step.__func__
+    owner = weakref.ref(optimizer)
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = owner()
+        opt._opt_called = True
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
