@@ -112,6 +112,8 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
     """The precision regime a config trains in on `device`, and notes about it."""
     notes: list[str] = []
     targets = tuple(cfg.target_modules) if cfg.target_modules else None
+    if targets is None and kind == "llm":
+        targets = ("all-linear",)  # the LLM default of every family (loratui.models.llm.families)
     dropout = cfg.lora_dropout > 0
     if device == "cuda":
         if cfg.load_in_4bit and kind == "llm":
@@ -192,8 +194,9 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     else:
         weights = model.params * weight_bytes(regime.precision)
     weights += model.buffers * 4
-    lora = 4 * summary.lora_params(r, cfg.target_modules)
-    state, temporaries = optimizer_bytes(cfg.optimizer, summary.lora_tensors(cfg.target_modules), r, device)
+    lora = 4 * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    tensors = summary.lora_tensors(cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
     peak, acts = fit.evaluate(b, s, r, layers)
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask

@@ -123,7 +123,13 @@ def build_llm(config: dict[str, Any], layers: int, device: str, dtype: torch.dty
     hf_config.use_cache = False
     hf_config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        except ValueError as exc:  # no SDPA for this architecture (Gemma 2): eager, as the trainer gets it
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            hf_config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.config.use_cache = False
     return model
 
@@ -193,7 +199,7 @@ def add_llm_lora(model: torch.nn.Module, regime: Regime, rank: int) -> torch.nn.
         from peft import get_peft_model
 
         _emulate_kbit(model, regime.checkpointing)
-        return get_peft_model(model, lora_config(cfg))
+        return get_peft_model(model, lora_config(cfg, model))
     return setup_lora(cfg, model)
 
 

@@ -113,7 +113,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     model, tokenizer, source = setup_base(cfg, precision)
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
-    model = setup_lora(cfg, model)
+    model = setup_lora(cfg, model, notify=lambda level, text: reporter.event(level, message=text))
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
