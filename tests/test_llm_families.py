@@ -233,6 +233,13 @@ def test_all_linear_writes_short_names_that_peft_loads(tiny_llama: Path, tmp_pat
     assert len(tensors) == 2 * 7 * 2  # A and B, 7 layers, 2 decoder blocks
     loaded = PeftModel.from_pretrained(load_base(str(tiny_llama))[0], str(result.adapter_dir))
     assert len([k for k in loaded.state_dict() if ".lora_" in k]) == len(tensors)
+    paths = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "mlp.up_proj")] + ["lm_head"]
+    assert plan_targets("llama", paths, [], ["all-linear"]).modules == ["q_proj", "up_proj"]
+    assert plan_targets("llama", paths, [], ["all-linear", "lm_head"]).modules == [
+        "q_proj",
+        "up_proj",
+        "lm_head",
+    ]
 
 
 def test_moe_run_log_says_what_happened_to_the_experts(tiny_llm, tmp_path: Path) -> None:

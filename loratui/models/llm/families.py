@@ -102,10 +102,16 @@ def plan_targets(
     paths = sorted(set(linear_paths))
     linear = sorted({short_name(p) for p in paths})
     experts = sorted({short_name(p, 2) for p in expert_paths})
-    if requested and [t.lower() for t in requested] == [ALL_LINEAR]:
+    if requested and ALL_LINEAR in [t.lower() for t in requested]:
         modules = [n for n in linear if n != output_name and n not in ROUTER_NAMES]
         plan = TargetPlan(modules)
-        _add_experts(plan, experts, lora_dropout)
+        extra = [t for t in requested if t.lower() != ALL_LINEAR]  # e.g. [all-linear, lm_head]
+        if extra:
+            more = _explicit(extra, paths, experts, lora_dropout)
+            plan.modules += [m for m in more.modules if m not in plan.modules]
+            plan.parameters = more.parameters
+        if not plan.parameters:
+            _add_experts(plan, experts, lora_dropout)
         return plan
     if requested:
         return _explicit(requested, paths, experts, lora_dropout)
