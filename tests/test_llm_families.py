@@ -197,16 +197,21 @@ def test_moe_experts_are_adapted_or_left_out_out_loud(tiny_llm) -> None:
         run(target_modules=["experts"], lora_dropout=0.1)
 
 
-def test_unknown_architecture_is_refused_with_what_to_set() -> None:
+def test_unknown_architecture_is_refused_with_what_to_set(tmp_path: Path, monkeypatch) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from loratui.memory.estimate import estimate_peak
     from loratui.models.llm.lora import setup_lora
 
-    model = GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-        )
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
     )
+    model = GPTNeoXForCausalLM(config)
+    config.save_pretrained(tmp_path / "neox")
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    planned = TrainConfig(task_type="text-generation", model_family="llm", base_model=str(tmp_path / "neox"))
+    notes = estimate_peak(planned, device="cpu").notes
+    assert any("trainer will refuse" in n and "target_modules" in n for n in notes), notes
     cfg = TrainConfig(task_type="text-generation", model_family="llm", base_model="x")
     with pytest.raises(UnsupportedArchitecture) as err:
         setup_lora(cfg, model)

@@ -23,7 +23,7 @@ from loratui.memory.estimate_types import (
     cuda_overheads,
 )
 from loratui.memory.regime import Regime
-from loratui.memory.summary import ArchSummary
+from loratui.memory.summary import ArchSummary, llm_target_problem
 
 
 class UnknownArchitecture(ValueError):
@@ -185,6 +185,11 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     model = summary.components["model"]
     regime, notes = regime_for(cfg, device, "llm")
     notes = planner.notes + notes
+    problem = llm_target_problem(
+        model.layers, cfg.target_modules, summary.info.get("model_type"), cfg.lora_dropout
+    )
+    if problem:
+        notes.append(f"the trainer will refuse this model: {problem}")
     source = planner.trace_source()
     fit = get_fit(planner.spec, regime, source)
     b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank

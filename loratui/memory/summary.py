@@ -151,6 +151,19 @@ def _pick(layers: dict[str, Layer], targets: list[str]) -> list[Layer]:
     return [layers[n] for n in names]
 
 
+def llm_target_problem(
+    layers: list[Layer], requested: list[str] | None, model_type: str | None = None, lora_dropout: float = 0.0
+) -> str | None:
+    """Why the LLM trainer would refuse these targets on this architecture (None: it would not)."""
+    linear = [layer.name for layer in layers if layer.linear and not layer.parameter]
+    experts = [layer.name for layer in layers if layer.parameter]
+    try:
+        plan_targets(model_type, linear, experts, requested, lora_dropout=lora_dropout)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def llm_targets(
     layers: list[Layer], requested: list[str] | None, model_type: str | None = None, lora_dropout: float = 0.0
 ) -> list[Layer]:
