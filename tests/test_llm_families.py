@@ -89,6 +89,46 @@ def test_fixture_is_the_real_architecture_with_its_chat_template(family: str, ti
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+END_OF_TURN = {
+    "llama3": "<|eot_id|>",
+    "qwen2.5": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "qwen3-moe": "<|im_end|>",
+    "gemma2": "<end_of_turn>",
+    "gemma3": "<end_of_turn>",
+    "mistral": "</s>",
+    "phi3": "<|end|>",
+}
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_loss_mask_covers_each_answer_and_its_end_of_turn(family: str, tiny_llm) -> None:
+    from transformers import AutoTokenizer
+
+    from loratui.data.text_dataset import Message, TextRecord
+    from loratui.models.llm.chat import IGNORE_INDEX, choose_template, encode_record
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm(family), local_files_only=True)
+    template, origin = choose_template(tokenizer, None)
+    assert origin == "tokenizer"
+    turns = [("system", "Be careful."), ("user", "Q one?"), ("assistant", "A one."), ("user", "Q two?")]
+    messages = [Message(role, text) for role, text in [*turns, ("assistant", "A two.")]]
+    encoded = encode_record(
+        TextRecord("x", 1, "chat", messages=messages), tokenizer, template, train_on_prompt=False
+    )
+    runs, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, current], []
+    runs = [tokenizer.decode(run) for run in [*runs, current] if run]
+    assert len(runs) == 2 and "A one." in runs[0] and "A two." in runs[1], runs
+    for run in runs:
+        assert "Q " not in run and "careful" not in run
+        assert END_OF_TURN[family] in run and run.index(END_OF_TURN[family]) > run.index("A "), run
+
+
 @pytest.mark.parametrize("family", LLM_FAMILIES)
 def test_family_trains_resumes_exports_and_merges(family: str, tiny_llm, tmp_path: Path) -> None:
     from peft import PeftModel
