@@ -295,3 +295,16 @@ def test_moe_run_log_says_what_happened_to_the_experts(tiny_llm, tmp_path: Path)
     warnings = [e["message"] for e in read_events(job.run.events_path) if e["type"] == "warning"]
     assert any("MoE experts are NOT adapted" in w for w in warnings)
     assert not any(".experts." in k for k in adapter_tensors(tmp_path / "adapter"))
+
+
+def test_resuming_a_checkpoint_with_other_targets_says_which(tiny_llama: Path, tmp_path: Path) -> None:
+    """A run started with q/k/v/o only (the earlier default) does not resume silently with fresh MLP LoRAs."""
+    data = write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 4))
+    old = write_llm_yaml(
+        tmp_path, tiny_llama, data, max_steps=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    job = _job(old)
+    assert run_training(job, stop=StopAfter(1), console=False).state == "stopped"
+    new = write_llm_yaml(tmp_path, tiny_llama, data, max_steps=2)
+    with pytest.raises(ValueError, match=r"target_modules: \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        run_training(_job(new, job.run.latest_checkpoint(), job.run), console=False)
