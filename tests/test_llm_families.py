@@ -308,3 +308,22 @@ def test_resuming_a_checkpoint_with_other_targets_says_which(tiny_llama: Path, t
     new = write_llm_yaml(tmp_path, tiny_llama, data, max_steps=2)
     with pytest.raises(ValueError, match=r"target_modules: \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
         run_training(_job(new, job.run.latest_checkpoint(), job.run), console=False)
+
+
+def test_target_rules_without_a_model() -> None:
+    """A llama-named model type outside the table gets the Llama names with a warning; routers are never
+    adapted by all-linear; experts named explicitly go to target_parameters."""
+    layer = "model.layers.0."
+    linear = [
+        layer + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    ]
+    linear += [layer + n for n in ("mlp.shared_expert.up_proj", "mlp.shared_expert_gate", "mlp.gate")]
+    experts = [layer + "mlp.experts.gate_up_proj", layer + "mlp.experts.down_proj"]
+    plan = plan_targets("olmoe_like", [*linear, "lm_head"], experts, None)
+    assert plan.modules == ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
+    assert plan.parameters == ["experts.down_proj", "experts.gate_up_proj"]
+    assert [level for level, _ in plan.notes] == ["warning", "info"] and "olmoe_like" in plan.notes[0][1]
+    every = plan_targets("olmoe_like", [*linear, "lm_head"], experts, ["all-linear"])
+    assert every.modules == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    named = plan_targets("qwen3_moe", linear, experts, ["q_proj", "mlp.experts.down_proj"])
+    assert named.modules == ["q_proj"] and named.parameters == ["experts.down_proj"]
