@@ -327,3 +327,18 @@ def test_target_rules_without_a_model() -> None:
     assert every.modules == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     named = plan_targets("qwen3_moe", linear, experts, ["q_proj", "mlp.experts.down_proj"])
     assert named.modules == ["q_proj"] and named.parameters == ["experts.down_proj"]
+
+
+def test_moe_step_with_adapted_experts_traces_on_the_meta_device(tiny_llm) -> None:
+    """GPU estimates trace on the meta device, where PEFT's fold of the expert LoRA disables autocast for a
+    "meta" device type; the trace runs and sees the adapted experts' extra memory."""
+    from loratui.memory.arch import arch_from_config
+    from loratui.memory.probe import trace_llm
+    from loratui.memory.regime import Point, Regime
+
+    cfg = TrainConfig(task_type="text-generation", model_family="llm", base_model=str(tiny_llm("qwen3-moe")))
+    config = arch_from_config(cfg, "llm").configs["model"]
+    point = [Point(1, 32, 4)]
+    adapted = trace_llm(config, 1, Regime("amp16", targets=("all-linear",)), point, "meta")[0]
+    left_out = trace_llm(config, 1, Regime("amp16", dropout=True, targets=("all-linear",)), point, "meta")[0]
+    assert adapted.gradients > left_out.gradients > 0

@@ -217,6 +217,23 @@ def _meta_masks() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
+@contextlib.contextmanager
+def _meta_autocast() -> Iterator[None]:
+    """`torch.autocast(device_type="meta", enabled=False)` (PEFT's fold of LoRA into fused MoE expert weights)
+    does not exist; on the meta device it means the CPU's (the emulated autocast is `TraceMode`'s)."""
+    real = torch.autocast
+
+    class _Autocast(real):  # type: ignore[misc,valid-type]
+        def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = _Autocast  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.autocast = real  # type: ignore[misc]
+
+
 def _llm_loss(
     model: torch.nn.Module, batch: int, seq: int, vocab: int, device: str, mode, regime
 ) -> torch.Tensor:
@@ -281,7 +298,8 @@ def trace_llm(
             static = meter.live_bytes
             mode = _trace_mode(regime.precision, device)
             masks = _meta_masks() if device == "meta" else contextlib.nullcontext()
-            with masks, _enter(mode, regime.precision, device), meter:
+            autocast = _meta_autocast() if device == "meta" else contextlib.nullcontext()
+            with masks, autocast, _enter(mode, regime.precision, device), meter:
                 loss = _llm_loss(model, point.batch, point.tokens, vocab, device, mode, regime)
                 mode.autocast_active = (
                     regime.precision != "fp32"
