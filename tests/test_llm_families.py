@@ -136,6 +136,7 @@ def test_family_trains_resumes_exports_and_merges(family: str, tiny_llm, tmp_pat
 
     from loratui.export.llm_export import export_adapter
     from loratui.models.llm.loading import load_base
+    from loratui.sample.llm_sample import sample_text
 
     base = tiny_llm(family)
     data = write_jsonl(tmp_path / "data" / "chat.jsonl", records("chat", 6))
@@ -183,6 +184,10 @@ def test_family_trains_resumes_exports_and_merges(family: str, tiny_llm, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m", local_files_only=True)
     assert RENDERED[family] in tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert (straight.adapter_dir / "chat_template.jinja").read_text() == tokenizer.chat_template
+
+    # `loratui sample` loads the adapter onto the base and answers through the family's template
+    sample = sample_text(base=str(base), lora=[str(straight.adapter_dir)], prompt="Hi", max_new_tokens=3)
+    assert isinstance(sample.answer, str) and not sample.notes
 
 
 @pytest.mark.parametrize(
