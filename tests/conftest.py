@@ -115,3 +115,15 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Calla
 
     yield use
     nvml.reset()
+
+
+# --- tiny LLMs of the current model families ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_models_dir: Path) -> Callable[[str], Path]:
+    """Builds (once per session) the tiny causal LM of a family in `loratui.tiny_models.LLM_FAMILIES`
+    (llama3, qwen2.5, qwen3, qwen3-moe, gemma2, gemma3, mistral, phi3): `tiny_llm("qwen3")` -> its folder."""
+    from loratui.tiny_models import build_tiny_llm
+
+    return lambda family: build_tiny_llm(tiny_models_dir / f"llm-{family}", family)

@@ -89,7 +89,9 @@ def test_every_format_trains_with_events_samples_and_eval(tmp_path: Path, tiny_l
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_llama.resolve())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
-    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["target_modules"] == sorted(  # the family default: every attention and MLP linear layer
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert not config.get("modules_to_save")
     assert (adapter / "chat_template.jinja").read_text() == result.tokenizer.chat_template
     assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()

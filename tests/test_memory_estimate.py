@@ -304,8 +304,8 @@ def test_data_parallel_estimate_is_per_gpu() -> None:
 
 
 def test_a_family_the_tracer_cannot_build_is_sized_from_its_own_keys(tmp_path, monkeypatch) -> None:
-    """Bloom spells its dimensions n_layer / n_embed: the analytic estimate reads them (not 7B, not 32 layers)
-    and says it is analytic, with its band."""
+    """A Bloom-like model type transformers does not know, spelling its dimensions n_layer / n_embed: the
+    analytic estimate reads them (not 7B, not 32 layers) and says it is analytic, with its band."""
     import json
 
     from loratui.config import TrainConfig
@@ -316,7 +316,7 @@ def test_a_family_the_tracer_cannot_build_is_sized_from_its_own_keys(tmp_path, m
     estimate_module._PLANNERS.clear()
     folder = tmp_path / "tiny-bloom"
     folder.mkdir()
-    config = {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "n_embed": 64, "n_layer": 3}
+    config = {"architectures": ["BloomyForCausalLM"], "model_type": "bloomy", "n_embed": 64, "n_layer": 3}
     (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "vocab_size": 1000}))
     cfg = TrainConfig(task_type="text-generation", model_family="llm", base_model=str(folder), lora_rank=4)
     estimate = estimate_peak(cfg, device="cpu")

@@ -24,7 +24,7 @@ from loratui.memory.estimate_types import (
 )
 from loratui.memory.methods import has_reference_pass, method_note, sequences_per_sample
 from loratui.memory.regime import Regime
-from loratui.memory.summary import ArchSummary
+from loratui.memory.summary import ArchSummary, llm_target_problem
 
 
 class UnknownArchitecture(ValueError):
@@ -122,6 +122,8 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
     """The precision regime a config trains in on `device`, and notes about it."""
     notes: list[str] = []
     targets = tuple(cfg.target_modules) if cfg.target_modules else None
+    if targets is None and kind == "llm":
+        targets = ("all-linear",)  # the LLM default of every family (loratui.models.llm.families)
     dropout = cfg.lora_dropout > 0
     if device == "cuda":
         sixteen = cfg.mixed_precision != "no"
@@ -193,6 +195,11 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     model = summary.components["model"]
     regime, notes = regime_for(cfg, device, "llm")
     notes = planner.notes + notes
+    problem = llm_target_problem(
+        model.layers, cfg.target_modules, summary.info.get("model_type"), cfg.lora_dropout
+    )
+    if problem:
+        notes.append(f"the trainer will refuse this model: {problem}")
     source = planner.trace_source()
     fit = get_fit(planner.spec, regime, source)
     b, s, r = cfg.batch_size * sequences_per_sample(cfg), cfg.max_seq_len, cfg.lora_rank  # DPO/ORPO: pairs
@@ -207,8 +214,9 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     else:
         weights = model.params * width
     weights += model.buffers * 4
-    lora = 4 * summary.lora_params(r, cfg.target_modules)
-    state, temporaries = optimizer_bytes(cfg.optimizer, summary.lora_tensors(cfg.target_modules), r, device)
+    lora = 4 * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    tensors = summary.lora_tensors(cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
     peak, acts = fit.evaluate(b, s, r, layers)
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask

@@ -131,7 +131,9 @@ def build_llm(config: dict[str, Any], layers: int, device: str, dtype: torch.dty
     with torch.device(device):
         try:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        except ValueError:  # no SDPA for this family (e.g. Gemma-2's soft-capping): eager, as loading picks
+        except ValueError as exc:  # no SDPA for this architecture (Gemma 2): eager, as the trainer gets it
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
             hf_config._attn_implementation = "eager"
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.config.use_cache = False
@@ -221,6 +223,23 @@ def _meta_masks() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
+@contextlib.contextmanager
+def _meta_autocast() -> Iterator[None]:
+    """`torch.autocast(device_type="meta", enabled=False)` (PEFT's fold of LoRA into fused MoE expert weights)
+    does not exist; on the meta device it means the CPU's (the emulated autocast is `TraceMode`'s)."""
+    real = torch.autocast
+
+    class _Autocast(real):  # type: ignore[misc,valid-type]
+        def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = _Autocast  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.autocast = real  # type: ignore[misc]
+
+
 def _llm_loss(
     model: torch.nn.Module, batch: int, seq: int, vocab: int, device: str, mode, regime
 ) -> torch.Tensor:
@@ -285,7 +304,8 @@ def trace_llm(
             static = meter.live_bytes
             mode = _trace_mode(regime.precision, device)
             masks = _meta_masks() if device == "meta" else contextlib.nullcontext()
-            with masks, _enter(mode, regime.precision, device), meter:
+            autocast = _meta_autocast() if device == "meta" else contextlib.nullcontext()
+            with masks, autocast, _enter(mode, regime.precision, device), meter:
                 loss = _llm_loss(model, point.batch, point.tokens, vocab, device, mode, regime)
                 # checkpoint recomputation runs under autocast
                 mode.autocast_active = not full_precision(regime.precision)

@@ -10,17 +10,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loratui.memory.arch import ArchSpec
+from loratui.models.llm.families import matches, plan_targets
 
 #: mirrors loratui.models.sd.lora (tested to agree); kept here so estimates need no torch import
 SD_DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SD_DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-#: mirrors loratui.models.llm.lora.DEFAULT_TARGETS
-LLM_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
 class Layer:
-    """A Linear or Conv2d module LoRA can adapt."""
+    """A Linear or Conv2d module LoRA can adapt, or the fused 3-D weight of an MoE block's experts
+    (`experts` > 1: one (in -> r, r -> out) pair per expert, stored by PEFT as one A and one B tensor)."""
 
     name: str
     d_in: int
@@ -28,10 +28,12 @@ class Layer:
     kernel: int = 1  # kernel area (k*k) for Conv2d, 1 for Linear
     count: int = 1  # how many times it occurs (decoder layers of an LLM share one entry)
     linear: bool = True
+    experts: int = 1  # experts of a fused expert weight (its name is `<module>.<parameter>`)
+    parameter: bool = False  # a fused expert weight (PEFT target_parameters), not a module
 
     def lora_params(self, rank: int) -> int:
         """Trainable parameters of a rank-`rank` LoRA on this module (A: in*k -> r, B: r -> out)."""
-        return rank * (self.d_in * self.kernel + self.d_out) * self.count
+        return rank * (self.d_in * self.kernel + self.d_out) * self.count * self.experts
 
 
 @dataclass
@@ -68,13 +70,17 @@ class ArchSummary:
 
     # --- LoRA parameter counts ---------------------------------------------------------------------------
 
-    def lora_layers(self, target_modules: list[str] | None, *, train_text_encoder: bool = False) -> dict:
+    def lora_layers(
+        self, target_modules: list[str] | None, *, train_text_encoder: bool = False, lora_dropout: float = 0.0
+    ) -> dict:
         """component -> adapted layers, as the trainers choose them (memoised: the recommender asks often)."""
-        key = (tuple(target_modules) if target_modules else None, train_text_encoder)
+        key = (tuple(target_modules) if target_modules else None, train_text_encoder, lora_dropout > 0)
         cache = self.__dict__.setdefault("_chosen", {})
         if key not in cache:
             if self.kind == "llm":
-                cache[key] = {"model": llm_targets(self.components["model"].layers, target_modules)}
+                layers = self.components["model"].layers
+                model_type = self.info.get("model_type")
+                cache[key] = {"model": llm_targets(layers, target_modules, model_type, lora_dropout)}
             else:
                 cache[key] = sd_targets(
                     self.components, target_modules, train_text_encoder=train_text_encoder
@@ -82,23 +88,38 @@ class ArchSummary:
         return cache[key]
 
     def lora_params(
-        self, rank: int, target_modules: list[str] | None, *, train_text_encoder: bool = False
+        self,
+        rank: int,
+        target_modules: list[str] | None,
+        *,
+        train_text_encoder: bool = False,
+        lora_dropout: float = 0.0,
     ) -> int:
         """Trainable LoRA parameters at `rank` (linear in the rank)."""
-        tensors = self.lora_tensors(target_modules, train_text_encoder=train_text_encoder)
+        tensors = self.lora_tensors(
+            target_modules, train_text_encoder=train_text_encoder, lora_dropout=lora_dropout
+        )
         return rank * sum(per_rank * count for per_rank, count in tensors)
 
     def lora_tensors(
-        self, target_modules: list[str] | None, *, train_text_encoder: bool = False
+        self, target_modules: list[str] | None, *, train_text_encoder: bool = False, lora_dropout: float = 0.0
     ) -> list[tuple]:
         """(elements per rank, how many tensors) of the LoRA weights (A and B), grouped by size."""
-        key = ("tensors", tuple(target_modules) if target_modules else None, train_text_encoder)
+        key = (
+            "tensors",
+            tuple(target_modules) if target_modules else None,
+            train_text_encoder,
+            lora_dropout > 0,
+        )
         cache = self.__dict__.setdefault("_chosen", {})
         if key not in cache:
             sizes: dict[int, int] = {}
-            for layers in self.lora_layers(target_modules, train_text_encoder=train_text_encoder).values():
+            chosen = self.lora_layers(
+                target_modules, train_text_encoder=train_text_encoder, lora_dropout=lora_dropout
+            )
+            for layers in chosen.values():
                 for layer in layers:
-                    for per_rank in (layer.d_in * layer.kernel, layer.d_out):
+                    for per_rank in (layer.d_in * layer.kernel * layer.experts, layer.d_out * layer.experts):
                         sizes[per_rank] = sizes.get(per_rank, 0) + layer.count
             cache[key] = sorted(sizes.items())
         return cache[key]
@@ -130,14 +151,36 @@ def _pick(layers: dict[str, Layer], targets: list[str]) -> list[Layer]:
     return [layers[n] for n in names]
 
 
-def llm_targets(layers: list[Layer], requested: list[str] | None) -> list[Layer]:
-    """PEFT's choice: `all-linear` = every Linear but the output layer; else names ending in a target."""
-    if requested and [t.lower() for t in requested] == ["all-linear"]:
-        return [layer for layer in layers if layer.linear and not layer.name.endswith("lm_head")]
-    targets = list(requested or LLM_DEFAULT_TARGETS)
-    return [
-        layer for layer in layers if any(layer.name == t or layer.name.endswith("." + t) for t in targets)
-    ]
+def llm_target_problem(
+    layers: list[Layer], requested: list[str] | None, model_type: str | None = None, lora_dropout: float = 0.0
+) -> str | None:
+    """Why the LLM trainer would refuse these targets on this architecture (None: it would not)."""
+    linear = [layer.name for layer in layers if layer.linear and not layer.parameter]
+    experts = [layer.name for layer in layers if layer.parameter]
+    try:
+        plan_targets(model_type, linear, experts, requested, lora_dropout=lora_dropout)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def llm_targets(
+    layers: list[Layer], requested: list[str] | None, model_type: str | None = None, lora_dropout: float = 0.0
+) -> list[Layer]:
+    """The layers the LLM trainer adapts (`loratui.models.llm.families.plan_targets`, then PEFT's name matching).
+    An architecture the trainer refuses gets no LoRA here (the trainer's message says what to set)."""
+    linear = [layer.name for layer in layers if layer.linear and not layer.parameter]
+    experts = [layer.name for layer in layers if layer.parameter]
+    try:
+        plan = plan_targets(model_type, linear, experts, requested, lora_dropout=lora_dropout)
+    except ValueError:  # UnsupportedArchitecture, or names the model does not have
+        return []
+    chosen = []
+    for layer in layers:
+        wanted = plan.parameters if layer.parameter else plan.modules
+        if layer.linear and any(matches(layer.name, t) for t in wanted):
+            chosen.append(layer)
+    return chosen
 
 
 # --- building summaries (torch, meta device) -----------------------------------------------------------------
@@ -157,8 +200,24 @@ def _component(model: Any, decoder_prefix: str | None = None) -> Component:
         elif isinstance(module, torch.nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1]
             layers.append(Layer(name, module.in_channels, module.out_channels, k, linear=False))
+        elif decoder_prefix:
+            layers.extend(_expert_layers(name, module))
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     return Component(sum(p.numel() for p in model.parameters()), buffers, layers, quantizable, max_linear)
+
+
+def _expert_layers(name: str, module: Any) -> list[Layer]:
+    """Fused 3-D expert weights `(experts, out, in)` of an MoE block (`(experts, in, out)` when the module says
+    `is_transposed`), with the in/out sizes PEFT's `target_parameters` LoRA uses."""
+    found = []
+    for pname, param in module.named_parameters(recurse=False):
+        if param.ndim == 3 and name:
+            experts, a, b = param.shape
+            d_in, d_out = (a, b) if getattr(module, "is_transposed", False) else (b, a)
+            found.append(
+                Layer(f"{name}.{pname}", int(d_in), int(d_out), experts=int(experts), parameter=True)
+            )
+    return found
 
 
 def _llm_summary(spec: ArchSpec) -> ArchSummary:
@@ -197,6 +256,7 @@ def _llm_summary(spec: ArchSpec) -> ArchSummary:
         "vocab": dimension("vocab"),
         "heads": dimension("heads"),
         "intermediate": dimension("intermediate"),
+        "model_type": config.get("text_config", config).get("model_type"),
     }
     return ArchSummary("llm", "llm", spec.fingerprint, {"model": comp}, info)
 

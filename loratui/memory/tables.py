@@ -21,7 +21,7 @@ from loratui.memory.fit import FIT_VERSION, Fit, calibrate_llm, calibrate_sd
 from loratui.memory.regime import Regime
 
 _MEMORY: dict[str, Fit] = {}
-SUMMARY_VERSION = 1  # bump when `summary.build_summary` counts differently
+SUMMARY_VERSION = 2  # bump when `summary.build_summary` counts differently
 
 
 def cache_dir() -> Path:

@@ -91,7 +91,8 @@ def check_adapter_fits(adapter: Path, model: Any, base: str) -> list[str]:
         part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
         if part is None or not isinstance(info, dict):
             continue
-        path = key.split(part)[0].removeprefix("base_model.model.")
+        # nested PEFT wrappers (several fused MoE expert weights of one module) save `...experts.base_layer.lora_A`
+        path = key.split(part)[0].removeprefix("base_model.model.").replace(".base_layer", "")
         try:
             layer = model.get_submodule(path)
         except AttributeError:

@@ -14,14 +14,17 @@ Importing this package is cheap; torch/transformers/diffusers are imported when 
 from loratui.tiny_models.blip import build_tiny_blip
 from loratui.tiny_models.common import LABEL_FILE, MARKER_FILE, is_tiny_model, read_marker
 from loratui.tiny_models.llama import build_tiny_llama
+from loratui.tiny_models.llm_families import LLM_FAMILIES, build_tiny_llm
 from loratui.tiny_models.sd import SD_FAMILIES, build_tiny_sd
 
 __all__ = [
     "LABEL_FILE",
+    "LLM_FAMILIES",
     "MARKER_FILE",
     "SD_FAMILIES",
     "build_tiny_blip",
     "build_tiny_llama",
+    "build_tiny_llm",
     "build_tiny_sd",
     "is_tiny_model",
     "read_marker",

@@ -44,7 +44,8 @@ def spec_for(name: str) -> ArchSpec:
 def regimes(kind: str) -> list[Regime]:
     if kind == "sd":
         return [Regime(p, c, d) for p, c, d in product(("amp16", "fp32"), (False, True), (False, True))]
-    targets = (None, ("all-linear",))
+    # an LLM's default targets are estimated as all-linear (the same layers, `memory.estimate.regime_for`)
+    targets = (("all-linear",),)
     return [
         Regime(p, c, d, t)
         for p, c, d, t in product(

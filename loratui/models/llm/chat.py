@@ -112,10 +112,15 @@ def _assistant_spans(tokenizer: Any, template: str, messages: list[Any], full: s
     return spans
 
 
+#: markers that end an assistant turn in the families' chat templates (Phi-3, ChatML, Gemma, Llama 3)
+END_OF_TURN = ("<|end|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>")
+
+
 def _spans_by_search(tokenizer: Any, messages: list[Any], full: str) -> list[tuple[int, int]]:
-    """Fallback for templates that rewrite earlier turns: find each answer's text (plus a following eos)."""
+    """Fallback for templates that rewrite earlier turns: find each answer's text plus the end-of-turn marker
+    and eos that directly follow it (whitespace between them allowed)."""
     spans, cursor = [], 0
-    eos = tokenizer.eos_token or ""
+    markers = tuple(m for m in (*END_OF_TURN, tokenizer.eos_token) if m)
     for message in messages:
         content = message.content.strip()
         if message.role != "assistant" or not content:
@@ -124,9 +129,13 @@ def _spans_by_search(tokenizer: Any, messages: list[Any], full: str) -> list[tup
         if start < 0:
             raise TemplateProblem("cannot locate an assistant answer in the rendered chat")
         end = start + len(content)
-        rest = full[end:]
-        if eos and rest.lstrip(" ").startswith(eos):
-            end += len(rest) - len(rest.lstrip(" ")) + len(eos)
+        while True:
+            rest = full[end:]
+            gap = len(rest) - len(rest.lstrip())
+            marker = next((m for m in markers if rest[gap:].startswith(m)), None)
+            if marker is None:
+                break
+            end += gap + len(marker)
         spans.append((start, end))
         cursor = end
     return spans

@@ -1,29 +1,68 @@
-"""LoRA on a causal language model: the PEFT config and how it is added (new or continued from `init_lora`)."""
+"""LoRA on a causal language model: the PEFT config and how it is added (new or continued from `init_lora`).
+
+Which modules are adapted is decided by `loratui.models.llm.families` (the family defaults, MoE experts,
+`all-linear`); the PEFT config always lists short module names (`q_proj`), as PEFT writes them for a list.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loratui.config import TrainConfig
 from loratui.models.checkpointing import enable_activation_checkpointing
+from loratui.models.llm.families import TargetPlan, UnsupportedArchitecture, plan_targets
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: a callback for the notes of `plan_for` (level "info" | "warning", text)
+Notify = Callable[[str, str], None]
 
 
-def lora_config(cfg: TrainConfig) -> Any:
-    """The PEFT LoraConfig for this config (q,k,v,o projections by default; `all-linear` supported)."""
+def model_layout(model: Any) -> tuple[str | None, list[str], list[str], str]:
+    """(model type, full paths of its `nn.Linear` modules, of its fused 3-D expert weights, short name of the
+    output layer) of a transformers causal LM."""
+    import torch
+
+    linear, experts = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear.append(name)
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.ndim == 3 and name:
+                experts.append(f"{name}.{pname}")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is output), "lm_head")
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "model_type", None), linear, experts, output_name
+
+
+def plan_for(cfg: TrainConfig, model: Any) -> TargetPlan:
+    """The LoRA targets of this config on this model (see `loratui.models.llm.families`)."""
+    model_type, linear, experts, output_name = model_layout(model)
+    return plan_targets(
+        model_type,
+        linear,
+        experts,
+        cfg.target_modules,
+        lora_dropout=cfg.lora_dropout,
+        output_name=output_name,
+    )
+
+
+def lora_config(cfg: TrainConfig, model: Any, plan: TargetPlan | None = None) -> Any:
+    """The PEFT LoraConfig for this config on `model` (family default targets, `all-linear`, or the names given)."""
     from peft import LoraConfig
 
-    targets: Any = cfg.target_modules or DEFAULT_TARGETS
-    if [t.lower() for t in targets] == ["all-linear"]:
-        targets = "all-linear"
+    plan = plan or plan_for(cfg, model)
     return LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.effective_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
+        target_modules=list(plan.modules),
+        target_parameters=list(plan.parameters) or None,
         use_rslora=cfg.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
@@ -43,8 +82,9 @@ def freeze_base(model: Any, gradient_checkpointing: bool) -> None:
         model.enable_input_require_grads()
 
 
-def setup_lora(cfg: TrainConfig, model: Any) -> Any:
-    """Freezing and gradient checkpointing, then LoRA (new, or continued from `init_lora`)."""
+def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> Any:
+    """Freezing and gradient checkpointing, then LoRA (new, or continued from `init_lora`). `notify`
+    receives what the run's log should say about the targets (MoE experts adapted or left out, ...)."""
     from peft import PeftModel, get_peft_model
 
     from loratui.util.seeding import set_global_seed
@@ -56,12 +96,18 @@ def setup_lora(cfg: TrainConfig, model: Any) -> Any:
         if not (folder / "adapter_config.json").is_file():
             raise ValueError(f"init_lora: {folder} is not a PEFT adapter folder (no adapter_config.json)")
         return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    plan = plan_for(cfg, model)
+    for level, text in plan.notes:
+        if notify is not None:
+            notify(level, text)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lora_config(cfg))
+            return get_peft_model(model, lora_config(cfg, model, plan))
+    except UnsupportedArchitecture:
+        raise
     except ValueError as exc:
         raise ValueError(
-            f"cannot place LoRA on target_modules {cfg.target_modules or DEFAULT_TARGETS}: {exc}. "
+            f"cannot place LoRA on target_modules {plan.modules + plan.parameters}: {exc}. "
             "Set target_modules to this model's linear layer names, or target_modules: all-linear"
         ) from exc

@@ -147,6 +147,15 @@ def restore(
         raise ValueError(
             f"checkpoint {checkpoint_path} does not match this LoRA: {result.unexpected_keys[:3]}"
         )
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if ".lora_" in k]
+    if missing:
+        saved = ckpt.meta.get("adapter_config", {})
+        targets = list(saved.get("target_modules") or []) + list(saved.get("target_parameters") or [])
+        raise ValueError(
+            f"checkpoint {checkpoint_path} does not cover this LoRA: {len(missing)} of its tensors are not in it "
+            f"(e.g. {missing[0]}). The checkpoint adapts {sorted(targets)}; set target_modules: {sorted(targets)} "
+            "in the config to resume it"
+        )
     wanted = configured_hyperparameters(optimizer, scheduler)
     optimizer.load_state_dict(ckpt.training_state["optimizer"])
     scheduler.load_state_dict(ckpt.training_state["scheduler"])

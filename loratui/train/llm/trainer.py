@@ -114,7 +114,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     model, tokenizer, source = setup_base(cfg, precision)
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
-    model = setup_lora(cfg, model)
+    model = setup_lora(cfg, model, notify=lambda level, text: reporter.event(level, message=text))
     reference = Reference.at_start(cfg, model)  # DPO/KTO: taken before a resume loads later weights
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
