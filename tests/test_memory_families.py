@@ -98,7 +98,10 @@ def test_moe_keeps_all_experts_but_activates_top_k() -> None:
 
     def per_layer(config: dict) -> float:
         spec = ArchSpec("llm", "llm", {"model": config}, "test")
-        fit = calibrate_llm(spec, Regime("amp16", False, False, None), "meta")
+        # attention-only LoRA: compares the MLPs' activations, not the experts' own LoRA deltas
+        fit = calibrate_llm(
+            spec, Regime("amp16", False, False, ("q_proj", "k_proj", "v_proj", "o_proj")), "meta"
+        )
         return fit.evaluate(1, 2048, 16, 11)[1] - fit.evaluate(1, 2048, 16, 10)[1]
 
     routed, top_k_dense = per_layer(moe), per_layer(dense)
