@@ -375,6 +375,65 @@ def test_qwen2_adapter_and_merged_model(tiny_qwen2: Path, tmp_path: Path) -> Non
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+FAMILIES = {
+    "mistral": ("MistralConfig", {}),
+    "qwen3": ("Qwen3Config", {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {}),
+}
+
+
+def tiny_family(family: str, folder: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer random model of `family` with the tiny Llama's tokenizer (vocabulary 1000)."""
+    import transformers
+
+    name, sizes = FAMILIES[family]
+    values = {
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        **sizes,
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**values))
+    model.save_pretrained(folder)
+    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_from / file, folder / file)
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_families_export_adapter_names_and_merged_models(
+    family: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Each family: adapter tensors under llama.cpp's names; the merged file read by transformers' GGUF loader
+    (its own name map, Gemma norm offset, Phi-3 fused layers, q/k order) gives PEFT's logits."""
+    base = tiny_family(family, tmp_path / family, tiny_llama)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    fields, arrays, _ = read(export_adapter(adapter, fmt="gguf", out=tmp_path / "a.gguf").path)
+    arch = {"mistral": "llama"}.get(family, family)
+    assert fields["general.architecture"] == arch
+    modules = {"phi3": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}.get(
+        family, tuple(GGUF_MODULES.values())
+    )
+    assert set(arrays) == {f"blk.{i}.{m}.weight.lora_{ab}" for i in (0, 1) for m in modules for ab in "ab"}
+
+    merged = export_adapter(adapter, fmt="gguf", merge=True, quant="f32", out=tmp_path / "m").path
+    fields, arrays, _ = read(merged)
+    if family.startswith("gemma"):  # llama.cpp multiplies by the stored norm weight, Gemma by 1 + weight
+        state = merged_state(base, adapter)
+        np.testing.assert_array_equal(arrays["output_norm.weight"], state["model.norm.weight"] + 1)
+    torch.testing.assert_close(gguf_logits(merged), peft_logits(base, adapter), atol=1e-4, rtol=1e-4)
+
+
 def test_merged_from_a_gguf_base_copies_its_tokenizer(
     llama_adapter: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
