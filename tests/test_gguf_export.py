@@ -434,6 +434,38 @@ def test_families_export_adapter_names_and_merged_models(
     torch.testing.assert_close(gguf_logits(merged), peft_logits(base, adapter), atol=1e-4, rtol=1e-4)
 
 
+def test_moe_attention_adapter_exports_and_experts_are_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    base = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / file, base / file)
+    attention = make_adapter(base, tmp_path / "attn", targets=["q_proj", "v_proj"])
+    fields, arrays, _ = read(export_adapter(attention, fmt="gguf", out=tmp_path / "a.gguf").path)
+    assert fields["general.architecture"] == "qwen3moe"
+    assert set(arrays) == {f"blk.{i}.attn_{m}.weight.lora_{ab}" for i in (0, 1) for m in "qv" for ab in "ab"}
+    with pytest.raises(UnsupportedArchitecture, match="merged GGUF export of mixture-of-experts"):
+        export_adapter(attention, fmt="gguf", merge=True, out=tmp_path / "m")
+    experts = make_adapter(base, tmp_path / "experts", targets="all-linear")
+    with pytest.raises(UnsupportedArchitecture, match="expert layers cannot be exported"):
+        export_adapter(experts, fmt="gguf", out=tmp_path / "e.gguf")
+    assert not (tmp_path / "e.gguf").exists() and not (tmp_path / "m").exists()
+
+
 def test_merged_from_a_gguf_base_copies_its_tokenizer(
     llama_adapter: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:

@@ -195,13 +195,14 @@ def gguf_adapter_tensors(
     out: dict[str, np.ndarray] = {}
     for module in sorted(pairs):
         name = layout.gguf_name(module)
+        if ".experts" in module or (name and ("_exps" in name or "_shexp" in name)):
+            raise UnsupportedArchitecture(
+                f"{module}: LoRA on mixture-of-experts expert layers cannot be exported to GGUF yet; export "
+                "--format peft, or train with target_modules on the attention layers"
+            )
         if name is None:
             raise ExportError(
                 f"llama.cpp's {layout.arch} model has no tensor for {module}; remove it from target_modules"
-            )
-        if "_exps" in name or "_shexp" in name:
-            raise UnsupportedArchitecture(
-                f"{module}: LoRA on mixture-of-experts expert layers cannot be exported to GGUF yet"
             )
         a = pairs[module]["A"].float().numpy()
         b = pairs[module]["B"].float().numpy()
