@@ -249,14 +249,28 @@ def test_adapter_applied_the_llama_cpp_way_gives_peft_logits(
     )
 
 
-def test_rslora_scale_is_folded_into_the_adapter(tiny_llama: Path, tmp_path: Path) -> None:
-    adapter = make_adapter(tiny_llama, tmp_path / "rs", targets=["v_proj"], use_rslora=True)
-    fields, arrays, _ = read(export_adapter(adapter, fmt="gguf", out=tmp_path / "rs.gguf").path)
-    a, b = peft_pairs(adapter)["model.layers.0.self_attn.v_proj"]
-    # llama.cpp scales by alpha/rank; PEFT's rsLoRA by lora_alpha/sqrt(rank) = 8/2
+@pytest.mark.parametrize(
+    ("lora", "scales"),
+    [
+        ({"use_rslora": True}, {"q_proj": 8 / 2, "v_proj": 8 / 2}),  # lora_alpha / sqrt(rank)
+        ({"rank_pattern": {"v_proj": 8}, "alpha_pattern": {"v_proj": 2}}, {"q_proj": 8 / 4, "v_proj": 2 / 8}),
+    ],
+)
+def test_peft_scales_are_kept_under_llama_cpp_alpha_over_rank(
+    lora: dict, scales: dict, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """llama.cpp multiplies B @ A by adapter.lora.alpha / rank (each tensor's rank); the product must be PEFT's."""
+    adapter = make_adapter(tiny_llama, tmp_path / "a", targets=["q_proj", "v_proj"], **lora)
+    fields, arrays, _ = read(export_adapter(adapter, fmt="gguf", out=tmp_path / "a.gguf").path)
     alpha = float(fields["adapter.lora.alpha"])
-    got = alpha / 4 * arrays["blk.0.attn_v.weight.lora_b"] @ arrays["blk.0.attn_v.weight.lora_a"]
-    np.testing.assert_allclose(got, 8 / 2 * b @ a, rtol=1e-5, atol=1e-7)
+    for proj, scale in scales.items():
+        a, b = peft_pairs(adapter)[f"model.layers.1.self_attn.{proj}"]
+        name = gguf_module(f"model.layers.1.self_attn.{proj}")
+        got_a, got_b = arrays[f"{name}.weight.lora_a"], arrays[f"{name}.weight.lora_b"]
+        want = scale * b @ a
+        if proj == "q_proj":
+            want = llama_cpp_rows(want, 4)
+        np.testing.assert_allclose(alpha / got_a.shape[0] * got_b @ got_a, want, rtol=1e-5, atol=1e-7)
 
 
 def test_adapter_quant_types(llama_adapter: Path, tmp_path: Path) -> None:
