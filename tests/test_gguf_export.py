@@ -499,6 +499,36 @@ def test_merged_from_a_gguf_base_copies_its_tokenizer(
     )
 
 
+def test_sentencepiece_style_tokenizer_is_written_with_scores(
+    llama_adapter: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A Llama-2/Mistral/Gemma style tokenizer.json (BPE with byte fallback) becomes llama.cpp's `llama` model:
+    byte tokens typed BYTE, scores falling with the merge order, ids past the tokenizer padded as unused."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in ["▁", "h", "e", "l", "o", "▁h", "he", "ll", "▁he", "llo", "▁hello"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "h"), ("h", "e"), ("l", "l"), ("▁h", "e"), ("ll", "o"), ("▁he", "llo")]
+    base = tmp_path / "spm-base"
+    shutil.copytree(tiny_llama, base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).unlink()
+    LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(llama_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    fields, _, _ = read(export_adapter(adapter, fmt="gguf", merge=True, quant="f32", out=tmp_path / "m").path)
+    tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+    assert fields["tokenizer.ggml.model"] == "llama" and len(tokens) == len(scores) == len(types) == 1000
+    assert tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    assert tokens[vocab["▁hello"]] == "▁hello" and types[vocab["▁hello"]] == gguf.TokenType.NORMAL
+    normal = [scores[i] for i in range(len(vocab)) if types[i] == gguf.TokenType.NORMAL]
+    assert normal == sorted(normal, reverse=True) and len(set(normal)) == len(normal) == 11
+    assert tokens[len(vocab)] == f"[PAD{len(vocab)}]" and types[-1] == gguf.TokenType.UNUSED
+
+
 # --- the command ---------------------------------------------------------------------------------------------
 
 

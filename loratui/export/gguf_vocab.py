@@ -53,6 +53,47 @@ def _pad_scored(vocab: Any, n_vocab: int) -> tuple[list[bytes], list[float], lis
     return tokens, scores, types
 
 
+def _sentencepiece_vocab(folder: Path, data: dict[str, Any] | None) -> Any:
+    """SentencePiece-style vocabulary with scores: `tokenizer.model` when sentencepiece can read it (the model's own
+    scores), else `tokenizer.json` (BPE with byte fallback) with scores by merge order (-id, as SentencePiece BPE
+    numbers its pieces in merge order; llama.cpp only compares them)."""
+    import gguf
+
+    model = (data or {}).get("model") or {}
+    if (folder / "tokenizer.model").is_file():
+        try:
+            return gguf.SentencePieceVocab(folder)
+        except (RuntimeError, ImportError) as exc:  # sentencepiece missing
+            if model.get("type") != "BPE":
+                raise ExportError(
+                    f"{folder / 'tokenizer.model'} needs the sentencepiece package: pip install sentencepiece"
+                ) from exc
+    if model.get("type") != "BPE":
+        found = model.get("type") or "no tokenizer.json or tokenizer.model"
+        raise ExportError(
+            f"cannot write the tokenizer of {folder} to GGUF ({found}); supported: byte-level BPE and "
+            "SentencePiece-style tokenizers"
+        )
+    try:
+        vocab = gguf.LlamaHfVocab(folder)
+    except (FileNotFoundError, TypeError) as exc:
+        raise ExportError(f"cannot write the tokenizer of {folder} to GGUF: {exc}") from exc
+    return _RankScored(vocab)
+
+
+class _RankScored:
+    """`LlamaHfVocab` tokens with scores by merge order (its own scores are a constant placeholder)."""
+
+    def __init__(self, vocab: Any) -> None:
+        self.vocab = vocab
+
+    def all_tokens(self) -> Any:
+        import gguf
+
+        for i, (text, _, kind) in enumerate(self.vocab.all_tokens()):
+            yield text, (-float(i) if kind == gguf.TokenType.NORMAL else 0.0), kind
+
+
 def add_vocab_from_folder(
     writer: Any, folder: Path, *, arch: str, n_vocab: int, chat_template: str | None
 ) -> str:
@@ -75,22 +116,7 @@ def add_vocab_from_folder(
         writer.add_token_types(types)
         kind = "gpt2"
     else:
-        if data is not None and model.get("type") == "BPE":
-            vocab: Any = gguf.LlamaHfVocab(folder)
-        elif (folder / "tokenizer.model").is_file():
-            try:
-                vocab = gguf.SentencePieceVocab(folder)
-            except RuntimeError as exc:  # sentencepiece missing
-                raise ExportError(
-                    f"{folder / 'tokenizer.model'} needs the sentencepiece package to read: pip install sentencepiece"
-                ) from exc
-        else:
-            found = model.get("type") or "no tokenizer.json or tokenizer.model"
-            raise ExportError(
-                f"cannot write the tokenizer of {folder} to GGUF ({found}); supported: byte-level BPE and "
-                "SentencePiece-style tokenizers"
-            )
-        tokens_b, scores, types = _pad_scored(vocab, n_vocab)
+        tokens_b, scores, types = _pad_scored(_sentencepiece_vocab(folder, data), n_vocab)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens_b)
