@@ -281,6 +281,12 @@ def test_adapter_quant_types(llama_adapter: Path, tmp_path: Path) -> None:
     assert set(types.values()) == {"F16"}
     for name, array in f32.items():
         np.testing.assert_allclose(f16[name], array, rtol=1e-3, atol=1e-6)
+    _, bf16, types = read(
+        export_adapter(llama_adapter, fmt="gguf", dtype="bf16", out=tmp_path / "bf16.gguf").path
+    )
+    assert set(types.values()) == {"BF16"}
+    for name, array in f32.items():
+        np.testing.assert_allclose(bf16[name], array, rtol=1 / 128, atol=1e-6)
     _, _, types = read(export_adapter(llama_adapter, fmt="gguf", quant="q8_0", out=tmp_path / "q8.gguf").path)
     # A rows (64/128 inputs) split into 32-value blocks; B rows (rank 4) cannot and stay f16
     assert {t for n, t in types.items() if n.endswith("lora_a")} == {"Q8_0"}

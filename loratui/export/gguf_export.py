@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,20 +242,22 @@ def write_adapter_gguf(src: ExportSource, target: Path, *, quant: str, overwrite
 # --- merged models ---------------------------------------------------------------------------------------
 
 
-def merged_gguf_tensors(model: Any, layout: Layout) -> dict[str, np.ndarray]:
-    """{GGUF name: float array} for every weight of a (merged) transformers model, in llama.cpp's layout."""
+def merged_gguf_tensors(model: Any, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float array) for every weight of a (merged) transformers model, in llama.cpp's layout; one at
+    a time, so that only one tensor is held in float32 besides the model and the written data."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    out: dict[str, np.ndarray] = {}
-    for key, tensor in model.state_dict().items():
+    state = model.state_dict()
+    names = {}
+    for key in state:
         if tied and key == "lm_head.weight":
             continue  # llama.cpp uses token_embd for the output when `output` is absent
-        name = layout.gguf_name(key)
-        if name is None:
+        names[key] = layout.gguf_name(key)
+        if names[key] is None:
             raise ExportError(f"llama.cpp's {layout.arch} model has no tensor for {key}")
-        out[name] = layout.weight_for_gguf(key, tensor.detach().float().cpu().numpy())
-    out.update(extra_tensors(layout, config))
-    return out
+    for key, name in names.items():
+        yield name, layout.weight_for_gguf(key, state[key].detach().float().cpu().numpy())
+    yield from extra_tensors(layout, config).items()
 
 
 def merged_targets(out: Path) -> tuple[Path, Path]:
@@ -294,9 +297,8 @@ def write_model_gguf(
         add_vocab_from_folder(
             writer, base.folder, arch=layout.arch, n_vocab=vocab_size, chat_template=chat_template
         )
-    arrays = merged_gguf_tensors(model, layout)
-    for tensor_name in list(arrays):
-        add_tensor(writer, tensor_name, arrays.pop(tensor_name), quant)
+    for tensor_name, array in merged_gguf_tensors(model, layout):
+        add_tensor(writer, tensor_name, array, quant)
     _write(writer, target)
     return layout
 
