@@ -11,7 +11,9 @@ import typer
 def export(
     source: Path = typer.Argument(..., help="A run directory, a checkpoint folder, or a LoRA file."),
     fmt: str | None = typer.Option(
-        None, "--format", help="kohya | diffusers (image LoRAs) or peft (LLM adapters); default by task."
+        None,
+        "--format",
+        help="kohya | diffusers (image LoRAs), peft or gguf (LLM adapters); default by task.",
     ),
     dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 for the written tensors."),
     merge: bool = typer.Option(
@@ -19,11 +21,15 @@ def export(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output file or folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    quant: str | None = typer.Option(
+        None, "--quant", help="GGUF: f32, f16, bf16 or q8_0 (default f32 adapter, f16 merged model)."
+    ),
 ) -> None:
-    """Export a run or checkpoint: kohya/A1111 .safetensors, diffusers, PEFT adapter or merged model.
+    """Export a run or checkpoint: kohya/A1111 .safetensors, diffusers, PEFT adapter, merged model or GGUF.
 
-    kohya files load in AUTOMATIC1111, ComfyUI and diffusers; PEFT adapter folders in transformers, vLLM
-    and llama.cpp (convert_lora_to_gguf.py).
+    kohya files load in AUTOMATIC1111, ComfyUI and diffusers; PEFT adapter folders in transformers and vLLM;
+    --format gguf writes a llama.cpp LoRA adapter (llama-cli --lora), with --merge a merged GGUF model and
+    an Ollama Modelfile.
     """
     from loratui.cli.common import EXIT_UNUSABLE, console, optional_dependencies
     from loratui.export.detect import source_task
@@ -34,7 +40,16 @@ def export(
         raise typer.Exit(EXIT_UNUSABLE)
     run = run_image_export if task == "image-generation" else run_text_export
     with optional_dependencies("export"):
-        code = run(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, console=console())
+        code = run(
+            source,
+            fmt=fmt,
+            dtype=dtype,
+            merge=merge,
+            out=out,
+            overwrite=overwrite,
+            quant=quant,
+            console=console(),
+        )
     raise typer.Exit(code)
 
 
@@ -50,6 +65,7 @@ def run_image_export(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
+    quant: str | None = None,
     console: Any,
 ) -> int:
     """Export an image LoRA and print where it went and how to use it. Exit code 0 written, 1 refused or
@@ -57,6 +73,9 @@ def run_image_export(
     from loratui.export.result import UnusableExportRequest
     from loratui.export.sd_export import ExportError, export_image_lora
 
+    if quant is not None:
+        _say(console, "error: --quant applies to GGUF exports of LLM adapters, not image LoRAs")
+        return 2
     try:
         exported = export_image_lora(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite)
     except UnusableExportRequest as exc:
@@ -78,22 +97,28 @@ def run_text_export(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
+    quant: str | None = None,
     console: Any,
 ) -> int:
-    """Export an LLM adapter (or a merged model) and print where it went and how to use it. Exit code 0
-    written, 1 refused or failed, 2 an option that does not apply to LLM adapters."""
+    """Export an LLM adapter (or a merged model, or GGUF) and print where it went and how to use it. Exit
+    code 0 written, 1 refused or failed, 2 an option that does not apply to LLM adapters."""
     from loratui.export.llm_export import ExportError, export_adapter
     from loratui.export.result import UnusableExportRequest
     from loratui.models.llm.loading import ModelLoadError
 
     try:
-        exported = export_adapter(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite)
+        exported = export_adapter(
+            source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, quant=quant
+        )
     except UnusableExportRequest as exc:
         _say(console, f"error: {exc}")
         return 2
     except (ExportError, ModelLoadError, OSError) as exc:
         _say(console, f"error: {exc}")
         return 1
-    _say(console, f"{'merged model' if exported.kind == 'merged' else 'adapter'}: {exported.path}")
+    what = "merged model" if exported.kind in ("merged", "gguf-merged") else "adapter"
+    _say(console, f"{what}: {exported.path}")
+    if exported.kind == "gguf-merged":
+        _say(console, f"Modelfile: {exported.path.with_name('Modelfile')}")
     _say(console, f"use it: {exported.usage}")
     return 0

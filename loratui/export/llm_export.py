@@ -5,11 +5,10 @@ The adapter folder format itself (and the trainer's writer) is `loratui.models.l
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loratui.export.llm_source import ExportSource, merged_model
 from loratui.export.result import Exported, UnusableExportRequest
 from loratui.models.llm.adapter_files import (
     ADAPTER_CONFIG,
@@ -26,34 +25,6 @@ from loratui.util import jsonsafe
 from loratui.util.atomic import atomic_directory
 
 # --- sources: run directories, checkpoints, adapter folders --------------------------------------------
-
-
-@dataclass
-class ExportSource:
-    """An adapter's tensors and settings, from wherever they were found."""
-
-    path: Path
-    kind: str  # run | checkpoint | adapter
-    tensors: dict[str, Any]
-    adapter_config: dict[str, Any]
-    chat_template: str | None
-    run_name: str | None
-    step: int | None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-    @property
-    def base_model(self) -> str:
-        return str(self.adapter_config.get("base_model_name_or_path") or "")
-
-    def default_out(self, merge: bool, dtype: str | None) -> Path:
-        suffix = f"merged-{dtype or 'bf16'}" if merge else ("adapter" + (f"-{dtype}" if dtype else ""))
-        if self.kind == "run":
-            return self.path / "exports" / suffix
-        if self.kind == "checkpoint":
-            run = self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
-            return run / "exports" / f"{self.path.name}-{suffix}"
-        return self.path.with_name(f"{self.path.name}-{suffix}")
 
 
 def _config_flags(config_yaml: Path) -> dict[str, Any]:
@@ -148,25 +119,13 @@ def resolve_source(source: Path) -> ExportSource:
 def merge_to_folder(src: ExportSource, out: Path, *, dtype: str, overwrite: bool) -> Path:
     """Base + adapter merged into a full model folder (safetensors shards + tokenizer + chat template)."""
     import torch
-    from peft import PeftModel
-
-    from loratui.models.llm.loading import load_base
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputConflict(f"{out} exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise OutputConflict(f"{out} is not a model folder; refusing to replace it")
-    if not src.base_model:
-        raise ExportError("the adapter does not name its base model (base_model_name_or_path); cannot merge")
-    model, tokenizer, _ = load_base(
-        src.base_model, allow_pickle=src.allow_pickle, trust_remote_code=src.trust_remote_code
-    )
-    with tempfile.TemporaryDirectory(prefix="loratui-adapter-") as tmp_adapter:
-        config = dict(src.adapter_config)
-        write_adapter(Path(tmp_adapter) / "a", tensors=src.tensors, adapter_config=config, chat_template=None)
-        peft_model = PeftModel.from_pretrained(model, str(Path(tmp_adapter) / "a"))
-        merged = peft_model.merge_and_unload()
+    merged, tokenizer, _ = merged_model(src)
     merged = merged.to(getattr(torch, DTYPES[dtype]))
     if src.chat_template:
         tokenizer.chat_template = src.chat_template
@@ -179,6 +138,20 @@ def merge_to_folder(src: ExportSource, out: Path, *, dtype: str, overwrite: bool
 # --- the export ------------------------------------------------------------------------------------------
 
 
+def _checked_source(source: Path) -> ExportSource:
+    """The export source, refused when its tensors hold nan/inf."""
+    from loratui.runs.checkpoints import nonfinite_tensors
+
+    src = resolve_source(source)
+    bad = nonfinite_tensors(src.tensors)
+    if bad:
+        raise ExportError(
+            f"{src.path} holds nan/inf values in {len(bad)} of {len(src.tensors)} tensors (e.g. {bad[0]}): "
+            "training diverged; export an earlier checkpoint (runs/<run>/checkpoints/step-N) instead"
+        )
+    return src
+
+
 def export_adapter(
     source: Path,
     *,
@@ -187,27 +160,33 @@ def export_adapter(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
+    quant: str | None = None,
 ) -> Exported:
-    """`loratui export` for text runs/adapters: a PEFT adapter folder, or with `merge` a merged model.
+    """`loratui export` for text runs/adapters: a PEFT adapter folder, or with `merge` a merged model; with
+    `fmt="gguf"` a llama.cpp GGUF adapter, or with `merge` a merged GGUF model + Ollama Modelfile.
 
     Raises `UnusableExportRequest` for options that do not apply to LLM adapters; `ExportError`,
     `ModelLoadError` or `OSError` when the export cannot be done.
     """
-    if fmt not in (None, "peft"):
+    if fmt not in (None, "peft", "gguf"):
         raise UnusableExportRequest(
-            f"LLM adapters export as a PEFT folder (--format peft) or a merged model (--merge), not {fmt!r}"
+            f"LLM adapters export as a PEFT folder (--format peft), a merged model (--merge) or GGUF "
+            f"(--format gguf), not {fmt!r}"
         )
+    if fmt == "gguf":
+        from loratui.export.gguf_export import export_gguf, parse_quant
+
+        if quant is not None and dtype is not None:
+            raise UnusableExportRequest("give --quant or --dtype for a GGUF export, not both")
+        chosen = parse_quant(quant or dtype, "")
+        return export_gguf(
+            _checked_source(Path(source)), merge=merge, quant=chosen or None, out=out, overwrite=overwrite
+        )
+    if quant is not None:
+        raise UnusableExportRequest("--quant applies to GGUF exports (--format gguf)")
     if dtype is not None and dtype not in DTYPES:
         raise UnusableExportRequest(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
-    from loratui.runs.checkpoints import nonfinite_tensors
-
-    src = resolve_source(Path(source))
-    bad = nonfinite_tensors(src.tensors)
-    if bad:
-        raise ExportError(
-            f"{src.path} holds nan/inf values in {len(bad)} of {len(src.tensors)} tensors (e.g. {bad[0]}): "
-            "training diverged; export an earlier checkpoint (runs/<run>/checkpoints/step-N) instead"
-        )
+    src = _checked_source(Path(source))
     target = Path(out) if out else src.default_out(merge, dtype)
     if merge:
         path = merge_to_folder(src, target, dtype=dtype or "bf16", overwrite=overwrite)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-ExportKind = Literal["kohya", "diffusers", "adapter", "merged"]
+ExportKind = Literal["kohya", "diffusers", "adapter", "merged", "gguf-adapter", "gguf-merged"]
 
 
 class UnusableExportRequest(ValueError):
