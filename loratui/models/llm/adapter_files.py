@@ -136,7 +136,8 @@ Try it: `loratui sample --base {base} --lora {adapter} --prompt "..." --compare`
 
 Merge it into a full model: `loratui export {adapter} --merge --dtype bf16`
 
-llama.cpp: `python convert_lora_to_gguf.py {adapter} --base BASE_MODEL_FOLDER`
+llama.cpp / Ollama: `loratui export {adapter} --format gguf` (a GGUF LoRA for `llama-cli --lora`), or
+`loratui export {adapter} --merge --format gguf --quant q8_0` (a merged model GGUF and an Ollama `Modelfile`)
 """
 
 
