@@ -1,0 +1,268 @@
+"""SD adapter types (lora, locon, loha, lokr, dora) on the tiny SD1.5 and SDXL fixtures: trained from YAML (typed
+keys and kohya's network_module/network_args), resumed exactly, exported in the LyCORIS/kohya key layout and
+read back by loaders loratui did not write: diffusers' `load_lora_weights` (lora, locon) and the lycoris-lora
+package's `create_lycoris_from_weights` (loha, lokr, dora; diffusers 0.42 drops kohya `dora_scale` keys). Each
+loader must consume every tensor of the file and give each module the weight change the trained adapter has."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from sd_helpers import make_image_dataset, make_job, seed_like_config
+
+from loratui.config import load_config
+from loratui.config.errors import ConfigError
+from loratui.models.sd.adapters import NetworkSpec
+from loratui.models.sd.lora import LoraPlan, inject_lora, load_lora_state, lora_layers
+from loratui.runs.checkpoints import load_checkpoint
+from loratui.train.sd.trainer import train
+
+#: how each type is asked for: typed keys, or the kohya/LyCORIS keys users bring
+CONFIGS = {
+    "lora": {"network_type": "lora"},
+    "locon": {"network_module": "networks.lora", "network_args": ["conv_dim=4", "conv_alpha=2"]},
+    "loha": {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=4", "conv_alpha=4"]},
+    "lokr": {"network_type": "lokr", "lora_rank": 2, "alpha": 2, "factor": 4, "decompose_both": True},
+    "dora": {"use_dora": True},
+}
+#: LoHa/LoKr at scale 1 (alpha = rank): lycoris 4.1.3's `merge_to` applies alpha / rank twice for them
+LYCORIS_SCALE_ONE = {"loha": {"lora_rank": 4, "alpha": 4}, "lokr": {}}
+DIFFUSERS_LOADS = ("lora", "locon")
+FAMILY_NAMES = {"sd15": "sd15", "sdxl": "sdxl"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(tmp: Path, base: Path, data: Path, kind: str, **extra) -> Path:
+    values = {**CONFIGS[kind], **LYCORIS_SCALE_ONE.get(kind, {}), **extra}
+    if "alpha" in values and "lora_rank" not in values:
+        values.setdefault("lora_rank", 8)
+    return seed_like_config(tmp, base, data, epochs=1, batch_size=2, save_steps=1, keep_last_n=3, **values)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+def _pipeline(folder: Path):
+    from loratui.models.sd.loading import load_sd_pipeline
+
+    return load_sd_pipeline(folder).pipeline
+
+
+@torch.no_grad()
+def _trained_deltas(base: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """`<component>.<path>` -> W_merged - W_base of the adapter as trained (PEFT's own merge)."""
+    ckpt = load_checkpoint(checkpoint, training_state=False)
+    lora = ckpt.meta["lora"]
+    plan = LoraPlan(
+        targets=lora["targets"], rank=lora["rank"], alpha=lora["alpha"], network=NetworkSpec(**ckpt.meta["network"])
+    )
+    pipe = _pipeline(base)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    inject_lora(components, plan)
+    load_lora_state(components, ckpt.lora_state)
+    deltas = {}
+    for name in plan.targets:
+        for path, layer in lora_layers(components[name]).items():
+            before = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=["default"])
+            deltas[f"{name}.{path}"] = layer.get_base_layer().weight.detach() - before
+            layer.unmerge()
+    return deltas
+
+
+def _diffusers_deltas(base: Path, exported: Path, caplog) -> dict[str, torch.Tensor]:
+    pipe = _pipeline(base)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(exported), adapter_name="trained")
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    out = {}
+    with torch.no_grad():
+        for path, layer in lora_layers(pipe.unet).items():
+            before = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=["trained"])
+            out[f"unet.{path}"] = layer.get_base_layer().weight.detach() - before
+            layer.unmerge()
+    return out
+
+
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def _lycoris_names(tensors: dict[str, torch.Tensor], unet, family: str) -> dict[str, torch.Tensor]:
+    """SDXL files use the original (SGM) block names; diffusers' own mapping turns them into its UNet's."""
+    if family != "sdxl":
+        return dict(tensors)
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet.config)
+    out = {}
+    for key, value in mapped.items():
+        name, _, suffix = key.partition(".")
+        for sgm, diffusers_name in _SGM_RESNET.items():
+            name = name.replace(sgm, diffusers_name)
+        out[f"{name}.{suffix}"] = value
+    return out
+
+
+@torch.no_grad()
+def _lycoris_deltas(base: Path, exported: Path, family: str) -> dict[str, torch.Tensor]:
+    """Load the file with lycoris-lora onto the base UNet, check every key was consumed, merge, diff."""
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    tensors, _ = _read(exported)
+    unet = _pipeline(base).unet.float()
+    weights = _lycoris_names(tensors, unet, family)
+    before = {n: m.weight.detach().clone() for n, m in unet.named_modules() if hasattr(m, "weight")}
+    prefix = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = "lora_unet"
+    try:
+        network, _ = create_lycoris_from_weights(1.0, None, unet, weights_sd=dict(weights))
+    finally:
+        LycorisNetwork.LORA_PREFIX = prefix
+    consumed = {f"{m.lora_name}.{k}" for m in network.loras for k in m.custom_state_dict()}
+    assert consumed == set(weights), sorted(set(weights) ^ consumed)[:5]
+    for module in network.loras:  # the loader read the file's tensors, not its own initial values
+        for key, value in module.custom_state_dict().items():
+            assert torch.equal(value.float(), weights[f"{module.lora_name}.{key}"].float()), key
+    network.merge_to(1.0)
+    paths = {f"lora_unet_{n}".replace(".", "_"): n for n in before}
+    return {
+        f"unet.{paths[m.lora_name]}": dict(unet.named_modules())[paths[m.lora_name]].weight - before[paths[m.lora_name]]
+        for m in network.loras
+    }
+
+
+def _assert_same_change(loaded: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> None:
+    assert set(loaded) == set(trained)
+    assert any(d.abs().max() > 1e-6 for d in trained.values())  # the adapter learned something
+    for key, delta in trained.items():
+        torch.testing.assert_close(loaded[key].reshape(delta.shape), delta, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def _train(config: Path, **kwargs):
+    job = make_job(config, **kwargs)
+    assert train(job) == "finished"
+    return job
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_adapter_type_trains_resumes_and_loads_elsewhere(kind, family, request, tmp_path, caplog):
+    base = request.getfixturevalue(f"tiny_{family}")
+    data = make_image_dataset(tmp_path / "data", 4)
+    job = _train(_config(tmp_path / "a", base, data, kind))
+
+    # resume: stop after the first step, continue from its checkpoint, same tensors as the straight run
+    config = _config(tmp_path / "b", base, data, kind)
+    first = make_job(config)
+    assert train(first, stop_after_step=1) == "stopped"
+    second = make_job(config, resume_from=first.run.latest_checkpoint(), run=first.run)
+    assert train(second) == "finished"
+    straight = load_file(str(job.run.latest_checkpoint() / "lora.safetensors"))
+    resumed = load_file(str(first.run.latest_checkpoint() / "lora.safetensors"))
+    assert set(straight) == set(resumed)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+
+    exported = Path(job.resolved.config.output_dir) / "my_style_lora.safetensors"
+    tensors, meta = _read(exported)
+    suffixes = {k.split(".", 1)[1] for k in tensors}
+    expected = {
+        "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+        "locon": {"lora_down.weight", "lora_up.weight", "alpha"},
+        "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+        "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},
+    }[kind]
+    assert suffixes <= expected and {"alpha"} < suffixes
+    convs = [k for k in tensors if "_resnets_" in k or "_in_layers_" in k or "_out_layers_" in k]
+    assert bool(convs) == (kind in ("locon", "loha", "lokr"))
+    args = json.loads(meta["ss_network_args"])
+    assert all(isinstance(v, str) for v in args.values())
+    if kind in ("lora", "locon"):
+        assert meta["ss_network_module"] == "networks.lora" and "algo" not in args
+    else:
+        assert meta["ss_network_module"] == "lycoris.kohya"
+        assert args["algo"] == ("lora" if kind == "dora" else kind)
+    if kind == "locon":
+        assert (args["conv_dim"], args["conv_alpha"]) == ("4", "2")
+    if kind == "lokr":
+        assert (args["factor"], args["decompose_both"]) == ("4", "True")
+        assert {"lokr_w2_a", "lokr_w2_b"} <= suffixes  # the low-rank factor is exported as a pair
+    if kind == "dora":
+        assert args["dora_wd"] == "True"
+
+    trained = _trained_deltas(base, job.run.latest_checkpoint())
+    if kind in DIFFUSERS_LOADS:
+        loaded = _diffusers_deltas(base, exported, caplog)
+    else:
+        loaded = _lycoris_deltas(base, exported, family)
+    _assert_same_change(loaded, trained)
+
+
+def test_network_args_record_full_target_names(tiny_sd15, tmp_path):
+    data = make_image_dataset(tmp_path / "data", 2)
+    targets = ["to_q", "ff.net.0.proj", "ff.net.2"]
+    config = seed_like_config(tmp_path, tiny_sd15, data, epochs=1, batch_size=2, target_modules=targets)
+    job = _train(config)
+    _, meta = _read(Path(job.resolved.config.output_dir) / "my_style_lora.safetensors")
+    assert json.loads(meta["ss_network_args"])["target_modules"] == "to_q,ff.net.0.proj,ff.net.2"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text("base_model: x\ntask_type: image\n" + text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('network_module: lycoris.kohya\nnetwork_args: ["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=1"]\n',
+         {"network_type": "lokr", "lokr_factor": 8, "conv_rank": 4, "conv_alpha": 1.0}),
+        ("network_module: lycoris.kohya\nnetwork_args: [algo=loha, use_tucker=True]\n",
+         {"network_type": "loha", "use_tucker": True}),
+        ("network_module: lycoris.kohya\nnetwork_args: [algo=lora, dora_wd=True]\n", {"network_type": "dora"}),
+        ("network_module: networks.lora\nnetwork_args: [conv_dim=8]\n", {"network_type": "locon", "conv_rank": 8}),
+        ("network_module: lycoris.kohya\n", {"network_type": "locon"}),
+        ("use_dora: true\n", {"adapter_type": "dora"}),
+        ("network_type: lokr\nfactor: 16\ndecompose_both: true\n", {"lokr_factor": 16, "decompose_both": True}),
+    ],
+)
+def test_kohya_network_keys_map_to_typed_keys(tmp_path, text, expected):
+    cfg = load_config(_write(tmp_path, text)).config
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("network_module: networks.dylora\n", "network_module 'networks.dylora' is not supported"),
+        ("network_module: lycoris.kohya\nnetwork_args: [algo=ia3]\n", "algo=ia3 is not supported"),
+        ("network_module: lycoris.kohya\nnetwork_args: [algo=lokr, rank_dropout=0.1]\n", "rank_dropout=0.1"),
+        ("network_type: lora\nconv_dim: 4\n", "set network_type: locon"),
+        ("network_type: loha\nuse_dora: true\n", "use_dora works with network_type lora or dora"),
+        ("network_type: locon\nfactor: 4\n", "LoKr options"),
+        ("network_type: lokr\nnetwork_module: lycoris.kohya\nnetwork_args: [algo=loha]\n", "disagrees"),
+    ],
+)
+def test_network_key_mistakes_are_reported_with_their_line(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text))
+    message = str(caught.value)
+    assert fragment in message and "c.yaml:" in message
