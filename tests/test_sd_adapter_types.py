@@ -69,7 +69,10 @@ def _trained_deltas(base: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(checkpoint, training_state=False)
     lora = ckpt.meta["lora"]
     plan = LoraPlan(
-        targets=lora["targets"], rank=lora["rank"], alpha=lora["alpha"], network=NetworkSpec(**ckpt.meta["network"])
+        targets=lora["targets"],
+        rank=lora["rank"],
+        alpha=lora["alpha"],
+        network=NetworkSpec(**ckpt.meta["network"]),
     )
     pipe = _pipeline(base)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -100,7 +103,15 @@ def _diffusers_deltas(base: Path, exported: Path, caplog) -> dict[str, torch.Ten
     return out
 
 
-_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
+#: what diffusers' `_convert_unet_lora_key` renames after `_maybe_map_sgm_blocks_to_diffusers`
+_SGM_NAMES = {
+    "input_blocks": "down_blocks",
+    "middle_block": "mid_block",
+    "output_blocks": "up_blocks",
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 
 
 def _lycoris_names(tensors: dict[str, torch.Tensor], unet, family: str) -> dict[str, torch.Tensor]:
@@ -113,7 +124,7 @@ def _lycoris_names(tensors: dict[str, torch.Tensor], unet, family: str) -> dict[
     out = {}
     for key, value in mapped.items():
         name, _, suffix = key.partition(".")
-        for sgm, diffusers_name in _SGM_RESNET.items():
+        for sgm, diffusers_name in _SGM_NAMES.items():
             name = name.replace(sgm, diffusers_name)
         out[f"{name}.{suffix}"] = value
     return out
@@ -143,7 +154,8 @@ def _lycoris_deltas(base: Path, exported: Path, family: str) -> dict[str, torch.
     network.merge_to(1.0)
     paths = {f"lora_unet_{n}".replace(".", "_"): n for n in before}
     return {
-        f"unet.{paths[m.lora_name]}": dict(unet.named_modules())[paths[m.lora_name]].weight - before[paths[m.lora_name]]
+        f"unet.{paths[m.lora_name]}": dict(unet.named_modules())[paths[m.lora_name]].weight
+        - before[paths[m.lora_name]]
         for m in network.loras
     }
 
@@ -233,15 +245,28 @@ def _write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('network_module: lycoris.kohya\nnetwork_args: ["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=1"]\n',
-         {"network_type": "lokr", "lokr_factor": 8, "conv_rank": 4, "conv_alpha": 1.0}),
-        ("network_module: lycoris.kohya\nnetwork_args: [algo=loha, use_tucker=True]\n",
-         {"network_type": "loha", "use_tucker": True}),
-        ("network_module: lycoris.kohya\nnetwork_args: [algo=lora, dora_wd=True]\n", {"network_type": "dora"}),
-        ("network_module: networks.lora\nnetwork_args: [conv_dim=8]\n", {"network_type": "locon", "conv_rank": 8}),
+        (
+            'network_module: lycoris.kohya\nnetwork_args: ["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=1"]\n',
+            {"network_type": "lokr", "lokr_factor": 8, "conv_rank": 4, "conv_alpha": 1.0},
+        ),
+        (
+            "network_module: lycoris.kohya\nnetwork_args: [algo=loha, use_tucker=True]\n",
+            {"network_type": "loha", "use_tucker": True},
+        ),
+        (
+            "network_module: lycoris.kohya\nnetwork_args: [algo=lora, dora_wd=True]\n",
+            {"network_type": "dora"},
+        ),
+        (
+            "network_module: networks.lora\nnetwork_args: [conv_dim=8]\n",
+            {"network_type": "locon", "conv_rank": 8},
+        ),
         ("network_module: lycoris.kohya\n", {"network_type": "locon"}),
         ("use_dora: true\n", {"adapter_type": "dora"}),
-        ("network_type: lokr\nfactor: 16\ndecompose_both: true\n", {"lokr_factor": 16, "decompose_both": True}),
+        (
+            "network_type: lokr\nfactor: 16\ndecompose_both: true\n",
+            {"lokr_factor": 16, "decompose_both": True},
+        ),
     ],
 )
 def test_kohya_network_keys_map_to_typed_keys(tmp_path, text, expected):
@@ -266,3 +291,70 @@ def test_network_key_mistakes_are_reported_with_their_line(tmp_path, text, fragm
         load_config(_write(tmp_path, text))
     message = str(caught.value)
     assert fragment in message and "c.yaml:" in message
+
+
+# --- the memory planner --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"network_type": "lora"},
+        {"network_type": "locon", "conv_rank": 4},
+        {"network_type": "loha"},
+        {"network_type": "loha", "use_tucker": True},
+        {"network_type": "lokr", "lora_rank": 2},
+        {"network_type": "lokr", "lora_rank": 2, "lokr_factor": 4, "decompose_both": True},
+        {"network_type": "dora", "train_text_encoder": True},
+    ],
+)
+def test_planner_counts_the_trainable_tensors_of_each_type(tiny_sd15, options):
+    """The planner's tensor sizes (no torch model) are exactly the ones PEFT creates in the trainer."""
+    from loratui.config import TrainConfig
+    from loratui.memory.arch import arch_from_config
+    from loratui.memory.estimate import regime_for
+    from loratui.memory.summary import build_summary
+    from loratui.models.sd.adapters import spec_from_config
+    from loratui.models.sd.lora import plan_targets
+
+    cfg = TrainConfig(base_model=str(tiny_sd15), model_family="sd15", **options)
+    regime, _ = regime_for(cfg, "cpu", "sd")
+    summary = build_summary(arch_from_config(cfg, family="sd15"))
+    predicted = summary.adapter_numels(
+        regime.network, cfg.lora_rank, None, train_text_encoder=cfg.train_text_encoder
+    )
+
+    pipe = _pipeline(tiny_sd15)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    spec = spec_from_config(cfg)
+    targets = plan_targets(
+        None, components, train_text_encoder=cfg.train_text_encoder, convs=spec.adapts_convs
+    )
+    params = inject_lora(components, LoraPlan(targets, cfg.lora_rank, cfg.effective_alpha, network=spec))
+    actual: dict[int, int] = {}
+    for param in params:
+        actual[param.numel()] = actual.get(param.numel(), 0) + 1
+    assert predicted == sorted(actual.items())
+
+
+def test_planner_follows_the_cpu_meter_for_each_type(tiny_sd15, tmp_path, monkeypatch):
+    """Predicted peak vs the metered peak of the trainer's real step (CPU), per adapter type: within 5 %, and
+    the types differ as they should (LoHa and LoKr keep a full-size delta per module, DoRA the weight norm)."""
+    from loratui.memory.tables import clear_memory_cache
+    from loratui.train.memory_check.accuracy import session_rows
+    from loratui.train.memory_check.realstep import write_image_dataset
+
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memory_cache()
+    data = write_image_dataset(tmp_path / "images", 4, 64)
+    peaks = {}
+    try:
+        for kind in ("lora", "loha", "lokr", "dora"):
+            (row,) = session_rows(
+                "tiny-sd15", "sd", "sd15", tiny_sd15, data, 64, False, 8, batches=(2,), network_type=kind
+            )
+            assert abs(row.error) <= 0.05, (kind, row)
+            peaks[kind] = row.predicted
+    finally:
+        clear_memory_cache()
+    assert peaks["lora"] < min(peaks["loha"], peaks["lokr"], peaks["dora"])

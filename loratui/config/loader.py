@@ -113,7 +113,9 @@ def _expand_network(
     try:
         values = expand_network_keys(network.get("network_module"), network.get("network_args"))
     except ValueError as exc:
-        problems.append(ConfigProblem(key, str(exc), "see docs/sd_training.md, Adapter types", layer.source, line))
+        problems.append(
+            ConfigProblem(key, str(exc), "see docs/sd_training.md, Adapter types", layer.source, line)
+        )
         return
     for canon, value in values.items():
         if canon in given_as:

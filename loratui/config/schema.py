@@ -74,7 +74,9 @@ class TrainConfig(BaseModel):
         "lora",
         description="SD adapter: lora, locon (LoRA on conv layers too), loha, lokr (LyCORIS) or dora.",
     )
-    use_dora: bool = Field(False, description="SD: DoRA (weight-decomposed LoRA); same as network_type: dora.")
+    use_dora: bool = Field(
+        False, description="SD: DoRA (weight-decomposed LoRA); same as network_type: dora."
+    )
     conv_rank: int | None = Field(
         None, ge=1, le=1024, description="SD locon/loha/lokr: rank on 3x3 conv layers (default: lora_rank)."
     )

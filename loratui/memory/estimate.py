@@ -124,7 +124,16 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
         precision = "amp16" if cfg.mixed_precision == "bf16" else "fp32"
         if precision == "amp16":
             notes.append("bf16 on the CPU is estimated with CUDA's autocast rules")
-    return Regime(precision, cfg.gradient_checkpointing, dropout, targets), notes
+    return Regime(precision, cfg.gradient_checkpointing, dropout, targets, _network_key(cfg, kind)), notes
+
+
+def _network_key(cfg: Any, kind: str) -> str:
+    """The SD adapter type and options that shape activation memory (LLM runs train LoRA)."""
+    if kind != "sd" or getattr(cfg, "adapter_type", "lora") == "lora":
+        return "lora"
+    from loratui.models.sd.adapters import spec_from_config, spec_key
+
+    return spec_key(spec_from_config(cfg))
 
 
 def weight_bytes(precision: str) -> int:
@@ -275,9 +284,9 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     vae_on_device = not (on_gpu and cache_latents)
     text_on_device = not (on_gpu and cache_text)
     tokens = (cfg.resolution // int(summary.info.get("vae_factor", 8))) ** 2
-    lora = 4 * summary.lora_params(r, cfg.target_modules, train_text_encoder=train_te)
-    tensors = summary.lora_tensors(cfg.target_modules, train_text_encoder=train_te)
-    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
+    numels = summary.adapter_numels(regime.network, r, cfg.target_modules, train_text_encoder=train_te)
+    lora = 4 * sum(n * c for n, c in numels)
+    state, temporaries = optimizer_bytes(cfg.optimizer, numels, 1, device)
 
     unet_fit = get_fit(planner.spec, regime, source, "step")
     peak, acts = unet_fit.evaluate(b, tokens, r)

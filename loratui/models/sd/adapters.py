@@ -55,6 +55,33 @@ def spec_from_config(cfg) -> NetworkSpec:
     )
 
 
+def spec_key(spec: NetworkSpec) -> str:
+    """A compact text form of a spec (`loha`, `lokr;factor=4;decompose_both=True`): part of the planner's fit key."""
+    parts = [spec.kind]
+    for name, default in (
+        ("conv_rank", None),
+        ("conv_alpha", None),
+        ("factor", -1),
+        ("decompose_both", False),
+        ("use_tucker", False),
+    ):
+        value = getattr(spec, name)
+        if value != default:
+            parts.append(f"{name}={value}")
+    return ";".join(parts)
+
+
+def spec_from_key(key: str) -> NetworkSpec:
+    kind, *parts = key.split(";")
+    values: dict[str, object] = {}
+    for part in parts:
+        name, _, text = part.partition("=")
+        values[name] = {"conv_rank": int, "conv_alpha": float, "factor": int}.get(
+            name, lambda t: t == "True"
+        )(text)
+    return NetworkSpec(kind, **values)  # type: ignore[arg-type]
+
+
 def conv_paths(paths: list[str]) -> list[str]:
     """The UNet convolutions LoCon/LoHa/LoKr adapt besides the targets: every ResNet block's convs."""
     return [p for p in paths if _CONV.search(p)]

@@ -70,7 +70,9 @@ def match_targets(paths: list[str], target: str) -> list[str]:
     return [p for p in paths if p == target or needle in f".{p}."]
 
 
-def target_names(requested: list[str] | None, components: dict[str, torch.nn.Module], *, train_text_encoder: bool) -> list[str]:
+def target_names(
+    requested: list[str] | None, components: dict[str, torch.nn.Module], *, train_text_encoder: bool
+) -> list[str]:
     """The target names in effect (the requested ones, or each component's defaults), in order."""
     names = list(requested or DEFAULT_UNET_TARGETS)
     if train_text_encoder and not requested:

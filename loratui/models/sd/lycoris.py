@@ -83,4 +83,3 @@ def to_lycoris_state(
                 tensor = tensor.to(dtype)
             out[f"{name}.{suffix}"] = tensor.contiguous()
     return out
-

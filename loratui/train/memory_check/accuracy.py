@@ -38,10 +38,13 @@ class Row:
         return {**asdict(self), "error": round(self.error, 4)}
 
 
-def _config(kind: str, family: str, base: Path, data: Path, size: int, ckpt: bool, rank: int) -> Any:
+def _config(
+    kind: str, family: str, base: Path, data: Path, size: int, ckpt: bool, rank: int, **extra: Any
+) -> Any:
     from loratui.config import TrainConfig
 
     common = {
+        **extra,
         "base_model": str(base),
         "train_data_dir": str(data),
         "lora_rank": rank,
@@ -64,12 +67,13 @@ def session_rows(
     ckpt: bool,
     rank: int,
     batches: tuple[int, ...] = (4, 2, 1),
+    **extra: Any,
 ) -> list[Row]:
-    """Measure and predict each micro-batch size of one trainer session."""
+    """Measure and predict each micro-batch size of one trainer session (`extra`: more config keys)."""
     from loratui.memory.estimate import estimate_peak
     from loratui.train.memory_check.realstep import llm_real_step, measure_real_peak, sd_real_step
 
-    cfg = _config(kind, family, base, data, size, ckpt, rank)
+    cfg = _config(kind, family, base, data, size, ckpt, rank, **extra)
     step = llm_real_step(cfg) if kind == "llm" else sd_real_step(cfg, family)
     rows = []
     for batch in batches:

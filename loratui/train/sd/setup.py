@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from loratui.models.checkpointing import enable_activation_checkpointing
-from loratui.models.sd.conditioning import TEXT_BATCH, TextConditioner
 from loratui.models.sd.adapters import spec_from_config
+from loratui.models.sd.conditioning import TEXT_BATCH, TextConditioner
 from loratui.models.sd.lora import (
     LoraPlan,
     LoraSetupError,
@@ -140,7 +140,9 @@ def setup_lora(cfg, models: Models, reporter: Reporter) -> tuple[LoraPlan, list[
     network = spec_from_config(cfg)
     te = cfg.train_text_encoder
     plan = LoraPlan(
-        targets=plan_targets(cfg.target_modules, components, train_text_encoder=te, convs=network.adapts_convs),
+        targets=plan_targets(
+            cfg.target_modules, components, train_text_encoder=te, convs=network.adapts_convs
+        ),
         rank=cfg.lora_rank,
         alpha=cfg.effective_alpha,
         dropout=cfg.lora_dropout,
