@@ -358,3 +358,32 @@ def test_planner_follows_the_cpu_meter_for_each_type(tiny_sd15, tmp_path, monkey
     finally:
         clear_memory_cache()
     assert peaks["lora"] < min(peaks["loha"], peaks["lokr"], peaks["dora"])
+
+
+def test_planner_falls_back_when_an_adapter_trace_fails(tiny_sd15, tmp_path, monkeypatch):
+    """Where the adapter's reference step cannot be traced, LoRA's fit plus one full-size weight change per
+    adapted module stands in; on the tiny SD1.5 it lands near the traced LoHa prediction."""
+    from loratui.config import TrainConfig
+    from loratui.memory import tables
+    from loratui.memory.estimate import estimate_peak
+
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    tables.clear_memory_cache()
+    cfg = TrainConfig(base_model=str(tiny_sd15), model_family="sd15", network_type="loha", resolution=64)
+    try:
+        traced = estimate_peak(cfg, family="sd15", device="cpu")
+        real_get_fit = tables.get_fit
+
+        def failing(spec, regime, source, what="step"):
+            if regime.network != "lora":
+                raise RuntimeError("trace failed")
+            return real_get_fit(spec, regime, source, what)
+
+        monkeypatch.setattr(tables, "get_fit", failing)
+        fallback = estimate_peak(cfg, family="sd15", device="cpu")
+        lora = estimate_peak(cfg.model_copy(update={"network_type": "lora"}), family="sd15", device="cpu")
+    finally:
+        tables.clear_memory_cache()
+    assert any("loha step memory" in note for note in fallback.notes)
+    assert lora.total_bytes < fallback.total_bytes
+    assert fallback.total_bytes == pytest.approx(traced.total_bytes, rel=0.10)
