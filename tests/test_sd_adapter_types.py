@@ -46,10 +46,9 @@ def one_thread():
 
 
 def _config(tmp: Path, base: Path, data: Path, kind: str, **extra) -> Path:
-    values = {**CONFIGS[kind], **LYCORIS_SCALE_ONE.get(kind, {}), **extra}
-    if "alpha" in values and "lora_rank" not in values:
-        values.setdefault("lora_rank", 8)
-    return seed_like_config(tmp, base, data, epochs=1, batch_size=2, save_steps=1, keep_last_n=3, **values)
+    values = {"epochs": 1, "batch_size": 2, "save_steps": 1, "keep_last_n": 3}
+    values.update({**CONFIGS[kind], **LYCORIS_SCALE_ONE.get(kind, {}), **extra})
+    return seed_like_config(tmp, base, data, **values)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -76,6 +75,8 @@ def _trained_deltas(base: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
     )
     pipe = _pipeline(base)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        components["text_encoder_2"] = pipe.text_encoder_2
     inject_lora(components, plan)
     load_lora_state(components, ckpt.lora_state)
     deltas = {}
@@ -130,37 +131,62 @@ def _lycoris_names(tensors: dict[str, torch.Tensor], unet, family: str) -> dict[
     return out
 
 
-@torch.no_grad()
-def _lycoris_deltas(base: Path, exported: Path, family: str) -> dict[str, torch.Tensor]:
-    """Load the file with lycoris-lora onto the base UNet, check every key was consumed, merge, diff."""
+def _lycoris_network(model: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str):
+    """lycoris-lora's loader on `model` for the modules named `<prefix>_<path>`; returns the network."""
     from lycoris import create_lycoris_from_weights
     from lycoris.wrapper import LycorisNetwork
 
-    tensors, _ = _read(exported)
-    unet = _pipeline(base).unet.float()
-    weights = _lycoris_names(tensors, unet, family)
-    before = {n: m.weight.detach().clone() for n, m in unet.named_modules() if hasattr(m, "weight")}
-    prefix = LycorisNetwork.LORA_PREFIX
-    LycorisNetwork.LORA_PREFIX = "lora_unet"
+    saved = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = prefix
     try:
-        network, _ = create_lycoris_from_weights(1.0, None, unet, weights_sd=dict(weights))
+        network, _ = create_lycoris_from_weights(1.0, None, model, weights_sd=dict(weights))
     finally:
-        LycorisNetwork.LORA_PREFIX = prefix
-    consumed = {f"{m.lora_name}.{k}" for m in network.loras for k in m.custom_state_dict()}
-    assert consumed == set(weights), sorted(set(weights) ^ consumed)[:5]
+        LycorisNetwork.LORA_PREFIX = saved
     for module in network.loras:  # the loader read the file's tensors, not its own initial values
         for key, value in module.custom_state_dict().items():
             assert torch.equal(value.float(), weights[f"{module.lora_name}.{key}"].float()), key
-    network.merge_to(1.0)
-    paths = {f"lora_unet_{n}".replace(".", "_"): n for n in before}
-    return {
-        f"unet.{paths[m.lora_name]}": dict(unet.named_modules())[paths[m.lora_name]].weight
-        - before[paths[m.lora_name]]
-        for m in network.loras
+    return network
+
+
+@torch.no_grad()
+def _lycoris_deltas(base: Path, exported: Path, family: str) -> dict[str, torch.Tensor]:
+    """Load the file with lycoris-lora onto the base UNet (and text encoder), check that every key was
+    consumed, merge, and diff each module's weight."""
+    tensors, _ = _read(exported)
+    pipe = _pipeline(base)
+    unet = pipe.unet.float()
+    text = torch.nn.Module()  # kohya names keep CLIP's `text_model.` level (flattened in transformers 5)
+    text.text_model = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+    parts = {
+        "unet": (unet, "lora_unet"),
+        "text_encoder": (text, "lora_te1" if family == "sdxl" else "lora_te"),
     }
+    weights = _lycoris_names(tensors, unet, family)
+    consumed, out = set(), {}
+    for component, (model, prefix) in parts.items():
+        before = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+        network = _lycoris_network(
+            model, {k: v for k, v in weights.items() if k.startswith(prefix + "_")}, prefix
+        )
+        consumed |= {f"{m.lora_name}.{k}" for m in network.loras for k in m.custom_state_dict()}
+        network.merge_to(1.0)
+        paths = {f"{prefix}_{n}".replace(".", "_"): n for n in before}
+        modules = dict(model.named_modules())
+        for m in network.loras:
+            path = paths[m.lora_name]
+            live = (
+                path.removeprefix("text_model.")
+                if component != "unet" and not hasattr(pipe.text_encoder, "text_model")
+                else path
+            )
+            out[f"{component}.{live}"] = modules[path].weight - before[path]
+    te2 = [k for k in weights if k.startswith("lora_te2_")]
+    assert consumed == set(weights) - set(te2), sorted((set(weights) - set(te2)) ^ consumed)[:5]
+    return out
 
 
 def _assert_same_change(loaded: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> None:
+    trained = {k: v for k, v in trained.items() if not k.startswith("text_encoder_2.")}
     assert set(loaded) == set(trained)
     assert any(d.abs().max() > 1e-6 for d in trained.values())  # the adapter learned something
     for key, delta in trained.items():
@@ -225,6 +251,17 @@ def test_adapter_type_trains_resumes_and_loads_elsewhere(kind, family, request, 
     else:
         loaded = _lycoris_deltas(base, exported, family)
     _assert_same_change(loaded, trained)
+
+
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_text_encoder_adapters_load_in_lycoris(kind, tiny_sd15, tmp_path):
+    data = make_image_dataset(tmp_path / "data", 2)
+    config = _config(tmp_path, tiny_sd15, data, kind, train_text_encoder=True, save_steps=None)
+    job = _train(config)
+    exported = Path(job.resolved.config.output_dir) / "my_style_lora.safetensors"
+    loaded = _lycoris_deltas(tiny_sd15, exported, "sd15")
+    assert any(k.startswith("text_encoder.") for k in loaded)
+    _assert_same_change(loaded, _trained_deltas(tiny_sd15, job.run.latest_checkpoint()))
 
 
 def test_network_args_record_full_target_names(tiny_sd15, tmp_path):
@@ -387,3 +424,67 @@ def test_planner_falls_back_when_an_adapter_trace_fails(tiny_sd15, tmp_path, mon
     assert any("loha step memory" in note for note in fallback.notes)
     assert lora.total_bytes < fallback.total_bytes
     assert fallback.total_bytes == pytest.approx(traced.total_bytes, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kind": "loha", "rank": 4, "alpha": 1.0, "conv_rank": 2, "conv_alpha": 3.0},
+        {"kind": "lokr", "rank": 2, "alpha": 0.5, "factor": 4},
+        {"kind": "lokr", "rank": 64, "alpha": 3.0},  # both Kronecker factors full: the scale is folded in
+        {"kind": "dora", "rank": 4, "alpha": 2.0},
+    ],
+)
+def test_exported_scale_matches_at_any_alpha(tiny_sd15, options):
+    """alpha != rank: the lycoris-lora package's forward pass (which applies alpha / rank once, like ComfyUI and
+    A1111) with the exported tensors gives each module the trained output change."""
+    import torch.nn.functional as F
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    from loratui.models.sd.lora import module_scales, plan_targets
+    from loratui.models.sd.lycoris import to_lycoris_state
+
+    kind, rank, alpha = options.pop("kind"), options.pop("rank"), options.pop("alpha")
+    spec = NetworkSpec(kind, **options)
+    unet = _pipeline(tiny_sd15).unet.float()
+    base = {n: m.weight.detach().clone() for n, m in unet.named_modules() if hasattr(m, "weight")}
+    targets = plan_targets(None, {"unet": unet}, train_text_encoder=False, convs=spec.adapts_convs)
+    plan = LoraPlan(targets, rank, alpha, network=spec)
+    torch.manual_seed(0)
+    params = inject_lora({"unet": unet}, plan)
+    with torch.no_grad():
+        for param in params:
+            param.normal_(0, 0.2)
+    layers = lora_layers(unet)
+    deltas = {}
+    with torch.no_grad():
+        for path, layer in layers.items():
+            layer.merge(adapter_names=["default"])
+            deltas[path] = layer.get_base_layer().weight.detach() - base[path]
+            layer.unmerge()
+    from loratui.models.sd.lora import lora_state
+
+    state = to_lycoris_state(lora_state({"unet": unet}, plan), module_scales({"unet": unet}, plan), "sd15")
+
+    fresh = _pipeline(tiny_sd15).unet.float()
+    prefix = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = "lora_unet"
+    try:
+        network, _ = create_lycoris_from_weights(1.0, None, fresh, weights_sd=dict(state))
+    finally:
+        LycorisNetwork.LORA_PREFIX = prefix
+    assert len(network.loras) == len(layers)
+    modules = dict(fresh.named_modules())
+    originals = {path: (modules[path], modules[path].forward) for path in layers}
+    network.apply_to()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for path, (module, plain_forward) in originals.items():
+            if isinstance(module, torch.nn.Conv2d):
+                x = torch.randn(1, module.in_channels, 6, 6)
+                change = F.conv2d(x, deltas[path], None, module.stride, module.padding)
+            else:
+                x = torch.randn(3, module.in_features)
+                change = F.linear(x, deltas[path])
+            torch.testing.assert_close(module(x) - plain_forward(x), change, atol=1e-5, rtol=1e-4, msg=path)
