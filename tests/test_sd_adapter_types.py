@@ -319,7 +319,7 @@ def test_kohya_network_keys_map_to_typed_keys(tmp_path, text, expected):
         ("network_module: lycoris.kohya\nnetwork_args: [algo=lokr, rank_dropout=0.1]\n", "rank_dropout=0.1"),
         ("network_type: lora\nconv_dim: 4\n", "set network_type: locon"),
         ("network_type: loha\nuse_dora: true\n", "use_dora works with network_type lora or dora"),
-        ("network_type: locon\nfactor: 4\n", "LoKr options"),
+        ("network_type: locon\nfactor: 4\n", "LoKr options; set network_type: lokr"),
         ("network_type: lokr\nnetwork_module: lycoris.kohya\nnetwork_args: [algo=loha]\n", "disagrees"),
     ],
 )

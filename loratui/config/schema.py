@@ -231,11 +231,12 @@ class TrainConfig(BaseModel):
         conv_keys = [k for k in ("conv_rank", "conv_alpha") if getattr(self, k) is not None]
         if conv_keys and kind in ("lora", "dora"):
             raise ValueError(
-                f"{', '.join(conv_keys)} adapt conv layers: set network_type: locon (or loha/lokr)"
+                f"{', '.join(conv_keys)}: conv layers are adapted by locon, loha and lokr only; "
+                "set network_type: locon (or loha/lokr)"
             )
         lokr_keys = [k for k in ("lokr_factor", "decompose_both") if getattr(self, k) != _DEFAULTS[k]]
         if lokr_keys and kind != "lokr":
-            raise ValueError(f"{', '.join(lokr_keys)} are LoKr options: set network_type: lokr")
+            raise ValueError(f"{', '.join(lokr_keys)}: LoKr options; set network_type: lokr")
         if self.use_tucker and kind not in ("loha", "lokr"):
             raise ValueError("use_tucker applies to network_type loha or lokr")
         return self

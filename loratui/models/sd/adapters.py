@@ -101,7 +101,7 @@ def conv_rank_alpha(spec: NetworkSpec, rank: int, alpha: float) -> tuple[int, fl
 def network_args(spec: NetworkSpec, rank: int, alpha: float, targets: list[str]) -> dict[str, str]:
     """`ss_network_args` as the peers write them: strings, `algo` and `conv_dim`/`conv_alpha` for LyCORIS."""
     args: dict[str, str] = {}
-    if spec.kind != "lora" and spec.kind != "locon":
+    if spec.kind not in ("lora", "locon"):
         args["algo"] = "lora" if spec.kind == "dora" else spec.kind
     if spec.adapts_convs:
         conv_rank, conv_alpha = conv_rank_alpha(spec, rank, alpha)

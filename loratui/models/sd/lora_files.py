@@ -149,11 +149,6 @@ def kohya_info_from_meta(meta: dict[str, Any]) -> KohyaInfo:
     return KohyaInfo(**{k: v for k, v in (meta.get("kohya") or {}).items() if k in known})
 
 
-def checkpoint_modules(lora_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[LoraModule]:
-    """LoRA modules of a checkpoint, with the kohya alpha saved in its meta.json."""
-    return modules_from_peft(lora_state, float(meta["kohya_alpha"]))
-
-
 def checkpoint_scales(lora_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, float]:
     """`<component>.<path>` -> adapter scale: recorded per module, or one kohya alpha (older checkpoints)."""
     if "module_scales" in meta:
