@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from sd_helpers import make_image_dataset, make_job, seed_like_config
+from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
 
 from loratui.config import load_config
 from loratui.config.errors import ConfigError
@@ -206,14 +206,12 @@ def test_adapter_type_trains_resumes_and_loads_elsewhere(kind, family, request, 
     data = make_image_dataset(tmp_path / "data", 4)
     job = _train(_config(tmp_path / "a", base, data, kind))
 
-    # resume: stop after the first step, continue from its checkpoint, same tensors as the straight run
-    config = _config(tmp_path / "b", base, data, kind)
-    first = make_job(config)
-    assert train(first, stop_after_step=1) == "stopped"
-    second = make_job(config, resume_from=first.run.latest_checkpoint(), run=first.run)
-    assert train(second) == "finished"
+    # resume: a new run continues from the first step's checkpoint; same tensors as the straight run
+    first_step = job.run.path / "checkpoints" / "step-1"
+    resumed_job = _train(_config(tmp_path / "b", base, data, kind), resume_from=first_step)
+    assert [e["step"] for e in events_of(resumed_job.run, "step")] == [2]  # only the second step ran
     straight = load_file(str(job.run.latest_checkpoint() / "lora.safetensors"))
-    resumed = load_file(str(first.run.latest_checkpoint() / "lora.safetensors"))
+    resumed = load_file(str(resumed_job.run.latest_checkpoint() / "lora.safetensors"))
     assert set(straight) == set(resumed)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
 
@@ -374,6 +372,7 @@ def test_planner_counts_the_trainable_tensors_of_each_type(tiny_sd15, options):
     assert predicted == sorted(actual.items())
 
 
+@pytest.mark.slow  # bench/bench_adapter_types.py measures the same (all five types, two micro-batch sizes)
 def test_planner_follows_the_cpu_meter_for_each_type(tiny_sd15, tmp_path, monkeypatch):
     """Predicted peak vs the metered peak of the trainer's real step (CPU), per adapter type: within 5 %, and
     the types differ as they should (LoHa and LoKr keep a full-size delta per module, DoRA the weight norm)."""
