@@ -487,3 +487,17 @@ def test_exported_scale_matches_at_any_alpha(tiny_sd15, options):
                 x = torch.randn(3, module.in_features)
                 change = F.linear(x, deltas[path])
             torch.testing.assert_close(module(x) - plain_forward(x), change, atol=1e-5, rtol=1e-4, msg=path)
+
+
+def test_lycoris_files_are_not_converted_to_diffusers(tmp_path):
+    from safetensors.torch import save_file
+
+    from loratui.export.sd_export import convert_lora_file
+    from loratui.models.sd.lora_files import ExportError
+
+    path = tmp_path / "loha.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.hada_w1_a": torch.zeros(4, 2), f"{name}.alpha": torch.tensor(2.0)}, str(path))
+    with pytest.raises(ExportError, match="LyCORIS file"):
+        convert_lora_file(path, fmt="diffusers", out=None, dtype=None, overwrite=False)
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +71,7 @@ def match_targets(paths: list[str], target: str) -> list[str]:
     return [p for p in paths if p == target or needle in f".{p}."]
 
 
-def target_names(
-    requested: list[str] | None, components: dict[str, torch.nn.Module], *, train_text_encoder: bool
-) -> list[str]:
+def target_names(requested: list[str] | None, *, train_text_encoder: bool) -> list[str]:
     """The target names in effect (the requested ones, or each component's defaults), in order."""
     names = list(requested or DEFAULT_UNET_TARGETS)
     if train_text_encoder and not requested:
@@ -132,8 +131,6 @@ def _conv3x3(model: torch.nn.Module, paths: list[str]) -> list[str]:
 
 def peft_config(plan: LoraPlan, paths: list[str], conv3x3: list[str]):
     """The PEFT config of one component for the plan's network type (3x3 convs at conv_rank/conv_alpha)."""
-    import re
-
     spec = plan.network
     conv_rank, conv_alpha = conv_rank_alpha(spec, plan.rank, plan.alpha)
     ranks = {re.escape(p): conv_rank for p in conv3x3} if conv_rank != plan.rank else {}

@@ -148,7 +148,7 @@ def setup_lora(cfg, models: Models, reporter: Reporter) -> tuple[LoraPlan, list[
         dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         network=network,
-        target_names=target_names(cfg.target_modules, components, train_text_encoder=te),
+        target_names=target_names(cfg.target_modules, train_text_encoder=te),
     )
     if cfg.init_lora and network.kind not in ("lora", "locon"):
         raise LoraSetupError(
