@@ -61,6 +61,12 @@ KEY_ALIASES: dict[str, str] = {
     "kto_chosen_weight": "kto_desirable_weight",
     "undesirable_weight": "kto_undesirable_weight",
     "kto_rejected_weight": "kto_undesirable_weight",
+    "network_dim_conv": "conv_rank",
+    "conv_dim": "conv_rank",
+    "factor": "lokr_factor",
+    "lokr_decompose_both": "decompose_both",
+    "algo": "network_type",
+    "adapter_type": "network_type",
 }
 
 # Values normalised before validation, per canonical key (lower-cased lookup).
@@ -98,6 +104,7 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
     "method": {"supervised": "sft"},
     "pref_loss": {"dpo": "sigmoid"},
+    "network_type": {"lycoris": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora", "locon": "locon"},
 }
 
 
@@ -113,3 +120,75 @@ def normalise_value(key: str, value: object) -> object:
         lowered = str(value).strip().lower()
         return table.get(lowered, lowered if isinstance(value, str) else value)
     return value
+
+
+# --- kohya / LyCORIS network keys ---------------------------------------------------------------------------
+
+#: the `network_module` values kohya sd-scripts users write, and the network type each one means by default
+NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
+#: `network_args` keys -> canonical config keys (values are converted by the schema)
+NETWORK_ARG_KEYS = {
+    "conv_dim": "conv_rank",
+    "conv_rank": "conv_rank",
+    "conv_alpha": "conv_alpha",
+    "factor": "lokr_factor",
+    "decompose_both": "decompose_both",
+    "use_tucker": "use_tucker",
+    "use_cp": "use_tucker",
+    "dropout": "lora_dropout",
+    "rs_lora": "use_rslora",
+}
+#: LyCORIS `algo` values -> network_type
+NETWORK_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
+NETWORK_KEYS = ("network_module", "network_args")
+
+
+def parse_network_args(value: object) -> dict[str, str]:
+    """kohya's `network_args` (a list of `key=value` strings, one such string, or a mapping) as a dict."""
+    if isinstance(value, dict):
+        return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    items = value.split() if isinstance(value, str) else list(value or [])
+    out = {}
+    for item in items:
+        key, sep, val = str(item).partition("=")
+        if not sep:
+            raise ValueError(f"network_args entry {item!r} is not key=value (e.g. algo=lokr)")
+        out[key.strip()] = val.strip()
+    return out
+
+
+def expand_network_keys(module: object, args: object) -> dict[str, object]:
+    """Canonical keys for kohya's `network_module` + `network_args`. Raises ValueError naming the entry."""
+    module_name = str(module).strip() if module is not None else None
+    if module_name is not None and module_name not in NETWORK_MODULES:
+        raise ValueError(
+            f"network_module {module_name!r} is not supported; use networks.lora or lycoris.kohya "
+            "(or network_type: lora | locon | loha | lokr | dora)"
+        )
+    parsed = parse_network_args(args)
+    values: dict[str, object] = {}
+    kind = NETWORK_MODULES.get(module_name or "networks.lora", "lora")
+    algo = parsed.pop("algo", None)
+    if algo is not None:
+        if module_name == "networks.lora":
+            raise ValueError("network_args algo= is read by lycoris.kohya: set network_module: lycoris.kohya")
+        if algo.lower() not in NETWORK_ALGOS:
+            raise ValueError(f"network_args algo={algo} is not supported; use lora, locon, loha or lokr")
+        kind = NETWORK_ALGOS[algo.lower()]
+    dora = parsed.pop("dora_wd", None)
+    if dora is not None and dora.lower() in ("true", "1", "yes"):
+        if kind not in ("lora", "locon"):
+            raise ValueError(f"network_args dora_wd=True works with algo=lora only, not {kind}")
+        kind = "dora"
+    for key, val in parsed.items():
+        canon = NETWORK_ARG_KEYS.get(key)
+        if canon is None:
+            raise ValueError(
+                f"network_args {key}={val} is not supported; supported: algo, dora_wd, "
+                + ", ".join(sorted(NETWORK_ARG_KEYS))
+            )
+        values[canon] = val
+    if kind == "lora" and "conv_rank" in values:
+        kind = "locon"  # kohya's networks.lora trains conv layers when conv_dim is given
+    values["network_type"] = kind
+    return values

@@ -14,12 +14,18 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from loratui.config.aliases import KEY_ALIASES, canonical_key, normalise_value
+from loratui.config.aliases import (
+    KEY_ALIASES,
+    NETWORK_KEYS,
+    canonical_key,
+    expand_network_keys,
+    normalise_value,
+)
 from loratui.config.errors import ConfigError, ConfigProblem
 from loratui.config.schema import FIELD_NAMES, PATH_FIELDS, TrainConfig
 from loratui.config.yaml_source import YamlMapping, parse_set_overrides, read_yaml_file, short_repr
 
-KNOWN_KEYS = tuple(FIELD_NAMES) + tuple(KEY_ALIASES)
+KNOWN_KEYS = tuple(FIELD_NAMES) + tuple(KEY_ALIASES) + NETWORK_KEYS
 
 
 @dataclass
@@ -62,9 +68,12 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
     """Map aliases to canonical keys and report unknown or doubled keys."""
     out = Layer(label=label, values={}, lines={}, source=layer.source)
     given_as: dict[str, str] = {}
+    network = {k: layer.values[k] for k in NETWORK_KEYS if k in layer.values}
     for key, value in layer.values.items():
         line = layer.lines.get(key)
         canon = canonical_key(key)
+        if key in NETWORK_KEYS:
+            continue
         if canon not in FIELD_NAMES:
             close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
             suggestion = canonical_key(close[0]) if close else None
@@ -86,7 +95,44 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
         out.values[canon] = normalise_value(canon, value)
         if line:
             out.lines[canon] = line
+    if network:
+        _expand_network(layer, network, given_as, out, problems)
     return out
+
+
+def _expand_network(
+    layer: YamlMapping,
+    network: dict[str, object],
+    given_as: dict[str, str],
+    out: Layer,
+    problems: list[ConfigProblem],
+) -> None:
+    """kohya's `network_module` + `network_args` -> network_type, conv_rank, lokr_factor, ... of this layer."""
+    key = "network_args" if "network_args" in network else "network_module"
+    line = layer.lines.get(key)
+    try:
+        values = expand_network_keys(network.get("network_module"), network.get("network_args"))
+    except ValueError as exc:
+        problems.append(
+            ConfigProblem(key, str(exc), "see docs/sd_training.md, Adapter types", layer.source, line)
+        )
+        return
+    for canon, value in values.items():
+        if canon in given_as:
+            if str(normalise_value(canon, out.values[canon])).lower() != str(value).lower():
+                problems.append(
+                    ConfigProblem(
+                        given_as[canon],
+                        f"`{given_as[canon]}` disagrees with {key} ({canon}={value})",
+                        f"keep only one of `{given_as[canon]}` and the {key} entry",
+                        layer.source,
+                        layer.lines.get(given_as[canon]),
+                    )
+                )
+            continue
+        out.values[canon] = normalise_value(canon, value)
+        if line:
+            out.lines[canon] = line
 
 
 def _expected(error: dict) -> str:
@@ -119,6 +165,11 @@ def _validation_problems(exc: ValidationError, owner: dict[str, Layer]) -> list[
             message = f"got {short_repr(got)}; {error.get('msg', '').replace('Input should be', 'expected')}"
         elif error.get("type") == "value_error":
             message = str(error.get("msg", "")).removeprefix("Value error, ")
+            if not key:  # a check across keys: the message starts with the key to change
+                key = message.split(" ", 1)[0].rstrip(",:")
+                layer = owner.get(key)
+                source = layer.source if layer else source
+                line = layer.lines.get(key) if layer else line
         elif key:
             message = f"{message} (got {short_repr(got)})"
         problems.append(ConfigProblem(key, message, "", source, line))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TaskType = Literal["image-generation", "text-generation"]
 ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
@@ -19,6 +19,7 @@ Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["sft", "dpo", "orpo", "kto"]
 PrefLoss = Literal["sigmoid", "ipo"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 #: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
 MAX_SEED = 2**32 - 1
 
@@ -71,6 +72,26 @@ class TrainConfig(BaseModel):
         None, gt=0, description="SD: text-encoder LR (default: learning_rate)."
     )
     init_lora: str | None = Field(None, description="Start from this existing LoRA (file or adapter folder).")
+    network_type: NetworkType = Field(
+        "lora",
+        description="SD adapter: lora, locon (LoRA on conv layers too), loha, lokr (LyCORIS) or dora.",
+    )
+    use_dora: bool = Field(
+        False, description="SD: DoRA (weight-decomposed LoRA); same as network_type: dora."
+    )
+    conv_rank: int | None = Field(
+        None, ge=1, le=1024, description="SD locon/loha/lokr: rank on 3x3 conv layers (default: lora_rank)."
+    )
+    conv_alpha: float | None = Field(
+        None, gt=0, description="SD locon/loha/lokr: alpha on 3x3 conv layers (default: conv_rank)."
+    )
+    lokr_factor: int = Field(
+        -1, ge=-1, description="SD lokr: Kronecker factor of each dimension; -1 picks the most square split."
+    )
+    decompose_both: bool = Field(False, description="SD lokr: low-rank decompose both Kronecker factors.")
+    use_tucker: bool = Field(
+        False, description="SD loha/lokr: Tucker (effective conv) decomposition of 3x3 convolutions."
+    )
 
     # --- optimisation ---------------------------------------------------------------------------
     batch_size: int = Field(1, ge=1, description="Samples per micro-batch (per device).")
@@ -233,6 +254,34 @@ class TrainConfig(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _network_options_fit(self) -> TrainConfig:
+        """Adapter options that the chosen network type does not read are mistakes, not no-ops."""
+        kind = self.network_type
+        if self.use_dora and kind not in ("lora", "dora"):
+            raise ValueError(f"use_dora works with network_type lora or dora, not {kind}; drop use_dora")
+        if kind in ("loha", "lokr") and self.use_rslora:
+            raise ValueError(f"use_rslora is a LoRA option; network_type {kind} scales by alpha / rank")
+        if kind in ("loha", "lokr") and self.lora_dropout:
+            raise ValueError(f"lora_dropout is not available for network_type {kind}; set lora_dropout: 0")
+        conv_keys = [k for k in ("conv_rank", "conv_alpha") if getattr(self, k) is not None]
+        if conv_keys and kind in ("lora", "dora"):
+            raise ValueError(
+                f"{', '.join(conv_keys)}: conv layers are adapted by locon, loha and lokr only; "
+                "set network_type: locon (or loha/lokr)"
+            )
+        lokr_keys = [k for k in ("lokr_factor", "decompose_both") if getattr(self, k) != _DEFAULTS[k]]
+        if lokr_keys and kind != "lokr":
+            raise ValueError(f"{', '.join(lokr_keys)}: LoKr options; set network_type: lokr")
+        if self.use_tucker and kind not in ("loha", "lokr"):
+            raise ValueError("use_tucker applies to network_type loha or lokr")
+        return self
+
+    @property
+    def adapter_type(self) -> str:
+        """network_type, with use_dora folded in (lora + use_dora = dora)."""
+        return "dora" if self.use_dora else self.network_type
+
     @property
     def effective_alpha(self) -> float:
         """lora_alpha, defaulting to the rank."""
@@ -252,4 +301,5 @@ class TrainConfig(BaseModel):
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(TrainConfig.model_fields)
+_DEFAULTS = {name: field.default for name, field in TrainConfig.model_fields.items()}
 PATH_FIELDS: tuple[str, ...] = ("base_model", "train_data_dir", "metadata_path", "init_lora")

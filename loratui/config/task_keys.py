@@ -68,6 +68,13 @@ IMAGE_ONLY: dict[str, str] = {
     "min_snr_gamma": "Min-SNR weighting applies to the diffusion loss only",
     "noise_offset": "noise offset applies to the diffusion loss only",
     "prediction_type": "the prediction type applies to diffusion models only",
+    "network_type": "LLM runs train PEFT LoRA adapters (LoCon/LoHa/LoKr/DoRA are image adapter types)",
+    "use_dora": "DoRA is available for image runs (LLM runs train PEFT LoRA adapters)",
+    "conv_rank": "an LLM has no convolutions",
+    "conv_alpha": "an LLM has no convolutions",
+    "lokr_factor": "LoKr is an image adapter type",
+    "decompose_both": "LoKr is an image adapter type",
+    "use_tucker": "an LLM has no convolutions",
 }
 
 #: what each task ignores

@@ -66,6 +66,14 @@ def convert_lora_file(
     family = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}.get(
         metadata.get("ss_base_model_version", "")
     ) or family_from_lora_keys(tensors)
+    lycoris = sorted(
+        {k.rsplit(".", 1)[-1] for k in tensors if any(m in k for m in ("hada_", "lokr_", "dora_scale"))}
+    )
+    if lycoris and fmt == "diffusers":
+        raise ExportError(
+            f"{source} is a LyCORIS file ({', '.join(lycoris[:3])} tensors): the diffusers format holds plain LoRA "
+            "only; load the file in ComfyUI or A1111/Forge as it is"
+        )
     if is_kohya_state(tensors):
         if fmt == "kohya":
             raise ExportError(f"{source} is already a kohya file; use --format diffusers to convert it")

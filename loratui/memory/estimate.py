@@ -135,7 +135,16 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
         precision = "qlora16" if sixteen else "qlora32"  # NF4 base; other weights in the compute dtype
     else:
         precision = "amp16" if sixteen else "fp32"
-    return Regime(precision, cfg.gradient_checkpointing, dropout, targets), notes
+    return Regime(precision, cfg.gradient_checkpointing, dropout, targets, _network_key(cfg, kind)), notes
+
+
+def _network_key(cfg: Any, kind: str) -> str:
+    """The SD adapter type and options that shape activation memory (LLM runs train LoRA)."""
+    if kind != "sd" or getattr(cfg, "adapter_type", "lora") == "lora":
+        return "lora"
+    from loratui.models.sd.adapters import spec_from_config, spec_key
+
+    return spec_key(spec_from_config(cfg))
 
 
 def weight_bytes(precision: str) -> int:
@@ -280,6 +289,42 @@ def _sd_weights(summary: ArchSummary, precision: str) -> _SDWeights:
     )
 
 
+def _adapter_fit(planner: Planner, regime: Regime, source: str, what: str, cfg: Any, notes: list[str]):
+    """(fit, extra bytes): the traced fit of the regime's adapter type; when that trace fails (LoHa's backward
+    on the meta device), LoRA's fit plus the full-size weight change each adapted module keeps for backward."""
+    from loratui.memory.tables import get_fit
+
+    if regime.network == "lora":
+        return get_fit(planner.spec, regime, source, what), 0
+    try:
+        return get_fit(planner.spec, regime, source, what), 0
+    except RuntimeError as exc:
+        from loratui.memory.summary import sd_adapter_layers
+        from loratui.models.sd.adapters import spec_from_key, transient_numel
+
+        spec = spec_from_key(regime.network)
+        train_te = what == "text_training"
+        chosen = sd_adapter_layers(
+            planner.summary.components,
+            planner.summary.lora_layers(cfg.target_modules, train_text_encoder=train_te),
+            spec,
+        )
+        names = [n for n in chosen if (n != "unet") == train_te]
+        numel = sum(
+            transient_numel(spec, layer.d_in, layer.d_out, layer.kernel) * layer.count
+            for name in names
+            for layer in chosen[name]
+        )
+        width = (
+            4 if regime.precision == "fp32" else 2
+        )  # the delta as the layer's op saves it (autocast: 16-bit)
+        notes.append(
+            f"{spec.kind} {what} memory: LoRA's traced step plus one full-size weight change per adapted module "
+            f"(the {spec.kind} trace failed here: {str(exc)[:80]})"
+        )
+        return get_fit(planner.spec, replace(regime, network="lora"), source, what), numel * width
+
+
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (`train/sd/setup.py`)."""
     from loratui.memory.tables import get_fit, table_for
@@ -298,14 +343,16 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     vae_on_device = not (on_gpu and cache_latents)
     text_on_device = not (on_gpu and cache_text)
     tokens = (cfg.resolution // int(summary.info.get("vae_factor", 8))) ** 2
-    lora = 4 * summary.lora_params(r, cfg.target_modules, train_text_encoder=train_te)
-    tensors = summary.lora_tensors(cfg.target_modules, train_text_encoder=train_te)
-    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
+    numels = summary.adapter_numels(regime.network, r, cfg.target_modules, train_text_encoder=train_te)
+    lora = 4 * sum(n * c for n, c in numels)
+    state, temporaries = optimizer_bytes(cfg.optimizer, numels, 1, device)
 
-    unet_fit = get_fit(planner.spec, regime, source, "step")
+    unet_fit, extra = _adapter_fit(planner, regime, source, "step", cfg, notes)
     peak, acts = unet_fit.evaluate(b, tokens, r)
+    peak, acts = peak + extra, acts + extra
     if train_te:  # the text encoders' saved activations are held through the UNet pass
-        held, _ = get_fit(planner.spec, regime, source, "text_training").evaluate(b, 77, r)
+        te_fit, te_extra = _adapter_fit(planner, regime, source, "text_training", cfg, notes)
+        held = te_fit.evaluate(b, 77, r)[0] + te_extra
         peak, acts = peak + held, acts + held
     accumulating = cfg.gradient_accumulation_steps > 1
     step, activations, grads_at_peak = step_parts(peak, acts, lora, accumulating)

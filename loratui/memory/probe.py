@@ -380,9 +380,11 @@ def build_sd(configs: dict[str, dict[str, Any]], device: str, precision: str) ->
 def add_sd_lora(
     models: SDModels, regime: Regime, rank: int, *, train_text_encoder: bool
 ) -> list[torch.nn.Parameter]:
-    """LoRA as the SD trainer adds it (`plan_targets` + `inject_lora`)."""
+    """The adapter as the SD trainer adds it (`plan_targets` + `inject_lora`, the regime's network type)."""
+    from loratui.models.sd.adapters import spec_from_key
     from loratui.models.sd.lora import LoraPlan, inject_lora, plan_targets
 
+    network = spec_from_key(regime.network)
     components = models.components()
     if regime.checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -390,9 +392,12 @@ def add_sd_lora(
             for encoder in models.text_encoders:
                 enable_activation_checkpointing(encoder)
     targets = plan_targets(
-        list(regime.targets) if regime.targets else None, components, train_text_encoder=train_text_encoder
+        list(regime.targets) if regime.targets else None,
+        components,
+        train_text_encoder=train_text_encoder,
+        convs=network.adapts_convs,
     )
-    plan = LoraPlan(targets, rank, float(rank), 0.05 if regime.dropout else 0.0)
+    plan = LoraPlan(targets, rank, float(rank), 0.05 if regime.dropout else 0.0, network=network)
     return inject_lora(components, plan)
 
 

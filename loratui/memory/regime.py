@@ -15,10 +15,14 @@ class Regime:
     checkpointing: bool = False
     dropout: bool = False
     targets: tuple[str, ...] | None = None  # None: the trainer's default targets
+    network: str = "lora"  # SD adapter type and its options (`loratui.models.sd.adapters.spec_key`)
 
     def key(self) -> str:
         targets = "default" if self.targets is None else ",".join(self.targets)
-        return f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}"
+        network = "" if self.network == "lora" else f"|net={self.network}"
+        return (
+            f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}{network}"
+        )
 
 
 @dataclass(frozen=True)

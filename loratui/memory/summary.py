@@ -101,6 +101,37 @@ class ArchSummary:
         )
         return rank * sum(per_rank * count for per_rank, count in tensors)
 
+    def adapter_numels(
+        self, network: str, rank: int, target_modules: list[str] | None, *, train_text_encoder: bool = False
+    ) -> list[tuple[int, int]]:
+        """(elements, how many tensors) of an SD adapter's trainable tensors (`network`: `spec_key`), by size.
+
+        Plain LoRA is `lora_tensors` at `rank`; LoCon/LoHa/LoKr add the ResNet convolutions, LoHa has two
+        low-rank pairs, LoKr a Kronecker pair (not linear in the rank), DoRA a magnitude per output channel.
+        """
+        from loratui.models.sd.adapters import adapter_numels, spec_from_key
+
+        if network == "lora":
+            return [
+                (per_rank * rank, count)
+                for per_rank, count in self.lora_tensors(
+                    target_modules, train_text_encoder=train_text_encoder
+                )
+            ]
+        spec = spec_from_key(network)
+        chosen = sd_adapter_layers(
+            self.components, self.lora_layers(target_modules, train_text_encoder=train_text_encoder), spec
+        )
+        sizes: dict[int, int] = {}
+        for layers in chosen.values():
+            for layer in layers:
+                conv3x3 = not layer.linear and layer.kernel > 1
+                for numel in adapter_numels(
+                    spec, layer.d_in, layer.d_out, layer.kernel, rank, conv3x3=conv3x3
+                ):
+                    sizes[numel] = sizes.get(numel, 0) + layer.count
+        return sorted(sizes.items())
+
     def lora_tensors(
         self, target_modules: list[str] | None, *, train_text_encoder: bool = False, lora_dropout: float = 0.0
     ) -> list[tuple]:
@@ -123,6 +154,17 @@ class ArchSummary:
                         sizes[per_rank] = sizes.get(per_rank, 0) + layer.count
             cache[key] = sorted(sizes.items())
         return cache[key]
+
+
+def sd_adapter_layers(components: dict[str, Component], chosen: dict[str, list[Layer]], spec) -> dict:
+    """`chosen` plus, for LoCon/LoHa/LoKr, the UNet's ResNet convolutions (`plan_targets(convs=True)`)."""
+    from loratui.models.sd.adapters import conv_paths
+
+    if not spec.adapts_convs:
+        return chosen
+    unet = {layer.name: layer for layer in components["unet"].layers}
+    names = {layer.name for layer in chosen["unet"]} | set(conv_paths(list(unet)))
+    return {**chosen, "unet": [unet[n] for n in sorted(names)]}
 
 
 def match_sd(paths: list[str], target: str) -> list[str]:

@@ -260,6 +260,7 @@ class KohyaInfo:
     trigger_word: str | None = None
     run: str | None = None
     network_args: dict[str, Any] = field(default_factory=dict)
+    network_module: str = "networks.lora"  # lycoris.kohya for LoHa, LoKr and DoRA
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -282,7 +283,7 @@ def build_metadata(info: KohyaInfo) -> dict[str, str]:
     meta: dict[str, Any] = {
         "ss_v2": str(info.family == "sd2"),
         "ss_base_model_version": BASE_MODEL_VERSION.get(info.family, "sd_v1"),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": info.network_module,
         "ss_network_dim": str(info.rank),
         "ss_network_alpha": _num(info.alpha),
         "ss_network_args": json.dumps(info.network_args),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from loratui.models.sd.adapters import NetworkSpec, conv_paths, conv_rank_alpha, is_adapter_param
 from loratui.models.sd.kohya import (
     LoraModule,
     from_kohya_state,
@@ -37,6 +39,8 @@ class LoraPlan:
     alpha: float = 8.0
     dropout: float = 0.0
     use_rslora: bool = False
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    target_names: list[str] = field(default_factory=list)  # the target names that chose the Linear layers
 
     @property
     def scale(self) -> float:
@@ -67,10 +71,23 @@ def match_targets(paths: list[str], target: str) -> list[str]:
     return [p for p in paths if p == target or needle in f".{p}."]
 
 
+def target_names(requested: list[str] | None, *, train_text_encoder: bool) -> list[str]:
+    """The target names in effect (the requested ones, or each component's defaults), in order."""
+    names = list(requested or DEFAULT_UNET_TARGETS)
+    if train_text_encoder and not requested:
+        names += list(DEFAULT_TE_TARGETS)
+    return names
+
+
 def plan_targets(
-    requested: list[str] | None, components: dict[str, torch.nn.Module], *, train_text_encoder: bool
+    requested: list[str] | None,
+    components: dict[str, torch.nn.Module],
+    *,
+    train_text_encoder: bool,
+    convs: bool = False,
 ) -> dict[str, list[str]]:
-    """Module paths to adapt per component. Unknown targets raise LoraSetupError listing valid choices."""
+    """Module paths to adapt per component (`convs`: also the UNet's ResNet convolutions, for LoCon, LoHa and
+    LoKr). Unknown targets raise LoraSetupError listing valid choices."""
     paths = {name: adaptable_modules(model) for name, model in components.items()}
     unet_requested, te_requested = [], []
     unknown = []
@@ -91,7 +108,10 @@ def plan_targets(
         )
     plan: dict[str, list[str]] = {}
     unet_targets = unet_requested or list(DEFAULT_UNET_TARGETS)
-    plan["unet"] = sorted({p for t in unet_targets for p in match_targets(paths["unet"], t)})
+    chosen = {p for t in unet_targets for p in match_targets(paths["unet"], t)}
+    if convs:
+        chosen |= set(conv_paths(paths["unet"]))
+    plan["unet"] = sorted(chosen)
     if train_text_encoder:
         te_targets = te_requested or list(DEFAULT_TE_TARGETS)
         for name, model_paths in paths.items():
@@ -100,24 +120,60 @@ def plan_targets(
     return plan
 
 
+def _conv3x3(model: torch.nn.Module, paths: list[str]) -> list[str]:
+    modules = dict(model.named_modules())
+    return [
+        p
+        for p in paths
+        if isinstance(modules.get(p), torch.nn.Conv2d) and tuple(modules[p].kernel_size) != (1, 1)
+    ]
+
+
+def peft_config(plan: LoraPlan, paths: list[str], conv3x3: list[str]):
+    """The PEFT config of one component for the plan's network type (3x3 convs at conv_rank/conv_alpha)."""
+    spec = plan.network
+    conv_rank, conv_alpha = conv_rank_alpha(spec, plan.rank, plan.alpha)
+    ranks = {re.escape(p): conv_rank for p in conv3x3} if conv_rank != plan.rank else {}
+    alphas = {re.escape(p): conv_alpha for p in conv3x3} if conv_alpha != plan.alpha or ranks else {}
+    common = {"r": plan.rank, "target_modules": paths, "rank_pattern": ranks, "alpha_pattern": alphas}
+    if spec.kind == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(alpha=plan.alpha, use_effective_conv2d=spec.use_tucker, init_weights=True, **common)
+    if spec.kind == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(
+            alpha=plan.alpha,
+            decompose_both=spec.decompose_both,
+            decompose_factor=spec.factor,
+            use_effective_conv2d=spec.use_tucker,
+            init_weights=True,
+            **common,
+        )
+    from peft import LoraConfig
+
+    return LoraConfig(
+        lora_alpha=plan.alpha,
+        lora_dropout=plan.dropout,
+        init_lora_weights=True,
+        use_rslora=plan.use_rslora,
+        use_dora=spec.kind == "dora",
+        **common,
+    )
+
+
 def inject_lora(components: dict[str, torch.nn.Module], plan: LoraPlan) -> list[torch.nn.Parameter]:
-    """Add LoRA layers (fp32) to each component in the plan; returns the trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Add the plan's adapter layers (fp32) to each component; returns the trainable parameters."""
+    from peft import inject_adapter_in_model
 
     params: list[torch.nn.Parameter] = []
     for name, paths in plan.targets.items():
         model = components[name]
-        config = LoraConfig(
-            r=plan.rank,
-            lora_alpha=plan.alpha,
-            lora_dropout=plan.dropout,
-            target_modules=paths,
-            init_lora_weights=True,
-            use_rslora=plan.use_rslora,
-        )
+        config = peft_config(plan, paths, _conv3x3(model, paths))
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         for param_name, param in model.named_parameters():
-            if ".lora_" in param_name:
+            if is_adapter_param(param_name):
                 param.data = param.data.float()
                 param.requires_grad_(True)
                 params.append(param)
@@ -126,20 +182,30 @@ def inject_lora(components: dict[str, torch.nn.Module], plan: LoraPlan) -> list[
     return params
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Module path -> PEFT LoRA layer, for every adapted module of `model`."""
-    from peft.tuners.lora import LoraLayer
+def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable adapter parameters of one component."""
+    return [p for n, p in model.named_parameters() if is_adapter_param(n)]
 
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Module path -> PEFT adapter layer (LoRA, LoHa or LoKr), for every adapted module of `model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)}
+
+
+def _state_key(component: str, param_name: str) -> str:
+    """`<component>.<path>.lora_A.weight`, `.hada_w1_a`, `.lokr_w1`, `.lora_magnitude_vector.weight`, ..."""
+    return f"{component}." + param_name.replace(f".{ADAPTER}.", ".").removesuffix(f".{ADAPTER}")
 
 
 def lora_state(components: dict[str, torch.nn.Module], plan: LoraPlan) -> dict[str, torch.Tensor]:
-    """`<component>.<path>.lora_A.weight` / `.lora_B.weight` tensors (detached, CPU, fp32)."""
+    """Every adapter tensor by `_state_key` (detached, CPU, fp32)."""
     out = {}
     for name in plan.targets:
-        for path, layer in lora_layers(components[name]).items():
-            out[f"{name}.{path}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
-            out[f"{name}.{path}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        for param_name, param in components[name].named_parameters():
+            if is_adapter_param(param_name):
+                out[_state_key(name, param_name)] = param.detach().float().cpu().clone()
     return out
 
 
@@ -147,12 +213,22 @@ def lora_state(components: dict[str, torch.nn.Module], plan: LoraPlan) -> dict[s
 def load_lora_state(components: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Copy tensors from `lora_state` back into the layers; every layer must be present."""
     for name, model in components.items():
-        for path, layer in lora_layers(model).items():
-            for kind, holder in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                key = f"{name}.{path}.{kind}.weight"
-                if key not in state:
-                    raise KeyError(f"checkpoint has no tensor {key}")
-                holder[ADAPTER].weight.copy_(state[key].to(holder[ADAPTER].weight.dtype))
+        for param_name, param in model.named_parameters():
+            if not is_adapter_param(param_name):
+                continue
+            key = _state_key(name, param_name)
+            if key not in state:
+                raise KeyError(f"checkpoint has no tensor {key} (was it trained with another network_type?)")
+            param.copy_(state[key].to(param.dtype))
+
+
+def module_scales(components: dict[str, torch.nn.Module], plan: LoraPlan) -> dict[str, float]:
+    """`<component>.<path>` -> the adapter's scale (alpha / rank, as PEFT applies it) per adapted module."""
+    out = {}
+    for name in plan.targets:
+        for path, layer in lora_layers(components[name]).items():
+            out[f"{name}.{path}"] = float(layer.scaling[ADAPTER])
+    return out
 
 
 def _is_flattened(model: torch.nn.Module) -> bool:

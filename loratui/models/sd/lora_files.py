@@ -149,9 +149,36 @@ def kohya_info_from_meta(meta: dict[str, Any]) -> KohyaInfo:
     return KohyaInfo(**{k: v for k, v in (meta.get("kohya") or {}).items() if k in known})
 
 
-def checkpoint_modules(lora_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[LoraModule]:
-    """LoRA modules of a checkpoint, with the kohya alpha saved in its meta.json."""
-    return modules_from_peft(lora_state, float(meta["kohya_alpha"]))
+def checkpoint_scales(lora_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, float]:
+    """`<component>.<path>` -> adapter scale: recorded per module, or one kohya alpha (older checkpoints)."""
+    if "module_scales" in meta:
+        return {k: float(v) for k, v in meta["module_scales"].items()}
+    alpha = float(meta["kohya_alpha"])
+    return {
+        key[: -len(".lora_A.weight")]: alpha / tensor.shape[0]
+        for key, tensor in lora_state.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def write_lycoris(
+    path: Path,
+    lora_state: dict[str, torch.Tensor],
+    scales: dict[str, float],
+    info: KohyaInfo,
+    *,
+    layers_per_block: int = 2,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write any adapter type in the LyCORIS/kohya key layout with `ss_*` and ModelSpec metadata."""
+    from safetensors.torch import save
+
+    from loratui.models.sd.lycoris import to_lycoris_state
+    from loratui.util.atomic import atomic_write_bytes
+
+    state = to_lycoris_state(lora_state, scales, info.family, layers_per_block=layers_per_block, dtype=dtype)
+    atomic_write_bytes(Path(path), save(state, metadata=build_metadata(info)))
+    return Path(path)
 
 
 def _default_path(meta: dict[str, Any], fmt: str) -> Path:
@@ -176,21 +203,29 @@ def export_checkpoint(
 
     ckpt = load_checkpoint(Path(checkpoint), training_state=False)
     meta = ckpt.meta
-    modules = checkpoint_modules(ckpt.lora_state, meta)
+    network_type = meta.get("network_type", "lora")
+    if fmt == "diffusers" and network_type not in ("lora", "locon"):
+        raise ExportError(
+            f"the diffusers format holds LoRA only; this checkpoint is {network_type}: export --format kohya "
+            "(the LyCORIS key layout that ComfyUI and A1111/Forge load)"
+        )
     target = _resolve_out(out, meta, fmt)
     check_output(target, meta.get("run"), overwrite=overwrite, resuming=resuming)
     target.parent.mkdir(parents=True, exist_ok=True)
     needed = tensor_bytes(ckpt.lora_state)
     with no_space_guard(target, what="the exported LoRA", needed=needed):
+        scales = checkpoint_scales(ckpt.lora_state, meta)
         if fmt == "diffusers":
+            modules = modules_from_peft(ckpt.lora_state, 1.0)
+            for module in modules:
+                module.alpha = scales[f"{module.component}.{module.path}"] * module.rank
             return write_diffusers(target, modules, dtype=dtype, run=meta.get("run"))
         info = kohya_info_from_meta(meta)
         info.steps, info.epoch = ckpt.step, int(meta.get("epochs_done", info.epoch))
         if finished_at is not None:
             info.finished_at = finished_at
-        return write_kohya(
-            target, modules, info, layers_per_block=int(meta.get("unet_layers_per_block", 2)), dtype=dtype
-        )
+        layers = int(meta.get("unet_layers_per_block", 2))
+        return write_lycoris(target, ckpt.lora_state, scales, info, layers_per_block=layers, dtype=dtype)
 
 
 def _resolve_out(out: Path | None, meta: dict[str, Any], fmt: str) -> Path:

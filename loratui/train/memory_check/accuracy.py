@@ -47,10 +47,12 @@ def _config(
     ckpt: bool,
     rank: int,
     options: dict | None = None,
+    **extra: Any,
 ) -> Any:
     from loratui.config import TrainConfig
 
     common = {
+        **extra,
         "base_model": str(base),
         "train_data_dir": str(data),
         "lora_rank": rank,
@@ -75,13 +77,14 @@ def session_rows(
     rank: int,
     batches: tuple[int, ...] = (4, 2, 1),
     options: dict | None = None,
+    **extra: Any,
 ) -> list[Row]:
-    """Measure and predict each micro-batch size of one trainer session (`options`: more config keys, e.g.
-    `{"load_in_4bit": True, "optimizer": "adamw8bit"}`)."""
+    """Measure and predict each micro-batch size of one trainer session (`options` / `extra`: more config keys,
+    e.g. `{"load_in_4bit": True, "optimizer": "adamw8bit"}`)."""
     from loratui.memory.estimate import estimate_peak
     from loratui.train.memory_check.realstep import llm_real_step, measure_real_peak, sd_real_step
 
-    cfg = _config(kind, family, base, data, size, ckpt, rank, options)
+    cfg = _config(kind, family, base, data, size, ckpt, rank, options, **extra)
     step = llm_real_step(cfg) if kind == "llm" else sd_real_step(cfg, family)
     rows = []
     for batch in batches:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from loratui.models.sd.adapters import network_args
 from loratui.models.sd.kohya import KohyaInfo
-from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state
+from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state, module_scales
 from loratui.models.sd.lora_files import export_checkpoint, usage_string
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.job import WorkerJob
@@ -76,15 +77,9 @@ def kohya_info(
         trigger_word=cfg.trigger_word,
         run=job.run.name,
         # kohya's network args are strings (`--network_args key=value`)
-        network_args={
-            "target_modules": ",".join(sorted({_short_name(p) for ps in plan.targets.values() for p in ps}))
-        },
+        network_module=plan.network.peers_module,
+        network_args=network_args(plan.network, plan.rank, plan.alpha, plan.target_names),
     )
-
-
-def _short_name(path: str) -> str:
-    parts = path.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 @dataclass
@@ -140,6 +135,9 @@ class Checkpointer:
             "output_dir": str(Path(cfg.output_dir).expanduser()),
             "kohya_alpha": self.lora.kohya_alpha,
             "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": self.lora.targets},
+            "network_type": self.lora.network.kind,
+            "network": asdict(self.lora.network),
+            "module_scales": module_scales(self.models.components(), self.lora),
             "unet_layers_per_block": int(self.models.unet.config.layers_per_block),
             "started_at": self.started_at,
             "num_samples": len(self.dataset),
@@ -165,6 +163,12 @@ class Checkpointer:
     def restore(self, checkpoint_path: Path) -> int:
         """Load LoRA, optimizer, scheduler, scaler and RNG states; returns the step to continue from."""
         ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+        saved_type = ckpt.meta.get("network_type", "lora")
+        if saved_type != self.lora.network.kind:
+            raise ValueError(
+                f"{checkpoint_path} was trained with network_type {saved_type}, this run has "
+                f"{self.lora.network.kind}; set network_type: {saved_type} to resume it"
+            )
         try:
             load_lora_state(self.models.components(), ckpt.lora_state)
         except RuntimeError as exc:

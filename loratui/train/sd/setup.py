@@ -13,13 +13,17 @@ from typing import Any
 import torch
 
 from loratui.models.checkpointing import enable_activation_checkpointing
+from loratui.models.sd.adapters import spec_from_config
 from loratui.models.sd.conditioning import TEXT_BATCH, TextConditioner
 from loratui.models.sd.lora import (
     LoraPlan,
+    LoraSetupError,
+    adapter_parameters,
     apply_init_lora,
     inject_lora,
     plan_targets,
     read_init_lora,
+    target_names,
 )
 from loratui.models.sd.lora_files import ExportError, check_output
 from loratui.train.job import WorkerJob
@@ -131,15 +135,25 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models
 
 
 def setup_lora(cfg, models: Models, reporter: Reporter) -> tuple[LoraPlan, list[torch.nn.Parameter]]:
-    """Inject LoRA layers (seeded), optionally starting from `init_lora`."""
+    """Inject the adapter layers of `network_type` (seeded), optionally starting from `init_lora`."""
     components = models.components()
+    network = spec_from_config(cfg)
+    te = cfg.train_text_encoder
     plan = LoraPlan(
-        targets=plan_targets(cfg.target_modules, components, train_text_encoder=cfg.train_text_encoder),
+        targets=plan_targets(
+            cfg.target_modules, components, train_text_encoder=te, convs=network.adapts_convs
+        ),
         rank=cfg.lora_rank,
         alpha=cfg.effective_alpha,
         dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
+        network=network,
+        target_names=target_names(cfg.target_modules, train_text_encoder=te),
     )
+    if cfg.init_lora and network.kind not in ("lora", "locon"):
+        raise LoraSetupError(
+            f"init_lora starts lora or locon runs only, not network_type {network.kind}; leave init_lora out"
+        )
     set_global_seed(cfg.seed)
     params = inject_lora(components, plan)
     if cfg.init_lora:
@@ -164,7 +178,7 @@ def setup_optimizer(cfg, models: Models, plan: LoraPlan, total_steps: int):
     for name, model in models.components().items():
         if name not in plan.targets:
             continue
-        params = [p for n, p in model.named_parameters() if ".lora_" in n]
+        params = adapter_parameters(model)
         lr = cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
         groups.append({"params": params, "lr": lr})
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
