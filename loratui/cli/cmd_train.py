@@ -90,6 +90,12 @@ def train(
         help="An accelerate config file (multi-node: run the same command on every machine, each with its "
         "machine_rank).",
     ),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="With --gpus N: shard the frozen base model, the LoRA and the optimizer state over the GPUs "
+        "(FSDP2), for models that do not fit one GPU (config key fsdp).",
+    ),
 ) -> None:
     """Train a LoRA (image or text) from a YAML config, in a worker process that survives the terminal.
 
@@ -123,6 +129,7 @@ def train(
         "simulate_vram": simulate_vram,
         "oom_cache": False if no_oom_cache else None,
         "runs_dir": str(runs_dir) if runs_dir else None,
+        "fsdp": True if fsdp else None,
     }
     if config is None and resume is None and not base_model:
         typer.echo("error: give --config x.yaml (or --resume latest|RUN)", err=True)
@@ -332,7 +339,12 @@ def _print_dry_run(
         if "error" in prediction:
             out.print(f"memory prediction unavailable: {prediction['error']}", highlight=False, markup=False)
         else:
-            per_gpu = " (per GPU: each process holds the model and batch_size samples)" if processes else ""
+            per_gpu = ""
+            if resolved.config.fsdp:
+                count = processes.processes if processes else 1
+                per_gpu = f" (per GPU with fsdp: 1/{count} of the model, batch_size samples)"
+            elif processes:
+                per_gpu = " (per GPU: each process holds the model and batch_size samples)"
             for number, line in enumerate(dry_run_lines(prediction)):
                 out.print(line + (per_gpu if number == 0 else ""), highlight=False, markup=False)
     if processes is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from loratui.config.aliases import KEY_ALIASES, canonical_key, normalise_value
+from loratui.config.aliases import KEY_ALIASES, UNSUPPORTED_KEYS, canonical_key, normalise_value
 from loratui.config.errors import ConfigError, ConfigProblem
 from loratui.config.schema import FIELD_NAMES, PATH_FIELDS, TrainConfig
 from loratui.config.yaml_source import YamlMapping, parse_set_overrides, read_yaml_file, short_repr
@@ -65,6 +65,9 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
     for key, value in layer.values.items():
         line = layer.lines.get(key)
         canon = canonical_key(key)
+        if canon in UNSUPPORTED_KEYS:
+            problems.append(ConfigProblem(key, *UNSUPPORTED_KEYS[canon], layer.source, line))
+            continue
         if canon not in FIELD_NAMES:
             close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
             suggestion = canonical_key(close[0]) if close else None

@@ -25,6 +25,7 @@ TEXT_ONLY: dict[str, str] = {
     "chat_template": "image runs render no chat",
     "trust_remote_code": "image models are loaded without code from the model folder",
     "chunked_loss": "the chunked loss is computed over an LLM's output head",
+    "fsdp": "FSDP shards an LLM's decoder layers; image runs use data parallelism (--gpus N)",
 }
 
 #: keys only image (SD) runs read -> why a text run ignores them
