@@ -216,8 +216,9 @@ def load_tokenizer(source: BaseSource, *, trust_remote_code: bool = False) -> An
     return tokenizer
 
 
-def quantization_config(compute_dtype: Any) -> Any:
-    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` without CUDA or bitsandbytes."""
+def quantization_config(compute_dtype: Any, quant_storage: Any = None) -> Any:
+    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` without CUDA or bitsandbytes.
+    `quant_storage`: the dtype the packed 4-bit values are stored in (bf16 for FSDP, which shards floats)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -238,6 +239,7 @@ def quantization_config(compute_dtype: Any) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -248,8 +250,10 @@ def load_causal_lm(
     load_in_4bit: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    shard: bool = False,
 ) -> Any:
-    """Load the model (CPU, or the current CUDA device for 4-bit). Raises `ModelLoadError`."""
+    """Load the model (CPU, or the current CUDA device for 4-bit). Raises `ModelLoadError`.
+    `shard` (FSDP): 4-bit weights are packed in the compute dtype and stay on the CPU until sharded."""
     import torch
 
     dtype = dtype or torch.float32
@@ -265,8 +269,8 @@ def load_causal_lm(
     }
     if load_in_4bit:
         compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        kwargs["quantization_config"] = quantization_config(compute)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["quantization_config"] = quantization_config(compute, compute if shard else None)
+        kwargs["device_map"] = {"": "cpu" if shard else torch.cuda.current_device()}
     from transformers import AutoModelForCausalLM
 
     try:
@@ -291,6 +295,7 @@ def load_base(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    shard: bool = False,
 ) -> tuple[Any, Any, BaseSource]:
     """(model, tokenizer, source) for `base_model`; the tokenizer is checked first (it is cheaper)."""
     source = resolve_base(spec, cache_dir=cache_dir)
@@ -301,6 +306,7 @@ def load_base(
         load_in_4bit=load_in_4bit,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        shard=shard,
     )
     return model, tokenizer, source
 

@@ -37,7 +37,8 @@ def setup_lora(cfg: TrainConfig, model: Any) -> Any:
     from loratui.util.seeding import set_global_seed
 
     ckpt_kwargs = {"use_reentrant": False}
-    if cfg.load_in_4bit:
+    # FSDP keeps the non-quantised weights in bf16 (as the 4-bit storage), not cast up to fp32
+    if cfg.load_in_4bit and not getattr(cfg, "fsdp", False):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,

@@ -76,6 +76,7 @@ def setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
         load_in_4bit=cfg.load_in_4bit,
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
+        shard=cfg.fsdp,
     )
     model.config.use_cache = False
     return model, tokenizer, source

@@ -131,7 +131,17 @@ def shard_model(model: Any, device: Any) -> Any:
     for module in shard_groups(model):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    _move_quant_states(model, device)
     return model
+
+
+def _move_quant_states(model: Any, device: Any) -> None:
+    """4-bit layers (bitsandbytes `Linear4bit`) keep their quantisation constants on the module (FSDP turns the
+    weight into a plain shard): they go to the device with the shards."""
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "to"):
+            state.to(device)
 
 
 def is_sharded(model_or_params: Any) -> bool:
