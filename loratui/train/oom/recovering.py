@@ -118,6 +118,11 @@ class RecoveringStep:
         return self.job.resolved.config
 
     @property
+    def sharded(self) -> bool:
+        """FSDP training (`fsdp`, LLM runs): collectives run inside each step (see `_recover`, `_padding`)."""
+        return bool(self.cfg.fsdp) and self.kind == "llm"
+
+    @property
     def optimizer(self) -> Any:
         return self.step_kwargs["optimizer"]
 
@@ -230,7 +235,7 @@ class RecoveringStep:
         from loratui.train.process.distributed import peer_errors, world_size
         from loratui.train.process.oom_dist import agree_max
 
-        if self.cfg.fsdp:  # the other ranks wait inside an all-gather or reduce-scatter of this step
+        if self.sharded:  # the other ranks wait inside an all-gather or reduce-scatter of this step
             self._restart(step, failure, FSDP_RESTART)
         if failure.sticky:  # before freeing: CUDA calls may fail again
             self._restart(step, failure, "a CUDA error that only a new process clears", lower=False)
@@ -359,7 +364,7 @@ class RecoveringStep:
         from loratui.train.process.distributed import is_main
 
         # FSDP: the rank that ran out of memory records the lowered settings for the restarted group
-        if self.job.run is None or not (is_main() or self.cfg.fsdp):
+        if self.job.run is None or not (is_main() or self.sharded):
             return {}
         original_cfg = self.cfg.model_copy(update=self.original)
         return note_settings(
@@ -394,7 +399,7 @@ class RecoveringStep:
         accelerator = self.step_kwargs.get("accelerator")
         if not can_use_8bit(getattr(accelerator, "device", None)):
             out.add("optimizer_8bit")
-        if self.cfg.fsdp:
+        if self.sharded:
             # FSDP: 8-bit state is not sharded with the weights; the chunked loss calls the LM head outside
             # the model's forward, a different number of times on each rank (FSDP_UNAVAILABLE_RUNGS)
             out.update(FSDP_UNAVAILABLE_RUNGS)
@@ -406,7 +411,7 @@ class RecoveringStep:
         from loratui.train.process.distributed import peer_errors
         from loratui.train.process.oom_dist import agree_max
 
-        if not self.cfg.fsdp:
+        if not self.sharded:
             return None
         with peer_errors("the micro-batch agreement"):
             most = agree_max(len(batches))
