@@ -334,3 +334,63 @@ def test_a_4bit_base_with_bf16_storage_shards_and_trains_like_the_unsharded_one(
         assert max(float((grads[n] - wanted[n]).abs().max()) for n in wanted) <= 1e-6
     finally:
         close_own_group()
+
+
+@pytest.mark.slow  # about 2 minutes on 2 CPU cores (two launches); the fast check is the in-process one above
+def test_out_of_memory_in_a_two_process_fsdp_run_restarts_and_resumes_the_shards(
+    tmp_path, tiny_llama, subprocess_env
+) -> None:
+    """Step 3's rows are long: at batch 2 a rank runs out of memory on a simulated card, asks for a restart
+    with the micro-batch rung; the supervisor restarts both processes from step 2's checkpoint (gathered,
+    loaded back into the shards) and the run finishes with the LoRA of one plain process x batch 4."""
+    from loratui.train.llm.trainer import run_training
+    from loratui.train.loop.plan import StepPlan
+
+    seed, long_text, short_text = 3, "the patient has a fever and a cough " * 5, "rest"
+    long_rows = set(StepPlan(16, 4, 1, 3, seed).samples_for_step(2))
+    rows = [{"text": f"{long_text if i in long_rows else short_text} {i}"} for i in range(16)]
+    data = write_jsonl(tmp_path / "data" / "text.jsonl", rows)
+    only_long = write_jsonl(tmp_path / "long" / "text.jsonl", [{"text": long_text}] * 4)
+    common = {"max_steps": 3, "save_steps": 1, "lora_dropout": 0.0, "seed": seed, "max_seq_len": 96}
+
+    def peak(batch: int, accumulation: int) -> int:  # a rank's long step, metered in one FSDP process
+        cfg = make_config(
+            tiny_llama,
+            only_long,
+            tmp_path / f"probe{batch}",
+            batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            simulate_vram="1TiB",
+            fsdp=True,
+            **{**common, "max_steps": 1},
+        )
+        job = make_job(cfg)
+        run_training(job, console=False)
+        return next(e["meter_peak"] for e in read_events(job.run.events_path) if e["type"] == "step")
+
+    whole, split = peak(2, 1), peak(1, 2)
+    assert split < whole
+    cfg = make_config(
+        tiny_llama,
+        data,
+        tmp_path / "two",
+        batch_size=2,
+        fsdp=True,
+        simulate_vram=str((split + whole) // 2),
+        **common,
+    )
+    run = _run_processes(cfg, 2)
+    events = read_events(run.events_path)
+    restarts = [e for e in events if e["type"] == "warning" and e.get("restart")]
+    assert len(restarts) == 1 and restarts[0]["resume_from"].endswith("step-2"), [e["type"] for e in events]
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
+    assert [e["type"] for e in events].count("run_finished") == 1
+    started = [e for e in events if e["type"] == "run_started"]
+    assert [(e["batch_size_per_device"], e["micro_batches_per_step"]) for e in started] == [(2, 1), (1, 2)]
+
+    reference = make_job(make_config(tiny_llama, data, tmp_path / "one", batch_size=4, **common))
+    assert run_training(reference, console=False).state == "finished"
+    assert (
+        _max_diff(_lora(run.checkpoints_dir / "step-3"), _lora(reference.run.checkpoints_dir / "step-3"))
+        <= 1e-5
+    )
