@@ -235,7 +235,7 @@ def test_dry_run_and_recommend_show_per_gpu_figures_with_fsdp(tmp_path, tiny_lla
 
 def test_deepspeed_and_unsupported_fsdp_settings_are_refused_with_what_to_do(tmp_path) -> None:
     from loratui.config import ConfigError, load_config
-    from loratui.train.process.fsdp import FsdpUnavailable, check_fsdp_settings
+    from loratui.train.process.fsdp import FsdpUnavailable, check_fsdp_settings, check_precision
     from loratui.train.process.launcher import LaunchError, processes_from_options
 
     deepspeed = tmp_path / "ds.yaml"
@@ -259,6 +259,9 @@ def test_deepspeed_and_unsupported_fsdp_settings_are_refused_with_what_to_do(tmp
         check_fsdp_settings(TrainConfig(fsdp=True, optimizer="adamw8bit"))
     with pytest.raises(FsdpUnavailable, match="chunked_loss: false"):
         check_fsdp_settings(TrainConfig(fsdp=True, chunked_loss=True))
+    with pytest.raises(FsdpUnavailable, match="mixed_precision: bf16"):
+        check_precision("fp16")
+    check_precision("bf16")
 
 
 # --- in one process: the OOM ladder, 4-bit shards -------------------------------------------------------------
@@ -394,3 +397,45 @@ def test_out_of_memory_in_a_two_process_fsdp_run_restarts_and_resumes_the_shards
         _max_diff(_lora(run.checkpoints_dir / "step-3"), _lora(reference.run.checkpoints_dir / "step-3"))
         <= 1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "mixed_precision": "bf16"
+        },  # the sharded model gets accelerate's autocast forward, as a prepared one
+        {
+            "gradient_checkpointing": True,
+            "val_split": 0.25,
+            "sample_prompts": ["hi"],
+            "sample_every_steps": 1,
+        },
+    ],
+    ids=["bf16", "checkpointing-eval-samples"],
+)
+def test_one_fsdp_process_trains_as_one_plain_process(tmp_path, tiny_llama, settings) -> None:
+    from loratui.train.llm.trainer import run_training
+
+    loras, events = [], []
+    for sharded in (True, False):
+        cfg = _config(
+            tiny_llama,
+            tmp_path,
+            f"fsdp-{sharded}",
+            max_steps=3,
+            save_steps=3,
+            batch_size=2,
+            fsdp=sharded,
+            **settings,
+        )
+        job = make_job(cfg)
+        assert run_training(job, console=False).state == "finished"
+        loras.append(_lora(job.run.checkpoints_dir / "step-3"))
+        events.append(read_events(job.run.events_path))
+    assert _max_diff(*loras) <= 1e-6
+    if "val_split" in settings:
+        fsdp_kinds, plain_kinds = ([e["type"] for e in run] for run in events)
+        assert fsdp_kinds.count("eval") == plain_kinds.count("eval") > 0  # evaluation runs on every rank
+        assert "sample" not in fsdp_kinds and "sample" in plain_kinds
+        assert any("not answered during training with fsdp" in e.get("message", "") for e in events[0])

@@ -37,12 +37,13 @@ def setup_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
     """A fresh `Accelerator` (no accelerate-side accumulation; one per process when several train) and the
     precision in use."""
     from loratui.train.process.distributed import make_accelerator
-    from loratui.train.process.fsdp import check_fsdp_settings, close_own_group
+    from loratui.train.process.fsdp import check_fsdp_settings, check_precision, close_own_group
 
+    precision = resolve_precision(cfg.mixed_precision, pick_device().type)
     if cfg.fsdp:
         check_fsdp_settings(cfg)
+        check_precision(precision)
     close_own_group()  # an earlier FSDP run in this process
-    precision = resolve_precision(cfg.mixed_precision, pick_device().type)
     return make_accelerator(precision, cpu=pick_device().type == "cpu"), precision
 
 
@@ -58,9 +59,10 @@ def setup_sharding(cfg: TrainConfig, model: Any, accelerator: Any) -> Any:
 
 def prepare(accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
     """accelerate's `prepare` (DDP with several processes); an FSDP-sharded model is left as it is."""
-    from loratui.train.process.fsdp import is_sharded
+    from loratui.train.process.fsdp import autocast_forward, is_sharded
 
     if is_sharded(model):
+        autocast_forward(model, accelerator)
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         return model, optimizer, scheduler
     return accelerator.prepare(model, optimizer, scheduler)

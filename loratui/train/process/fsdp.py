@@ -144,6 +144,29 @@ def _move_quant_states(model: Any, device: Any) -> None:
             state.to(device)
 
 
+def autocast_forward(model: Any, accelerator: Any) -> None:
+    """The mixed-precision forward accelerate's `prepare` gives a model it wraps (autocast, fp32 outputs); a
+    sharded model is not passed to `prepare` (it would wrap it in DDP)."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    if not getattr(accelerator, "native_amp", False):
+        return
+    autocast = get_mixed_precision_context_manager(True, accelerator.autocast_handler)
+    forward = autocast(model.forward.__func__)
+    model.forward = MethodType(convert_outputs_to_fp32(forward), model)
+
+
+def check_precision(precision: str) -> None:
+    """FSDP trains in bf16 or fp32: fp16's loss scaling does not handle sharded gradients here."""
+    if precision == "fp16":
+        raise FsdpUnavailable(
+            "fsdp: mixed_precision fp16 is not supported (its gradient scaler does not see sharded "
+            "gradients); use mixed_precision: bf16 (Ampere or newer GPUs) or no"
+        )
+
+
 def is_sharded(model_or_params: Any) -> bool:
     """Whether a model (or a list of parameters) holds FSDP-sharded parameters (DTensors)."""
     from torch.distributed.tensor import DTensor
