@@ -53,6 +53,7 @@ from loratui.train.oom.recovering import RecoveringStep
 from loratui.train.process.batches import batch_info, plan_batch, resume_note
 from loratui.train.process.distributed import checkpoint_on_peer_loss, is_main
 from loratui.train.process.fsdp import full_lora_state
+from loratui.train.process.oom_dist import any_rank
 
 SAMPLE_HINT = "Try samples after training instead (`loratui sample --compare`), or fewer sample_prompts."
 EVAL_HINT = "Evaluation runs at batch_size on one GPU; set val_split: 0 to turn it off."
@@ -242,6 +243,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
                     write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
             save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
+            if sharded:  # every rank takes part in gathering a checkpoint; a save request reaches rank 0 only
+                save_due = any_rank(save_due)
             if (save_due or stopping) and not last_step:
                 stop.checkpoint_now.clear()
                 checkpoints.save(step, epoch)
