@@ -219,6 +219,8 @@ def test_dry_run_and_recommend_show_per_gpu_figures_with_fsdp(tmp_path, tiny_lla
     assert memory["fsdp"] is True and memory["processes"] == 2 and memory["breakdown"]["fsdp_gathered"] > 0
     text = runner.invoke(app, args)
     assert "per GPU, FSDP over 2" in text.output and "1/2 of the model" in text.output, text.output
+    refused = runner.invoke(app, [*args, "--set", "optimizer=adamw8bit"])  # said before anything starts
+    assert refused.exit_code != 0 and "use optimizer: adamw" in refused.output, refused.output
 
     result = runner.invoke(
         app, ["recommend", "--config", str(config), "--vram", "24GB", "--gpus", "2", "--fsdp", "--json"]

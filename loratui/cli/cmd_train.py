@@ -155,6 +155,7 @@ def train(
         resolved = _apply_auto(resolved, vram, card, out=None if json_out else console(), processes=count)
     path_problems = check_paths(resolved)
     ignored = ignored_settings(resolved)
+    _refuse_fsdp_settings(resolved)
 
     if dry_run:
         prediction = _prediction(resolved, vram, card, processes=count)
@@ -180,6 +181,21 @@ def train(
         allow_changed_data=allow_changed_data,
     )
     raise typer.Exit(code)
+
+
+def _refuse_fsdp_settings(resolved) -> None:
+    """Settings FSDP cannot train with, before anything starts (the worker checks them again)."""
+    from loratui.train.process.fsdp import FsdpUnavailable, check_fsdp_settings, check_precision
+
+    cfg = resolved.config
+    if not cfg.fsdp or cfg.task_type != "text-generation":
+        return
+    try:
+        check_fsdp_settings(cfg)
+        check_precision(cfg.mixed_precision)
+    except FsdpUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
 
 
 def _resumed_config(resume: str, runs_dir: Path | None) -> Path:
