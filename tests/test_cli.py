@@ -129,7 +129,7 @@ def test_accelerate_config_is_read_for_the_process_count(tmp_path) -> None:
     assert argv[1:3] == ["-m", "accelerate.commands.launch"] and str(node.resolve()) in argv
     assert argv[-3:] == ["-m", "loratui.train.process.worker", str(tmp_path / "run")]
     (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 2\n")
-    with pytest.raises(LaunchError, match="not supported yet"):
+    with pytest.raises(LaunchError, match="add --fsdp"):
         processes_from_options(None, None, tmp_path / "fsdp.yaml")
     argv, env = launcher_command(tmp_path / "run", processes_from_options("0,2", None, None))
     assert (

@@ -19,6 +19,10 @@ def recommend(
     card: str | None = typer.Option(None, "--card", help='Plan for a known card by name, e.g. "RTX 4060".'),
     preset: str | None = typer.Option(None, "--preset", help="Apply this preset before planning."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Plan per GPU for training on this many GPUs."),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="With --gpus: the model sharded over the GPUs (FSDP); figures are per GPU."
+    ),
 ) -> None:
     """Recommend settings that fit a GPU's memory, keeping your effective batch.
 
@@ -41,19 +45,26 @@ def recommend(
         typer.echo(exc.render(), err=True)
         raise typer.Exit(EXIT_ERRORS) from None
     budget = usable_memory_or_exit(gpu=gpu, vram=vram, card=card)
-    _run(resolved, budget, json_out)
+    if fsdp:
+        from dataclasses import replace
+
+        resolved = replace(resolved, config=resolved.config.model_copy(update={"fsdp": True}))
+    _run(resolved, budget, json_out, gpus)
 
 
-def _run(resolved, budget, json_out: bool) -> None:
+def _run(resolved, budget, json_out: bool, processes: int = 1) -> None:
     from loratui.memory.recommend import explore, no_fit_message, rank_options
 
-    options, planner = explore(resolved, budget.bytes)
+    options, planner = explore(resolved, budget.bytes, processes=processes)
     current = next(o for o in options if not o.changes)
     ranked = rank_options(options, 5)
-    message = None if ranked else no_fit_message(resolved, budget.bytes)
+    message = None if ranked else no_fit_message(resolved, budget.bytes, processes=processes)
     if json_out:
         payload = {
             "target": budget.label,
+            "processes": processes,
+            "fsdp": bool(resolved.config.fsdp),
+            "per_gpu": processes > 1 or bool(resolved.config.fsdp),
             "usable_bytes": budget.bytes,
             "family": resolved.family,
             "architecture": planner.spec.source,
@@ -64,12 +75,12 @@ def _run(resolved, budget, json_out: bool) -> None:
         }
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
-        _print(resolved, budget, current, ranked, message)
+        _print(resolved, budget, current, ranked, message, processes)
     if message:
         raise typer.Exit(EXIT_ERRORS)
 
 
-def _print(resolved, budget, current, ranked, message) -> None:
+def _print(resolved, budget, current, ranked, message, processes: int = 1) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -79,8 +90,12 @@ def _print(resolved, budget, current, ranked, message) -> None:
     out = console()
     est = current.estimate
     verdict = "fits" if current.fits else "does not fit"
+    spread = " per GPU" if processes > 1 or resolved.config.fsdp else ""
+    if resolved.config.fsdp:
+        spread += f" (FSDP over {processes})"
     out.print(
-        f"{resolved.family}: your config needs about {format_bytes(est.total_bytes)} (±{est.error_band:.0%}), "
+        f"{resolved.family}: your config needs about {format_bytes(est.total_bytes)}{spread} "
+        f"(±{est.error_band:.0%}), "
         f"{verdict} in {format_bytes(budget.bytes)} usable on {escape(budget.label)}",
         highlight=False,
     )

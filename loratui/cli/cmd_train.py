@@ -90,6 +90,12 @@ def train(
         help="An accelerate config file (multi-node: run the same command on every machine, each with its "
         "machine_rank).",
     ),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="With --gpus N: shard the frozen base model, the LoRA and the optimizer state over the GPUs "
+        "(FSDP2), for models that do not fit one GPU (config key fsdp).",
+    ),
 ) -> None:
     """Train a LoRA (image or text) from a YAML config, in a worker process that survives the terminal.
 
@@ -123,6 +129,7 @@ def train(
         "simulate_vram": simulate_vram,
         "oom_cache": False if no_oom_cache else None,
         "runs_dir": str(runs_dir) if runs_dir else None,
+        "fsdp": True if fsdp else None,
     }
     if config is None and resume is None and not base_model:
         typer.echo("error: give --config x.yaml (or --resume latest|RUN)", err=True)
@@ -148,6 +155,7 @@ def train(
         resolved = _apply_auto(resolved, vram, card, out=None if json_out else console(), processes=count)
     path_problems = check_paths(resolved)
     ignored = ignored_settings(resolved)
+    _refuse_fsdp_settings(resolved)
 
     if dry_run:
         prediction = _prediction(resolved, vram, card, processes=count)
@@ -173,6 +181,21 @@ def train(
         allow_changed_data=allow_changed_data,
     )
     raise typer.Exit(code)
+
+
+def _refuse_fsdp_settings(resolved) -> None:
+    """Settings FSDP cannot train with, before anything starts (the worker checks them again)."""
+    from loratui.train.process.fsdp import FsdpUnavailable, check_fsdp_settings, check_precision
+
+    cfg = resolved.config
+    if not cfg.fsdp or cfg.task_type != "text-generation":
+        return
+    try:
+        check_fsdp_settings(cfg)
+        check_precision(cfg.mixed_precision)
+    except FsdpUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERRORS) from None
 
 
 def _resumed_config(resume: str, runs_dir: Path | None) -> Path:
@@ -332,7 +355,12 @@ def _print_dry_run(
         if "error" in prediction:
             out.print(f"memory prediction unavailable: {prediction['error']}", highlight=False, markup=False)
         else:
-            per_gpu = " (per GPU: each process holds the model and batch_size samples)" if processes else ""
+            per_gpu = ""
+            if resolved.config.fsdp:
+                count = processes.processes if processes else 1
+                per_gpu = f" (per GPU with fsdp: 1/{count} of the model, batch_size samples)"
+            elif processes:
+                per_gpu = " (per GPU: each process holds the model and batch_size samples)"
             for number, line in enumerate(dry_run_lines(prediction)):
                 out.print(line + (per_gpu if number == 0 else ""), highlight=False, markup=False)
     if processes is not None:

@@ -67,6 +67,21 @@ KEY_ALIASES: dict[str, str] = {
     "lokr_decompose_both": "decompose_both",
     "algo": "network_type",
     "adapter_type": "network_type",
+    "use_fsdp": "fsdp",
+    "fsdp_enabled": "fsdp",
+}
+
+# Keys of other tools that loratui refuses with a reason and what to use instead (never silently dropped).
+UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {
+    "deepspeed": (
+        "DeepSpeed is not supported",
+        "for a model that does not fit one GPU use `fsdp: true` with `loratui train --gpus N` (FSDP shards "
+        "the base, the LoRA and the optimizer state, like ZeRO-3); remove `deepspeed`",
+    ),
+    "fsdp_config": (
+        "FSDP options are not read",
+        "loratui wraps every decoder layer itself; set `fsdp: true` and remove `fsdp_config`",
+    ),
 }
 
 # Values normalised before validation, per canonical key (lower-cased lookup).

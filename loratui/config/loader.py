@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from loratui.config.aliases import (
     KEY_ALIASES,
     NETWORK_KEYS,
+    UNSUPPORTED_KEYS,
     canonical_key,
     expand_network_keys,
     normalise_value,
@@ -73,6 +74,9 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
         line = layer.lines.get(key)
         canon = canonical_key(key)
         if key in NETWORK_KEYS:
+            continue
+        if canon in UNSUPPORTED_KEYS:
+            problems.append(ConfigProblem(key, *UNSUPPORTED_KEYS[canon], layer.source, line))
             continue
         if canon not in FIELD_NAMES:
             close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)

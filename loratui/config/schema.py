@@ -22,6 +22,18 @@ PrefLoss = Literal["sigmoid", "ipo"]
 NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 #: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
 MAX_SEED = 2**32 - 1
+#: words of other tools' `fsdp` setting (transformers' TrainingArguments, axolotl) that mean "shard"
+FSDP_OPTION_WORDS = {
+    "true",
+    "yes",
+    "on",
+    "1",
+    "full_shard",
+    "shard_grad_op",
+    "hybrid_shard",
+    "auto_wrap",
+    "offload",
+}
 
 
 def _number_types(annotation: Any) -> set[type]:
@@ -199,6 +211,11 @@ class TrainConfig(BaseModel):
     chunked_loss: bool = Field(
         False, description="LLM: compute the loss in chunks of tokens (saves logits memory; OOM ladder)."
     )
+    fsdp: bool = Field(
+        False,
+        description="LLM, several GPUs: shard the frozen base, the LoRA and the optimizer state over the "
+        "processes (FSDP2; `--gpus N --fsdp`).",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -209,6 +226,26 @@ class TrainConfig(BaseModel):
             if kinds and bool not in kinds:
                 number = "a whole number" if int in kinds else "a number"
                 raise ValueError(f"expected {number}, not {str(value).lower()}")
+        return value
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_options(cls, value: object) -> object:
+        """Other tools' FSDP settings (`fsdp: "full_shard auto_wrap"`, `fsdp: [full_shard]`) mean FSDP on."""
+        words = value.split() if isinstance(value, str) else value
+        if isinstance(words, list) and all(isinstance(w, str) for w in words):
+            known = {w.strip().lower() for w in words if w.strip()}
+            if known & {"false", "no", "off", "0"} or not known:
+                return False
+            unknown = known - FSDP_OPTION_WORDS
+            if unknown:
+                raise ValueError(
+                    f"unknown FSDP option(s) {sorted(unknown)}; use fsdp: true (loratui shards every decoder "
+                    "layer, the parameters and the optimizer state)"
+                )
+            if "offload" in known:
+                raise ValueError("FSDP CPU offload is not supported; use fsdp: true")
+            return True
         return value
 
     @field_validator("target_modules", mode="before")

@@ -32,6 +32,7 @@ TEXT_ONLY: dict[str, str] = {
     "orpo_lambda": "preference training applies to LLM runs only",
     "kto_desirable_weight": "preference training applies to LLM runs only",
     "kto_undesirable_weight": "preference training applies to LLM runs only",
+    "fsdp": "FSDP shards an LLM's decoder layers; image runs use data parallelism (--gpus N)",
 }
 
 #: keys that only some `method`s of a text run read -> (the methods that read it, why the others ignore it)

@@ -21,6 +21,7 @@ How a prediction is made (called through the modules above):
   device or a CPU.
 - `fit`, `tables`: activation-memory models fitted from traces; shipped tables and the disk cache.
 - `analytic`: the closed-form fallback when an architecture cannot be built.
+- `sharding`: what each GPU holds when FSDP shards the model (`fsdp: true`).
 
 Development only (the product never imports it):
 

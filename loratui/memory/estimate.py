@@ -446,13 +446,34 @@ def estimate_peak(
     """Predicted peak memory of training this config on `device` ("cuda" or "cpu"), with a breakdown.
 
     With `processes` > 1 (data-parallel training) the figure is per process / per GPU: `batch_size` is already
-    per device, and DDP adds its gradient buckets (a copy of the LoRA gradients)."""
+    per device, and DDP adds its gradient buckets (a copy of the LoRA gradients). With `fsdp` (LLMs) the
+    weights, LoRA, gradients and optimizer state are split over the processes (`loratui.memory.sharding`)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
     cfg, family = unpack_config(resolved_or_config, family)
     planner = planner_for(cfg if family is None else _WithFamily(cfg, family), family)
-    estimate = planner.estimate(cfg, device)
+    return per_process(planner, cfg, planner.estimate(cfg, device), processes, device)
+
+
+def per_process(planner: Planner, cfg: Any, estimate: Estimate, processes: int, device: str) -> Estimate:
+    """What each training process holds: FSDP shards (`fsdp`, LLMs), DDP's full copy with `processes` > 1,
+    else the estimate as it is."""
+    if getattr(cfg, "fsdp", False) and planner.spec.kind == "llm":
+        return _with_fsdp(planner, cfg, estimate, processes, device)
     return with_data_parallel(estimate, processes) if processes > 1 else estimate
+
+
+def _with_fsdp(planner: Planner, cfg: Any, estimate: Estimate, processes: int, device: str) -> Estimate:
+    from loratui.memory.analytic import llm_layers
+    from loratui.memory.sharding import largest_group_bytes, sharded_qlora_weights, with_fsdp
+
+    regime, _notes = regime_for(cfg, device, "llm")
+    layers = llm_layers(planner.spec)[0] if planner.summary is None else 1
+    if regime.precision == "qlora" and planner.summary is not None:
+        estimate = sharded_qlora_weights(estimate, planner.summary)
+    weights = estimate.breakdown.get("weights", 0)
+    group = largest_group_bytes(planner.summary, regime.precision, layers, weights)
+    return with_fsdp(estimate, processes, group)
 
 
 def with_data_parallel(estimate: Estimate, processes: int) -> Estimate:

@@ -114,6 +114,7 @@ def dry_run_prediction(
     result: dict[str, Any] = {
         "device": device,
         "processes": processes,
+        "fsdp": bool(getattr(getattr(resolved, "config", resolved), "fsdp", False)),
         "predicted_peak_bytes": estimate.total_bytes,
         "predicted_peak": format_bytes(estimate.total_bytes),
         "low_bytes": estimate.low_bytes,
@@ -144,6 +145,8 @@ def dry_run_lines(prediction: dict[str, Any]) -> list[str]:
     """Plain text lines for `loratui train --dry-run` (no markup)."""
     band = prediction["error_band"]
     per = f", per process x {prediction['processes']}" if prediction.get("processes", 1) > 1 else ""
+    if prediction.get("fsdp"):
+        per = f", per GPU, FSDP over {prediction.get('processes', 1)}"
     lines = [
         f"predicted peak memory ({prediction['device']}{per}): {prediction['predicted_peak']} "
         f"(±{band:.0%}: {format_bytes(prediction['low_bytes'])} - {format_bytes(prediction['high_bytes'])}), "

@@ -212,6 +212,8 @@ class MemoryMeter(TorchDispatchMode):
     # --- bookkeeping --------------------------------------------------------------------------------------
 
     def _track(self, tensor: torch.Tensor, category: str, *, recategorise: bool = False) -> None:
+        if hasattr(tensor, "to_local"):  # an FSDP shard (DTensor): this process holds its local part
+            tensor = tensor.to_local()
         if self.device_type is not None and tensor.device.type != self.device_type:
             return
         try:

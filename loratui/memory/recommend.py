@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from loratui.memory.estimate import Estimate, Planner, planner_for, unpack_config, with_data_parallel
+from loratui.memory.estimate import Estimate, Planner, per_process, planner_for, unpack_config
 from loratui.util.sizes import format_bytes
 
 CHECKPOINT_SLOWDOWN = 1.3  # recomputation costs about a third more compute
@@ -95,8 +95,8 @@ def search_space(
     axes: dict[str, list] = {
         "batch_size": _divisors(effective),
         "gradient_checkpointing": [cfg.gradient_checkpointing, not cfg.gradient_checkpointing],
-        "optimizer": [cfg.optimizer]
-        + (["adamw8bit"] if device == "cuda" and cfg.optimizer != "adamw8bit" else []),
+        "optimizer": [cfg.optimizer]  # FSDP: 8-bit state is not sharded (loratui.train.process.fsdp)
+        + (["adamw8bit"] if device == "cuda" and cfg.optimizer != "adamw8bit" and not cfg.fsdp else []),
         "lora_rank": _ranks(cfg.lora_rank),
         "mixed_precision": [cfg.mixed_precision]
         + (["auto"] if cfg.mixed_precision == "no" and device == "cuda" else []),
@@ -215,9 +215,7 @@ def evaluate(
     planner: Planner, base: Any, changes: dict[str, object], usable: int, device: str, processes: int = 1
 ) -> Option:
     cfg = base.model_copy(update=changes)
-    estimate = planner.estimate(cfg, device)
-    if processes > 1:
-        estimate = with_data_parallel(estimate, processes)
+    estimate = per_process(planner, cfg, planner.estimate(cfg, device), processes, device)
     cost, note = quality(base, changes)
     headroom = usable - estimate.total_bytes
     return Option(changes, cfg, estimate, headroom, relative_speed(base, cfg), note, cost, headroom >= 0)

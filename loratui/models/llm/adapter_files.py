@@ -204,12 +204,14 @@ def save_trained_adapter(
     step: int | None,
     overwrite: bool,
     training: dict[str, Any] | None = None,
+    tensors: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the adapter of a PeftModel being trained (`training`: the settings really used)."""
+    """Write the adapter of a PeftModel being trained (`training`: the settings really used; `tensors`: its
+    LoRA tensors when they were gathered elsewhere, e.g. from FSDP shards)."""
     config = adapter_config_dict(model.peft_config["default"], base_model)
     return write_adapter(
         out,
-        tensors=lora_tensors(model),
+        tensors=tensors if tensors is not None else lora_tensors(model),
         adapter_config=config,
         chat_template=chat_template,
         run_name=run_name,

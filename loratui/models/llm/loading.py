@@ -228,8 +228,9 @@ def qlora_compute_dtype(dtype: Any) -> Any:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def quantization_config(compute_dtype: Any, device_type: str | None = None) -> Any:
-    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` when bitsandbytes cannot run it here."""
+def quantization_config(compute_dtype: Any, device_type: str | None = None, quant_storage: Any = None) -> Any:
+    """NF4 + double quantisation (QLoRA). Raises `ModelLoadError` when bitsandbytes cannot run it here.
+    `quant_storage`: the dtype the packed 4-bit values are stored in (bf16 for FSDP, which shards floats)."""
     import torch
 
     from loratui.models.quant import bitsandbytes_problem, quiet_cpu_kernel_notice
@@ -246,6 +247,7 @@ def quantization_config(compute_dtype: Any, device_type: str | None = None) -> A
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -256,9 +258,11 @@ def load_causal_lm(
     load_in_4bit: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    shard: bool = False,
 ) -> Any:
     """Load the model (on the CPU; 4-bit: on the current CUDA device, or the CPU without one). Raises
-    `ModelLoadError`."""
+    `ModelLoadError`.
+    `shard` (FSDP): 4-bit weights are packed in the compute dtype and stay on the CPU until sharded."""
     import torch
 
     dtype = dtype or torch.float32
@@ -275,8 +279,10 @@ def load_causal_lm(
     if load_in_4bit:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         compute = qlora_compute_dtype(dtype)
-        kwargs["quantization_config"] = quantization_config(compute, device_type)
-        kwargs["device_map"] = {"": torch.cuda.current_device() if device_type == "cuda" else "cpu"}
+        storage = compute if shard else None  # FSDP shards floats: the packed 4-bit values stored as such
+        kwargs["quantization_config"] = quantization_config(compute, device_type, storage)
+        on_gpu = device_type == "cuda" and not shard
+        kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
     from transformers import AutoModelForCausalLM
 
     try:
@@ -301,6 +307,7 @@ def load_base(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    shard: bool = False,
 ) -> tuple[Any, Any, BaseSource]:
     """(model, tokenizer, source) for `base_model`; the tokenizer is checked first (it is cheaper)."""
     source = resolve_base(spec, cache_dir=cache_dir)
@@ -311,6 +318,7 @@ def load_base(
         load_in_4bit=load_in_4bit,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        shard=shard,
     )
     return model, tokenizer, source
 

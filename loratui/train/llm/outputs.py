@@ -21,6 +21,7 @@ from loratui.train.llm.preference_step import preference_settings
 from loratui.train.loop.checkpointing import refuse_nonfinite, rng_state, save_checkpoint
 from loratui.train.loop.reporting import Reporter
 from loratui.train.oom.ladder import settings_of
+from loratui.train.process.fsdp import full_lora_state, full_optimizer_state, is_sharded
 from loratui.util.atomic import atomic_write_text
 
 SAMPLE_TOKENS = 64
@@ -70,8 +71,12 @@ class Checkpointer:
     reporter: Reporter
 
     def save(self, step: int, epoch: int) -> Path:
+        """Every rank calls it (FSDP gathers the LoRA and the optimizer state); rank 0 writes."""
+        sharded = is_sharded(self.model)
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.model, self.optimizer)
+            if sharded
+            else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
         }
@@ -80,7 +85,9 @@ class Checkpointer:
         path = save_checkpoint(
             self.job.run,
             step,
-            lora_state=lora_tensors(self.accelerator.unwrap_model(self.model)),
+            lora_state=full_lora_state(self.model)
+            if sharded
+            else lora_tensors(self.accelerator.unwrap_model(self.model)),
             training_state=state,
             meta={"epoch": epoch, "data_position": step, **self.meta},
             config_yaml=self.job.resolved.to_yaml(),
@@ -103,10 +110,21 @@ def live_settings(cfg: TrainConfig, batch: dict[str, Any] | None = None) -> dict
     }
 
 
-def export_adapter(job: WorkerJob, model: Any, meta: dict[str, Any], step: int, reporter: Reporter) -> Path:
-    """Write the adapter to output_dir (or into the run directory when output_dir belongs to another run)."""
-    refuse_nonfinite(lora_tensors(model), job.run)
+def export_adapter(
+    job: WorkerJob,
+    model: Any,
+    meta: dict[str, Any],
+    step: int,
+    reporter: Reporter,
+    *,
+    tensors: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter to output_dir (or into the run directory when output_dir belongs to another run).
+    `tensors`: the LoRA already gathered (FSDP), else taken from the model."""
+    tensors = tensors if tensors is not None else lora_tensors(model)
+    refuse_nonfinite(tensors, job.run)
     args = {
+        "tensors": tensors,
         "base_model": meta["base_model"],
         "chat_template": meta["chat_template"],
         "run_name": job.run.name,

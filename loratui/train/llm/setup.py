@@ -37,9 +37,35 @@ def setup_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
     """A fresh `Accelerator` (no accelerate-side accumulation; one per process when several train) and the
     precision in use."""
     from loratui.train.process.distributed import make_accelerator
+    from loratui.train.process.fsdp import check_fsdp_settings, check_precision, close_own_group
 
     precision = resolve_precision(cfg.mixed_precision, pick_device().type)
+    if cfg.fsdp:
+        check_fsdp_settings(cfg)
+        check_precision(precision)
+    close_own_group()  # an earlier FSDP run in this process
     return make_accelerator(precision, cpu=pick_device().type == "cpu"), precision
+
+
+def setup_sharding(cfg: TrainConfig, model: Any, accelerator: Any) -> Any:
+    """With `fsdp`: the model (base and LoRA) sharded over the processes, its shards on this process's
+    device (`loratui.train.process.fsdp`); otherwise the model as it is."""
+    if not cfg.fsdp:
+        return model
+    from loratui.train.process.fsdp import shard_model
+
+    return shard_model(model, accelerator.device)
+
+
+def prepare(accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+    """accelerate's `prepare` (DDP with several processes); an FSDP-sharded model is left as it is."""
+    from loratui.train.process.fsdp import autocast_forward, is_sharded
+
+    if is_sharded(model):
+        autocast_forward(model, accelerator)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return model, optimizer, scheduler
+    return accelerator.prepare(model, optimizer, scheduler)
 
 
 def setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
@@ -52,6 +78,7 @@ def setup_base(cfg: TrainConfig, precision: str) -> tuple[Any, Any, Any]:
         load_in_4bit=cfg.load_in_4bit,
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
+        shard=cfg.fsdp,
     )
     model.config.use_cache = False
     return model, tokenizer, source
@@ -130,13 +157,11 @@ def checkpoint_meta(
     }
 
 
-def restore(
-    checkpoint_path: Path, model: Any, optimizer: Any, scheduler: Any, settings: dict[str, Any]
-) -> tuple[int, dict[str, Any]]:
-    """Load LoRA weights and optimizer/scheduler state; returns (step, saved training state for RNG etc.)."""
+def restore_lora(checkpoint_path: Path, model: Any, ckpt: Any = None) -> None:
+    """Load a checkpoint's LoRA weights into the (not yet sharded) model."""
     from peft import set_peft_model_state_dict
 
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = ckpt or load_checkpoint(checkpoint_path)
     try:
         result = set_peft_model_state_dict(model, ckpt.lora_state)
     except RuntimeError as exc:
@@ -156,8 +181,29 @@ def restore(
             f"(e.g. {missing[0]}). The checkpoint adapts {sorted(targets)}; set target_modules: {sorted(targets)} "
             "in the config to resume it"
         )
+
+
+def restore(
+    checkpoint_path: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    settings: dict[str, Any],
+    *,
+    lora_loaded: bool = False,
+) -> tuple[int, dict[str, Any]]:
+    """Load LoRA weights (unless `lora_loaded`: `restore_lora` before sharding) and optimizer/scheduler state;
+    returns (step, saved training state for RNG etc.)."""
+    from loratui.train.process.fsdp import is_sharded, load_optimizer_state
+
+    ckpt = load_checkpoint(checkpoint_path)
+    if not lora_loaded:
+        restore_lora(checkpoint_path, model, ckpt)
     wanted = configured_hyperparameters(optimizer, scheduler)
-    optimizer.load_state_dict(ckpt.training_state["optimizer"])
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, ckpt.training_state["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt.training_state["optimizer"])
     scheduler.load_state_dict(ckpt.training_state["scheduler"])
     state = dict(ckpt.training_state)
     state["hyperparameter_changes"] = apply_configured_hyperparameters(optimizer, scheduler, wanted)

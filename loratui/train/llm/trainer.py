@@ -34,12 +34,15 @@ from loratui.train.llm.preference_step import PreferenceStep, Reference, prefere
 from loratui.train.llm.setup import (
     checkpoint_meta,
     checkpoint_settings,
+    prepare,
     restore,
+    restore_lora,
     setup_accelerator,
     setup_base,
     setup_data,
     setup_optimizer,
     setup_output,
+    setup_sharding,
 )
 from loratui.train.loop.checkpointing import restore_rng_state
 from loratui.train.loop.plan import StepPlan
@@ -50,9 +53,15 @@ from loratui.train.oom.errors import skipped_when_out_of_memory
 from loratui.train.oom.recovering import RecoveringStep
 from loratui.train.process.batches import batch_info, plan_batch, resume_note
 from loratui.train.process.distributed import checkpoint_on_peer_loss, is_main
+from loratui.train.process.fsdp import full_lora_state
+from loratui.train.process.oom_dist import any_rank
 
 SAMPLE_HINT = "Try samples after training instead (`loratui sample --compare`), or fewer sample_prompts."
 EVAL_HINT = "Evaluation runs at batch_size on one GPU; set val_split: 0 to turn it off."
+FSDP_SAMPLES = (
+    "sample_prompts are not answered during training with fsdp (generation would need every process); "
+    "after training: loratui sample --lora ADAPTER --prompt ..."
+)
 
 
 @dataclass
@@ -116,6 +125,10 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     data = setup_data(job, tokenizer, template)
     model = setup_lora(cfg, model, notify=lambda level, text: reporter.event(level, message=text))
     reference = Reference.at_start(cfg, model)  # DPO/KTO: taken before a resume loads later weights
+    sharded = cfg.fsdp  # FSDP: LoRA restored before sharding, gathered for checkpoints and export
+    if sharded and job.resume_from:
+        restore_lora(Path(job.resume_from), model)
+    model = setup_sharding(cfg, model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
@@ -125,8 +138,10 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     settings = checkpoint_settings(cfg, data, precision)
     start, saved_state = 0, None
     if job.resume_from:
-        start, saved_state = restore(Path(job.resume_from), model, optimizer, scheduler, settings)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        start, saved_state = restore(
+            Path(job.resume_from), model, optimizer, scheduler, settings, lora_loaded=sharded
+        )
+    model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
     model.train()
     meta = checkpoint_meta(accelerator, model, source, template, settings, batch, global_batch)
     meta["learning_rate"] = cfg.learning_rate  # really used (a resume applies a changed one)
@@ -151,6 +166,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
         reporter.event(
             "warning", start, message=f"settings differ from the checkpoint: {saved_state['mismatch']}"
         )
+    if sharded and cfg.sample_prompts and cfg.sample_every_steps:
+        reporter.event("warning", start, message=FSDP_SAMPLES)
     note = resume_note(job.resume_from, processes, batch)
     if note:
         reporter.event("warning", start, message=note)
@@ -161,6 +178,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
         resumed_from=start or None,
         chat_template=template_origin,
         trainable_params=sum(p.numel() for p in params),
+        fsdp=sharded,
         **batch,
         **data.stats,
     )
@@ -186,7 +204,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     side_model = model if processes == 1 else accelerator.unwrap_model(model)  # rank 0's eval and samples
 
     def save_now() -> Path | None:  # a lost peer: keep the last completed step (rank 0, local state only)
-        return checkpoints.save(step, epoch) if step != start else None
+        return checkpoints.save(step, epoch) if step != start and not sharded else None  # FSDP: shards only
 
     with checkpoint_on_peer_loss(save_now):
         for step_index, epoch, indices in plan.iter_steps(start):
@@ -214,7 +232,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                 )
                 last_log, tokens_since_log, samples_since_log = now, 0, 0
             stopping = stop.requested and not last_step  # save at once: no eval or samples on the way out
-            if main and not stopping and data.val and (step % plan.steps_per_epoch == 0 or last_step):
+            evaluating = main or sharded  # FSDP: every rank takes part in each forward
+            if evaluating and not stopping and data.val and (step % plan.steps_per_epoch == 0 or last_step):
                 with skipped_when_out_of_memory(reporter, "evaluation", step, EVAL_HINT):
                     with accelerator.autocast():
                         eval_loss = evaluate(
@@ -224,10 +243,13 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                     if reporter.tensorboard is not None:
                         reporter.tensorboard.add_scalar("eval_loss", eval_loss, step)
             sample_due = cfg.sample_prompts and cfg.sample_every_steps
-            if main and sample_due and not stopping and (step % cfg.sample_every_steps == 0 or last_step):
+            sampling = main and sample_due and not sharded and not stopping
+            if sampling and (step % cfg.sample_every_steps == 0 or last_step):
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
                     write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
             save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
+            if sharded:  # every rank takes part in gathering a checkpoint; a save request reaches rank 0 only
+                save_due = any_rank(save_due)
             if (save_due or stopping) and not last_step:
                 stop.checkpoint_now.clear()
                 checkpoints.save(step, epoch)
@@ -238,6 +260,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
 
     checkpoints.save(step, epoch)
     unwrapped = accelerator.unwrap_model(model)
-    adapter = export_adapter(job, unwrapped, meta, step, reporter) if main else None
+    tensors = full_lora_state(unwrapped) if sharded else None  # FSDP: every rank takes part in the gather
+    adapter = export_adapter(job, unwrapped, meta, step, reporter, tensors=tensors) if main else None
     reporter.finished(adapter=str(adapter.resolve()) if adapter else None, **recovering.summary())
     return TrainResult("finished", step, adapter, unwrapped, tokenizer, template, data)

@@ -66,16 +66,20 @@ def optimizer_step(
         del loss
     if before_update is not None:
         before_update()
-    if several:
+    sharded = _sharded(params)  # FSDP: the gradients were reduce-scattered in backward, each rank has a shard
+    if several and not sharded:
         from loratui.train.process.distributed import all_reduce_gradients
 
         all_reduce_gradients(params)
     scaler = getattr(accelerator, "scaler", None)
     # several processes: the loss is each one's own, the gradients (all-reduced) are the same everywhere
-    nonfinite = (not several and not math.isfinite(total)) or not gradients_finite(params)
+    finite = _finite_everywhere(params) if sharded else gradients_finite(params)
+    nonfinite = (not several and not math.isfinite(total)) or not finite
     grad_norm = None
     if max_grad_norm is not None and max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+            norm = norm.full_tensor()
         grad_norm = float(norm) if norm is not None else None
     skipped = nonfinite
     if scaler is not None:
@@ -96,3 +100,14 @@ def gradients_finite(params: Sequence[torch.nn.Parameter]) -> bool:
         return True
     flags = [torch.isfinite(g).all() for g in grads]
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _sharded(params: Sequence[torch.nn.Parameter]) -> bool:
+    """Whether the parameters are FSDP shards (DTensors)."""
+    return bool(params) and hasattr(params[0], "full_tensor")
+
+
+def _finite_everywhere(params: Sequence[torch.nn.Parameter]) -> bool:
+    from loratui.train.process.fsdp import gradients_finite_everywhere
+
+    return gradients_finite_everywhere(params)

@@ -36,13 +36,19 @@ class PlannerJump:
             return None
         simulated = bool(self.memory.budget)
         cfg = self.job.resolved.config
+        from loratui.train.process.distributed import world_size
+
+        processes = world_size() if cfg.fsdp else 1  # FSDP: what one process holds of the sharded model
 
         def fits(settings: dict[str, Any]) -> bool | None:
             try:
                 from loratui.memory.estimate import estimate_peak
 
                 estimate = estimate_peak(
-                    cfg.model_copy(update=settings), family=self.job.resolved.family, device=device
+                    cfg.model_copy(update=settings),
+                    family=self.job.resolved.family,
+                    device=device,
+                    processes=processes,
                 )
             except Exception:
                 self.estimator_ok = False

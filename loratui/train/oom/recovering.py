@@ -60,6 +60,11 @@ from loratui.train.oom.step_memory import (
 )
 
 DEBUG_SAMPLES_ENV = "LORATUI_DEBUG_SAMPLES"
+FSDP_UNAVAILABLE_RUNGS = ("optimizer_8bit", "offload")
+FSDP_RESTART = (
+    "out of memory with fsdp: the other processes wait inside this step's all-gather, so the step cannot be "
+    "retried in this process"
+)
 
 
 class RecoveringStep:
@@ -113,6 +118,11 @@ class RecoveringStep:
         return self.job.resolved.config
 
     @property
+    def sharded(self) -> bool:
+        """FSDP training (`fsdp`, LLM runs): collectives run inside each step (see `_recover`, `_padding`)."""
+        return bool(self.cfg.fsdp) and self.kind == "llm"
+
+    @property
     def optimizer(self) -> Any:
         return self.step_kwargs["optimizer"]
 
@@ -163,9 +173,13 @@ class RecoveringStep:
         local = shard(indices, index, processes)
         weight = float(processes) if local else 0.0  # a rank without samples still joins the all-reduce
         local = local or list(indices[:1])
+        batches = split_micro_batches(local, self.cfg.batch_size)
+        padding = self._padding(batches, local)
         self.ranks.start_attempt()
 
         def recording(batch: Sequence[int]) -> Any:
+            if batch is padding:  # FSDP: a zero-weighted micro-batch that keeps this rank in the collectives
+                return micro_loss(batch) * 0.0
             seen.extend(int(i) for i in batch)
             loss = micro_loss(batch)
             if weight != 1.0:  # the gradients are averaged over ranks (all_reduce_gradients): undo it
@@ -180,7 +194,7 @@ class RecoveringStep:
         try:
             with self.memory.meter if self.memory.meter is not None else contextlib.nullcontext():
                 result = optimizer_step(
-                    split_micro_batches(local, self.cfg.batch_size),
+                    batches,
                     recording,
                     before_update=self.ranks.before_update,
                     **self.step_kwargs,
@@ -221,6 +235,8 @@ class RecoveringStep:
         from loratui.train.process.distributed import peer_errors, world_size
         from loratui.train.process.oom_dist import agree_max
 
+        if self.sharded:  # the other ranks wait inside an all-gather or reduce-scatter of this step
+            self._restart(step, failure, FSDP_RESTART)
         if failure.sticky:  # before freeing: CUDA calls may fail again
             self._restart(step, failure, "a CUDA error that only a new process clears", lower=False)
         if failure.counters_changed:
@@ -347,7 +363,8 @@ class RecoveringStep:
         """Record the live settings in oom.json, where a restarted worker starts from them (rank 0 only)."""
         from loratui.train.process.distributed import is_main
 
-        if self.job.run is None or not is_main():
+        # FSDP: the rank that ran out of memory records the lowered settings for the restarted group
+        if self.job.run is None or not (is_main() or self.sharded):
             return {}
         original_cfg = self.cfg.model_copy(update=self.original)
         return note_settings(
@@ -382,4 +399,22 @@ class RecoveringStep:
         accelerator = self.step_kwargs.get("accelerator")
         if not can_use_8bit(getattr(accelerator, "device", None)):
             out.add("optimizer_8bit")
+        if self.sharded:
+            # FSDP: 8-bit state is not sharded with the weights; the chunked loss calls the LM head outside
+            # the model's forward, a different number of times on each rank (FSDP_UNAVAILABLE_RUNGS)
+            out.update(FSDP_UNAVAILABLE_RUNGS)
         return out
+
+    def _padding(self, batches: list[Any], local: list[int]) -> list[int] | None:
+        """FSDP: every rank runs as many micro-batches as the rank with the most (each forward and backward
+        is a collective); the missing ones are one sample with weight 0 (`recording`). None otherwise."""
+        from loratui.train.process.distributed import peer_errors
+        from loratui.train.process.oom_dist import agree_max
+
+        if not self.sharded:
+            return None
+        with peer_errors("the micro-batch agreement"):
+            most = agree_max(len(batches))
+        padding = list(local[:1])
+        batches.extend([padding] * (most - len(batches)))
+        return padding

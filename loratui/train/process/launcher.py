@@ -117,11 +117,7 @@ def processes_from_options(
         data = read_accelerate_config(accelerate_config)
         kind = str(data.get("distributed_type") or "").upper()
         if any(kind.startswith(bad) for bad in UNSUPPORTED_TYPES):
-            raise LaunchError(
-                f"--accelerate-config {accelerate_config}: distributed_type {kind} is not supported yet; loratui "
-                "trains LoRA with data parallelism (DDP: every process holds the whole LoRA, rank 0 saves it). "
-                "Use distributed_type: MULTI_GPU"
-            )
+            raise LaunchError(unsupported_type_message(accelerate_config, kind))
         spec.accelerate_config = str(accelerate_config.resolve())
         spec.distributed_type = kind or None
         spec.num_machines = int(data.get("num_machines") or 1)
@@ -137,6 +133,26 @@ def processes_from_options(
     if not spec.launcher and not spec.gpus:
         return None
     return spec
+
+
+def unsupported_type_message(path: Path, kind: str) -> str:
+    """Why an accelerate config's distributed_type is refused, and what to use instead."""
+    start = f"--accelerate-config {path}: distributed_type {kind} is not supported"
+    if kind.startswith("FSDP"):
+        return (
+            f"{start} through accelerate's config; loratui shards with FSDP itself: use distributed_type: "
+            "MULTI_GPU and add --fsdp (or fsdp: true in the training config)"
+        )
+    if kind.startswith("DEEPSPEED"):
+        return (
+            f"{start}: loratui does not train with DeepSpeed (ZeRO). For a model that does not fit one GPU use "
+            "distributed_type: MULTI_GPU with --fsdp (FSDP shards the base, the LoRA and the optimizer state "
+            "like ZeRO-3); for data parallelism leave --fsdp out"
+        )
+    return (
+        f"{start}; loratui trains LoRA with data parallelism (DDP: every process holds the whole LoRA, rank 0 "
+        "saves it) or, with --fsdp, sharded. Use distributed_type: MULTI_GPU"
+    )
 
 
 def launcher_command(
