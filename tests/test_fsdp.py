@@ -261,6 +261,8 @@ def test_deepspeed_and_unsupported_fsdp_settings_are_refused_with_what_to_do(tmp
         check_fsdp_settings(TrainConfig(fsdp=True, optimizer="adamw8bit"))
     with pytest.raises(FsdpUnavailable, match="chunked_loss: false"):
         check_fsdp_settings(TrainConfig(fsdp=True, chunked_loss=True))
+    with pytest.raises(FsdpUnavailable, match="method dpo is not supported with FSDP"):
+        check_fsdp_settings(TrainConfig(fsdp=True, method="dpo"))
     with pytest.raises(FsdpUnavailable, match="mixed_precision: bf16"):
         check_precision("fp16")
     check_precision("bf16")
