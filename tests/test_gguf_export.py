@@ -544,7 +544,9 @@ def test_cli_exports_a_run_as_gguf_and_never_replaces_silently(trained_run: Path
     written = trained_run / "exports" / "adapter-f32.gguf"
     assert out.lines[0] == f"adapter: {written}" and "--lora" in out.lines[-1]
     fields, arrays, _ = read(written)
-    assert fields["general.type"] == "adapter" and len(arrays) == 2 * 2 * 4  # q,k,v,o in 2 layers
+    assert (
+        fields["general.type"] == "adapter" and len(arrays) == 2 * 2 * 7
+    )  # A and B of q,k,v,o,gate,up,down (the default targets) in 2 layers
     before = written.read_bytes()
     again = Lines()
     assert run_text_export(trained_run, fmt="gguf", console=again) == 1 and "--overwrite" in again.lines[-1]
