@@ -7,6 +7,9 @@ KEY_ALIASES: dict[str, str] = {
     "network_alpha": "lora_alpha",
     "dropout": "lora_dropout",
     "network_dropout": "lora_dropout",
+    "enable_activation_offloading": "activation_offload",
+    "activation_offloading": "activation_offload",
+    "chunked_cross_entropy": "chunked_loss",
     "rank": "lora_rank",
     "r": "lora_rank",
     "network_dim": "lora_rank",
@@ -80,6 +83,7 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     },
     "model_family": {"sd1": "sd15", "sd1.5": "sd15", "sd21": "sd2", "sd2.1": "sd2", "sd-xl": "sdxl"},
     "lr_scheduler": {"cosine_with_restarts": "cosine"},
+    "lora_dtype": {"float32": "fp32", "bfloat16": "bf16"},
     "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
 }
 

@@ -25,6 +25,8 @@ TEXT_ONLY: dict[str, str] = {
     "chat_template": "image runs render no chat",
     "trust_remote_code": "image models are loaded without code from the model folder",
     "chunked_loss": "the chunked loss is computed over an LLM's output head",
+    "lora_dtype": "image LoRA weights are always kept in fp32",
+    "activation_offload": "activation offload is applied to the LLM trainer's decoder only",
 }
 
 #: keys only image (SD) runs read -> why a text run ignores them

@@ -124,15 +124,29 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
         precision = "amp16" if cfg.mixed_precision == "bf16" else "fp32"
         if precision == "amp16":
             notes.append("bf16 on the CPU is estimated with CUDA's autocast rules")
-    return Regime(precision, cfg.gradient_checkpointing, dropout, targets), notes
+    llm = kind == "llm"
+    chunked = llm and bool(getattr(cfg, "chunked_loss", False))
+    offload = llm and device == "cuda" and bool(getattr(cfg, "activation_offload", False))
+    if llm and device != "cuda" and getattr(cfg, "activation_offload", False):
+        notes.append("activation_offload does nothing on the CPU (activations already are in host memory)")
+    regime = Regime(precision, cfg.gradient_checkpointing, dropout, targets, chunked, offload)
+    return regime, notes
+
+
+def lora_width(cfg: Any) -> int:
+    """Bytes per LoRA weight element (`lora_dtype`, LLMs)."""
+    return 2 if getattr(cfg, "lora_dtype", "fp32") == "bf16" else 4
 
 
 def weight_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device: str) -> tuple[int, int]:
-    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)]."""
+def optimizer_bytes(
+    name: str, tensors: list[tuple[int, int]], rank: int, device: str, width: int = 4
+) -> tuple[int, int]:
+    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)] whose
+    weights take `width` bytes an element (AdamW keeps its moments in the weights' dtype)."""
     numels = [(per_rank * rank, count) for per_rank, count in tensors]
     total = sum(n * c for n, c in numels)
     biggest = max((n for n, _ in numels), default=0)
@@ -142,8 +156,8 @@ def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device
         for n, c in numels:
             state += c * (2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n)
         return state, 0
-    state = 8 * total + (4 * count if device == "cpu" else 0)  # exp_avg + exp_avg_sq (+ CPU step tensors)
-    temporaries = 4 * total if device == "cuda" else 2 * 4 * biggest  # foreach sqrt copy / per-tensor
+    state = 2 * width * total + (4 * count if device == "cpu" else 0)  # exp_avg, exp_avg_sq (+ CPU steps)
+    temporaries = width * total if device == "cuda" else 2 * width * biggest  # foreach sqrt copy / per-tensor
     return state, temporaries
 
 
@@ -192,9 +206,13 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     else:
         weights = model.params * weight_bytes(regime.precision)
     weights += model.buffers * 4
-    lora = 4 * summary.lora_params(r, cfg.target_modules)
-    state, temporaries = optimizer_bytes(cfg.optimizer, summary.lora_tensors(cfg.target_modules), r, device)
+    width = lora_width(cfg)
+    lora = width * summary.lora_params(r, cfg.target_modules)
+    tensors = summary.lora_tensors(cfg.target_modules)
+    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device, width)
     peak, acts = fit.evaluate(b, s, r, layers)
+    if width != 4:  # traced with fp32 LoRA: its gradients at the peak take `width` bytes an element instead
+        peak -= min(4 * summary.lora_params(r, cfg.target_modules), max(peak - acts, 0)) * (4 - width) / 4
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask
     if regime.precision == "qlora":

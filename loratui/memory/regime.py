@@ -13,10 +13,13 @@ class Regime:
     checkpointing: bool = False
     dropout: bool = False
     targets: tuple[str, ...] | None = None  # None: the trainer's default targets
+    chunked_loss: bool = False  # LLM: output head + loss a chunk of tokens at a time
+    offload: bool = False  # LLM: saved activations in host memory until backward (GPU only)
 
     def key(self) -> str:
         targets = "default" if self.targets is None else ",".join(self.targets)
-        return f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}"
+        key = f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}"
+        return key + ("|loss=chunked" if self.chunked_loss else "") + ("|offload=1" if self.offload else "")
 
 
 @dataclass(frozen=True)

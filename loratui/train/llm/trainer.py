@@ -23,10 +23,11 @@ import torch
 
 from loratui.config import TrainConfig
 from loratui.data.fingerprint import input_fingerprints
+from loratui.models.checkpointing import offloaded_activations
 from loratui.models.llm.batches import LLMData, collate
 from loratui.models.llm.chat import choose_template
-from loratui.models.llm.lora import setup_lora
-from loratui.models.llm.loss import chunked_token_loss_sum, token_loss_sum
+from loratui.models.llm.lora import apply_lora_dtype, setup_lora
+from loratui.models.llm.loss import causal_loss_sum
 from loratui.train.job import WorkerJob
 from loratui.train.llm.oom import llm_rung_applier
 from loratui.train.llm.outputs import Checkpointer, evaluate, export_adapter, write_samples
@@ -82,11 +83,13 @@ class LossContext:
 
     def micro_loss(self, indices: list[int], step_indices: list[int]) -> torch.Tensor:
         """Token-loss sum of one micro-batch over the target tokens of the WHOLE optimizer step."""
-        batch = collate([self.data.train[i] for i in indices], self.pad_id).to(self.accelerator.device)
-        if self.cfg.chunked_loss:  # set by the OOM ladder (rung 3) or the config
-            loss_sum = chunked_token_loss_sum(self.model, batch, autocast=self.accelerator.autocast)
-        else:
-            loss_sum = token_loss_sum(self.model, batch)
+        device = self.accelerator.device
+        batch = collate([self.data.train[i] for i in indices], self.pad_id).to(device)
+        # chunked_loss (default; OOM rung 3) and activation_offload (rung 4) are read at every micro-batch
+        with offloaded_activations(device, self.cfg.activation_offload):
+            loss_sum = causal_loss_sum(
+                self.model, batch, chunked=self.cfg.chunked_loss, autocast=self.accelerator.autocast
+            )
         return loss_sum / max(1, self.data.target_tokens(step_indices))
 
 
@@ -113,7 +116,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     model, tokenizer, source = setup_base(cfg, precision)
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
-    model = setup_lora(cfg, model)
+    model = apply_lora_dtype(cfg, setup_lora(cfg, model))
     params = [p for p in model.parameters() if p.requires_grad]
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
