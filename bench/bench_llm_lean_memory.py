@@ -58,11 +58,28 @@ def build_model(dest: Path, shape: dict, tokenizer_from: Path) -> Path:
     return dest
 
 
-def measure(base: Path, seq: int, chunked: bool, **extra) -> dict:
-    """Metered peak of one optimizer step of the real LLM step, and the planner's prediction."""
+def metered_step(step, threads: int):
+    """One optimizer step of `step` under a `MemoryMeter` (weights and optimizer registered), on `threads`."""
+    import torch
+
+    from loratui.memory.meter import MemoryMeter
+
+    meter = MemoryMeter()
+    for module in step.modules:
+        meter.register_model(module)
+    meter.register_optimizer(step.optimizer)
+    meter.reset_peak()
+    torch.set_num_threads(threads)
+    with meter:
+        step.run(None)
+    return meter
+
+
+def measure(base: Path, seq: int, chunked: bool, threads: int = 2, **extra) -> dict:
+    """Metered peak of one optimizer step of the real LLM step, then the planner's prediction."""
     from loratui.config import TrainConfig
     from loratui.memory.estimate import estimate_peak
-    from loratui.train.memory_check.realstep import llm_real_step, measure_real_peak
+    from loratui.train.memory_check.realstep import llm_real_step
 
     cfg = TrainConfig(
         task_type="text-generation",
@@ -77,28 +94,29 @@ def measure(base: Path, seq: int, chunked: bool, **extra) -> dict:
         chunked_loss=chunked,
         **extra,
     )
-    started = time.perf_counter()
-    predicted = estimate_peak(cfg, device="cpu")
-    planned = time.perf_counter() - started
     step = llm_real_step(cfg)
     started = time.perf_counter()
-    meter = measure_real_peak(step, steps=1)
+    meter = metered_step(step, threads)
     seconds = time.perf_counter() - started
-    row = {
+    peak, breakdown = meter.peak_bytes, meter.breakdown("peak")
+    meter.close()
+    del step, meter
+    gc.collect()
+    print(f"chunked_loss={chunked}: metered {peak} bytes in {seconds:.0f}s {breakdown}", flush=True)
+    started = time.perf_counter()
+    predicted = estimate_peak(cfg, device="cpu")
+    return {
         "chunked_loss": chunked,
         **extra,
         "seq": seq,
-        "metered_peak": meter.peak_bytes,
-        "metered_breakdown": meter.breakdown("peak") if hasattr(meter, "breakdown") else None,
+        "metered_peak": peak,
+        "metered_breakdown": breakdown,
         "predicted_peak": predicted.total_bytes,
         "predicted_breakdown": predicted.breakdown,
-        "error": round(predicted.total_bytes / meter.peak_bytes - 1, 4),
+        "error": round(predicted.total_bytes / peak - 1, 4),
         "step_seconds": round(seconds, 1),
-        "planning_seconds": round(planned, 1),
+        "planning_seconds": round(time.perf_counter() - started, 1),
     }
-    del step, meter
-    gc.collect()
-    return row
 
 
 def main() -> int:
@@ -106,6 +124,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", choices=("on", "off"), help="measure one setting only")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the step")
     args = parser.parse_args()
     from loratui.tiny_models import build_tiny_llama
     from loratui.util.sizes import format_bytes
@@ -119,7 +138,7 @@ def main() -> int:
         print(f"built the 1B-shaped model in {time.perf_counter() - started:.0f}s", flush=True)
         settings = [True, False] if args.only is None else [args.only == "on"]
         for chunked in settings:
-            row = measure(base, args.seq, chunked)
+            row = measure(base, args.seq, chunked, args.threads)
             rows.append(row)
             print(
                 f"chunked_loss={chunked}: metered {format_bytes(row['metered_peak'])}, predicted "

@@ -216,7 +216,12 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                 with skipped_when_out_of_memory(reporter, "evaluation", step, EVAL_HINT):
                     with accelerator.autocast():
                         eval_loss = evaluate(
-                            side_model, data, cfg.batch_size, tokenizer.pad_token_id, accelerator.device
+                            side_model,
+                            data,
+                            cfg.batch_size,
+                            tokenizer.pad_token_id,
+                            accelerator.device,
+                            chunked=cfg.chunked_loss,
                         )
                     reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
                     if reporter.tensorboard is not None:
