@@ -201,6 +201,14 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     fit = get_fit(planner.spec, regime, source)
     b, s, r = cfg.batch_size, cfg.max_seq_len, cfg.lora_rank
     layers = int(summary.info.get("layers", 1))
+    peak, acts = fit.evaluate(b, s, r, layers)
+    if (
+        regime.chunked_loss
+    ):  # never above the full-logits step (see docs/memory.md, "LLM options in the trace")
+        full_peak, full_acts = get_fit(planner.spec, replace(regime, chunked_loss=False), source).evaluate(
+            b, s, r, layers
+        )
+        peak, acts = min(peak, full_peak), min(acts, full_acts)
     if regime.precision == "qlora":
         weights = model.quantizable * NF4_BYTES + (model.params - model.quantizable) * 4
     else:
@@ -210,7 +218,6 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     lora = width * summary.lora_params(r, cfg.target_modules)
     tensors = summary.lora_tensors(cfg.target_modules)
     state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device, width)
-    peak, acts = fit.evaluate(b, s, r, layers)
     if width != 4:  # traced with fp32 LoRA: its gradients at the peak take `width` bytes an element instead
         peak -= min(4 * summary.lora_params(r, cfg.target_modules), max(peak - acts, 0)) * (4 - width) / 4
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
