@@ -280,3 +280,29 @@ def test_small_shape_prediction_within_5_percent_of_the_meter_with_chunked_loss(
         llm_real_step(cfg.model_copy(update={"chunked_loss": False})), steps=1
     ).peak_bytes
     assert metered < full
+
+
+@pytest.mark.parametrize(("device", "offload"), [("cuda:0", True), ("cpu", False)])
+def test_a_restarted_worker_gets_activation_offload_only_where_it_trained_on_a_gpu(
+    tmp_path: Path, device: str, offload: bool
+) -> None:
+    from loratui.config import ResolvedConfig
+    from loratui.runs.config_file import read_run_config, write_run_config
+    from loratui.runs.events import EventWriter
+    from loratui.runs.rundir import create_run_dir
+    from loratui.train.process.supervisor import Supervisor
+
+    run = create_run_dir(tmp_path / "runs", "restart")
+    cfg = TrainConfig(
+        task_type="text-generation", model_family="llm", batch_size=1, gradient_checkpointing=True
+    )
+    write_run_config(run.path, ResolvedConfig(cfg, {}, "llm"))
+    events = EventWriter(run.events_path)
+    events.write("run_started", 0, device=device)
+    events.close()
+    assert Supervisor(run)._lower_one_rung(3)
+    lowered = read_run_config(run.path).config
+    assert lowered.activation_offload is offload
+    assert (
+        lowered.max_seq_len < cfg.max_seq_len
+    ) is not offload  # without a GPU the next rung is the quality one
