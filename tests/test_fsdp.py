@@ -259,8 +259,14 @@ def test_deepspeed_and_unsupported_fsdp_settings_are_refused_with_what_to_do(tmp
         TrainConfig(fsdp="full_shard offload")
     with pytest.raises(FsdpUnavailable, match="optimizer: adamw"):
         check_fsdp_settings(TrainConfig(fsdp=True, optimizer="adamw8bit"))
-    with pytest.raises(FsdpUnavailable, match="chunked_loss: false"):
-        check_fsdp_settings(TrainConfig(fsdp=True, chunked_loss=True))
+    # the chunked loss (the default) is accepted: under FSDP the trainer computes the full logits, and the
+    # planner predicts that step
+    check_fsdp_settings(TrainConfig(fsdp=True, chunked_loss=True))
+    from loratui.memory.estimate import regime_for
+
+    llm = {"task_type": "text-generation", "chunked_loss": True}
+    assert regime_for(TrainConfig(fsdp=True, **llm), "cuda", "llm")[0].chunked_loss is False
+    assert regime_for(TrainConfig(**llm), "cuda", "llm")[0].chunked_loss is True
     with pytest.raises(FsdpUnavailable, match="method dpo is not supported with FSDP"):
         check_fsdp_settings(TrainConfig(fsdp=True, method="dpo"))
     with pytest.raises(FsdpUnavailable, match="mixed_precision: bf16"):

@@ -63,7 +63,11 @@ def test_micro_batch_rung_recovers_and_equals_a_run_configured_that_way(
     assert max(_peaks(reference)) < min(_peaks(probe))
     budget = (max(_peaks(reference)) + min(_peaks(probe))) // 2
 
-    job = make_job(make_config(tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget)))
+    job = make_job(
+        make_config(
+            tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget), chunked_loss=False
+        )
+    )
     write_run_config(job.run.path, job.resolved)  # as `loratui train` does before the worker starts
     result = run_training(job, console=False)
 
@@ -127,6 +131,7 @@ def test_budget_too_small_for_anything_fails_naming_the_smallest_option(
         batch_size=4,
         simulate_vram=str(int(weights * 1.08)),
         oom_allow_quality_reduction=False,
+        chunked_loss=False,  # turned off by hand: rung 3 turns it back on
     )
     run, _ = prepare_run(ResolvedConfig(cfg, {}, "llm"), resume=None, overwrite=False)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -193,7 +198,11 @@ def test_quality_rung_cuts_max_seq_len_loudly_after_the_other_rungs(
     assert max(_peaks(short)) < min(_peaks(full))
     budget = (max(_peaks(short)) + min(_peaks(full))) // 2
 
-    job = make_job(make_config(tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget)))
+    job = make_job(
+        make_config(
+            tiny_llama, data, tmp_path / "oom", batch_size=4, simulate_vram=str(budget), chunked_loss=False
+        )
+    )
     write_run_config(job.run.path, job.resolved)  # as `loratui train` does before the worker starts
     result = run_training(job, console=False)
     assert result.state == "finished" and [e["step"] for e in _events(job, "step")] == [1, 2, 3]

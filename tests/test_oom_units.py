@@ -91,6 +91,7 @@ def _llm_settings(**changes) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_checkpointing": False,
         "chunked_loss": False,
+        "activation_offload": False,
         "optimizer": "adamw",
         "max_seq_len": 1024,
     }
@@ -105,14 +106,35 @@ def test_ladder_order_keeps_the_effective_batch_and_ends() -> None:
         names.append(rung.name)
         settings.update(rung.changes)
         seen.append(settings["batch_size"] * settings["gradient_accumulation_steps"])
-    assert names[:5] == ["micro_batch"] * 3 + ["gradient_checkpointing", "offload"]
-    assert set(names[5:]) == {"quality"} and settings["max_seq_len"] == 512  # never below half the start
+    assert names[:6] == ["micro_batch"] * 3 + ["gradient_checkpointing", "offload", "activation_offload"]
+    assert set(names[6:]) == {"quality"} and settings["max_seq_len"] == 512  # never below half the start
     assert set(seen) == {8} and settings["batch_size"] == 1 and settings["chunked_loss"]
+    assert settings["activation_offload"]
     no_quality = OomLadder("llm", _llm_settings(), allow_quality=False, unavailable={"optimizer_8bit"})
     assert all(r.name != "quality" for r in no_quality.remaining(_llm_settings()))
     assert [r.name for r in OomLadder("llm", _llm_settings()).remaining(_llm_settings())][
-        5
+        6
     ] == "optimizer_8bit"
+    # chunked loss on (the default): past checkpointing comes activation offload, where a GPU is there
+    chunked = _llm_settings(
+        chunked_loss=True, gradient_checkpointing=True, batch_size=1, gradient_accumulation_steps=8
+    )
+    ladder = OomLadder("llm", dict(chunked))
+    assert [r.name for r in ladder.remaining(chunked)][:2] == ["activation_offload", "optimizer_8bit"]
+    no_gpu = OomLadder("llm", dict(chunked), unavailable={"optimizer_8bit", "activation_offload"})
+    assert {r.name for r in no_gpu.remaining(chunked)} == {"quality"}
+    sd = OomLadder("sd", {}).remaining(
+        {
+            "batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": True,
+            "cache_latents": True,
+            "cache_text_encoder_outputs": True,
+            "optimizer": "adamw8bit",
+            "resolution": 512,
+        }
+    )
+    assert all(r.name != "activation_offload" for r in sd)
 
 
 def test_ladder_halving_uses_divisors_of_the_effective_batch() -> None:
@@ -280,11 +302,11 @@ def test_exhausted_ladder_names_the_smallest_option(tmp_path: Path) -> None:
     from loratui.train.oom.optimizer_swap import can_use_8bit
 
     eight_bit = ["optimizer_8bit"] if can_use_8bit(torch.device("cpu")) else []  # bitsandbytes >= 0.50
+    # the chunked loss is on by default and activation offload needs a GPU: no rung 3 or 4 here
     assert [e["rung"] for e in events.items if e["type"] == "oom"] == [
         "micro_batch",
         "micro_batch",
         "gradient_checkpointing",
-        "offload",
         *eight_bit,
     ]
     if eight_bit:  # the running AdamW was really swapped for bitsandbytes' 8-bit AdamW on the CPU

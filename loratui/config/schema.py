@@ -15,6 +15,7 @@ TaskType = Literal["image-generation", "text-generation"]
 ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]
+LoraDtype = Literal["fp32", "bf16"]
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["sft", "dpo", "orpo", "kto"]
@@ -209,7 +210,13 @@ class TrainConfig(BaseModel):
         True, description="Start from settings that fitted this model on this GPU before."
     )
     chunked_loss: bool = Field(
-        False, description="LLM: compute the loss in chunks of tokens (saves logits memory; OOM ladder)."
+        True,
+        description="LLM: compute the output head and the loss in chunks of tokens, never the full logits "
+        "(Liger's fused kernel on CUDA when installed).",
+    )
+    lora_dtype: LoraDtype = Field("fp32", description="LLM: dtype of the LoRA weights (fp32 or bf16).")
+    activation_offload: bool = Field(
+        False, description="LLM: keep saved activations in host memory until backward (CUDA; OOM ladder)."
     )
     fsdp: bool = Field(
         False,

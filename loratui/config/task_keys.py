@@ -33,6 +33,8 @@ TEXT_ONLY: dict[str, str] = {
     "kto_desirable_weight": "preference training applies to LLM runs only",
     "kto_undesirable_weight": "preference training applies to LLM runs only",
     "fsdp": "FSDP shards an LLM's decoder layers; image runs use data parallelism (--gpus N)",
+    "lora_dtype": "image LoRA weights are always kept in fp32",
+    "activation_offload": "activation offload is applied to the LLM trainer's decoder only",
 }
 
 #: keys that only some `method`s of a text run read -> (the methods that read it, why the others ignore it)

@@ -41,6 +41,9 @@ def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
 
 
 LLM_BAND = 0.35
+VOCAB_PER_CHUNK = (
+    4096  # logits per target token in one chunk of the chunked loss (models.llm.loss, no torch here)
+)
 SD_BAND = 0.40
 
 
@@ -82,10 +85,17 @@ def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[
     width = 2 if sixteen else 4
     # QLoRA: NF4 decoder; embeddings and lm_head in the compute dtype
     weights = int(params * 0.52 + 2 * vocab * hidden * width) if cfg.load_in_4bit else params * width
-    lora = 4 * layers * r * 8 * hidden  # q, k, v, o: about r * 2h each
+    lora_width = 2 if getattr(cfg, "lora_dtype", "fp32") == "bf16" else 4
+    lora = lora_width * layers * r * 8 * hidden  # q, k, v, o: about r * 2h each
     per_layer = 41 * s * b * hidden * width // 2  # LLaMA-style layer, 16-bit (Korthikanti et al. 2022)
     stored = (2 * s * b * hidden * layers + per_layer) if cfg.gradient_checkpointing else per_layer * layers
-    logits = 12 * b * s * vocab
+    if getattr(cfg, "activation_offload", False) and device == "cuda":
+        stored = per_layer  # saved activations wait in host memory; one layer's come back at a time
+    special = any(model.get(key) for key in ("final_logit_softcapping", "logit_scale"))
+    if getattr(cfg, "chunked_loss", False) and not special:
+        logits = 14 * b * s * min(vocab, VOCAB_PER_CHUNK)  # one chunk: 16-bit and fp32 logits, their gradient
+    else:
+        logits = 12 * b * s * vocab
     return {
         "weights": weights,
         "lora_params": lora,

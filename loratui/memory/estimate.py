@@ -135,7 +135,22 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
         precision = "qlora16" if sixteen else "qlora32"  # NF4 base; other weights in the compute dtype
     else:
         precision = "amp16" if sixteen else "fp32"
-    return Regime(precision, cfg.gradient_checkpointing, dropout, targets, _network_key(cfg, kind)), notes
+    llm = kind == "llm"
+    # under FSDP the trainer computes the full logits (the LM head is gathered only inside the model's forward)
+    chunked = llm and bool(getattr(cfg, "chunked_loss", False)) and not getattr(cfg, "fsdp", False)
+    offload = llm and device == "cuda" and bool(getattr(cfg, "activation_offload", False))
+    if llm and device != "cuda" and getattr(cfg, "activation_offload", False):
+        notes.append("activation_offload does nothing on the CPU (activations already are in host memory)")
+    regime = Regime(
+        precision,
+        cfg.gradient_checkpointing,
+        dropout,
+        targets,
+        network=_network_key(cfg, kind),
+        chunked_loss=chunked,
+        offload=offload,
+    )
+    return regime, notes
 
 
 def _network_key(cfg: Any, kind: str) -> str:
@@ -147,13 +162,21 @@ def _network_key(cfg: Any, kind: str) -> str:
     return spec_key(spec_from_config(cfg))
 
 
+def lora_width(cfg: Any) -> int:
+    """Bytes per LoRA weight element (`lora_dtype`, LLMs)."""
+    return 2 if getattr(cfg, "lora_dtype", "fp32") == "bf16" else 4
+
+
 def weight_bytes(precision: str) -> int:
     """Bytes per frozen 16/32-bit weight (under QLoRA: per weight that is not quantised)."""
     return 4 if precision in ("fp32", "qlora32") else 2
 
 
-def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device: str) -> tuple[int, int]:
-    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)]."""
+def optimizer_bytes(
+    name: str, tensors: list[tuple[int, int]], rank: int, device: str, width: int = 4
+) -> tuple[int, int]:
+    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)] whose
+    weights take `width` bytes an element (AdamW keeps its moments in the weights' dtype)."""
     numels = [(per_rank * rank, count) for per_rank, count in tensors]
     total = sum(n * c for n, c in numels)
     biggest = max((n for n, _ in numels), default=0)
@@ -163,8 +186,8 @@ def optimizer_bytes(name: str, tensors: list[tuple[int, int]], rank: int, device
         for n, c in numels:
             state += c * (2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n)
         return state, 0
-    state = 8 * total + (4 * count if device == "cpu" else 0)  # exp_avg + exp_avg_sq (+ CPU step tensors)
-    temporaries = 4 * total if device == "cuda" else 2 * 4 * biggest  # foreach sqrt copy / per-tensor
+    state = 2 * width * total + (4 * count if device == "cpu" else 0)  # exp_avg, exp_avg_sq (+ CPU steps)
+    temporaries = width * total if device == "cuda" else 2 * width * biggest  # foreach sqrt copy / per-tensor
     return state, temporaries
 
 
@@ -215,6 +238,14 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     layers = int(summary.info.get("layers", 1))
     if method_note(cfg):
         notes = [*notes, method_note(cfg)]
+    peak, acts = fit.evaluate(b, s, r, layers)
+    if (
+        regime.chunked_loss
+    ):  # never above the full-logits step (see docs/memory.md, "LLM options in the trace")
+        full_peak, full_acts = get_fit(planner.spec, replace(regime, chunked_loss=False), source).evaluate(
+            b, s, r, layers
+        )
+        peak, acts = min(peak, full_peak), min(acts, full_acts)
     width = weight_bytes(regime.precision)
     if regime.precision.startswith(
         "qlora"
@@ -223,10 +254,15 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     else:
         weights = model.params * width
     weights += model.buffers * 4
-    lora = 4 * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    lora_bytes = lora_width(cfg)
+    lora = lora_bytes * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
     tensors = summary.lora_tensors(cfg.target_modules, lora_dropout=cfg.lora_dropout)
-    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device)
-    peak, acts = fit.evaluate(b, s, r, layers)
+    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device, lora_bytes)
+    if (
+        lora_bytes != 4
+    ):  # traced with fp32 LoRA: its gradients at the peak take `lora_bytes` an element instead
+        fp32_lora = 4 * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
+        peak -= min(fp32_lora, max(peak - acts, 0)) * (4 - lora_bytes) / 4
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask
     step, activations, grads_at_peak = step_parts(peak, acts, lora, cfg.gradient_accumulation_steps > 1)

@@ -240,12 +240,58 @@ def _meta_autocast() -> Iterator[None]:
         torch.autocast = real  # type: ignore[misc]
 
 
+def _meta_batch(batch: int, seq: int) -> Any:
+    from loratui.models.llm.batches import Batch
+
+    ids = torch.empty((batch, seq), dtype=torch.long, device="meta")
+    labels = torch.empty((batch, seq), dtype=torch.long, device="meta")
+    return Batch(ids, labels, None, None, batch * (seq - 1), batch * seq)
+
+
+def _cpu_batch(batch: int, seq: int, vocab: int) -> Any:
+    from loratui.models.llm.batches import Unit, collate
+
+    ids = torch.randint(3, vocab, (batch, seq)).tolist()
+    return collate([Unit(row, [-100] + row[1:], seq - 1) for row in ids], 0)
+
+
+@contextlib.contextmanager
+def _emulated_offload(enabled: bool) -> Iterator[None]:
+    """Activation offload as device memory sees it (`loratui.models.checkpointing.offloaded_activations`): a
+    saved tensor worth offloading leaves the device until backward asks for it, then comes back as a new
+    tensor. The trace keeps only its shape; the re-created tensor is zeros (memory, not values, is measured)."""
+    from loratui.models.checkpointing import worth_offloading
+
+    if not enabled:
+        yield
+        return
+
+    def pack(tensor: torch.Tensor) -> Any:
+        if not worth_offloading(tensor):
+            return tensor
+        return (tuple(tensor.shape), tensor.dtype, tensor.device)  # the host copy is contiguous too
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        shape, dtype, device = packed
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def _llm_loss(
     model: torch.nn.Module, batch: int, seq: int, vocab: int, device: str, mode, regime
 ) -> torch.Tensor:
     """The LLM trainer's token loss for full rows whose every token after the first is a target."""
-    from loratui.models.llm.loss import token_loss_sum
+    from loratui.models.llm.loss import causal_loss_sum, token_loss_sum
 
+    if regime.chunked_loss:  # the trainer's own selection (full logits where the model needs them)
+        data = _meta_batch(batch, seq) if device == "meta" else _cpu_batch(batch, seq, vocab)
+        return causal_loss_sum(
+            model, data, chunked=True, autocast=lambda: _forward_autocast(mode, regime.precision)
+        )
     if device != "meta":
         from loratui.models.llm.batches import Unit, collate
 
@@ -306,7 +352,8 @@ def trace_llm(
             masks = _meta_masks() if device == "meta" else contextlib.nullcontext()
             autocast = _meta_autocast() if device == "meta" else contextlib.nullcontext()
             with masks, autocast, _enter(mode, regime.precision, device), meter:
-                loss = _llm_loss(model, point.batch, point.tokens, vocab, device, mode, regime)
+                with _emulated_offload(regime.offload):
+                    loss = _llm_loss(model, point.batch, point.tokens, vocab, device, mode, regime)
                 # checkpoint recomputation runs under autocast
                 mode.autocast_active = not full_precision(regime.precision)
                 backward_start = len(meter.timeline or [])

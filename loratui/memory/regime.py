@@ -16,13 +16,14 @@ class Regime:
     dropout: bool = False
     targets: tuple[str, ...] | None = None  # None: the trainer's default targets
     network: str = "lora"  # SD adapter type and its options (`loratui.models.sd.adapters.spec_key`)
+    chunked_loss: bool = False  # LLM: output head + loss a chunk of tokens at a time
+    offload: bool = False  # LLM: saved activations in host memory until backward (GPU only)
 
     def key(self) -> str:
         targets = "default" if self.targets is None else ",".join(self.targets)
         network = "" if self.network == "lora" else f"|net={self.network}"
-        return (
-            f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}{network}"
-        )
+        key = f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}{network}"
+        return key + ("|loss=chunked" if self.chunked_loss else "") + ("|offload=1" if self.offload else "")
 
 
 @dataclass(frozen=True)

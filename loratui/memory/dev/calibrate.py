@@ -47,14 +47,14 @@ def regimes(kind: str) -> list[Regime]:
     # an LLM's default targets are estimated as all-linear (the same layers, `memory.estimate.regime_for`)
     targets = (("all-linear",),)
     return [
-        Regime(p, c, d, t)
-        for p, c, d, t in product(
-            ("amp16", "qlora16", "qlora32", "fp32"), (False, True), (False, True), targets
+        Regime(p, c, d, t, chunked_loss=chunked)
+        for p, c, d, t, chunked in product(
+            ("amp16", "qlora16", "qlora32", "fp32"), (False, True), (False, True), targets, (False, True)
         )
     ]
 
 
-def build_table(name: str, log=print) -> dict:
+def build_table(name: str, log=print, keep: dict | None = None) -> dict:
     from loratui.memory.summary import build_summary
     from loratui.models.sd.loading import quiet_libraries
 
@@ -64,6 +64,9 @@ def build_table(name: str, log=print) -> dict:
     fits = {}
     with quiet_libraries():
         for regime in regimes(spec.kind):
+            if keep and fit_key(spec, regime, "meta", "step") in keep.get("fits", {}):
+                fits.update({k: v for k, v in keep["fits"].items() if f"|{regime.key()}|" in k})
+                continue
             if spec.kind == "llm":
                 fits[fit_key(spec, regime, "meta", "step")] = calibrate_llm(spec, regime, "meta").to_dict()
             else:
@@ -95,11 +98,15 @@ def build_table(name: str, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=[*SD_NAMES, *LLM_NAMES])
+    parser.add_argument(
+        "--missing-only", action="store_true", help="keep the fits a table has; trace only regimes it lacks"
+    )
     args = parser.parse_args(argv)
     TABLE_DIR.mkdir(parents=True, exist_ok=True)
     for name in args.names:
-        table = build_table(name)
         path = TABLE_DIR / f"{name}.json"
+        keep = json.loads(path.read_text("utf-8")) if args.missing_only and path.is_file() else None
+        table = build_table(name, keep=keep)
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {path} ({path.stat().st_size // 1024} KiB)", flush=True)
     return 0

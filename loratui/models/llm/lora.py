@@ -2,6 +2,14 @@
 
 Which modules are adapted is decided by `loratui.models.llm.families` (the family defaults, MoE experts,
 `all-linear`); the PEFT config always lists short module names (`q_proj`), as PEFT writes them for a list.
+
+Dropout: PEFT gives every adapted module its own `lora_dropout` layer, applied to that module's input inside the
+module's forward; with `lora_dropout: 0` it is `nn.Identity` (no copy of the input). With dropout > 0 each adapted
+module keeps its own dropped-out copy of its input for backward, also where modules share an input (q, k and v
+projections). PEFT has no hook for a dropout shared by modules with the same input: it would need a dropout layer
+that remembers another module's input tensor and output across calls (tied to the call order, to checkpoint
+recomputation and to PEFT's internals), and it would change PEFT's independent masks into one shared mask. Not
+done; the memory planner traces exactly what PEFT does.
 """
 
 from __future__ import annotations
@@ -111,3 +119,18 @@ def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> An
             f"cannot place LoRA on target_modules {plan.modules + plan.parameters}: {exc}. "
             "Set target_modules to this model's linear layer names, or target_modules: all-linear"
         ) from exc
+
+
+LORA_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def apply_lora_dtype(cfg: TrainConfig, model: Any) -> Any:
+    """Cast the trainable LoRA weights to `lora_dtype` (fp32 by default; bf16 halves their weights, gradients
+    and AdamW state). PEFT casts each adapted layer's input to the LoRA weights' dtype."""
+    import torch
+
+    dtype = getattr(torch, LORA_DTYPES[cfg.lora_dtype])
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model

@@ -2,8 +2,11 @@
 
 - `gradient_checkpointing`: turned on in the running model (non-reentrant, as at setup);
 - `chunked_loss` (rung 3): the decoder's hidden states go through the LM head and the cross-entropy a chunk of
-  tokens at a time, each chunk recomputed in backward, so the full `tokens x vocab` logits never exist;
-- `max_seq_len` (rung 5, quality): every unit is cut to the new length (samples left without a target then add
+  tokens at a time, each chunk recomputed in backward, so the full `tokens x vocab` logits never exist (on by
+  default: the rung only turns it back on);
+- `activation_offload` (rung 4, CUDA): nothing to change in the model: the trainer's micro-batch reads the flag and
+  keeps saved activations in host memory (`loratui.models.checkpointing.offloaded_activations`);
+- `max_seq_len` (rung 6, quality): every unit is cut to the new length (samples left without a target then add
   nothing to the loss); the data order and the number of optimizer steps stay as planned.
 """
 

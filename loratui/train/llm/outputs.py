@@ -15,7 +15,7 @@ import torch
 from loratui.config import TrainConfig
 from loratui.models.llm.adapter_files import OutputConflict, lora_tensors, save_trained_adapter, usage_snippet
 from loratui.models.llm.batches import LLMData, collate
-from loratui.models.llm.loss import token_loss_sum
+from loratui.models.llm.loss import causal_loss_sum
 from loratui.train.job import WorkerJob
 from loratui.train.llm.preference_step import preference_settings
 from loratui.train.loop.checkpointing import refuse_nonfinite, rng_state, save_checkpoint
@@ -27,15 +27,17 @@ from loratui.util.atomic import atomic_write_text
 SAMPLE_TOKENS = 64
 
 
-def evaluate(model: Any, data: LLMData, batch_size: int, pad_id: int, device: Any) -> float:
-    """Mean token loss over the validation units."""
+def evaluate(
+    model: Any, data: LLMData, batch_size: int, pad_id: int, device: Any, *, chunked: bool = True
+) -> float:
+    """Mean token loss over the validation units (by the chunked loss unless `chunked` is off, as in training)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data.val), batch_size):
             batch = collate(data.val[start : start + batch_size], pad_id).to(device)
-            total += float(token_loss_sum(model, batch))
+            total += float(causal_loss_sum(model, batch, chunked=chunked))
             count += batch.num_targets
     model.train(was_training)
     return total / max(1, count)

@@ -23,10 +23,11 @@ import torch
 
 from loratui.config import TrainConfig
 from loratui.data.fingerprint import input_fingerprints
+from loratui.models.checkpointing import offloaded_activations
 from loratui.models.llm.batches import LLMData, collate
 from loratui.models.llm.chat import choose_template
-from loratui.models.llm.lora import setup_lora
-from loratui.models.llm.loss import chunked_token_loss_sum, token_loss_sum
+from loratui.models.llm.lora import apply_lora_dtype, setup_lora
+from loratui.models.llm.loss import causal_loss_sum
 from loratui.train.job import WorkerJob
 from loratui.train.llm.oom import llm_rung_applier
 from loratui.train.llm.outputs import Checkpointer, evaluate, export_adapter, write_samples
@@ -92,11 +93,13 @@ class LossContext:
 
     def micro_loss(self, indices: list[int], step_indices: list[int]) -> torch.Tensor:
         """Token-loss sum of one micro-batch over the target tokens of the WHOLE optimizer step."""
-        batch = collate([self.data.train[i] for i in indices], self.pad_id).to(self.accelerator.device)
-        if self.cfg.chunked_loss:  # set by the OOM ladder (rung 3) or the config
-            loss_sum = chunked_token_loss_sum(self.model, batch, autocast=self.accelerator.autocast)
-        else:
-            loss_sum = token_loss_sum(self.model, batch)
+        device = self.accelerator.device
+        batch = collate([self.data.train[i] for i in indices], self.pad_id).to(device)
+        # chunked_loss (default; OOM rung 3) and activation_offload (rung 4) are read at every micro-batch
+        with offloaded_activations(device, self.cfg.activation_offload):
+            loss_sum = causal_loss_sum(
+                self.model, batch, chunked=self.cfg.chunked_loss, autocast=self.accelerator.autocast
+            )
         return loss_sum / max(1, self.data.target_tokens(step_indices))
 
 
@@ -124,6 +127,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
     template, template_origin = choose_template(tokenizer, cfg.chat_template)
     data = setup_data(job, tokenizer, template)
     model = setup_lora(cfg, model, notify=lambda level, text: reporter.event(level, message=text))
+    model = apply_lora_dtype(cfg, model)
     reference = Reference.at_start(cfg, model)  # DPO/KTO: taken before a resume loads later weights
     sharded = cfg.fsdp  # FSDP: LoRA restored before sharding, gathered for checkpoints and export
     if sharded and job.resume_from:
@@ -237,7 +241,12 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                 with skipped_when_out_of_memory(reporter, "evaluation", step, EVAL_HINT):
                     with accelerator.autocast():
                         eval_loss = evaluate(
-                            side_model, data, cfg.batch_size, tokenizer.pad_token_id, accelerator.device
+                            side_model,
+                            data,
+                            cfg.batch_size,
+                            tokenizer.pad_token_id,
+                            accelerator.device,
+                            chunked=cfg.chunked_loss,
                         )
                     reporter.event("eval", step, eval_loss=eval_loss, epoch=epoch)
                     if reporter.tensorboard is not None:

@@ -52,9 +52,10 @@ def _fresh_accelerate() -> None:
 
 def llm_real_step(cfg: Any) -> RealStep:
     """The LLM trainer's setup and step for `cfg` (a TrainConfig with a local base_model)."""
+    from loratui.models.checkpointing import offloaded_activations
     from loratui.models.llm.batches import Unit, collate
-    from loratui.models.llm.lora import setup_lora
-    from loratui.models.llm.loss import token_loss_sum
+    from loratui.models.llm.lora import apply_lora_dtype, setup_lora
+    from loratui.models.llm.loss import causal_loss_sum
     from loratui.train.llm import setup
     from loratui.train.loop.optim import build_optimizer, build_scheduler
     from loratui.train.loop.plan import split_micro_batches
@@ -62,7 +63,7 @@ def llm_real_step(cfg: Any) -> RealStep:
 
     accelerator, precision = setup.setup_accelerator(cfg)
     model, tokenizer, _ = setup.setup_base(cfg, precision)
-    model = setup_lora(cfg, model)
+    model = apply_lora_dtype(cfg, setup_lora(cfg, model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, 10)
@@ -79,7 +80,9 @@ def llm_real_step(cfg: Any) -> RealStep:
 
     def micro_loss(batch_indices: list[int], normaliser: int) -> torch.Tensor:
         batch = collate([units[i] for i in batch_indices], pad_id).to(accelerator.device)
-        return token_loss_sum(model, batch) / normaliser
+        with offloaded_activations(accelerator.device, cfg.activation_offload):
+            loss = causal_loss_sum(model, batch, chunked=cfg.chunked_loss, autocast=accelerator.autocast)
+        return loss / normaliser
 
     def run(micro_batch: int | None = None) -> None:
         optimizer_step(

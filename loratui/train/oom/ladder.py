@@ -7,10 +7,12 @@ lower settings before restarting a worker that died. Rungs, in order:
    repeated down to a micro-batch of 1;
 2. `gradient_checkpointing`: recompute activations in backward;
 3. `offload`: SD caches latents / text-encoder outputs (VAE and text encoders leave the GPU); LLMs compute the
-   loss in chunks of tokens (`chunked_loss`);
-4. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
+   loss in chunks of tokens (`chunked_loss`, on by default, so this rung is only met when it was turned off);
+4. `activation_offload`: LLMs keep saved activations in host memory until backward (CUDA only; slower, the same
+   result);
+5. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
    carried over;
-5. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
+6. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
    the value the run started with; only with `oom_allow_quality_reduction`.
 
 The LoRA rank is never changed mid-run.
@@ -36,10 +38,18 @@ LLM_KEYS = (
     "gradient_accumulation_steps",
     "gradient_checkpointing",
     "chunked_loss",
+    "activation_offload",
     "optimizer",
     "max_seq_len",
 )
-RUNG_ORDER = ("micro_batch", "gradient_checkpointing", "offload", "optimizer_8bit", "quality")
+RUNG_ORDER = (
+    "micro_batch",
+    "gradient_checkpointing",
+    "offload",
+    "activation_offload",
+    "optimizer_8bit",
+    "quality",
+)
 MIN_RESOLUTION = 64
 MIN_SEQ_LEN = 32
 
@@ -107,8 +117,8 @@ class OomLadder:
 
     `original` holds the settings the run started with (quality floors are half of those); `unavailable`
     names rungs that cannot be applied here (e.g. `optimizer_8bit` without a bitsandbytes that runs on this
-    device, `offload` when captions change every epoch); `can_cache_text` says whether SD text-encoder outputs
-    may be cached.
+    device, `activation_offload` without CUDA, `offload` when captions change every epoch); `can_cache_text`
+    says whether SD text-encoder outputs may be cached.
     """
 
     kind: str
@@ -171,6 +181,12 @@ class OomLadder:
             return Rung(name, "gradient checkpointing", {"gradient_checkpointing": True})
         if name == "offload":
             return self._offload(s)
+        if name == "activation_offload":
+            if self.kind != "llm" or s.get("activation_offload", False):
+                return None
+            return Rung(
+                name, "activation offload (saved activations in host memory)", {"activation_offload": True}
+            )
         if name == "optimizer_8bit":
             if s["optimizer"] == "adamw8bit":
                 return None

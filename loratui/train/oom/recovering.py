@@ -393,12 +393,15 @@ class RecoveringStep:
         raise RestartNeeded(f"{reason}; restarting from the last checkpoint with {describe_change(old, new)}")
 
     def _unavailable(self) -> set[str]:
+        from loratui.models.checkpointing import offload_available
         from loratui.train.oom.optimizer_swap import can_use_8bit
 
         out = set()
         accelerator = self.step_kwargs.get("accelerator")
         if not can_use_8bit(getattr(accelerator, "device", None)):
             out.add("optimizer_8bit")
+        if not offload_available(getattr(accelerator, "device", "cpu")):
+            out.add("activation_offload")
         if self.sharded:
             # FSDP: 8-bit state is not sharded with the weights; the chunked loss calls the LM head outside
             # the model's forward, a different number of times on each rank (FSDP_UNAVAILABLE_RUNGS)

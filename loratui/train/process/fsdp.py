@@ -47,11 +47,6 @@ def check_fsdp_settings(cfg: Any) -> None:
             f"fsdp: method {cfg.method} is not supported with FSDP yet (its reference pass and pair batches are "
             "not sharded); train it on one GPU (with load_in_4bit: true if the base does not fit) or use method: sft"
         )
-    if cfg.chunked_loss:
-        raise FsdpUnavailable(
-            "fsdp: chunked_loss calls the LM head outside the model's forward, which FSDP cannot gather for; "
-            "set chunked_loss: false (the LM head is sharded with the rest)"
-        )
 
 
 # --- the process group ---------------------------------------------------------------------------------------

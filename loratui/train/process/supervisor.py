@@ -246,6 +246,16 @@ class Supervisor:
         self.run.write_status(status)
         print(f"[loratui] {message}", flush=True)
 
+    def _trained_off_gpu(self) -> bool:
+        """Whether the run's worker reported a device other than CUDA (activation offload does nothing there)."""
+        from loratui.runs.events import read_events
+
+        try:
+            started = [e for e in read_events(self.run.events_path) if e.get("type") == "run_started"]
+        except (OSError, ValueError):
+            return False
+        return bool(started) and not str(started[-1].get("device", "cuda")).startswith("cuda")
+
     def _lower_one_rung(self, step: int) -> str:
         """The next OOM-ladder rung recorded in oom.json for the next worker (this one died twice at the same
         step)."""
@@ -263,7 +273,7 @@ class Supervisor:
             kind,
             record.get("original") or old,
             allow_quality=resolved.config.oom_allow_quality_reduction,
-            unavailable={"optimizer_8bit"},
+            unavailable={"optimizer_8bit"} | ({"activation_offload"} if self._trained_off_gpu() else set()),
         )
         rung = ladder.next_rung(old)
         if rung is None:

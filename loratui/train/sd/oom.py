@@ -4,7 +4,7 @@
 - `cache_latents` / `cache_text_encoder_outputs` (rung 3): every latent and caption embedding is computed once
   (latents are the VAE posterior's mean, so cached training sees the same numbers), then the VAE and the frozen
   text encoders leave the GPU;
-- `resolution` (rung 5, quality): the dataset is rebuilt at the new resolution (same samples, same order) and
+- `resolution` (rung 6, quality): the dataset is rebuilt at the new resolution (same samples, same order) and
   the caches with it.
 """
 
