@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from data_fixtures import tree_digest, write_text
 from PIL import Image
+from test_tui_wizard import workdir  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from loratui.cli.app import app
@@ -255,3 +256,42 @@ def test_missing_onnxruntime_names_the_extra(tagger: Path, monkeypatch: pytest.M
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(ModelNotAvailable, match=r'pip install "loratui\[tagger\]"'):
         load_captioner(tagger)
+
+
+def test_wizard_caption_step_detects_and_runs_the_tagger(tagger: Path, workdir: Path) -> None:  # noqa: F811
+    """The caption step offers a WD tagger folder, says what it found, and appends tags to captions."""
+    from test_tui_wizard import SIZE, flat, make_app, step
+
+    from loratui.tui.messages import CaptionsWritten
+    from loratui.tui.testing import distinct, run_async, wait_for
+    from loratui.tui.wizard_state import WizardState
+
+    before = (workdir / "data/style/img0.txt").read_text()
+
+    @run_async
+    async def drive() -> list:
+        seen: list = []
+        app = make_app(WizardState(values={"train_data_dir": "data/style", "base_model": "models/sd15"}))
+        async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+            for _ in range(3):
+                await pilot.press("ctrl+n")
+            await wait_for(pilot, lambda: len(step(app).rows) == 5)
+            app.screen.query_one("#caption-model").value = "tagger"
+            await pilot.pause(0.1)
+            assert app.screen.query_one("#model-folder").display
+            app.screen.query_one("#model-folder").value = str(tagger)
+            await pilot.pause(0.1)
+            assert f"WD tagger (booru tags, {len(TAGS)} tags)" in flat(app)
+            app.screen.query_one("#policy").value = "append"
+            await pilot.pause(0.1)
+            await pilot.click("#run-captioning")
+            await wait_for(pilot, lambda: distinct(seen, CaptionsWritten), timeout=60)
+            await pilot.pause(0.1)
+            assert "Wrote 5 captions" in flat(app)
+        return seen
+
+    drive()
+    rows = {i.rel: i for i in scan_image_dataset(workdir / "data/style").items}
+    assert rows["img0.png"].caption.startswith(before.strip() + ", ")  # appended after the existing text
+    assert (workdir / "data/style/img0.txt").read_text() == before  # the sidecar itself is kept
+    assert rows["nocap.png"].caption  # tags written where there was no caption
