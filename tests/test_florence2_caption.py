@@ -103,11 +103,41 @@ def test_florence2_cli_and_remote_code_refused(florence: Path, tmp_path: Path) -
     result = runner.invoke(app, [*args, "--task", "<DETAILED_CAPTION>", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert (root / "a.txt").read_text(encoding="utf-8").strip()
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    config = json.loads((florence / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"}
-    (shipped / "config.json").write_text(json.dumps(config))
-    (shipped / "modeling_florence2.py").write_text("raise SystemExit('must not run')\n")
-    refused = runner.invoke(app, ["caption", str(root), "--model", str(shipped), "--mode", "overwrite"])
+    refused = runner.invoke(
+        app, ["caption", str(root), "--model", str(shipped_copy(florence, tmp_path)), "--mode", "overwrite"]
+    )
     assert refused.exit_code == 2 and "--trust-remote-code" in refused.output
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def shipped_copy(florence: Path, tmp_path: Path) -> Path:
+    """The tiny model as a folder that ships its own model code (auto_map), like microsoft/Florence-2-*."""
+    import shutil
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(florence, shipped)
+    config = json.loads((florence / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_florence2.ShippedFlorence2"}
+    (shipped / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran.txt"
+    (shipped / "modeling_florence2.py").write_text(
+        "from pathlib import Path\n"
+        "from transformers import Florence2ForConditionalGeneration\n\n\n"
+        "class ShippedFlorence2(Florence2ForConditionalGeneration):\n"
+        "    def generate(self, *args, **kwargs):\n"
+        f"        Path({str(marker)!r}).write_text('shipped code ran')\n"
+        "        return super().generate(*args, **kwargs)\n"
+    )
+    return shipped
+
+
+def test_shipped_florence2_code_runs_only_with_the_flag(florence: Path, tmp_path: Path) -> None:
+    from loratui.data.caption_models import ModelNotAvailable, load_captioner
+
+    shipped = shipped_copy(florence, tmp_path)
+    with pytest.raises(ModelNotAvailable, match="--trust-remote-code"):
+        load_captioner(shipped, "cpu")
+    captioner = load_captioner(shipped, "cpu", max_new_tokens=4, trust_remote_code=True)
+    assert type(captioner.model).__name__ == "ShippedFlorence2"
+    assert captioner.caption([Image.new("RGB", (64, 64), "red")])[0]
+    assert (tmp_path / "ran.txt").read_text() == "shipped code ran"

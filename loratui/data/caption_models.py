@@ -227,8 +227,8 @@ class Vision2SeqCaptioner(_TorchModel):
 
 
 class Florence2Captioner(_TorchModel):
-    """Florence-2 through transformers' own ``Florence2ForConditionalGeneration`` (no shipped code needed);
-    ``task`` is one of ``FLORENCE_TASKS``."""
+    """Florence-2 through transformers' own ``Florence2ForConditionalGeneration`` (no shipped code needed),
+    or through the code the folder ships when ``trust_remote_code``; ``task`` is one of ``FLORENCE_TASKS``."""
 
     def __init__(
         self,
@@ -241,9 +241,14 @@ class Florence2Captioner(_TorchModel):
         super().__init__(path, device, max_new_tokens, trust_remote_code)
         import transformers
 
+        from loratui.data.model_paths import shipped_code
+
         if task not in FLORENCE_TASKS:
             raise ModelNotAvailable(f"--task must be one of {', '.join(FLORENCE_TASKS)}, not {task!r}")
         model_cls = getattr(transformers, "Florence2ForConditionalGeneration", None)
+        if trust_remote_code and shipped_code(path):
+            # the code the folder ships (microsoft/Florence-2-*) maps AutoModelForCausalLM to its model
+            model_cls = transformers.AutoModelForCausalLM
         if model_cls is None:
             raise ModelNotAvailable(
                 f"{path} is a Florence-2 model but this transformers ({transformers.__version__}) has no "
@@ -341,7 +346,7 @@ def load_captioner(
     architectures = config.get("architectures") or []
     if config.get("model_type") == "blip":
         return BlipCaptioner(path, device, max_new_tokens, trust_remote_code)
-    if config.get("model_type") == "florence2" and not shipped_code(path):
+    if config.get("model_type") == "florence2":
         return Florence2Captioner(path, device, max_new_tokens, trust_remote_code, task)
     if any(str(a).endswith("ForImageClassification") for a in architectures):
         return ImageTagger(path, device, trust_remote_code=trust_remote_code)
