@@ -295,3 +295,24 @@ def test_wizard_caption_step_detects_and_runs_the_tagger(tagger: Path, workdir: 
     assert rows["img0.png"].caption.startswith(before.strip() + ", ")  # appended after the existing text
     assert (workdir / "data/style/img0.txt").read_text() == before  # the sidecar itself is kept
     assert rows["nocap.png"].caption  # tags written where there was no caption
+
+
+def test_folder_kind_is_read_from_its_files(tmp_path: Path, tagger: Path) -> None:
+    import shutil
+
+    from loratui.data.wd_tagger import is_wd_tagger_folder
+
+    full = tmp_path / "full_repo"  # the tagger repository as downloaded: a timm config.json beside the csv
+    shutil.copytree(tagger, full)
+    write_text(full / "config.json", '{"architecture": "vit_base_patch16_224", "num_classes": 17}')
+    assert is_wd_tagger_folder(full) and is_wd_tagger_folder(tagger)
+    only_model = tmp_path / "only_model"
+    only_model.mkdir()
+    shutil.copy(tagger / "model.onnx", only_model / "model.onnx")
+    assert is_wd_tagger_folder(only_model)  # so the missing csv is reported
+    write_text(only_model / "config.json", '{"model_type": "blip"}')
+    assert not is_wd_tagger_folder(only_model)  # a transformers folder with an ONNX export beside it
+    root = make_images(tmp_path / "ds", ["a.png"])
+    result = invoke(str(root), "--model", str(full), "--format", "txt")
+    assert result.exit_code == 0, result.output
+    assert read_txt(root, "a") == expected_tags(reference_probs(tagger, root / "a.png"), 0.35, 0.85)

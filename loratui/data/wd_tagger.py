@@ -73,9 +73,13 @@ class TaggerOptions:
 
 
 def is_wd_tagger_folder(path: Path) -> bool:
-    """True when ``path`` holds a ``model.onnx`` or a ``selected_tags.csv`` (a WD-style tagger folder)."""
+    """True when ``path`` looks like a WD-style tagger folder: it holds a ``selected_tags.csv``, or a
+    ``model.onnx`` without a transformers ``config.json`` (the tagger repositories' own config.json is a
+    timm one, next to selected_tags.csv)."""
     path = Path(path)
-    return (path / MODEL_FILE).is_file() or (path / TAGS_FILE).is_file()
+    if (path / TAGS_FILE).is_file():
+        return True
+    return (path / MODEL_FILE).is_file() and not (path / "config.json").is_file()
 
 
 def read_tag_list(csv_path: Path) -> list[Tag]:
