@@ -35,6 +35,25 @@ class CaptionOptions:
     caption_extension: str = ".txt"
     max_new_tokens: int = MAX_NEW_TOKENS
     trust_remote_code: bool = False
+    mode: str | None = None  # keep | append | overwrite (None: from ``overwrite``)
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    include_rating: bool = False
+    underscores_to_spaces: bool = True
+    exclude_tags: list[str] = field(default_factory=list)
+    task: str = "<MORE_DETAILED_CAPTION>"
+
+    def tagger_options(self) -> Any:
+        """The WD tagger settings of these options."""
+        from loratui.data.wd_tagger import TaggerOptions
+
+        return TaggerOptions(
+            general_threshold=self.general_threshold,
+            character_threshold=self.character_threshold,
+            include_rating=self.include_rating,
+            underscores_to_spaces=self.underscores_to_spaces,
+            exclude_tags=list(self.exclude_tags),
+        )
 
 
 def _say(console: Any, text: str, plain: bool, err: bool = False) -> None:
@@ -82,7 +101,9 @@ def run_caption_job(opts: CaptionOptions, console: Any = None, plain: bool = Tru
             output=opts.output,
             overwrite=opts.overwrite,
             caption_extension=opts.caption_extension,
+            mode=opts.mode,
         )
+        opts.tagger_options().validate()
     except (CaptionError, ValueError) as exc:
         _say(console, f"error: {exc}", plain, err=True)
         return 2
@@ -90,7 +111,8 @@ def run_caption_job(opts: CaptionOptions, console: Any = None, plain: bool = Tru
     if not plan.todo:
         _say(
             console,
-            f"Nothing to caption: all {skipped} images already have captions (--overwrite redoes them).",
+            f"Nothing to caption: all {skipped} images already have captions "
+            "(--mode append adds tags, --mode overwrite redoes them).",
             plain,
         )
         return 0
@@ -101,6 +123,8 @@ def run_caption_job(opts: CaptionOptions, console: Any = None, plain: bool = Tru
             opts.device,
             max_new_tokens=opts.max_new_tokens,
             trust_remote_code=opts.trust_remote_code,
+            tagger_options=opts.tagger_options(),
+            task=opts.task,
         )
     except ModelNotAvailable as exc:
         _say(console, f"error: {exc}", plain, err=True)
@@ -154,7 +178,7 @@ def run_caption_job(opts: CaptionOptions, console: Any = None, plain: bool = Tru
     target = result.output if result.fmt == "csv" else f"{plan.caption_extension} sidecar files"
     line = f"Wrote {len(result.written)} captions to {target} in {result.seconds:.1f}s"
     if skipped:
-        line += f"; skipped {skipped} images that already have captions (--overwrite redoes them)"
+        line += f"; kept {skipped} existing captions (--mode append adds tags, --mode overwrite redoes them)"
     _say(console, line + ".", plain)
     for rel, text in result.written[:3]:
         _say(console, f"  {rel}: {text}", plain)

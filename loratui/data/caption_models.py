@@ -7,12 +7,16 @@
   ``config.json``:
 
   ==============================  ==========================================================================
+  ``model.onnx`` +                ``WDTagger`` (``loratui.data.wd_tagger``): a WD-style booru tagger run with
+  ``selected_tags.csv``           onnxruntime; thresholds and tag formatting from ``TaggerOptions``
   ``model_type == "blip"``        ``BlipForConditionalGeneration`` + ``BlipProcessor``
+  ``model_type == "florence2"``   ``Florence2Captioner``: transformers' native Florence-2 with a task prompt
+                                  (``<MORE_DETAILED_CAPTION>`` by default)
   ``*ForImageClassification``     ``ImageTagger``: a local multi-label tagger; labels above a threshold
                                   become comma-separated tags (``long_hair`` -> ``long hair``)
   anything else                   ``Vision2SeqCaptioner``: ``AutoModelForImageTextToText`` (or
                                   ``AutoModelForVision2Seq`` on older transformers) + ``AutoProcessor``,
-                                  e.g. BLIP-2, GIT, Florence-2 where the installed transformers supports them
+                                  e.g. BLIP-2, GIT where the installed transformers supports them
   ==============================  ==========================================================================
 
 A ``Captioner`` has ``name``, ``produces_tags`` and ``caption(images) -> list[str]`` (PIL RGB images in,
@@ -35,6 +39,7 @@ KNOWN_MODELS: dict[str, str] = {
 }
 MAX_NEW_TOKENS = 48
 TAG_THRESHOLD = 0.35
+FLORENCE_TASKS = ("<MORE_DETAILED_CAPTION>", "<DETAILED_CAPTION>", "<CAPTION>")
 
 
 class ModelNotAvailable(Exception):
@@ -221,6 +226,56 @@ class Vision2SeqCaptioner(_TorchModel):
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
+class Florence2Captioner(_TorchModel):
+    """Florence-2 through transformers' own ``Florence2ForConditionalGeneration`` (no shipped code needed),
+    or through the code the folder ships when ``trust_remote_code``; ``task`` is one of ``FLORENCE_TASKS``."""
+
+    def __init__(
+        self,
+        path: Path,
+        device: str | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        trust_remote_code: bool = False,
+        task: str = FLORENCE_TASKS[0],
+    ) -> None:
+        super().__init__(path, device, max_new_tokens, trust_remote_code)
+        import transformers
+
+        from loratui.data.model_paths import shipped_code
+
+        if task not in FLORENCE_TASKS:
+            raise ModelNotAvailable(f"--task must be one of {', '.join(FLORENCE_TASKS)}, not {task!r}")
+        model_cls = getattr(transformers, "Florence2ForConditionalGeneration", None)
+        if trust_remote_code and shipped_code(path):
+            # the code the folder ships (microsoft/Florence-2-*) maps AutoModelForCausalLM to its model
+            model_cls = transformers.AutoModelForCausalLM
+        if model_cls is None:
+            raise ModelNotAvailable(
+                f"{path} is a Florence-2 model but this transformers ({transformers.__version__}) has no "
+                "native Florence-2; upgrade transformers (4.56 or newer)"
+            )
+        self.task = task
+        self.processor = transformers.AutoProcessor.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=self.trust_remote_code
+        )
+        self.model = model_cls.from_pretrained(
+            str(path), local_files_only=True, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+        )
+        self.model.to(self.device).eval()
+
+    def caption(self, images: list[PILImage.Image]) -> list[str]:
+        import torch
+
+        inputs = self._inputs(
+            self.processor(text=[self.task] * len(images), images=images, return_tensors="pt")
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False
+            )
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
 class ImageTagger(_TorchModel):
     """A local multi-label image classifier used as a tagger (labels above ``threshold`` become tags)."""
 
@@ -268,13 +323,22 @@ def load_captioner(
     max_new_tokens: int = MAX_NEW_TOKENS,
     *,
     trust_remote_code: bool = False,
+    tagger_options: Any = None,
+    task: str = FLORENCE_TASKS[0],
 ) -> Captioner:
     """Load the right ``Captioner`` for a local model folder (see module docstring).
 
-    A folder that ships its own code (``auto_map``) is refused unless ``trust_remote_code``; nothing asks on
-    stdin."""
+    ``tagger_options`` (a ``wd_tagger.TaggerOptions``) applies to WD-style tagger folders, ``task`` to
+    Florence-2. A folder that ships its own code (``auto_map``) is refused unless ``trust_remote_code``;
+    nothing asks on stdin."""
     from loratui.data.model_paths import REMOTE_CODE_HINT, shipped_code
+    from loratui.data.wd_tagger import TaggerFolderError, WDTagger, is_wd_tagger_folder
 
+    if is_wd_tagger_folder(path):
+        try:
+            return WDTagger(path, tagger_options, device)
+        except TaggerFolderError as exc:
+            raise ModelNotAvailable(str(exc)) from exc
     config = _read_config(path)
     code = None if trust_remote_code else shipped_code(path)
     if code:
@@ -282,6 +346,8 @@ def load_captioner(
     architectures = config.get("architectures") or []
     if config.get("model_type") == "blip":
         return BlipCaptioner(path, device, max_new_tokens, trust_remote_code)
+    if config.get("model_type") == "florence2":
+        return Florence2Captioner(path, device, max_new_tokens, trust_remote_code, task)
     if any(str(a).endswith("ForImageClassification") for a in architectures):
         return ImageTagger(path, device, trust_remote_code=trust_remote_code)
     return Vision2SeqCaptioner(path, device, max_new_tokens, trust_remote_code)

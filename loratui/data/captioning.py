@@ -2,8 +2,11 @@
 
 Rules (user data is never lost):
 
-- Images that already have a caption (a metadata.csv row or a sidecar ``.txt``/``.caption`` file, as
-  ``scan_image_dataset`` reads them) are skipped unless ``overwrite=True``.
+- ``mode`` says what happens to images that already have a caption (a metadata.csv row or a sidecar
+  ``.txt``/``.caption`` file, as ``scan_image_dataset`` reads them): ``keep`` (default) skips them,
+  ``append`` adds the new tags after the existing ones (``merge_tags``: comma-separated parts, duplicates
+  dropped, the existing text first and unchanged), ``overwrite`` replaces them (``overwrite=True`` is the
+  same). A ``--prefix`` stays first.
 - ``fmt="csv"``: rows are merged into the metadata file (default ``ROOT/metadata.csv``): existing rows are
   kept (in order, with their header names), new rows appended; file names are relative to ``ROOT`` so
   ``scan_image_dataset`` loads the result as is. An existing file with errors (broken quoting, wrong
@@ -33,6 +36,7 @@ from loratui.util.atomic import atomic_write_text
 ProgressFn = Callable[[int, int, str], None]  # (done, total, last file)
 FORMATS = ("csv", "txt")
 STYLES = ("caption", "tags")
+MODES = ("keep", "append", "overwrite")
 
 
 class CaptionError(Exception):
@@ -50,6 +54,7 @@ class CaptionPlan:
     skipped_existing: list[ImageItem]
     table: MetadataTable | None = None  # the existing target metadata.csv, if any
     caption_extension: str = ".txt"
+    mode: str = "keep"
 
 
 @dataclass
@@ -85,9 +90,12 @@ def plan_captions(
     output: Path | None = None,
     overwrite: bool = False,
     caption_extension: str = ".txt",
+    mode: str | None = None,
 ) -> CaptionPlan:
     """Decide what to caption. Raises ``CaptionError`` for unusable input."""
     root = Path(root)
+    mode = resolve_mode(mode, overwrite)
+    overwrite = mode != "keep"
     if fmt not in FORMATS:
         raise CaptionError(f"--format must be csv or txt, not {fmt!r}")
     if not root.is_dir():
@@ -114,7 +122,42 @@ def plan_captions(
     todo, skipped = [], []
     for item in scan.items:
         (todo if overwrite or item.caption_source is None else skipped).append(item)
-    return CaptionPlan(root, fmt, target, todo, skipped, table, caption_extension)
+    return CaptionPlan(root, fmt, target, todo, skipped, table, caption_extension, mode)
+
+
+def resolve_mode(mode: str | None, overwrite: bool = False) -> str:
+    """``mode`` checked against ``MODES``; ``None`` means overwrite when ``overwrite`` else keep."""
+    if mode is None:
+        return "overwrite" if overwrite else "keep"
+    if mode not in MODES:
+        raise CaptionError(f"--mode must be keep, append or overwrite, not {mode!r}")
+    if overwrite and mode != "overwrite":
+        raise CaptionError(f"--overwrite contradicts --mode {mode}; use one of them")
+    return mode
+
+
+def _split_tags(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _tag_key(tag: str) -> str:
+    return " ".join(tag.lower().replace("_", " ").split())
+
+
+def merge_tags(existing: str, new: str, prefix: str = "") -> str:
+    """``existing`` followed by the parts of ``new`` it lacks (comparing lower-case, ``_`` as space);
+    ``prefix`` (a trigger word) first when the result does not already start with it."""
+    parts = _split_tags(existing)
+    seen = {_tag_key(p) for p in parts}
+    for tag in _split_tags(new):
+        if _tag_key(tag) not in seen:
+            parts.append(tag)
+            seen.add(_tag_key(tag))
+    head = _split_tags(prefix)
+    if head and [_tag_key(p) for p in parts[: len(head)]] != [_tag_key(p) for p in head]:
+        keys = {_tag_key(p) for p in head}
+        parts = head + [p for p in parts if _tag_key(p) not in keys]
+    return ", ".join(parts)
 
 
 def _postprocess(
@@ -167,12 +210,13 @@ def caption_dataset(
     on_progress: ProgressFn | None = None,
     flush_every: int = 256,
     plan: CaptionPlan | None = None,
+    mode: str | None = None,
 ) -> CaptionResult:
     """Caption the images of ``root`` that need it and write the captions (see module docstring)."""
     if style not in STYLES:
         raise CaptionError(f"--style must be caption or tags, not {style!r}")
     plan = plan or plan_captions(
-        root, fmt=fmt, output=output, overwrite=overwrite, caption_extension=caption_extension
+        root, fmt=fmt, output=output, overwrite=overwrite, caption_extension=caption_extension, mode=mode
     )
     result = CaptionResult(skipped_existing=len(plan.skipped_existing), fmt=plan.fmt, output=plan.target)
     writer = _CsvWriter(plan) if plan.fmt == "csv" else None
@@ -191,7 +235,11 @@ def caption_dataset(
                 result.failed.append((item.rel, err.reason))
         captions = captioner.caption(images) if images else []
         for item, raw in zip(ready, captions, strict=True):
-            text = _postprocess(raw, captioner, style, prefix, replacements or [], append)
+            if plan.mode == "append" and item.caption:
+                text = _postprocess(raw, captioner, style, "", replacements or [], append)
+                text = merge_tags(item.caption, text, prefix)
+            else:
+                text = _postprocess(raw, captioner, style, prefix, replacements or [], append)
             if writer is not None:
                 writer.add(item.rel, text)
             else:
@@ -207,7 +255,7 @@ def caption_dataset(
             on_progress(done, total, batch[-1].rel)
     if writer is not None:
         writer.flush()
-    if plan.fmt == "txt" and overwrite:
+    if plan.fmt == "txt" and plan.mode != "keep":
         shadowed = [i.rel for i in plan.todo if i.caption_source == "metadata.csv"]
         if shadowed:
             result.notes.append(

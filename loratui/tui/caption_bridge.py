@@ -34,6 +34,35 @@ def current_captions(
     return [(item.rel, item.caption or "") for item in scan.items]
 
 
+def model_kind(folder: str) -> str:
+    """One line saying what kind of captioning model ``folder`` holds (read from its files, nothing loaded)."""
+    import json
+
+    from loratui.data.wd_tagger import TAGS_FILE, TaggerFolderError, is_wd_tagger_folder, read_tag_list
+
+    path = Path(folder).expanduser()
+    if not folder.strip() or not path.is_dir():
+        return f"{folder or 'the folder'} is not a folder yet."
+    if is_wd_tagger_folder(path):
+        try:
+            tags = read_tag_list(path / TAGS_FILE)
+        except TaggerFolderError as exc:
+            return f"WD tagger folder with a problem: {exc}"
+        if not (path / "model.onnx").is_file():
+            return f"WD tagger folder with a problem: {path / 'model.onnx'} is missing."
+        return (
+            f"WD tagger (booru tags, {len(tags)} tags): general tags from 0.35, characters from 0.85, "
+            "ratings left out."
+        )
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "Neither a WD tagger (model.onnx + selected_tags.csv) nor a model with config.json."
+    kind = str(config.get("model_type") or "unknown")
+    names = {"blip": "BLIP captions", "florence2": "Florence-2 detailed captions"}
+    return f"{names.get(kind, kind + ' model')} (config.json)."
+
+
 def caption(
     root: Path,
     *,
@@ -43,15 +72,17 @@ def caption(
     fmt: str,
     caption_extension: str,
     progress: Callable[[int, int], None],
+    mode: str | None = None,
 ) -> Any:
     """Caption the images that need it with a local model and write them; returns the `CaptionResult`.
 
-    Raises `CaptionError` / `ModelNotAvailable` with a message that says what to do.
+    ``mode`` (keep | append | overwrite) defaults to overwrite when ``overwrite`` else keep. Raises
+    `CaptionError` / `ModelNotAvailable` with a message that says what to do.
     """
     from loratui.data.caption_models import load_captioner, resolve_caption_model
     from loratui.data.captioning import caption_dataset, plan_captions
 
-    plan = plan_captions(root, fmt=fmt, overwrite=overwrite, caption_extension=caption_extension)
+    plan = plan_captions(root, fmt=fmt, overwrite=overwrite, caption_extension=caption_extension, mode=mode)
     progress(0, len(plan.todo))
     if not plan.todo:
         return caption_dataset(root, _NoCaptioner(), plan=plan, fmt=fmt, prefix=prefix)

@@ -21,9 +21,15 @@ from loratui.tui.steps.base import WizardStep
 MODEL_OPTIONS = [
     ("BLIP base (local)", "blip-base"),
     ("BLIP large (local)", "blip-large"),
+    ("WD tagger folder (booru tags)…", "tagger"),
     ("model folder…", "folder"),
 ]
-POLICY_OPTIONS = [("keep existing captions", "keep"), ("overwrite all captions", "overwrite")]
+FOLDER_CHOICES = ("tagger", "folder")
+POLICY_OPTIONS = [
+    ("keep existing captions", "keep"),
+    ("append tags to existing captions", "append"),
+    ("overwrite all captions", "overwrite"),
+]
 FORMAT_OPTIONS = [("metadata.csv", "csv"), (".txt next to each image", "txt")]
 CAPTION_WIDTH = 200
 
@@ -139,7 +145,19 @@ class CaptionStep(WizardStep):
     @on(Select.Changed, "#caption-model")
     def _model_changed(self, event: Select.Changed) -> None:
         event.stop()
-        self.query_one("#model-folder", Input).display = event.value == "folder"
+        folder = self.query_one("#model-folder", Input)
+        folder.display = event.value in FOLDER_CHOICES
+        folder.placeholder = (
+            "WD tagger folder (model.onnx + selected_tags.csv)"
+            if event.value == "tagger"
+            else "captioning model folder"
+        )
+
+    @on(Input.Changed, "#model-folder")
+    def _folder_typed(self, event: Input.Changed) -> None:
+        event.stop()
+        if event.value.strip() and caption_bridge.available():
+            self.say(caption_bridge.model_kind(event.value.strip()))
 
     @on(Input.Changed, "#trigger")
     def _trigger(self, event: Input.Changed) -> None:
@@ -159,15 +177,15 @@ class CaptionStep(WizardStep):
             self.notify("No images to caption (choose the dataset in step 3).", severity="warning")
             return
         model = str(self.query_one("#caption-model", Select).value)
-        if model == "folder":
+        if model in FOLDER_CHOICES:
             model = self.query_one("#model-folder", Input).value.strip()
             if not model:
                 self.notify("Type the captioning model's folder.", severity="warning")
                 return
-        overwrite = self.query_one("#policy", Select).value == "overwrite"
-        todo = [row[0] for row in self.rows if overwrite or not row[1]]
+        mode = str(self.query_one("#policy", Select).value)
+        todo = [row[0] for row in self.rows if mode != "keep" or not row[1]]
         if not todo:
-            self.notify("Every image has a caption; choose 'overwrite all captions' to redo them.")
+            self.notify("Every image has a caption; choose append or overwrite to add to or redo them.")
             return
         bar = self.query_one(ProgressBar)
         bar.update(total=len(todo), progress=0)
@@ -179,13 +197,13 @@ class CaptionStep(WizardStep):
             self._root,
             model,
             f"{prefix}, " if prefix else "",
-            overwrite,
+            mode,
             fmt,
             str(self.state.get("caption_extension")),
         )
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="captioning")
-    def caption(self, root: Path, model: str, prefix: str, overwrite: bool, fmt: str, extension: str) -> None:
+    def caption(self, root: Path, model: str, prefix: str, mode: str, fmt: str, extension: str) -> None:
         """Run the local captioning model in a thread (the core writes the captions as it goes)."""
         start = time.monotonic()
 
@@ -198,7 +216,8 @@ class CaptionStep(WizardStep):
                 root,
                 model=model,
                 prefix=prefix,
-                overwrite=overwrite,
+                overwrite=False,
+                mode=mode,
                 fmt=fmt,
                 caption_extension=extension,
                 progress=progress,
