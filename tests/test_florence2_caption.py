@@ -131,8 +131,13 @@ def shipped_copy(florence: Path, tmp_path: Path) -> Path:
     return shipped
 
 
-def test_shipped_florence2_code_runs_only_with_the_flag(florence: Path, tmp_path: Path) -> None:
+def test_shipped_florence2_code_runs_only_with_the_flag(florence: Path, tmp_path: Path, monkeypatch) -> None:
+    import transformers.dynamic_module_utils as dynamic_modules
+
     from loratui.data.caption_models import ModelNotAvailable, load_captioner
+
+    # the folder's code is copied into transformers' modules cache: keep it out of the user's home
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
     shipped = shipped_copy(florence, tmp_path)
     with pytest.raises(ModelNotAvailable, match="--trust-remote-code"):
