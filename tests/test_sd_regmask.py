@@ -387,3 +387,32 @@ def test_planner_counts_the_mask_tensors_and_notes_reg_images():
     reg = estimate_peak(cfg.model_copy(update={"reg_data_dir": "/r"}), device="cpu")
     assert reg.total_bytes == plain.total_bytes  # same batch composition: per step memory unchanged
     assert any("regularization images" in note for note in reg.notes)
+
+
+def test_dry_run_and_check_show_the_steps_with_reg_images(tiny_sd15, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from loratui.cli.app import app
+
+    train_dir, reg_dir = _train_and_reg(tmp_path / "data")
+    config = seed_like_config(
+        tmp_path / "c",
+        tiny_sd15,
+        train_dir,
+        metadata_path=None,
+        reg_data_dir=str(reg_dir),
+        batch_size=2,
+        epochs=3,
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--config", str(config), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)["data"]
+    assert (data["train_samples"], data["reg_samples"], data["steps_per_epoch"]) == (4, 4, 4)
+    text = runner.invoke(app, ["train", "--config", str(config), "--dry-run"], env={"COLUMNS": "300"})
+    assert "+ 4 regularization samples" in text.output and "12 steps in all" in text.output
+    check = runner.invoke(app, ["check", "--config", str(config), "--json"])
+    summary = json.loads(check.output)["summary"]
+    assert (summary["reg_samples"], summary["steps_per_epoch"]) == (4, 4)
