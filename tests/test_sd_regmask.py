@@ -416,3 +416,31 @@ def test_dry_run_and_check_show_the_steps_with_reg_images(tiny_sd15, tmp_path):
     check = runner.invoke(app, ["check", "--config", str(config), "--json"])
     summary = json.loads(check.output)["summary"]
     assert (summary["reg_samples"], summary["steps_per_epoch"]) == (4, 4)
+
+
+def test_split_micro_batches_give_the_same_gradient_with_reg_images_and_masks(tiny_sd15, tmp_path):
+    """The OOM ladder's first rung: weights and masks belong to samples, not to micro-batches."""
+    data = _half_masked_images(tmp_path / "data", 2, alpha=False)
+    _train, reg_dir = _train_and_reg(tmp_path / "r")
+    context, params = _context(
+        tmp_path / "c",
+        tiny_sd15,
+        data,
+        mask_dir=str(tmp_path / "masks"),
+        reg_data_dir=str(reg_dir),
+        prior_loss_weight=0.3,
+        resolution=128,  # at 64 px the tiny UNet's 1x1 bottleneck amplifies batched rounding (test_sd_train)
+    )
+    indices = list(range(len(context.dataset)))  # 2 training + 2 regularization samples
+    assert len(indices) == 4 and context.dataset.num_reg_samples == 2
+    whole, whole_grads = _loss_and_grads(context, params, indices)
+    for param in params:
+        param.grad = None
+    split = 0.0
+    for part in (indices[:1], indices[1:3], indices[3:]):
+        loss = context.micro_loss(part, epoch=0, step_samples=len(indices))
+        loss.backward()
+        split += loss.item()
+    split_grads = [p.grad.clone() for p in params]
+    assert split == pytest.approx(whole, rel=1e-5)
+    assert _max_diff(split_grads, whole_grads) <= 1e-4 * max(g.abs().max().item() for g in whole_grads)
