@@ -444,3 +444,27 @@ def test_split_micro_batches_give_the_same_gradient_with_reg_images_and_masks(ti
     split_grads = [p.grad.clone() for p in params]
     assert split == pytest.approx(whole, rel=1e-5)
     assert _max_diff(split_grads, whole_grads) <= 1e-4 * max(g.abs().max().item() for g in whole_grads)
+
+
+def test_resume_refuses_changed_masks_or_reg_images(tmp_path):
+    import json
+
+    from loratui.data.fingerprint import input_fingerprints
+    from loratui.train.loop.resume_inputs import ChangedInputs, check_resume_inputs
+
+    data = _half_masked_images(tmp_path / "data", 2, alpha=False)
+    _train, reg_dir = _train_and_reg(tmp_path / "r")
+    cfg = TrainConfig(
+        train_data_dir=str(data), mask_dir=str(tmp_path / "masks"), reg_data_dir=str(reg_dir), base_model="x"
+    )
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "meta.json").write_text(json.dumps({"inputs": input_fingerprints(cfg)}), encoding="utf-8")
+    assert check_resume_inputs(cfg, checkpoint, allow_changed_data=False) == []
+    Image.new("L", (64, 64), 128).save(tmp_path / "masks" / "img0.png")
+    with pytest.raises(ChangedInputs, match="mask_dir"):
+        check_resume_inputs(cfg, checkpoint, allow_changed_data=False)
+    (checkpoint / "meta.json").write_text(json.dumps({"inputs": input_fingerprints(cfg)}), encoding="utf-8")
+    (reg_dir / "1_cls" / "cls0.txt").write_text("another caption\n", encoding="utf-8")
+    with pytest.raises(ChangedInputs, match="reg_data_dir"):
+        check_resume_inputs(cfg, checkpoint, allow_changed_data=False)
