@@ -127,6 +127,8 @@ def test_reg_images_double_the_steps_per_epoch_in_dataset_check_and_dry_run(tmp_
     dataset = load_dataset(cfg)
     assert (dataset.num_images, len(dataset), dataset.num_reg_samples) == (2, 8, 4)  # reg: 2+1+1
     assert [r.repeats for r in dataset.records if r.is_reg] == [2, 1, 1]
+    cached = dataset.views_for_caching()  # the latent cache encodes the regularization images too
+    assert len(cached) == 5 and sum(view.record.is_reg for view in cached) == 3
     plain = load_dataset(cfg.model_copy(update={"reg_data_dir": None}))
     assert StepPlan(len(plain), 2, 3).total_steps == 6
     assert StepPlan(len(dataset), 2, 3).total_steps == 12  # kohya: reg samples join the epoch
