@@ -351,8 +351,12 @@ def test_check_reports_missing_and_mis_sized_masks(tmp_path):
     opaque = run_checks(data, task="image", alpha_mask=True)
     assert opaque.by_code("no_alpha_mask").count == 3
     cfg = TrainConfig(train_data_dir=str(data), mask_dir=str(masks), resolution=64, base_model="x")
-    with pytest.raises(ValueError, match="img1.png"):
+    with pytest.raises(ValueError, match=r"(?s)img1.png: no mask.*img2.png: mask 32x64, image 64x64"):
         load_dataset(cfg)
+    warnings: list[str] = []
+    skipped = load_dataset(cfg, allow_errors=True, warn=warnings.append)  # --skip-checks: trained whole
+    assert [r.mask_path is not None for r in skipped.records] == [True, False, False]
+    assert any("trained whole" in w for w in warnings)
 
 
 def test_masked_loss_needs_a_mask_source_and_kohya_keys_are_aliases(tmp_path):

@@ -422,7 +422,7 @@ def load_dataset(
     options = DatasetOptions.from_config(cfg)
     records = _read_records(scan, cfg, warn, allow_errors, is_reg=False)
     if options.mask_dir is not None:
-        _attach_masks(records, options.mask_dir)
+        _attach_masks(records, options.mask_dir, warn, allow_errors)
     if cfg.reg_data_dir:
         reg_scan = scan_dataset(cfg, allow_errors=allow_errors, reg=True)
         reg_records = _read_records(reg_scan, cfg, warn, allow_errors, is_reg=True)
@@ -439,20 +439,40 @@ def load_dataset(
     return SDDataset(records, scan, options)
 
 
-def _attach_masks(records: list[ImageRecord], mask_dir: Path) -> None:
-    from loratui.data.masks import mask_path_for
+def _attach_masks(
+    records: list[ImageRecord], mask_dir: Path, warn: Callable[[str], None], allow_errors: bool
+) -> None:
+    """Each record's mask file; missing or mis-sized masks stop the run (with `--skip-checks`: a warning,
+    and the image is trained whole)."""
+    from loratui.data.masks import mask_path_for, open_mask
 
-    missing = []
+    problems = []
     for record in records:
-        record.mask_path = mask_path_for(mask_dir, record.rel)
-        if record.mask_path is None:
-            missing.append(record.rel)
-    if missing:
-        listing = "\n".join(f"    {rel}" for rel in missing[:20])
-        raise DatasetError(
-            f"{len(missing)} image(s) have no mask in {mask_dir} (same relative path and name, any image "
-            f"extension); add them or drop mask_dir:\n{listing}"
-        )
+        path = mask_path_for(mask_dir, record.rel)
+        if path is None:
+            problems.append(f"{record.rel}: no mask")
+            continue
+        try:
+            size = open_mask(path).size
+        except ImageReadError as exc:
+            problems.append(f"{record.rel}: {exc.reason}")
+            continue
+        if size != record.size:
+            problems.append(
+                f"{record.rel}: mask {size[0]}x{size[1]}, image {record.size[0]}x{record.size[1]}"
+            )
+            continue
+        record.mask_path = path
+    if not problems:
+        return
+    listing = "\n".join(f"    {line}" for line in problems[:20])
+    if allow_errors:
+        warn(f"{len(problems)} image(s) without a usable mask are trained whole:\n{listing}")
+        return
+    raise DatasetError(
+        f"{len(problems)} image(s) have no usable mask in {mask_dir} (same relative path and name, any image "
+        f"extension, the image's size); fix them or drop mask_dir (`loratui check` lists them):\n{listing}"
+    )
 
 
 def _read_records(
