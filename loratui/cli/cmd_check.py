@@ -38,6 +38,9 @@ def _settings_from_config(path: Path) -> dict[str, Any]:
         "trigger_word": cfg.trigger_word,
         "caption_extensions": (cfg.caption_extension,),
         "trust_remote_code": cfg.trust_remote_code,
+        "reg_data_dir": Path(cfg.reg_data_dir).expanduser() if cfg.reg_data_dir else None,
+        "mask_dir": Path(cfg.mask_dir).expanduser() if cfg.mask_dir else None,
+        "alpha_mask": cfg.alpha_mask,
     }
 
 
@@ -70,6 +73,13 @@ def check(
     metadata: Path | None = typer.Option(
         None, "--metadata", help="metadata.csv (default: PATH/metadata.csv)."
     ),
+    reg_data_dir: Path | None = typer.Option(
+        None, "--reg-data-dir", help="Regularization (class) images, checked like the dataset."
+    ),
+    mask_dir: Path | None = typer.Option(
+        None, "--mask-dir", help="Loss masks named like the images: report missing and mis-sized ones."
+    ),
+    alpha_mask: bool = typer.Option(False, "--alpha-mask", help="Masks come from the images' alpha channel."),
     max_seq_len: int | None = typer.Option(
         None, "--max-seq-len", help="Text: report records longer than this."
     ),
@@ -115,6 +125,9 @@ def check(
         metadata_path=metadata or settings.get("metadata"),
         caption_extensions=exts or DEFAULT_CAPTION_EXTENSIONS,
         trust_remote_code=trust_remote_code or bool(settings.get("trust_remote_code")),
+        reg_data_dir=reg_data_dir or settings.get("reg_data_dir"),
+        mask_dir=mask_dir or settings.get("mask_dir"),
+        alpha_mask=alpha_mask or bool(settings.get("alpha_mask")),
     )
     shown = max_examples if max_examples > 0 else None
     if json_out:

@@ -311,10 +311,13 @@ def _print_dry_run(
     processes=None,
     ignored: Sequence[IgnoredSetting] = (),
 ) -> None:
+    from dataclasses import asdict
+
     from rich.markup import escape
     from rich.table import Table
 
     from loratui.cli.common import console
+    from loratui.data.regularization import epoch_line, epoch_plan
 
     if json_out:
         payload = {
@@ -326,6 +329,9 @@ def _print_dry_run(
             "ignored": [{"key": item.key, "source": item.source, "reason": item.reason} for item in ignored],
             "memory": prediction,
         }
+        counts = epoch_plan(resolved.config)
+        if counts is not None:
+            payload["data"] = {**asdict(counts), "steps_per_epoch": counts.steps_per_epoch}
         if processes is not None:
             from loratui.train.process.batches import global_batch
 
@@ -349,6 +355,10 @@ def _print_dry_run(
         style = "dim" if source == "default" else ""
         table.add_row(escape(key), escape(json.dumps(value, ensure_ascii=False)), escape(source), style=style)
     out.print(table)
+    counts = epoch_plan(resolved.config)
+    if counts is not None:
+        cfg = resolved.config
+        out.print(epoch_line(counts, cfg.epochs, cfg.max_steps), highlight=False, markup=False)
     if prediction is not None:
         from loratui.memory.integration import dry_run_lines
 

@@ -151,6 +151,20 @@ class TrainConfig(BaseModel):
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags.")
     keep_tokens: int = Field(0, ge=0, description="Leading tags kept in place when shuffling.")
     trigger_word: str | None = Field(None, description="Prepended to captions that lack it.")
+    reg_data_dir: str | None = Field(
+        None,
+        description="Regularization (class) images with captions for prior preservation; kohya N_name folders.",
+    )
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, description="Loss weight of the regularization images (prior preservation)."
+    )
+    masked_loss: bool = Field(
+        False, description="Weight the loss per latent pixel by a mask (from mask_dir or alpha_mask)."
+    )
+    mask_dir: str | None = Field(
+        None, description="Grayscale masks named like the training images (white: trained, black: ignored)."
+    )
+    alpha_mask: bool = Field(False, description="Use each image's alpha channel as its loss mask.")
     cache_latents: bool = Field(False, description="Encode images once and keep the VAE off the GPU.")
     cache_latents_to_disk: bool = Field(False, description="Store cached latents on disk next to the run.")
     cache_text_encoder_outputs: bool = Field(False, description="Encode captions once (frozen text encoder).")
@@ -299,6 +313,20 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _mask_source_given(self) -> TrainConfig:
+        """masked_loss needs masks: from mask_dir or from the images' alpha channel."""
+        if self.masked_loss and not self.mask_dir and not self.alpha_mask:
+            raise ValueError(
+                "masked_loss needs masks: set mask_dir (grayscale files named like the images) or alpha_mask: true"
+            )
+        return self
+
+    @property
+    def uses_loss_masks(self) -> bool:
+        """True when the loss is weighted per latent pixel (mask_dir or alpha_mask given)."""
+        return bool(self.mask_dir) or self.alpha_mask
+
+    @model_validator(mode="after")
     def _network_options_fit(self) -> TrainConfig:
         """Adapter options that the chosen network type does not read are mistakes, not no-ops."""
         kind = self.network_type
@@ -346,4 +374,11 @@ class TrainConfig(BaseModel):
 
 FIELD_NAMES: tuple[str, ...] = tuple(TrainConfig.model_fields)
 _DEFAULTS = {name: field.default for name, field in TrainConfig.model_fields.items()}
-PATH_FIELDS: tuple[str, ...] = ("base_model", "train_data_dir", "metadata_path", "init_lora")
+PATH_FIELDS: tuple[str, ...] = (
+    "base_model",
+    "train_data_dir",
+    "metadata_path",
+    "init_lora",
+    "reg_data_dir",
+    "mask_dir",
+)

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ from loratui.data.image_dataset import (
     scan_image_dataset,
 )
 from loratui.data.image_io import IMAGE_EXTENSIONS
+from loratui.data.masks import mask_findings
 from loratui.data.perceptual_hash import DEFAULT_MAX_DISTANCE, near_duplicate_pairs
 from loratui.data.preference_dataset import PreferenceRecord, detect_preference
+from loratui.data.regularization import sample_counts
 from loratui.data.text_dataset import TEXT_EXTENSIONS, TextRecord, read_text_dataset
 from loratui.data.token_count import (
     CLIP_APPROXIMATION,
@@ -118,8 +121,14 @@ def run_checks(
     caption_extensions: tuple[str, ...] | list[str] = DEFAULT_CAPTION_EXTENSIONS,
     workers: int | None = None,
     trust_remote_code: bool = False,
+    reg_data_dir: Path | None = None,
+    mask_dir: Path | None = None,
+    alpha_mask: bool = False,
 ) -> Report:
-    """Check an image or text dataset and return a ``Report`` (never raises for dataset problems)."""
+    """Check an image or text dataset and return a ``Report`` (never raises for dataset problems).
+
+    Images: ``reg_data_dir`` is checked like the training folder (its findings name the files under it);
+    ``mask_dir``/``alpha_mask`` check the loss masks (``loratui.data.masks``)."""
     path = Path(path)
     if not path.exists():
         return _unusable(path, task, "path_not_found")
@@ -143,6 +152,9 @@ def run_checks(
             caption_extensions=caption_extensions,
             workers=workers,
             trust_remote_code=trust_remote_code,
+            reg_data_dir=reg_data_dir,
+            mask_dir=mask_dir,
+            alpha_mask=alpha_mask,
         )
     if task == "text":
         return run_text_checks(
@@ -340,8 +352,12 @@ def run_image_checks(
     caption_extensions: tuple[str, ...] | list[str] = DEFAULT_CAPTION_EXTENSIONS,
     workers: int | None = None,
     trust_remote_code: bool = False,
+    reg_data_dir: Path | None = None,
+    mask_dir: Path | None = None,
+    alpha_mask: bool = False,
 ) -> Report:
-    """All image dataset checks (layout, captions, files, duplicates) for the folder ``root``."""
+    """All image dataset checks (layout, captions, files, duplicates, masks) for the folder ``root``, and
+    for the regularization folder ``reg_data_dir`` when given."""
     start = time.perf_counter()
     root = Path(root)
     if not root.is_dir():
@@ -364,6 +380,12 @@ def run_image_checks(
     summary: dict[str, object] = {}
     summary.update(_duplicate_findings(scan, results, deep, bag, n_workers))
     _caption_findings(scan, tokenizer_path, bag, summary, trust_remote_code)
+    bag.extend(mask_findings(scan, Path(mask_dir) if mask_dir else None, alpha_mask))
+    reg_summary = {}
+    if reg_data_dir is not None:
+        reg_summary = _reg_findings(
+            scan, Path(reg_data_dir), bag, resolution, batch_size, caption_extensions, alpha_mask, n_workers
+        )
     elapsed = time.perf_counter() - start
     sources = Counter(item.caption_source or "none" for item in scan.items)
     summary = {
@@ -371,6 +393,7 @@ def run_image_checks(
         "images_x_repeats": scan.n_samples,
         "batch_size": batch_size,
         "steps_per_epoch": scan.steps_per_epoch(batch_size),
+        **reg_summary,
         "resolution": resolution,
         "captioned": sum(1 for item in scan.items if item.caption),
         "caption_sources": dict(sources),
@@ -382,6 +405,62 @@ def run_image_checks(
         "files_per_s": round(len(results) / elapsed, 1) if elapsed > 0 else None,
     }
     return Report(findings=bag.to_list(), summary=summary, task="image", path=str(root))
+
+
+def _reg_findings(
+    scan: ImageDatasetScan,
+    reg_root: Path,
+    bag: FindingBag,
+    resolution: int,
+    batch_size: int,
+    caption_extensions: tuple[str, ...] | list[str],
+    alpha_mask: bool,
+    workers: int,
+) -> dict[str, object]:
+    """Check the regularization folder like a training folder; its findings' examples are prefixed with it.
+
+    Returns the summary entries that change with it (samples and steps per epoch, kohya's balancing)."""
+    reg = run_image_checks(
+        reg_root,
+        resolution=resolution,
+        batch_size=batch_size,
+        caption_extensions=caption_extensions,
+        alpha_mask=alpha_mask,
+        workers=workers,
+    )
+    prefixed = []
+    for finding in reg.findings:
+        if finding.code == "tag_frequency":
+            continue
+        examples = [Example(str(reg_root / e.path), e.line, e.detail) for e in finding.examples]
+        prefixed.append(replace(finding, examples=examples))
+    bag.extend(prefixed)
+    if reg.unusable:
+        return {"reg_images": 0}
+    reg_scan = scan_image_dataset(reg_root, caption_extensions=tuple(caption_extensions))
+    counts = sample_counts(scan, reg_scan, batch_size)
+    bag.add(
+        "reg_images",
+        Example(
+            str(reg_root),
+            None,
+            f"{counts.reg_images} images, {counts.reg_samples} samples per epoch beside "
+            f"{counts.train_samples} training samples",
+        ),
+    )
+    if counts.reg_images_used < counts.reg_images:
+        bag.add(
+            "reg_images_unused",
+            Example(
+                str(reg_root), None, f"{counts.reg_images - counts.reg_images_used} of {counts.reg_images}"
+            ),
+        )
+    return {
+        "reg_images": counts.reg_images,
+        "reg_samples": counts.reg_samples,
+        "samples_per_epoch": counts.samples_per_epoch,
+        "steps_per_epoch": counts.steps_per_epoch,
+    }
 
 
 # --- text ---------------------------------------------------------------------------------------

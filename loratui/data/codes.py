@@ -145,6 +145,37 @@ CODES: dict[str, tuple[Severity, str, str]] = {
         "Captions without the trigger word.",
         'Add the trigger word to these captions (e.g. `loratui caption PATH --prefix "mychar, "`).',
     ),
+    # --- loss masks and regularization images ---------------------------------------------------
+    "missing_mask": (
+        "error",
+        "Images without a mask file in mask_dir (masked_loss).",
+        "Add a grayscale mask with the image's name and size to mask_dir (white: trained, black: ignored).",
+    ),
+    "mask_size_mismatch": (
+        "error",
+        "Mask files whose size differs from their image's.",
+        "Re-export each mask at its image's width and height.",
+    ),
+    "mask_unreadable": (
+        "error",
+        "Mask files that cannot be read.",
+        "Re-export them as PNG (grayscale) or delete them and add a new mask.",
+    ),
+    "no_alpha_mask": (
+        "warning",
+        "Images without an alpha channel while alpha_mask is on; their whole area is trained.",
+        "Save these images with transparency (RGBA PNG/WebP) where the background must not count.",
+    ),
+    "reg_images": (
+        "info",
+        "Regularization images (prior preservation), balanced against the training samples as kohya does.",
+        "",
+    ),
+    "reg_images_unused": (
+        "warning",
+        "Regularization images that are never used: there are more of them than training samples.",
+        "Add training images or repeats, or remove regularization images you do not need.",
+    ),
     # --- image files -------------------------------------------------------------------------
     "corrupt_image": (
         "error",

@@ -108,8 +108,14 @@ def dataset_fingerprint(train_data_dir: str, metadata_path: str | None = None) -
 
 
 def input_fingerprints(cfg: Any) -> dict[str, Any]:
-    """`{"base_model": ..., "dataset": ...}` for a TrainConfig."""
-    return {
+    """`{"base_model": ..., "dataset": ...}` for a TrainConfig, plus `reg_dataset` (reg_data_dir) and `masks`
+    (mask_dir) when they are set."""
+    out = {
         "base_model": base_model_fingerprint(str(cfg.base_model)),
         "dataset": dataset_fingerprint(str(cfg.train_data_dir), getattr(cfg, "metadata_path", None)),
     }
+    for key, option in (("reg_dataset", "reg_data_dir"), ("masks", "mask_dir")):
+        folder = getattr(cfg, option, None)
+        if folder:
+            out[key] = dataset_fingerprint(str(folder))
+    return out

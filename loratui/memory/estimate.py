@@ -361,6 +361,21 @@ def _adapter_fit(planner: Planner, regime: Regime, source: str, what: str, cfg: 
         return get_fit(planner.spec, replace(regime, network="lora"), source, what), numel * width
 
 
+def sd_data_extras(cfg: Any, batch_size: int, vae_factor: int, notes: list[str]) -> int:
+    """Bytes the SD micro-batch holds for loss masks (pixel + latent size, fp32); notes for regularization
+    images, which share each step's batch (kohya mixes them in) and so change the steps, not the memory."""
+    from loratui.models.sd.masks import mask_bytes
+
+    if getattr(cfg, "reg_data_dir", None):
+        notes.append(
+            "regularization images share each step's batch_size (memory per step unchanged); they double the "
+            "steps per epoch"
+        )
+    if getattr(cfg, "uses_loss_masks", False):
+        return mask_bytes(batch_size, cfg.resolution, vae_factor)
+    return 0
+
+
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (`train/sd/setup.py`)."""
     from loratui.memory.tables import get_fit, table_for
@@ -392,6 +407,8 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         peak, acts = peak + held, acts + held
     accumulating = cfg.gradient_accumulation_steps > 1
     step, activations, grads_at_peak = step_parts(peak, acts, lora, accumulating)
+    masks = sd_data_extras(cfg, b, int(summary.info.get("vae_factor", 8)), notes)
+    step += masks
     carried = lora if accumulating else 0  # gradients of earlier micro-batches
     plain = Regime(regime.precision)
     vae_peak = get_fit(planner.spec, plain, source, "vae").evaluate(b, tokens, 0)[0]
@@ -411,6 +428,8 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         parts = {**common, "gradients": lora, "optimizer_temporaries": temporaries}
     elif phase == "micro-batch forward/backward":
         parts = {**common, "gradients": grads_at_peak, "activations": activations}
+        if masks:
+            parts["loss_masks"] = masks
     else:
         parts = {**common, "gradients": carried, "encoding": phases[phase] - carried}
     if vae_on_device:

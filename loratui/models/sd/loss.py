@@ -89,9 +89,16 @@ def per_sample_loss(
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
     min_snr_gamma: float | None = None,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample [B] (fp32), Min-SNR weighted when `min_snr_gamma` is set."""
-    loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    """Mean squared error per sample [B] (fp32), Min-SNR weighted when `min_snr_gamma` is set.
+
+    `pixel_weights` ([B, 1, h, w], `loratui.models.sd.masks.latent_masks`) weigh each latent pixel's error
+    before the mean (masked loss)."""
+    error = (prediction.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        error = error * pixel_weights.to(error.device, error.dtype)
+    loss = error.flatten(1).mean(dim=1)
     if min_snr_gamma:
         loss = loss * min_snr_weights(alphas_cumprod, timesteps, min_snr_gamma, prediction_type)
     return loss

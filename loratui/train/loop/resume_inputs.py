@@ -74,8 +74,13 @@ def check_resume_inputs(cfg: Any, checkpoint: Path, *, allow_changed_data: bool)
         return []
     current = input_fingerprints(cfg)
     changed = []
-    for key, label in (("base_model", "base_model"), ("dataset", "the dataset (train_data_dir)")):
-        before, now = recorded.get(key), current[key]
+    for key, label in (
+        ("base_model", "base_model"),
+        ("dataset", "the dataset (train_data_dir)"),
+        ("reg_dataset", "the regularization images (reg_data_dir)"),
+        ("masks", "the loss masks (mask_dir)"),
+    ):
+        before, now = recorded.get(key), current.get(key, {})
         if isinstance(before, dict) and before.get("sha256") != now.get("sha256"):
             changed.append(f"{label} changed: checkpoint {_describe(before)}, now {_describe(now)}")
     if not changed:

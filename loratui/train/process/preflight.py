@@ -54,6 +54,9 @@ def run_preflight(resolved: ResolvedConfig) -> PreflightResult:
         caption_extensions=(cfg.caption_extension,),
         trigger_word=cfg.trigger_word,
         max_seq_len=cfg.max_seq_len,
+        reg_data_dir=cfg.reg_data_dir if task == "image" else None,
+        mask_dir=cfg.mask_dir if task == "image" else None,
+        alpha_mask=cfg.alpha_mask and task == "image",
     )
     return PreflightResult([f for f in report.findings if f.severity == "error"])
 

@@ -19,6 +19,7 @@ import torch
 
 from loratui.data.image_dataset import ImageDatasetScan, ensure_trigger, scan_image_dataset
 from loratui.data.image_io import ImageReadError, open_image_rgb
+from loratui.data.regularization import reg_repeats
 from loratui.util.seeding import sample_random
 
 #: Stop when more than this fraction of the images cannot be read (below it they are skipped with a warning).
@@ -44,6 +45,8 @@ class ImageRecord:
     size: tuple[int, int]  # (width, height), upright
     bucket: tuple[int, int]  # (width, height) it is trained at
     digest: str  # content hash of the file
+    is_reg: bool = False  # a regularization (class) image: weighted by prior_loss_weight, no trigger word
+    mask_path: Path | None = None  # its loss mask file (mask_dir)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class DatasetOptions:
     keep_tokens: int = 0
     trigger_word: str | None = None
     seed: int = 0
+    prior_loss_weight: float = 1.0
+    mask_dir: Path | None = None
+    alpha_mask: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> DatasetOptions:
@@ -178,6 +184,9 @@ class DatasetOptions:
             keep_tokens=cfg.keep_tokens,
             trigger_word=cfg.trigger_word,
             seed=cfg.seed,
+            prior_loss_weight=cfg.prior_loss_weight,
+            mask_dir=Path(cfg.mask_dir).expanduser() if cfg.mask_dir else None,
+            alpha_mask=cfg.alpha_mask,
         )
 
     @property
@@ -185,9 +194,15 @@ class DatasetOptions:
         """True when a sample's caption is the same in every epoch (text-encoder outputs can be cached)."""
         return self.caption_dropout == 0 and not self.shuffle_tags
 
+    @property
+    def uses_masks(self) -> bool:
+        """True when the loss is weighted by per-pixel masks."""
+        return self.mask_dir is not None or self.alpha_mask
+
 
 class SDDataset:
-    """Images x repeats, with per-sample deterministic augmentation."""
+    """Images x repeats (training images first, then the regularization samples), with per-sample
+    deterministic augmentation."""
 
     def __init__(self, records: list[ImageRecord], scan: ImageDatasetScan, options: DatasetOptions):
         self.records = records
@@ -200,7 +215,39 @@ class SDDataset:
 
     @property
     def num_images(self) -> int:
-        return len(self.records)
+        """Training images (regularization images not counted)."""
+        return sum(1 for rec in self.records if not rec.is_reg)
+
+    @property
+    def num_reg_samples(self) -> int:
+        """Regularization samples per epoch."""
+        return sum(rec.repeats for rec in self.records if rec.is_reg)
+
+    def loss_weight(self, view: SampleView) -> float:
+        """prior_loss_weight for a regularization sample, 1 for a training sample (as kohya)."""
+        return self.options.prior_loss_weight if view.record.is_reg else 1.0
+
+    def mask(self, view: SampleView) -> torch.Tensor | None:
+        """[1, H, W] loss mask in [0, 1] of a sample view (same resize, crop and flip as its pixels), or
+        None when masks are off; regularization images only have alpha masks."""
+        import numpy as np
+
+        from loratui.data.masks import open_alpha_mask, open_mask
+
+        opts, record = self.options, view.record
+        if record.mask_path is not None:
+            image = open_mask(record.mask_path)
+        elif opts.alpha_mask:
+            image = open_alpha_mask(record.path)
+        else:
+            return None
+        if image.size != record.size:
+            raise DatasetError(
+                f"mask of {record.rel} is {image.size[0]}x{image.size[1]}, the image {record.size[0]}x"
+                f"{record.size[1]}; re-export the mask at the image's size (`loratui check` lists them)"
+            )
+        array = np.asarray(_transformed(image, view), dtype=np.float32) / 255.0
+        return torch.from_numpy(array.copy()).unsqueeze(0)
 
     def view(self, index: int, epoch: int) -> SampleView:
         """Caption, flip and crop of sample `index` in `epoch`."""
@@ -208,7 +255,7 @@ class SDDataset:
         record = self.records[self.sample_records[index]]
         caption = process_caption(
             record.caption,
-            trigger_word=opts.trigger_word,
+            trigger_word=None if record.is_reg else opts.trigger_word,
             shuffle_tags=opts.shuffle_tags,
             keep_tokens=opts.keep_tokens,
             caption_dropout=opts.caption_dropout,
@@ -229,19 +276,8 @@ class SDDataset:
     def pixels(self, view: SampleView) -> torch.Tensor:
         """[3, H, W] float tensor in [-1, 1] for a sample view."""
         import numpy as np
-        from PIL import Image
 
-        image = open_image_rgb(view.record.path)
-        width, height = view.resized
-        if (width, height) != image.size:
-            downscale = width * height < image.size[0] * image.size[1]
-            method = Image.Resampling.LANCZOS if downscale else Image.Resampling.BICUBIC
-            image = image.resize((width, height), method)
-        top, left = view.crop_top_left
-        bw, bh = view.bucket
-        image = image.crop((left, top, left + bw, top + bh))
-        if view.flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = _transformed(open_image_rgb(view.record.path), view)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -262,6 +298,8 @@ class SDDataset:
         """kohya's `ss_dataset_dirs`: {folder: {n_repeats, img_count}} over the images really trained."""
         out: dict[str, dict[str, int]] = {}
         for record in self.records:
+            if record.is_reg:
+                continue
             name = self._dir_name(record.subset)
             entry = out.setdefault(name, {"n_repeats": record.repeats, "img_count": 0})
             entry["img_count"] += 1
@@ -271,14 +309,51 @@ class SDDataset:
         """kohya's `ss_tag_frequency`: {folder: {tag: images}} (trigger word included when prepended)."""
         out: dict[str, dict[str, int]] = {}
         for record in self.records:
+            if record.is_reg:
+                continue
             counts = out.setdefault(self._dir_name(record.subset), {})
             caption = ensure_trigger(record.caption, self.options.trigger_word)
             for tag in {t.strip() for t in caption.split(",") if t.strip()}:
                 counts[tag] = counts.get(tag, 0) + 1
         return out
 
+    def reg_metadata(self) -> dict[str, str]:
+        """kohya's `ss_num_reg_images`, `ss_reg_dataset_dirs` and `ss_prior_loss_weight` (empty without
+        regularization images)."""
+        import json
+
+        reg = [record for record in self.records if record.is_reg]
+        if not reg:
+            return {}
+        dirs: dict[str, dict[str, int]] = {}
+        for record in reg:
+            entry = dirs.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return {
+            "ss_num_reg_images": str(self.num_reg_samples),
+            "ss_reg_dataset_dirs": json.dumps(dirs, ensure_ascii=False),
+            "ss_prior_loss_weight": str(self.options.prior_loss_weight),
+        }
+
     def _dir_name(self, subset: str) -> str:
         return self.scan.root.name if subset == "." else subset
+
+
+def _transformed(image, view: SampleView):
+    """`image` (PIL, the record's upright size) resized, cropped and flipped as `view` says."""
+    from PIL import Image
+
+    width, height = view.resized
+    if (width, height) != image.size:
+        downscale = width * height < image.size[0] * image.size[1]
+        method = Image.Resampling.LANCZOS if downscale else Image.Resampling.BICUBIC
+        image = image.resize((width, height), method)
+    top, left = view.crop_top_left
+    bw, bh = view.bucket
+    image = image.crop((left, top, left + bw, top + bh))
+    if view.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
 
 
 def _flipped(view: SampleView) -> SampleView:
@@ -300,11 +375,11 @@ def _finding_text(finding, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def scan_dataset(cfg, *, allow_errors: bool = False) -> ImageDatasetScan:
-    """Scan the dataset folder; DatasetError when it is missing, empty or (unless `allow_errors`, from
-    `--skip-checks`) has errors."""
-    root = Path(cfg.train_data_dir).expanduser()
-    metadata = Path(cfg.metadata_path).expanduser() if cfg.metadata_path else None
+def scan_dataset(cfg, *, allow_errors: bool = False, reg: bool = False) -> ImageDatasetScan:
+    """Scan the dataset folder (`reg`: the regularization folder); DatasetError when it is missing, empty or
+    (unless `allow_errors`, from `--skip-checks`) has errors."""
+    root = Path(cfg.reg_data_dir if reg else cfg.train_data_dir).expanduser()
+    metadata = Path(cfg.metadata_path).expanduser() if cfg.metadata_path and not reg else None
     if metadata is not None and not metadata.is_file():
         raise DatasetError(f"metadata file not found: {metadata}")
     try:
@@ -312,15 +387,16 @@ def scan_dataset(cfg, *, allow_errors: bool = False) -> ImageDatasetScan:
             root,
             metadata_path=metadata,
             caption_extensions=(cfg.caption_extension,),
-            trigger_word=cfg.trigger_word,
+            trigger_word=None if reg else cfg.trigger_word,
         )
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise DatasetError(str(exc)) from exc
     errors = [f for f in scan.findings if f.severity == "error"]
     if (errors and not allow_errors) or not scan.items:
-        body = "\n".join(_finding_text(f) for f in errors) or f"- no training images in {root}"
+        what = "regularization" if reg else "training"
+        body = "\n".join(_finding_text(f) for f in errors) or f"- no {what} images in {root}"
         raise DatasetError(
-            f"the dataset in {root} cannot be trained on:\n{body}\n(`loratui check {root}` shows the full report)"
+            f"the {'regularization images' if reg else 'dataset'} in {root} cannot be trained on:\n{body}\n(`loratui check {root}` shows the full report)"
         )
     return scan
 
@@ -338,15 +414,77 @@ def load_dataset(
 ) -> SDDataset:
     """Scan, check and read every image once (sizes, content hashes); unreadable images are skipped.
 
-    Raises DatasetError for unusable datasets, and when more than 10 % of the images cannot be read.
+    With `reg_data_dir`, the regularization images follow the training images, balanced against the training
+    samples as kohya does (`loratui.data.regularization.reg_repeats`). Raises DatasetError for unusable
+    datasets, when more than 10 % of the images cannot be read, and for missing masks.
     """
     scan = scan_dataset(cfg, allow_errors=allow_errors)
     options = DatasetOptions.from_config(cfg)
+    records = _read_records(scan, cfg, warn, allow_errors, is_reg=False)
+    if options.mask_dir is not None:
+        _attach_masks(records, options.mask_dir, warn, allow_errors)
+    if cfg.reg_data_dir:
+        reg_scan = scan_dataset(cfg, allow_errors=allow_errors, reg=True)
+        reg_records = _read_records(reg_scan, cfg, warn, allow_errors, is_reg=True)
+        train_samples = sum(rec.repeats for rec in records)
+        balanced = reg_repeats(train_samples, [r.repeats for r in reg_records])
+        for record, repeats in zip(reg_records, balanced, strict=True):
+            record.repeats = repeats
+        unused = sum(1 for rec in reg_records if not rec.repeats)
+        if unused:
+            warn(
+                f"{unused} of {len(reg_records)} regularization images are not used (more than the training samples)"
+            )
+        records += [rec for rec in reg_records if rec.repeats]
+    return SDDataset(records, scan, options)
+
+
+def _attach_masks(
+    records: list[ImageRecord], mask_dir: Path, warn: Callable[[str], None], allow_errors: bool
+) -> None:
+    """Each record's mask file; missing or mis-sized masks stop the run (with `--skip-checks`: a warning,
+    and the image is trained whole)."""
+    from loratui.data.masks import mask_path_for, open_mask
+
+    problems = []
+    for record in records:
+        path = mask_path_for(mask_dir, record.rel)
+        if path is None:
+            problems.append(f"{record.rel}: no mask")
+            continue
+        try:
+            size = open_mask(path).size
+        except ImageReadError as exc:
+            problems.append(f"{record.rel}: {exc.reason}")
+            continue
+        if size != record.size:
+            problems.append(
+                f"{record.rel}: mask {size[0]}x{size[1]}, image {record.size[0]}x{record.size[1]}"
+            )
+            continue
+        record.mask_path = path
+    if not problems:
+        return
+    listing = "\n".join(f"    {line}" for line in problems[:20])
+    if allow_errors:
+        warn(f"{len(problems)} image(s) without a usable mask are trained whole:\n{listing}")
+        return
+    raise DatasetError(
+        f"{len(problems)} image(s) have no usable mask in {mask_dir} (same relative path and name, any image "
+        f"extension, the image's size); fix them or drop mask_dir (`loratui check` lists them):\n{listing}"
+    )
+
+
+def _read_records(
+    scan: ImageDatasetScan, cfg, warn: Callable[[str], None], allow_errors: bool, *, is_reg: bool
+) -> list[ImageRecord]:
+    """The scan's readable images with their sizes, buckets and content hashes; findings become warnings."""
+    prefix = "regularization images: " if is_reg else ""
     for finding in scan.findings:
         if finding.severity == "warning" or (allow_errors and finding.severity == "error"):
             where = ", ".join(e.location() for e in finding.examples[:5])
             more = f" (+{finding.count - 5} more)" if finding.count > 5 else ""
-            warn(f"{finding.message} {where}{more}".strip())
+            warn(f"{prefix}{finding.message} {where}{more}".strip())
     buckets = make_buckets(cfg.resolution) if cfg.bucket else []
     records: list[ImageRecord] = []
     bad: list[str] = []
@@ -365,15 +503,23 @@ def load_dataset(
         )
         records.append(
             ImageRecord(
-                item.path, item.rel, item.caption, item.subset, item.repeats, size, bucket, _digest(item.path)
+                item.path,
+                item.rel,
+                item.caption,
+                item.subset,
+                item.repeats,
+                size,
+                bucket,
+                _digest(item.path),
+                is_reg=is_reg,
             )
         )
     if bad:
         listing = "\n".join(f"    {line}" for line in bad[:20])
         if not records or len(bad) > MAX_UNREADABLE_FRACTION * len(scan.items):
             raise DatasetError(
-                f"{len(bad)} of {len(scan.items)} images cannot be read (more than "
+                f"{prefix}{len(bad)} of {len(scan.items)} images cannot be read (more than "
                 f"{MAX_UNREADABLE_FRACTION:.0%}); fix or remove them:\n{listing}"
             )
-        warn(f"skipping {len(bad)} unreadable image(s):\n{listing}")
-    return SDDataset(records, scan, options)
+        warn(f"{prefix}skipping {len(bad)} unreadable image(s):\n{listing}")
+    return records

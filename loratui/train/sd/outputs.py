@@ -60,7 +60,7 @@ def kohya_info(
         learning_rate=cfg.learning_rate,
         text_encoder_lr=cfg.text_encoder_lr,
         train_text_encoder=cfg.train_text_encoder,
-        num_train_images=len(dataset),
+        num_train_images=len(dataset) - dataset.num_reg_samples,  # kohya: training images x repeats
         num_epochs=math.ceil(steps.total_steps / steps.steps_per_epoch),
         max_train_steps=steps.total_steps,
         batch_size=cfg.batch_size,
@@ -79,6 +79,7 @@ def kohya_info(
         # kohya's network args are strings (`--network_args key=value`)
         network_module=plan.network.peers_module,
         network_args=network_args(plan.network, plan.rank, plan.alpha, plan.target_names),
+        extra=dataset.reg_metadata(),
     )
 
 

@@ -34,6 +34,7 @@ from loratui.train.process.batches import batch_info, plan_batch, resume_note
 from loratui.train.process.distributed import checkpoint_on_peer_loss, is_main
 from loratui.train.sd.dataset import SampleView, SDDataset
 from loratui.train.sd.latent_cache import LatentSource
+from loratui.train.sd.loss_weights import pixel_weights, sample_weights
 from loratui.train.sd.oom import sd_meter_modules, sd_rung_applier
 from loratui.train.sd.outputs import Checkpointer, export_lora, render_samples
 from loratui.train.sd.setup import (
@@ -104,14 +105,17 @@ class LossContext:
             noisy.to(models.dtype), timesteps, embeds.to(models.dtype), **kwargs
         ).sample
         target = training_target(models.noise_scheduler, latents, noise, timesteps, models.prediction_type)
-        return per_sample_loss(
+        losses = per_sample_loss(
             prediction,
             target,
             timesteps,
             alphas_cumprod=models.noise_scheduler.alphas_cumprod,
             prediction_type=models.prediction_type,
             min_snr_gamma=cfg.min_snr_gamma,
+            pixel_weights=pixel_weights(self.dataset, views, latents),
         )
+        weights = sample_weights(self.dataset, views, losses.device)  # prior_loss_weight of reg images
+        return losses if weights is None else losses * weights
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
@@ -170,6 +174,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         precision=precision,
         prediction_type=models.prediction_type,
         images=dataset.num_images,
+        reg_samples=dataset.num_reg_samples,
         samples_per_epoch=len(dataset),
         resumed_from=start or None,
         lora_modules={k: len(v) for k, v in lora.targets.items()},
