@@ -75,52 +75,49 @@ LLAMA31_8B = {
 }
 
 #: (config, usable GiB) -> (current peak, top five options with their predicted peaks, digest of every candidate);
-#: recorded before the planner was made faster (the candidates were traced on the meta device then)
+#: recorded before the planner was made faster (the candidates were traced on the meta device then); the LLM
+#: entries re-pinned when the default step changed (all linear layers, chunked loss, QLoRA in the compute dtype)
 PINNED = {
     "llama-2-7b-hf": (
-        117227601065,
+        140364680534,
         [
+            ({"gradient_checkpointing": True}, 23517016936),
+            ({"batch_size": 1, "load_in_4bit": True, "gradient_accumulation_steps": 8}, 22929658075),
             (
-                {"batch_size": 4, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
-                21249238505,
-            ),
-            (
-                {"batch_size": 2, "gradient_checkpointing": True, "gradient_accumulation_steps": 4},
-                18254580467,
-            ),
-            (
-                {"batch_size": 1, "gradient_checkpointing": True, "gradient_accumulation_steps": 8},
-                16757251448,
-            ),
-            ({"gradient_checkpointing": True, "load_in_4bit": True}, 16599800946),
-            ({"batch_size": 1, "load_in_4bit": True, "gradient_accumulation_steps": 8}, 18463353678),
-        ],
-        # QLoRA options re-pinned when QLoRA stopped upcasting embeddings, norms and lm_head to fp32 (before:
-        # 22881634611 for the 4-bit + checkpointing option, digest d7b5ee8f9cac563c); nothing else changed
-        "6a82772904e75e86",
-    ),
-    "llama-3.1-8b": (
-        48799862136,
-        [
-            (
-                {"batch_size": 1, "gradient_checkpointing": True, "gradient_accumulation_steps": 8},
-                21084650282,
+                {"batch_size": 1, "lora_rank": 32, "max_seq_len": 1024, "gradient_accumulation_steps": 8},
+                23375648457,
             ),
             (
                 {
-                    "batch_size": 4,
-                    "gradient_checkpointing": True,
+                    "batch_size": 2,
+                    "max_seq_len": 1024,
                     "load_in_4bit": True,
-                    "gradient_accumulation_steps": 2,
+                    "gradient_accumulation_steps": 4,
                 },
-                22920249750,
+                22926571672,
             ),
-            ({"batch_size": 1, "load_in_4bit": True, "gradient_accumulation_steps": 8}, 22445655268),
-            ({"gradient_checkpointing": True, "load_in_4bit": True}, 14721977295),
-            ({"gradient_checkpointing": True, "max_seq_len": 1024}, 21081124620),
+            (
+                {"batch_size": 1, "lora_rank": 16, "max_seq_len": 1024, "gradient_accumulation_steps": 8},
+                22619209282,
+            ),
         ],
-        # QLoRA options re-pinned as above (before: 19312873916 for 4-bit + checkpointing, digest 63cdf20c22ca99b7)
-        "3c70b6887444fe5d",
+        # re-pinned for the new default step (see the comment above PINNED)
+        "295dfdf4043591f2",
+    ),
+    "llama-3.1-8b": (
+        50587431013,
+        [
+            (
+                {"batch_size": 4, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
+                22974672564,
+            ),
+            ({"gradient_checkpointing": True}, 20234224503),
+            ({"batch_size": 1, "load_in_4bit": True, "gradient_accumulation_steps": 8}, 23607928095),
+            ({"max_seq_len": 1024, "load_in_4bit": True}, 23518203643),
+            ({"batch_size": 1, "max_seq_len": 512, "gradient_accumulation_steps": 8}, 21674736792),
+        ],
+        # re-pinned as above
+        "93550ea16ce0a84f",
     ),
     "sd15": (
         8167186610,
