@@ -249,3 +249,27 @@ def test_sdxl_ema_and_validation(tiny_sdxl, tmp_path):
     assert ckpt.training_state["ema"]["updates"] == 2
     exported = Path(job.resolved.config.output_dir) / "my_style_lora.safetensors"
     assert exported.is_file() and events_of(job.run, "export")[-1]["ema"] is True
+
+
+# --- planner -------------------------------------------------------------------------------------------------
+
+
+def test_planner_counts_the_ema_copy_where_it_lives():
+    from loratui.config import TrainConfig
+    from loratui.memory.estimate import estimate_peak
+
+    base = {"task_type": "image-generation", "model_family": "sdxl", "resolution": 1024, "lora_rank": 32}
+    plain = estimate_peak(TrainConfig(**base), device="cuda")
+    ema = estimate_peak(TrainConfig(**base, ema_decay=0.999), device="cuda")
+    on_cpu = estimate_peak(TrainConfig(**base, ema_decay=0.999, ema_on_cpu=True), device="cuda")
+    lora = plain.breakdown["lora_params"]
+    assert ema.breakdown["ema_weights"] == lora  # one more fp32 copy of the LoRA parameters
+    assert ema.total_bytes - plain.total_bytes >= lora
+    assert "ema_weights" not in on_cpu.breakdown and on_cpu.total_bytes == plain.total_bytes
+    assert any("ema_on_cpu" in note for note in on_cpu.notes)
+    # a CPU run holds the copy in the memory it trains in, wherever ema_on_cpu puts it
+    cpu = estimate_peak(TrainConfig(**base, ema_decay=0.999, ema_on_cpu=True), device="cpu")
+    assert cpu.breakdown["ema_weights"] == lora
+    validating = estimate_peak(TrainConfig(**base, val_split=0.1), device="cuda")
+    assert validating.total_bytes == plain.total_bytes
+    assert any("below the training step's peak" in note for note in validating.notes)
