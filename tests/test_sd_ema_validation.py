@@ -220,6 +220,8 @@ def test_validation_loss_is_the_same_for_the_same_weights(tiny_sd15, tmp_path):
     second = validation.loss(models, None, accelerator.autocast)
     assert first == second  # fixed timesteps and noise: the same weights give the same loss
     assert models.unet.training  # back in training mode
+    one_at_a_time = validation.loss(models, None, accelerator.autocast, batch_size=1)
+    assert one_at_a_time == pytest.approx(first, rel=1e-4)  # batching does not change it (OOM ladder)
     with torch.no_grad():
         for param in params:
             param.add_(0.05)
@@ -273,3 +275,31 @@ def test_planner_counts_the_ema_copy_where_it_lives():
     validating = estimate_peak(TrainConfig(**base, val_split=0.1), device="cuda")
     assert validating.total_bytes == plain.total_bytes
     assert any("below the training step's peak" in note for note in validating.notes)
+
+
+def test_oom_ladder_moves_the_ema_to_cpu_memory():
+    from loratui.config import TrainConfig
+    from loratui.train.loop.ema import LoraEMA
+    from loratui.train.oom.ladder import OomLadder, settings_of
+
+    base = {"task_type": "image-generation", "model_family": "sd15", "cache_latents": True}
+    with_ema = settings_of(TrainConfig(**base, ema_decay=0.99), "sd")
+    without = settings_of(TrainConfig(**base), "sd")
+    assert with_ema["ema_on_cpu"] is False and without["ema_on_cpu"] is None
+    ladder = OomLadder("sd", with_ema, can_cache_text=False)
+    rungs = [r for r in ladder.remaining(with_ema) if r.name == "offload"]
+    assert rungs and rungs[0].changes == {"ema_on_cpu": True} and "EMA" in rungs[0].label
+    assert not [
+        r for r in OomLadder("sd", without, can_cache_text=False).remaining(without) if r.name == "offload"
+    ]
+
+    param = torch.nn.Parameter(torch.ones(3))
+    ema = LoraEMA({"w": param}, 0.5)
+    ema.move_to("cpu")
+    with torch.no_grad():
+        param.fill_(3.0)
+    ema.update(1)
+    assert ema.on_cpu and ema.shadow["w"].tolist() == [2.0, 2.0, 2.0]
+    with ema.applied():
+        assert param.tolist() == [2.0, 2.0, 2.0]
+    assert param.tolist() == [3.0, 3.0, 3.0]

@@ -107,6 +107,11 @@ class LoraEMA:
                 for name, param in self.params.items():
                     param.copy_(backup[name])
 
+    def move_to(self, device: str | torch.device) -> None:
+        """Keep the shadow copy on `device` from now on (the OOM ladder moves it to CPU memory)."""
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.shadow = {name: tensor.to(device) for name, tensor in self.shadow.items()}
+
     def nbytes(self) -> int:
         """Bytes the shadow copy holds."""
         return sum(t.numel() * t.element_size() for t in self.shadow.values())

@@ -240,7 +240,10 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
             ):
                 with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT):
                     report_validation(
-                        reporter, step, epoch, validation.loss(models, text, accelerator.autocast)
+                        reporter,
+                        step,
+                        epoch,
+                        validation.loss(models, text, accelerator.autocast, cfg.batch_size),
                     )
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):

@@ -61,12 +61,15 @@ def _once_each(dataset: SDDataset, options: DatasetOptions) -> SDDataset:
 
 def split_datasets(cfg: Any, dataset: SDDataset, reporter: Reporter) -> tuple[SDDataset, SDDataset | None]:
     """(the training dataset, the validation dataset or None) from `val_split` or `val_data_dir`."""
-    if cfg.val_data_dir:
+    val_dir, fraction = getattr(cfg, "val_data_dir", None), getattr(cfg, "val_split", 0.0)
+    if not val_dir and not fraction:
+        return dataset, None
+    if val_dir:
         warn = lambda message: reporter.event("warning", message=f"val_data_dir: {message}")  # noqa: E731
-        val_cfg = cfg.model_copy(update={"train_data_dir": cfg.val_data_dir, "metadata_path": None})
+        val_cfg = cfg.model_copy(update={"train_data_dir": val_dir, "metadata_path": None})
         val = load_dataset(val_cfg, warn=warn)
         return dataset, _once_each(val, _eval_options(dataset.options))
-    held = held_out_images(dataset.num_images, cfg.val_split, cfg.seed)
+    held = held_out_images(dataset.num_images, fraction, cfg.seed)
     if not held:
         return dataset, None
     chosen = set(held)
@@ -110,8 +113,11 @@ class ValidationSet:
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     @torch.no_grad()
-    def loss(self, models: Any, text: TextConditioner, autocast: Any) -> float:
-        """Mean validation loss of the model as it is now (UNet in eval mode for the duration)."""
+    def loss(self, models: Any, text: TextConditioner, autocast: Any, batch_size: int | None = None) -> float:
+        """Mean validation loss of the model as it is now (UNet in eval mode for the duration), `batch_size`
+        images and timesteps per forward (default: the run's batch_size at the start; the OOM ladder may
+        have lowered it since)."""
+        batch = max(1, batch_size or self.batch_size)
         device = models.device
         jobs = [(i, slot) for i in range(len(self.items)) for slot in range(len(self.timesteps))]
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -124,8 +130,8 @@ class ValidationSet:
         total, count = 0.0, 0
         try:
             for group in groups.values():
-                for start in range(0, len(group), self.batch_size):
-                    chunk = group[start : start + self.batch_size]
+                for start in range(0, len(group), batch):
+                    chunk = group[start : start + batch]
                     with autocast():
                         losses = self._chunk_loss(models, text, chunk, device)
                     total += float(losses.sum())
