@@ -74,6 +74,22 @@ def _hand_ema(weights: list[dict[str, torch.Tensor]], decay: float, every: int) 
 
 def test_exported_ema_equals_the_hand_computed_ema(tiny_sd15, tmp_path, monkeypatch):
     weights = _record_weights(monkeypatch)
+    sampled: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def fake_render(models, prompts, step, folder, cfg):  # what the samples are drawn with
+        sampled.append(
+            (
+                step,
+                {
+                    k: v.detach().float().cpu().clone()
+                    for k, v in models.unet.named_parameters()
+                    if "lora_" in k
+                },
+            )
+        )
+        return []
+
+    monkeypatch.setattr(sd_trainer, "render_samples", fake_render)
     data = make_image_dataset(tmp_path / "data", 6)
     config = seed_like_config(
         tmp_path / "a",
@@ -86,6 +102,8 @@ def test_exported_ema_equals_the_hand_computed_ema(tiny_sd15, tmp_path, monkeypa
         ema_decay=0.8,
         ema_update_every=2,
         export_ema=True,
+        sample_prompts=["a red circle"],
+        sample_every_steps=3,
     )
     job = make_job(config)
     assert train(job) == "finished"
@@ -97,6 +115,12 @@ def test_exported_ema_equals_the_hand_computed_ema(tiny_sd15, tmp_path, monkeypa
     assert _max_diff(ckpt.training_state["ema"]["shadow"], expected) <= 1e-6
     assert _max_diff(ckpt.lora_state, weights[-1]) <= 1e-6  # lora.safetensors keeps the trained weights
     assert _max_diff(expected, weights[-1]) > 1e-4  # the EMA is not just the last weights
+    # samples during training are drawn with the EMA weights of that step (as OneTrainer does)
+    assert [step for step, _ in sampled] == [3, 6]
+    at_3 = _hand_ema(weights[:4], 0.8, 2)
+    unet_at_3 = {k.removeprefix("unet."): v for k, v in at_3.items() if k.startswith("unet.")}
+    drawn = {k.replace(".default", ""): v for k, v in sampled[0][1].items()}
+    assert drawn.keys() == unet_at_3.keys() and _max_diff(drawn, unet_at_3) <= 1e-6
 
     # the run's export (export_ema: true) is the kohya file of the hand-computed EMA
     hand = tmp_path / "hand" / latest.name
@@ -109,6 +133,15 @@ def test_exported_ema_equals_the_hand_computed_ema(tiny_sd15, tmp_path, monkeypa
     # `loratui export RUN --ema` writes the same file; without --ema the trained weights
     via_cli = export_checkpoint(latest, out=tmp_path / "cli.safetensors", ema=True)
     assert _max_diff(load_file(str(via_cli)), load_file(str(exported))) == 0
+    from typer.testing import CliRunner
+
+    from loratui.cli.app import app
+
+    result = CliRunner().invoke(
+        app, ["export", str(job.run.path), "--ema", "--out", str(tmp_path / "e.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    assert _max_diff(load_file(str(tmp_path / "e.safetensors")), load_file(str(exported))) == 0
     plain = export_checkpoint(latest, out=tmp_path / "plain.safetensors")
     assert _max_diff(load_file(str(plain)), load_file(str(reference))) > 1e-4
     # samples are drawn with the EMA weights when it is on: the event says so
@@ -122,6 +155,14 @@ def test_export_ema_of_a_run_without_ema_is_refused(tiny_sd15, tmp_path):
     assert train(job) == "finished"
     with pytest.raises(ExportError, match="holds no EMA weights: train with ema_decay"):
         export_checkpoint(job.run.latest_checkpoint(), out=tmp_path / "x.safetensors", ema=True)
+    from typer.testing import CliRunner
+
+    from loratui.cli.app import app
+
+    result = CliRunner().invoke(
+        app, ["export", str(job.run.path), "--ema", "--out", str(tmp_path / "y.safetensors")]
+    )
+    assert result.exit_code == 1 and "holds no EMA weights" in result.output
 
 
 def test_exact_resume_with_ema(tiny_sd15, tmp_path):
