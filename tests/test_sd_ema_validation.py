@@ -267,6 +267,20 @@ def test_validation_loss_is_the_same_for_the_same_weights(tiny_sd15, tmp_path):
         for param in params:
             param.add_(0.05)
     assert validation.loss(models, None, accelerator.autocast) != first
+
+    # the EMA copy the trainer would keep has the size the planner adds (one fp32 copy of the LoRA)
+    from loratui.memory.arch import arch_from_config
+    from loratui.memory.estimate import regime_for
+    from loratui.memory.summary import build_summary
+    from loratui.train.sd.setup import setup_ema
+
+    ema_cfg = cfg.model_copy(update={"ema_decay": 0.99})
+    ema = setup_ema(ema_cfg, models, lora)
+    regime, _ = regime_for(ema_cfg, "cpu", "sd")
+    numels = build_summary(arch_from_config(ema_cfg, family="sd15")).adapter_numels(
+        regime.network, cfg.lora_rank, cfg.target_modules, train_text_encoder=False
+    )
+    assert ema.nbytes() == 4 * sum(n * c for n, c in numels) > 0
     reporter.close()
 
 
