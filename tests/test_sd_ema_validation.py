@@ -358,3 +358,21 @@ def test_oom_ladder_moves_the_ema_to_cpu_memory():
     with ema.applied():
         assert param.tolist() == [2.0, 2.0, 2.0]
     assert param.tolist() == [3.0, 3.0, 3.0]
+
+
+def test_ema_and_validation_options_without_their_switch_are_refused():
+    from pydantic import ValidationError
+
+    from loratui.config import TrainConfig
+
+    for bad, match in (
+        ({"export_ema": True}, "set ema_decay"),
+        ({"ema_on_cpu": True}, "set ema_decay"),
+        ({"ema_update_every": 4}, "set ema_decay"),
+        ({"val_split": 0.1, "val_data_dir": "val"}, "not both"),
+        ({"val_every_steps": 10}, "set val_split"),
+        ({"ema_decay": 1.0}, "less than 1"),
+    ):
+        with pytest.raises(ValidationError, match=match):
+            TrainConfig(**bad)
+    TrainConfig(ema_decay=0.999, ema_on_cpu=True, export_ema=True, val_split=0.1, val_every_steps=5)

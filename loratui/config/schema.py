@@ -345,6 +345,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{', '.join(ema_keys)}: EMA options; set ema_decay (e.g. 0.999) to keep an EMA")
         if self.val_data_dir and self.val_split:
             raise ValueError("set val_split or val_data_dir, not both")
+        if self.val_every_steps and not (self.val_data_dir or self.val_split):
+            raise ValueError(
+                "val_every_steps: set val_split (e.g. 0.1) or val_data_dir to measure a validation loss"
+            )
         return self
 
     @property
