@@ -167,7 +167,15 @@ def test_export_ema_of_a_run_without_ema_is_refused(tiny_sd15, tmp_path):
 
 def test_exact_resume_with_ema(tiny_sd15, tmp_path):
     data = make_image_dataset(tmp_path / "data", 6)
-    common = {"epochs": 3, "save_steps": 100, "ema_decay": 0.7, "ema_on_cpu": True, "learning_rate": "5e-3"}
+    common = {
+        "epochs": 3,
+        "save_steps": 100,
+        "ema_decay": 0.7,
+        "ema_on_cpu": True,
+        "learning_rate": "5e-3",
+        "batch_size": 2,
+        "val_split": 0.2,  # 2 images held out: 4 trained, 2 steps per epoch
+    }
     straight = make_job(seed_like_config(tmp_path / "a", tiny_sd15, data, **common))
     assert train(straight) == "finished"
     config = seed_like_config(tmp_path / "b", tiny_sd15, data, **common)
@@ -179,6 +187,12 @@ def test_exact_resume_with_ema(tiny_sd15, tmp_path):
     b = load_checkpoint(first.run.latest_checkpoint()).training_state["ema"]
     assert a["updates"] == b["updates"] == 6
     assert _max_diff(a["shadow"], b["shadow"]) <= 1e-6
+    # the validation loss is comparable between runs: the resumed run measures what the straight one did
+    # (the stop at step 2 saves and leaves at once, without its validation)
+    evals_a = {e["step"]: e["eval_loss"] for e in events_of(straight.run, "eval")}
+    evals_b = {e["step"]: e["eval_loss"] for e in events_of(first.run, "eval")}
+    assert sorted(evals_a) == [2, 4, 6] and sorted(evals_b) == [4, 6]
+    assert all(evals_b[step] == pytest.approx(evals_a[step], rel=1e-6) for step in evals_b)
     assert not [e for e in events_of(first.run, "warning") if "EMA" in e.get("message", "")]
 
 

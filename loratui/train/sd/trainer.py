@@ -235,21 +235,20 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                 stop.checkpoint_now.clear()
                 if checkpoints.last_saved != step:
                     checkpoints.save(step)
-            if validation is not None and validation_due(
-                step, cfg.val_every_steps, step_plan.steps_per_epoch, step_plan.total_steps
+            leaving = stopping and step < step_plan.total_steps  # save at once: no validation on the way out
+            if (
+                validation is not None
+                and not leaving
+                and validation_due(
+                    step, cfg.val_every_steps, step_plan.steps_per_epoch, step_plan.total_steps
+                )
             ):
                 with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT):
-                    report_validation(
-                        reporter,
-                        step,
-                        epoch,
-                        validation.loss(models, text, accelerator.autocast, cfg.batch_size),
-                    )
+                    loss_now = validation.loss(models, text, accelerator.autocast, cfg.batch_size)
+                    report_validation(reporter, step, epoch, loss_now)
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
-                    with (
-                        ema.applied() if ema is not None else contextlib.nullcontext()
-                    ):  # samples show the EMA
+                    with ema.applied() if ema is not None else contextlib.nullcontext():  # drawn with the EMA
                         paths = render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg)
                     for path in paths:
                         reporter.event("sample", step, path=str(path), ema=ema is not None)
