@@ -24,12 +24,13 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_image_run_reports_llm_keys_with_where_they_were_set(tmp_path: Path) -> None:
-    config = _write(tmp_path, "task_type: image-generation\npacking: true\nval_split: 0.1\n")
+    config = _write(tmp_path, "task_type: image-generation\npacking: true\nchunked_loss: true\n")
     resolved = load_config(config, overrides=["load_in_4bit=true"], flags={"max_seq_len": 512})
     found = {item.key: item for item in ignored_settings(resolved)}
-    assert list(found) == ["max_seq_len", "load_in_4bit", "packing", "val_split"]  # schema order
+    assert list(found) == ["max_seq_len", "load_in_4bit", "packing", "chunked_loss"]  # schema order
     assert (
-        found["packing"].source == f"config {config}:4" and found["val_split"].source == f"config {config}:5"
+        found["packing"].source == f"config {config}:4"
+        and found["chunked_loss"].source == f"config {config}:5"
     )
     assert found["load_in_4bit"].source == "--set" and found["max_seq_len"].source == "flag"
     message = found["packing"].message()
@@ -69,12 +70,12 @@ def test_dry_run_shows_the_warnings_in_text_and_json(tmp_path: Path) -> None:
     assert text.exit_code == 0, text.output
     assert f"warning: `packing` (config {config}:4) does nothing for image runs" in text.output
     data = runner.invoke(
-        app, ["train", "--config", str(config), "--set", "val_split=0.1", "--dry-run", "--json"]
+        app, ["train", "--config", str(config), "--set", "chunked_loss=true", "--dry-run", "--json"]
     )
     payload = json.loads(data.output)
     assert [(i["key"], i["source"]) for i in payload["ignored"]] == [
         ("packing", f"config {config}:4"),
-        ("val_split", "--set"),
+        ("chunked_loss", "--set"),
     ]
     clean = runner.invoke(
         app, ["train", "--config", str(_write(tmp_path, "lora_rank: 4\n")), "--dry-run", "--json"]

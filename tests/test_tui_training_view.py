@@ -224,3 +224,45 @@ async def test_training_view_lists_per_gpu_memory(tmp_path, fake_nvml, worker) -
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: "per GPU" in screen_text(app))
         assert "0: 5.0 GiB · 1: 4.0 GiB" in screen_text(app)
+
+
+def _with_evals(events: list[dict], every: int) -> list[dict]:
+    """Insert an `eval` event (validation loss) after every `every`-th step event."""
+    out = []
+    for event in events:
+        out.append(event)
+        step = event.get("step")
+        if event["type"] == "step" and step % every == 0:
+            out.append({"type": "eval", "time": event["time"], "step": step, "eval_loss": 0.5 + 10 / step})
+    return out
+
+
+def test_run_model_places_eval_losses_along_the_loss_curve() -> None:
+    model = RunModel("demo")
+    model.feed(_with_evals(synthetic_events(steps=100, total_steps=200), every=25))
+    view = model.view()
+    assert [round(x, 3) for x, _ in view.eval_points] == [round(s / 99, 3) for s in (24, 49, 74, 99)]
+    assert [v for _, v in view.eval_points] == pytest.approx([0.9, 0.7, 0.5 + 10 / 75, 0.6])
+    assert view.eval_loss == pytest.approx(0.6)
+    assert RunModel("plain").view().eval_points == ()
+
+
+@run_async
+async def test_loss_chart_draws_the_validation_loss_beside_the_training_loss(tmp_path, fake_nvml) -> None:
+    from loratui.tui.chart import plot
+    from loratui.tui.widgets.loss_chart import LossChart
+
+    run = write_synthetic_run(tmp_path / "run", steps=100, finished=True)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _with_evals(events, 20)))
+    app = TrainingApp(run, telemetry_interval=0, poll_interval=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.screen.view is not None and app.screen.view.ended)
+        await pilot.pause(0.1)
+        chart = app.screen.query_one("#loss", LossChart)
+        assert len(chart.evals) == 5
+        assert "validation 0.6" in str(chart.border_subtitle)
+        drawn = plot([chart.raw, chart.smoothed], 40, 10, points=chart.evals)
+        assert any(2 in row for row in drawn.owner)  # the validation line owns cells of the chart
+        assert "validation" in screen_text(app)
+        await pilot.press("q")

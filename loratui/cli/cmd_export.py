@@ -24,6 +24,9 @@ def export(
     quant: str | None = typer.Option(
         None, "--quant", help="GGUF: f32, f16, bf16 or q8_0 (default f32 adapter, f16 merged model)."
     ),
+    ema: bool = typer.Option(
+        False, "--ema", help="Image LoRAs: export the EMA weights (runs trained with ema_decay)."
+    ),
 ) -> None:
     """Export a run or checkpoint: kohya/A1111 .safetensors, diffusers, PEFT adapter, merged model or GGUF.
 
@@ -39,6 +42,10 @@ def export(
         typer.echo(f"error: {source} is not a run directory, checkpoint or LoRA file", err=True)
         raise typer.Exit(EXIT_UNUSABLE)
     run = run_image_export if task == "image-generation" else run_text_export
+    if ema and task != "image-generation":
+        typer.echo("error: --ema applies to image LoRAs trained with ema_decay", err=True)
+        raise typer.Exit(2)
+    extra = {"ema": True} if ema else {}
     with optional_dependencies("export"):
         code = run(
             source,
@@ -49,6 +56,7 @@ def export(
             overwrite=overwrite,
             quant=quant,
             console=console(),
+            **extra,
         )
     raise typer.Exit(code)
 
@@ -67,6 +75,7 @@ def run_image_export(
     overwrite: bool = False,
     quant: str | None = None,
     console: Any,
+    ema: bool = False,
 ) -> int:
     """Export an image LoRA and print where it went and how to use it. Exit code 0 written, 1 refused or
     failed, 2 an option that does not apply to image LoRAs."""
@@ -77,7 +86,9 @@ def run_image_export(
         _say(console, "error: --quant applies to GGUF exports of LLM adapters, not image LoRAs")
         return 2
     try:
-        exported = export_image_lora(source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite)
+        exported = export_image_lora(
+            source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, ema=ema
+        )
     except UnusableExportRequest as exc:
         _say(console, f"error: {exc}")
         return 2

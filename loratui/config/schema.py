@@ -140,6 +140,25 @@ class TrainConfig(BaseModel):
     sample_prompts: list[str] = Field(default_factory=list, description="Prompts rendered during training.")
     sample_every_steps: int | None = Field(None, ge=1, description="Render sample_prompts every N steps.")
 
+    # --- EMA and validation (images) ----------------------------------------------------------
+    ema_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep an EMA of the LoRA weights with this decay (e.g. 0.999); off if unset.",
+    )
+    ema_update_every: int = Field(
+        1, ge=1, description="Fold the weights into the EMA every N optimizer steps."
+    )
+    ema_on_cpu: bool = Field(False, description="Keep the EMA copy in CPU memory instead of on the GPU.")
+    export_ema: bool = Field(False, description="Export the EMA weights as the run's LoRA (needs ema_decay).")
+    val_data_dir: str | None = Field(
+        None, description="Image folder for the validation loss (instead of holding out val_split)."
+    )
+    val_every_steps: int | None = Field(
+        None, ge=1, description="Images: validation loss every N steps (default: every epoch and at the end)."
+    )
+
     # --- images (SD) ------------------------------------------------------------------------
     resolution: int = Field(512, ge=64, le=4096, description="Training resolution (multiple of 8).")
     bucket: bool = Field(False, description="Aspect-ratio bucketing instead of centre crop.")
@@ -184,7 +203,9 @@ class TrainConfig(BaseModel):
     )
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
     packing: bool = Field(False, description="Pack short samples into max_seq_len sequences.")
-    val_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for eval loss.")
+    val_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of samples (images: of images) held out for the eval loss."
+    )
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
 
     # --- preference training (LLM) -------------------------------------------------------------
@@ -347,6 +368,22 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{', '.join(lokr_keys)}: LoKr options; set network_type: lokr")
         if self.use_tucker and kind not in ("loha", "lokr"):
             raise ValueError("use_tucker applies to network_type loha or lokr")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_and_validation_fit(self) -> TrainConfig:
+        """EMA options without ema_decay, and two validation sources at once, are mistakes."""
+        ema_keys = [k for k in ("ema_on_cpu", "export_ema") if getattr(self, k)]
+        if self.ema_update_every != 1:
+            ema_keys.append("ema_update_every")
+        if ema_keys and self.ema_decay is None:
+            raise ValueError(f"{', '.join(ema_keys)}: EMA options; set ema_decay (e.g. 0.999) to keep an EMA")
+        if self.val_data_dir and self.val_split:
+            raise ValueError("set val_split or val_data_dir, not both")
+        if self.val_every_steps and not (self.val_data_dir or self.val_split):
+            raise ValueError(
+                "val_every_steps: set val_split (e.g. 0.1) or val_data_dir to measure a validation loss"
+            )
         return self
 
     @property

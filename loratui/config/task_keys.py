@@ -1,6 +1,6 @@
 """Keys that only one task type reads, and which of them a user set for a run of the other type.
 
-An image run never reads `packing` or `val_split`; a text run never reads `resolution` or `trigger_word`.
+An image run never reads `packing` or `max_seq_len`; a text run never reads `resolution` or `trigger_word`.
 `ignored_settings(resolved)` lists the keys a user set (config file, `--set`, flags, preset, wizard) that have
 no effect for the resolved task, each with a one-line reason, so that they are reported instead of dropped.
 """
@@ -21,7 +21,6 @@ TEXT_ONLY: dict[str, str] = {
     "load_in_4bit": "4-bit (QLoRA) loading applies to LLM base models only",
     "train_on_prompt": "image samples have no prompt/answer split",
     "packing": "image batches are never packed into token sequences",
-    "val_split": "image runs hold out no samples for an evaluation loss",
     "chat_template": "image runs render no chat",
     "trust_remote_code": "image models are loaded without code from the model folder",
     "chunked_loss": "the chunked loss is computed over an LLM's output head",
@@ -83,6 +82,12 @@ IMAGE_ONLY: dict[str, str] = {
     "lokr_factor": "LoKr is an image adapter type",
     "decompose_both": "LoKr is an image adapter type",
     "use_tucker": "an LLM has no convolutions",
+    "ema_decay": "the EMA of the adapter weights is kept for image runs",
+    "ema_update_every": "the EMA of the adapter weights is kept for image runs",
+    "ema_on_cpu": "the EMA of the adapter weights is kept for image runs",
+    "export_ema": "the EMA of the adapter weights is kept for image runs",
+    "val_data_dir": "text runs hold out val_split of their samples instead",
+    "val_every_steps": "text runs evaluate val_split at every epoch's end",
 }
 
 #: what each task ignores

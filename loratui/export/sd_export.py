@@ -148,6 +148,7 @@ def export_image_lora(
     merge: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
+    ema: bool = False,
 ) -> Exported:
     """`loratui export` for image LoRAs: write a kohya (default) or diffusers file and say how to use it.
 
@@ -166,10 +167,14 @@ def export_image_lora(
     torch_dtype = parse_dtype(dtype)
     kind, path = resolve_source(Path(source))
     refuse_nonfinite(path / "lora.safetensors" if kind == "checkpoint" else path)
+    if kind == "file" and ema:
+        raise UnusableExportRequest(
+            f"--ema reads a run or checkpoint (its EMA weights); {path} is a LoRA file"
+        )
     if kind == "file":
         written = convert_lora_file(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
     else:
-        written = export_checkpoint(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite)
+        written = export_checkpoint(path, fmt=fmt, out=out, dtype=torch_dtype, overwrite=overwrite, ema=ema)
     if fmt == "kohya":
         usage = f"{usage_string(written.stem)} (copy the file to your UI's models/Lora folder)"
         return Exported(written, "kohya", usage)

@@ -376,6 +376,23 @@ def sd_data_extras(cfg: Any, batch_size: int, vae_factor: int, notes: list[str])
     return 0
 
 
+def _sd_ema_bytes(cfg: Any, lora: int, device: str, notes: list[str]) -> int:
+    """The EMA copy of the adapter (`ema_decay`: one more fp32 copy of the LoRA parameters) on the estimated
+    device; with `ema_on_cpu` on a GPU it is CPU memory (noted, not counted). Also notes the validation pass."""
+    if getattr(cfg, "val_split", 0) or getattr(cfg, "val_data_dir", None):
+        notes.append(
+            "validation loss: a forward pass without gradients at batch_size, below the training step's peak"
+        )
+    if getattr(cfg, "ema_decay", None) is None:
+        return 0
+    if device == "cuda" and getattr(cfg, "ema_on_cpu", False):
+        notes.append(
+            f"EMA of the LoRA weights: {lora / 2**20:.1f} MiB of CPU memory (ema_on_cpu), not on the GPU"
+        )
+        return 0
+    return lora
+
+
 def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     """The SD trainer's step; on a GPU its caching passes run before the UNet is moved there (`train/sd/setup.py`)."""
     from loratui.memory.tables import get_fit, table_for
@@ -418,10 +435,13 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
         phases["VAE encoding"] = vae_peak + carried
     if text_fit is not None and not cache_text:
         phases["text encoding"] = text_fit.evaluate(b, 77, 0)[0] + carried
+    ema = _sd_ema_bytes(cfg, lora, device, notes)
     weights = w.unet + (w.text_encoders if text_on_device else 0) + (w.vae if vae_on_device else 0)
-    static = weights + lora + state
+    static = weights + lora + state + ema
     phase = max(phases, key=lambda k: phases[k])
     common = {"unet_weights": w.unet, "lora_params": lora, "optimizer_state": state}
+    if ema:
+        common["ema_weights"] = ema
     if text_on_device:
         common["text_encoders"] = w.text_encoders
     if phase == "optimizer step":

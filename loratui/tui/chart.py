@@ -63,12 +63,21 @@ def value_range(series: Sequence[Sequence[float]]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def plot(series: Sequence[Sequence[float]], width: int, height: int) -> Chart:
-    """Draw each series as a connected line across the whole width; later series draw on top."""
+def plot(
+    series: Sequence[Sequence[float]],
+    width: int,
+    height: int,
+    points: Sequence[tuple[float, float]] = (),
+) -> Chart:
+    """Draw each series as a connected line across the whole width; later series draw on top.
+
+    `points` are (x in [0, 1] of the width, value) pairs, e.g. a loss measured every few steps: they are
+    joined as one more series (index `len(series)`), drawn last, from their first x to their last."""
     width, height = max(1, width), max(1, height)
     bits = [[0] * width for _ in range(height)]
     owner = [[-1] * width for _ in range(height)]
-    low, high = value_range(series)
+    marks = [(x, v) for x, v in points if finite([x, v]) == [x, v]]
+    low, high = value_range([*series, [v for _, v in marks]])
     dots_x, dots_y = width * 2, height * 4
 
     def set_dot(x: int, y: int, index: int) -> None:
@@ -98,4 +107,17 @@ def plot(series: Sequence[Sequence[float]], width: int, height: int) -> Chart:
             else:
                 set_dot(x, y, index)
             previous = (x, y)
+    line: list[tuple[int, int]] = []
+    for fraction, value in marks:
+        x = round(min(1.0, max(0.0, fraction)) * (dots_x - 1))
+        level = (value - low) / (high - low)
+        line.append((x, dots_y - 1 - min(dots_y - 1, max(0, round(level * (dots_y - 1))))))
+    for i, (x, y) in enumerate(line):
+        px, py = line[i - 1] if i else (x, y)
+        for step_x in range(px, x + 1):
+            t = 1.0 if x == px else (step_x - px) / (x - px)  # one column: the whole jump is drawn in it
+            y_here = round(py + (y - py) * t)
+            y_prev = py if x == px else round(py + (y - py) * max(0.0, t - 1 / (x - px)))
+            for fill in range(min(y_here, y_prev), max(y_here, y_prev) + 1):
+                set_dot(step_x, fill, len(series))
     return Chart(width, height, low, high, bits, owner)

@@ -58,6 +58,8 @@ class RunView:
     family: str = ""
     loss_series: tuple[float, ...] = ()
     smooth_series: tuple[float, ...] = ()
+    eval_points: tuple[tuple[float, float], ...] = ()  # (x in [0, 1] along loss_series, eval/validation loss)
+    eval_loss: float | None = None
     margin_series: tuple[float, ...] = ()  # preference runs (DPO/ORPO): reward margin per step
     smooth_margin_series: tuple[float, ...] = ()
     reward_margin: float | None = None
@@ -107,6 +109,7 @@ class RunModel:
     family: str = ""
     losses: list[float] = field(default_factory=list)
     smooth: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (losses seen when it came, eval loss)
     margins: list[float] = field(default_factory=list)
     smooth_margins: list[float] = field(default_factory=list)
     reward_margin: float | None = None
@@ -159,6 +162,10 @@ class RunModel:
                 self.state = "running"
         elif kind == "step":
             self._apply_step(event)
+        elif kind == "eval":
+            value = event.get("eval_loss")
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self.evals.append((len(self.losses), float(value)))
         elif kind == "checkpoint":
             self.checkpoint = str(event.get("path") or "")
         elif kind == "sample" and (event.get("path") or event.get("text")):
@@ -237,6 +244,13 @@ class RunModel:
         if isinstance(accuracy, int | float) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
             self.reward_accuracy = float(accuracy)
 
+    def _eval_points(self) -> tuple[tuple[float, float], ...]:
+        """Evaluation losses placed along the loss curve: at the position of the last step logged before
+        each (the chart spans the first to the last logged step)."""
+        span = max(1, len(self.losses) - 1)
+        points = [(max(0, seen - 1) / span, value) for seen, value in self.evals[-SERIES_POINTS:]]
+        return tuple(points)
+
     def eta_s(self) -> float | None:
         """Seconds left from the step rate seen in the events (None before two timed steps)."""
         if not self.total_steps or self._first_step is None or self._last_step is None:
@@ -272,6 +286,8 @@ class RunModel:
             family=self.family,
             loss_series=tuple(resample(self.losses, SERIES_POINTS)),
             smooth_series=tuple(resample(self.smooth, SERIES_POINTS)),
+            eval_points=self._eval_points(),
+            eval_loss=self.evals[-1][1] if self.evals else None,
             margin_series=tuple(resample(self.margins, SERIES_POINTS)),
             smooth_margin_series=tuple(resample(self.smooth_margins, SERIES_POINTS)),
             reward_margin=self.reward_margin,

@@ -209,6 +209,18 @@ def lora_state(components: dict[str, torch.nn.Module], plan: LoraPlan) -> dict[s
     return out
 
 
+def named_adapter_parameters(
+    components: dict[str, torch.nn.Module], plan: LoraPlan
+) -> dict[str, torch.nn.Parameter]:
+    """The trained adapter parameters themselves, by the keys `lora_state` writes."""
+    return {
+        _state_key(name, param_name): param
+        for name in plan.targets
+        for param_name, param in components[name].named_parameters()
+        if is_adapter_param(param_name)
+    }
+
+
 @torch.no_grad()
 def load_lora_state(components: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Copy tensors from `lora_state` back into the layers; every layer must be present."""

@@ -197,12 +197,14 @@ def export_checkpoint(
     overwrite: bool = False,
     resuming: bool = False,
     finished_at: float | None = None,
+    ema: bool = False,
 ) -> Path:
-    """Write the LoRA of a checkpoint folder; returns the file written."""
+    """Write the LoRA of a checkpoint folder (its EMA weights with `ema`); returns the file written."""
     from loratui.runs.checkpoints import load_checkpoint
 
-    ckpt = load_checkpoint(Path(checkpoint), training_state=False)
+    ckpt = load_checkpoint(Path(checkpoint), training_state=ema)
     meta = ckpt.meta
+    lora_state = ema_lora_state(ckpt, Path(checkpoint)) if ema else ckpt.lora_state
     network_type = meta.get("network_type", "lora")
     if fmt == "diffusers" and network_type not in ("lora", "locon"):
         raise ExportError(
@@ -212,11 +214,11 @@ def export_checkpoint(
     target = _resolve_out(out, meta, fmt)
     check_output(target, meta.get("run"), overwrite=overwrite, resuming=resuming)
     target.parent.mkdir(parents=True, exist_ok=True)
-    needed = tensor_bytes(ckpt.lora_state)
+    needed = tensor_bytes(lora_state)
     with no_space_guard(target, what="the exported LoRA", needed=needed):
-        scales = checkpoint_scales(ckpt.lora_state, meta)
+        scales = checkpoint_scales(lora_state, meta)
         if fmt == "diffusers":
-            modules = modules_from_peft(ckpt.lora_state, 1.0)
+            modules = modules_from_peft(lora_state, 1.0)
             for module in modules:
                 module.alpha = scales[f"{module.component}.{module.path}"] * module.rank
             return write_diffusers(target, modules, dtype=dtype, run=meta.get("run"))
@@ -225,7 +227,25 @@ def export_checkpoint(
         if finished_at is not None:
             info.finished_at = finished_at
         layers = int(meta.get("unet_layers_per_block", 2))
-        return write_lycoris(target, ckpt.lora_state, scales, info, layers_per_block=layers, dtype=dtype)
+        return write_lycoris(target, lora_state, scales, info, layers_per_block=layers, dtype=dtype)
+
+
+def ema_lora_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights a checkpoint's training state holds, keyed like its `lora.safetensors`."""
+    from loratui.runs.checkpoints import nonfinite_tensors
+
+    saved = (ckpt.training_state or {}).get("ema")
+    if not saved:
+        raise ExportError(f"{path} holds no EMA weights: train with ema_decay (e.g. 0.999) to keep them")
+    state = {key: tensor.float() for key, tensor in saved["shadow"].items()}
+    if set(state) != set(ckpt.lora_state):
+        raise ExportError(f"{path}: the EMA tensors do not match the LoRA tensors; the checkpoint is damaged")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ExportError(
+            f"{path}: the EMA weights hold nan/inf values (e.g. {bad[0]}); export without --ema"
+        )
+    return state
 
 
 def _resolve_out(out: Path | None, meta: dict[str, Any], fmt: str) -> Path:

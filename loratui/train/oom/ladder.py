@@ -6,8 +6,9 @@ lower settings before restarting a worker that died. Rungs, in order:
 1. `micro_batch`: halve the micro-batch and multiply gradient accumulation (effective batch unchanged);
    repeated down to a micro-batch of 1;
 2. `gradient_checkpointing`: recompute activations in backward;
-3. `offload`: SD caches latents / text-encoder outputs (VAE and text encoders leave the GPU); LLMs compute the
-   loss in chunks of tokens (`chunked_loss`, on by default, so this rung is only met when it was turned off);
+3. `offload`: SD caches latents / text-encoder outputs (VAE and text encoders leave the GPU) and moves the
+   EMA of the LoRA weights (`ema_decay`) to CPU memory (`ema_on_cpu`); LLMs compute the loss in chunks of
+   tokens (`chunked_loss`, on by default, so this rung is only met when it was turned off);
 4. `activation_offload`: LLMs keep saved activations in host memory until backward (CUDA only; slower, the same
    result);
 5. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
@@ -32,6 +33,7 @@ SD_KEYS = (
     "cache_text_encoder_outputs",
     "optimizer",
     "resolution",
+    "ema_on_cpu",  # None when the run keeps no EMA (`ema_decay` unset)
 )
 LLM_KEYS = (
     "batch_size",
@@ -65,8 +67,11 @@ def settings_keys(kind: str) -> tuple[str, ...]:
 
 def settings_of(cfg: Any, kind: str) -> dict[str, Any]:
     """The ladder-controlled settings of a config (TrainConfig or mapping)."""
-    get = cfg.get if isinstance(cfg, Mapping) else lambda key: getattr(cfg, key)
-    return {key: get(key) for key in settings_keys(kind)}
+    get = cfg.get if isinstance(cfg, Mapping) else lambda key: getattr(cfg, key, None)
+    settings = {key: get(key) for key in settings_keys(kind)}
+    if kind == "sd" and not isinstance(cfg, Mapping) and cfg.ema_decay is None:
+        settings["ema_on_cpu"] = None
+    return settings
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,8 @@ class OomLadder:
             changes["cache_latents"] = True
         if self.can_cache_text and not s["cache_text_encoder_outputs"]:
             changes["cache_text_encoder_outputs"] = True
+        if s.get("ema_on_cpu") is False:
+            changes["ema_on_cpu"] = True
         if not changes:
             return None
         what = " and ".join(
@@ -210,6 +217,7 @@ class OomLadder:
             for key, text in (
                 ("cache_latents", "cache latents (VAE off the GPU)"),
                 ("cache_text_encoder_outputs", "cache text-encoder outputs"),
+                ("ema_on_cpu", "EMA weights to CPU memory"),
             )
             if key in changes
         )

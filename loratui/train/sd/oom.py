@@ -4,8 +4,10 @@
 - `cache_latents` / `cache_text_encoder_outputs` (rung 3): every latent and caption embedding is computed once
   (latents are the VAE posterior's mean, so cached training sees the same numbers), then the VAE and the frozen
   text encoders leave the GPU;
-- `resolution` (rung 6, quality): the dataset is rebuilt at the new resolution (same samples, same order) and
-  the caches with it.
+- `ema_on_cpu` (rung 3): the EMA copy of the LoRA weights moves to CPU memory;
+- `resolution` (rung 6, quality): the dataset is rebuilt at the new resolution (same samples, same order, the
+  same validation images held out) and the caches with it; the validation images keep the resolution they
+  were encoded at, so the validation curve stays comparable.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def sd_rung_applier(
 
     def apply(changes: dict[str, Any]) -> bool:
         from loratui.train.sd.setup import setup_dataset, setup_latents, setup_text
+        from loratui.train.sd.validation import split_datasets
 
         cfg = job.resolved.config
         if changes.get("gradient_checkpointing"):
@@ -48,7 +51,7 @@ def sd_rung_applier(
         old_dataset, old_latents, old_text = context.dataset, context.latents, context.text
         try:
             if "resolution" in changes:
-                dataset = setup_dataset(cfg, reporter)
+                dataset = split_datasets(cfg, setup_dataset(cfg, reporter), reporter)[0]
                 if len(dataset) != len(context.dataset):
                     return False  # a different number of samples would change the plan
                 context.dataset = dataset
@@ -66,6 +69,8 @@ def sd_rung_applier(
                 encoder.to(models.device if on_device else "cpu")
             models.text_on_device = on_device
             raise
+        if changes.get("ema_on_cpu") and getattr(session, "ema", None) is not None:
+            session.ema.move_to("cpu")
         if session is not None:
             session.dataset = context.dataset
         return True

@@ -100,6 +100,7 @@ class Checkpointer:
     reporter: Reporter
     last_saved: int = -1
     inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints of the base model and dataset
+    ema: Any = None  # LoraEMA of the adapter weights (`ema_decay`), saved in training_state.pt
 
     def save(self, step: int) -> Path:
         cfg = self.job.resolved.config
@@ -110,6 +111,8 @@ class Checkpointer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
         }
+        if self.ema is not None:
+            training_state["ema"] = self.ema.state_dict()
         epochs_done = self.step_plan.epoch_of(step - 1) + 1 if step else 0
         processes = self.accelerator.num_processes
         info = kohya_info(
@@ -147,6 +150,11 @@ class Checkpointer:
             "kohya": asdict(info),
             "learning_rate": cfg.learning_rate,  # really used (a resume applies a changed one)
             "inputs": self.inputs,
+            "ema": (
+                {"decay": self.ema.decay, "update_every": self.ema.update_every, "updates": self.ema.updates}
+                if self.ema is not None
+                else None
+            ),
         }
         path = save_checkpoint(
             self.job.run,
@@ -190,6 +198,7 @@ class Checkpointer:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
+        self._restore_ema(state.get("ema"), ckpt.step)
         if ckpt.meta.get("total_steps") not in (None, self.step_plan.total_steps):
             self.reporter.event(
                 "warning",
@@ -199,6 +208,34 @@ class Checkpointer:
         self.started_at = float(ckpt.meta.get("started_at") or self.started_at)
         self.last_saved = ckpt.step
         return ckpt.step
+
+    def _restore_ema(self, saved: dict[str, Any] | None, step: int) -> None:
+        """Continue the saved EMA; a checkpoint without one starts the EMA from the restored weights."""
+        if self.ema is None:
+            if saved:
+                self.reporter.event(
+                    "warning",
+                    step,
+                    message="the checkpoint holds an EMA; ema_decay is unset, so "
+                    "it is not continued (set ema_decay to keep it)",
+                )
+            return
+        if not saved:
+            self.ema.reset()
+            self.reporter.event(
+                "warning",
+                step,
+                message=f"the checkpoint holds no EMA: the EMA starts from the weights of step {step}",
+            )
+            return
+        self.ema.load_state_dict(saved)
+        if (saved.get("decay"), saved.get("update_every")) != (self.ema.decay, self.ema.update_every):
+            self.reporter.event(
+                "warning",
+                step,
+                message=f"resumed with a changed EMA setting: decay {saved.get('decay')} -> {self.ema.decay}, "
+                f"every {saved.get('update_every')} -> {self.ema.update_every} step(s)",
+            )
 
 
 @torch.no_grad()
@@ -233,8 +270,8 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
     return paths
 
 
-def export_lora(checkpoints: Checkpointer, output: Path) -> Path:
-    """Write the kohya file from the newest checkpoint and announce it."""
+def export_lora(checkpoints: Checkpointer, output: Path, *, ema: bool = False) -> Path:
+    """Write the kohya file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
     job = checkpoints.job
     latest = job.run.latest_checkpoint()
     refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
@@ -245,8 +282,14 @@ def export_lora(checkpoints: Checkpointer, output: Path) -> Path:
         overwrite=job.overwrite,
         resuming=job.resume_from is not None,
         finished_at=time.time(),
+        ema=ema,
     )
     checkpoints.reporter.event(
-        "export", checkpoints.last_saved, path=str(written), usage=usage_string(written.stem), format="kohya"
+        "export",
+        checkpoints.last_saved,
+        path=str(written),
+        usage=usage_string(written.stem),
+        format="kohya",
+        ema=ema,
     )
     return written

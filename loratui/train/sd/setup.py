@@ -21,12 +21,14 @@ from loratui.models.sd.lora import (
     adapter_parameters,
     apply_init_lora,
     inject_lora,
+    named_adapter_parameters,
     plan_targets,
     read_init_lora,
     target_names,
 )
 from loratui.models.sd.lora_files import ExportError, check_output
 from loratui.train.job import WorkerJob
+from loratui.train.loop.ema import LoraEMA
 from loratui.train.loop.optim import build_optimizer, build_scheduler
 from loratui.train.loop.precision import pick_device, resolve_precision, weight_dtype
 from loratui.train.loop.reporting import Reporter
@@ -272,6 +274,14 @@ def setup_text(cfg, models: Models, dataset: SDDataset, reporter: Reporter) -> T
 def place_unet(models: Models) -> None:
     """Move the UNet (with its LoRA layers) to the device: after the caching passes, before training."""
     models.unet.to(models.device)
+
+
+def setup_ema(cfg, models: Models, plan: LoraPlan) -> LoraEMA | None:
+    """The EMA of the adapter weights (`ema_decay`), from their values now (after `init_lora`, on the device)."""
+    if cfg.ema_decay is None:
+        return None
+    params = named_adapter_parameters(models.components(), plan)
+    return LoraEMA(params, cfg.ema_decay, update_every=cfg.ema_update_every, on_cpu=cfg.ema_on_cpu)
 
 
 def setup_wrappers(cfg, accelerator: Any, models: Models, text: TextConditioner, optimizer: Any) -> Any:

@@ -11,6 +11,7 @@ Entry point: `train(job)` -> "finished" | "stopped" (errors raise; the worker re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Sequence
@@ -43,12 +44,14 @@ from loratui.train.sd.setup import (
     setup_accelerator,
     setup_caches,
     setup_dataset,
+    setup_ema,
     setup_lora,
     setup_models,
     setup_optimizer,
     setup_output,
     setup_wrappers,
 )
+from loratui.train.sd.validation import VAL_HINT, build_validation_set, split_datasets, validation_due
 
 SAMPLE_HINT = (
     "Sampling brings the VAE and text encoders back to the GPU; render samples after training instead "
@@ -121,6 +124,13 @@ class LossContext:
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
+def report_validation(reporter: Reporter, step: int, epoch: int, loss: float) -> None:
+    """The validation loss as an `eval` event (the LLM trainer's kind) and a TensorBoard scalar."""
+    reporter.event("eval", step, eval_loss=loss, epoch=epoch)
+    if reporter.tensorboard is not None:
+        reporter.tensorboard.add_scalar("eval_loss", loss, step)
+
+
 def train(job: WorkerJob, *, stop_after_step: int | None = None) -> str:
     """Train a LoRA for `job`; "finished" or "stopped". `stop_after_step` acts like Ctrl-C at that step."""
     with training_session(job.run) as session:
@@ -132,12 +142,17 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
     output = setup_output(job)
     accelerator, precision = setup_accelerator(cfg)
     dataset = setup_dataset(cfg, reporter, allow_errors=job.skip_checks)
+    dataset, val_dataset = split_datasets(cfg, dataset, reporter)
     models = setup_models(job, precision, accelerator.device)
     for note in models.notes:
         reporter.event("warning", message=note)
+    validation = None  # encoded once, before the caches and the UNet take the device (rank 0 evaluates)
+    if val_dataset is not None and is_main():
+        validation = build_validation_set(cfg, models, val_dataset)
     latents, text = setup_caches(cfg, job, models, dataset, reporter)  # before the UNet takes the device
     lora, params = setup_lora(cfg, models, reporter)
     place_unet(models)
+    ema = setup_ema(cfg, models, lora)
     processes = accelerator.num_processes  # each takes a disjoint share of every step's samples
     global_batch = plan_batch(cfg.batch_size, cfg.gradient_accumulation_steps, processes, job.resume_from)
     step_plan = StepPlan(len(dataset), global_batch, cfg.epochs, cfg.max_steps, cfg.seed)
@@ -157,6 +172,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         time.time(),
         reporter,
         inputs=input_fingerprints(cfg),
+        ema=ema,
     )
 
     start = 0
@@ -178,6 +194,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         samples_per_epoch=len(dataset),
         resumed_from=start or None,
         lora_modules={k: len(v) for k, v in lora.targets.items()},
+        validation_images=len(validation) if validation is not None else None,
+        ema_decay=cfg.ema_decay,
         **batch,
     )
 
@@ -206,6 +224,8 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
             loss = functools.partial(context.micro_loss, epoch=epoch, step_samples=len(indices))
             result = recovering.run(global_step + 1, indices, loss)
             step, unlogged = global_step + 1, unlogged + len(indices)
+            if ema is not None:
+                ema.update(step)
             if step % cfg.log_every_steps == 0 or step == step_plan.total_steps:
                 # step_samples: samples since the previous step event; process_cpu_s: for benchmarks on shared machines
                 extra = {"step_samples": unlogged, "process_cpu_s": time.process_time()}
@@ -220,10 +240,23 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                 stop.checkpoint_now.clear()
                 if checkpoints.last_saved != step:
                     checkpoints.save(step)
+            leaving = stopping and step < step_plan.total_steps  # save at once: no validation on the way out
+            if (
+                validation is not None
+                and not leaving
+                and validation_due(
+                    step, cfg.val_every_steps, step_plan.steps_per_epoch, step_plan.total_steps
+                )
+            ):
+                with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT):
+                    loss_now = validation.loss(models, text, accelerator.autocast, cfg.batch_size)
+                    report_validation(reporter, step, epoch, loss_now)
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
-                    for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
-                        reporter.event("sample", step, path=str(path))
+                    with ema.applied() if ema is not None else contextlib.nullcontext():  # drawn with the EMA
+                        paths = render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg)
+                    for path in paths:
+                        reporter.event("sample", step, path=str(path), ema=ema is not None)
             if stopping and step < step_plan.total_steps:
                 reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
                 return "stopped"
@@ -231,6 +264,6 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
     if checkpoints.last_saved != step:
         checkpoints.save(step)
     if main:
-        export_lora(checkpoints, output)
+        export_lora(checkpoints, output, ema=cfg.export_ema)
     reporter.finished(steps=step, **recovering.summary())
     return "finished"

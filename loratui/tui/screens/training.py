@@ -189,6 +189,7 @@ class TrainingScreen(Screen):
         self.query_one(RunHeader).view = view
         chart = self.query_one("#loss", LossChart)
         chart.raw, chart.smoothed, chart.last_step = view.loss_series, view.smooth_series, view.step
+        chart.evals = view.eval_points
         rewards = self.query_one("#rewards", RewardChart)
         rewards.display = bool(view.margin_series)
         rewards.raw, rewards.smoothed = view.margin_series, view.smooth_margin_series

@@ -1,4 +1,5 @@
-"""The loss curve: raw loss (dim) and its smoothed line (accent) drawn in braille, with the y range."""
+"""The loss curve: raw loss (dim) and its smoothed line (accent) drawn in braille, with the y range; the
+evaluation (validation) loss, when the run measures one, as a third line beside them."""
 
 from __future__ import annotations
 
@@ -15,17 +16,23 @@ LABEL_WIDTH = 7
 class LossChart(Widget):
     """Plots `raw` and `smoothed` over the steps seen so far; `last_step` labels the x axis."""
 
-    COMPONENT_CLASSES = {"loss-chart--raw", "loss-chart--smooth", "loss-chart--axis"}
+    COMPONENT_CLASSES = {"loss-chart--raw", "loss-chart--smooth", "loss-chart--eval", "loss-chart--axis"}
 
     raw: reactive[tuple[float, ...]] = reactive(())
     smoothed: reactive[tuple[float, ...]] = reactive(())
     last_step: reactive[int] = reactive(0)
+    evals: reactive[tuple[tuple[float, float], ...]] = reactive(())  # (x in [0, 1], eval loss)
     chart_title = "loss"
     chart_subtitle = "⣀ raw  ⣿ smoothed"
+    eval_subtitle = "  ⣿ validation"
 
     def on_mount(self) -> None:
         self.border_title = self.chart_title
         self.border_subtitle = self.chart_subtitle
+
+    def watch_evals(self, evals: tuple[tuple[float, float], ...]) -> None:
+        shown = f"{self.eval_subtitle} {fmt_number(evals[-1][1], 4)}" if evals else ""
+        self.border_subtitle = self.chart_subtitle + shown
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
@@ -34,10 +41,11 @@ class LossChart(Widget):
             return Text("waiting for the first step…", style=axis)
         chart_w = max(1, width - LABEL_WIDTH - 1)
         chart_h = max(1, height - 1)
-        chart = plot([self.raw, self.smoothed], chart_w, chart_h)
+        chart = plot([self.raw, self.smoothed], chart_w, chart_h, points=self.evals)
         styles = (
             self.get_component_rich_style("loss-chart--raw"),
             self.get_component_rich_style("loss-chart--smooth"),
+            self.get_component_rich_style("loss-chart--eval"),
         )
         text = Text(no_wrap=True, overflow="crop")
         for row in range(chart_h):
