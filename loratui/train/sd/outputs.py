@@ -28,7 +28,12 @@ from loratui.train.loop.checkpointing import (
     rng_state,
     save_checkpoint,
 )
-from loratui.train.loop.optim import apply_configured_hyperparameters, configured_hyperparameters
+from loratui.train.loop.optim import (
+    apply_configured_hyperparameters,
+    configured_hyperparameters,
+    eval_mode,
+    resume_train_mode,
+)
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.resume_inputs import shape_mismatch_message
@@ -101,6 +106,11 @@ class Checkpointer:
     inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints of the base model and dataset
 
     def save(self, step: int) -> Path:
+        """Write a checkpoint (schedule-free optimizers: of the averaged weights, `eval_mode`)."""
+        with eval_mode(self.optimizer):
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         cfg = self.job.resolved.config
         scaler = getattr(self.accelerator, "scaler", None)
         training_state = {
@@ -178,6 +188,7 @@ class Checkpointer:
         state = ckpt.training_state
         wanted = configured_hyperparameters(self.optimizer, self.scheduler)
         self.optimizer.load_state_dict(state["optimizer"])
+        resume_train_mode(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         for change in apply_configured_hyperparameters(self.optimizer, self.scheduler, wanted):
             self.reporter.event(

@@ -24,6 +24,7 @@ from loratui.data.fingerprint import input_fingerprints
 from loratui.models.sd.conditioning import TextConditioner, sdxl_added_conditions
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
+from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -216,13 +217,14 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                 if checkpoints.last_saved != step:
                     checkpoints.save(step)
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
-                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
+                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT), eval_mode(optimizer):
                     for path in render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg):
                         reporter.event("sample", step, path=str(path))
             if stopping and step < step_plan.total_steps:
                 reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
                 return "stopped"
 
+    final_weights(optimizer)
     if checkpoints.last_saved != step:
         checkpoints.save(step)
     if main:
