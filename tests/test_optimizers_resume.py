@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_helpers import StopAfter, adapter_tensors, make_config, max_diff
+from llm_helpers import StopAfter, adapter_tensors, make_config, max_diff, records, write_jsonl
 from llm_helpers import make_job as llm_job
 from safetensors.torch import load_file
 from sd_helpers import events_of, make_image_dataset, make_job, seed_like_config
@@ -42,6 +42,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def qa_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "data" / "qa.jsonl", records("prompt_response", 8))
 
 
 def _sd_config(tmp: Path, base: Path, data: Path, name: str) -> Path:
