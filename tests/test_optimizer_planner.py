@@ -129,3 +129,28 @@ def test_planned_peak_follows_the_cpu_meter(optimizer, tiny_sd15, tiny_llama, tm
     )
     for row in rows:
         assert abs(row.error) <= 0.05, (optimizer, row)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_oom_ladder_offers_the_8bit_rung_only_where_the_state_maps(optimizer):
+    """AdamW -> 8-bit AdamW keeps its moments; the other optimizers skip the rung, with the reason stated."""
+    from loratui.train.oom.ladder import OomLadder
+
+    settings = {
+        "batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": True,
+        "chunked_loss": True,
+        "optimizer": optimizer,
+        "max_seq_len": 64,
+    }
+    ladder = OomLadder("llm", dict(settings), allow_quality=False)
+    rungs = [rung.name for rung in ladder.remaining(settings)]
+    skipped = ladder.skipped(settings)
+    if optimizer == "adamw":
+        assert rungs == ["optimizer_8bit"] and not skipped
+    elif optimizer == "adamw8bit":
+        assert rungs == [] and not skipped
+    else:
+        assert rungs == []
+        assert f"optimizer {optimizer} keeps state that does not map onto 8-bit" in skipped["optimizer_8bit"]
