@@ -90,7 +90,7 @@ def build_optimizer(
         cls = optimizer_class(name)
         kwargs = {"lr": lr, "weight_decay": weight_decay}
         if name == "adafactor":
-            relative = bool(args.get("relative_step", False))
+            relative = relative_step(name, args)
             kwargs.update(
                 scale_parameter=relative,
                 relative_step=relative,
