@@ -158,4 +158,4 @@ def test_schedulefree_eval_weights_are_the_averaged_ones():
     torch.testing.assert_close(resumed.param_groups[0]["params"][0].detach(), y)
     final_weights(optimizer)
     torch.testing.assert_close(params[0].detach(), x)
-    assert math.isfinite(float(params[0].sum()))
+    assert math.isfinite(float(params[0].detach().sum()))

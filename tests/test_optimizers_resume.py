@@ -95,3 +95,24 @@ def test_llm_optimizer_resumes_exactly(name, tiny_llama, qa_file, tmp_path):
     result = run_training(llm_job(cfg, resume_from=checkpoint, run=job.run), console=False)
     assert result.state == "finished" and result.step == 4
     assert max_diff(adapter_tensors(straight.adapter_dir), adapter_tensors(result.adapter_dir)) <= 1e-6
+
+
+def test_resuming_with_another_optimizer_is_refused(tiny_llama, qa_file, tmp_path):
+    """One optimizer's state never loads into another: the message names the optimizer to set."""
+    cfg = make_config(tiny_llama, qa_file, tmp_path, **_llm_values("prodigy"))
+    job = llm_job(cfg)
+    assert run_training(job, stop=StopAfter(2), console=False).state == "stopped"
+    other = cfg.model_copy(update={"optimizer": "adamw", "optimizer_args": {}})
+    with pytest.raises(
+        ValueError, match="trained with optimizer prodigy, this run uses adamw; set optimizer: prodigy"
+    ):
+        run_training(llm_job(other, resume_from=job.run.latest_checkpoint(), run=job.run), console=False)
+
+
+def test_sd_resume_with_another_optimizer_is_refused(tiny_sd15, tmp_path):
+    data = make_image_dataset(tmp_path / "data", 4)
+    job = make_job(_sd_config(tmp_path / "a", tiny_sd15, data, "lion"))
+    assert train(job) == "finished"
+    config = _sd_config(tmp_path / "b", tiny_sd15, data, "came")
+    with pytest.raises(ValueError, match="trained with optimizer lion, this run uses came"):
+        train(make_job(config, resume_from=job.run.path / "checkpoints" / "step-1"))

@@ -20,6 +20,7 @@ from loratui.train.loop.optim import (
     apply_configured_hyperparameters,
     build_optimizer,
     build_scheduler,
+    check_resumable,
     configured_hyperparameters,
     resume_train_mode,
 )
@@ -209,6 +210,7 @@ def restore(
     ckpt = load_checkpoint(checkpoint_path)
     if not lora_loaded:
         restore_lora(checkpoint_path, model, ckpt)
+    check_resumable(ckpt.training_state.get("optimizer_class"), optimizer, checkpoint_path)
     wanted = configured_hyperparameters(optimizer, scheduler)
     if is_sharded(model):
         load_optimizer_state(model, optimizer, ckpt.training_state["optimizer"])

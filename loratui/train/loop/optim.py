@@ -106,6 +106,36 @@ def build_optimizer(
     return optimizer
 
 
+#: optimizer classes -> the `optimizer` value that builds them (checkpoints record the class)
+CONFIG_NAMES = {
+    "AdamW": "adamw",
+    "AdamW8bit": "adamw8bit",
+    "Prodigy": "prodigy",
+    "Adafactor": "adafactor",
+    "AdamWScheduleFree": "schedulefree_adamw",
+    "CAME": "came",
+    "Lion": "lion",
+}
+
+
+def optimizer_kind(optimizer: Any) -> str:
+    """The class name of the optimizer inside `optimizer` (accelerate's wrapper unwrapped)."""
+    return type(getattr(optimizer, "optimizer", optimizer)).__name__
+
+
+def check_resumable(saved: str | None, optimizer: Any, checkpoint: Any) -> None:
+    """Refuse to load one optimizer's state into another (its tensors would not match); AdamW state into 8-bit
+    AdamW is the OOM ladder's swap and allowed. `saved`: the class recorded in the checkpoint (None: older)."""
+    current = optimizer_kind(optimizer)
+    if saved is None or saved == current or (saved, current) == ("AdamW", "AdamW8bit"):
+        return
+    name = CONFIG_NAMES.get(saved, saved)
+    raise ValueError(
+        f"{checkpoint} was trained with optimizer {name}, this run uses {CONFIG_NAMES.get(current, current)}; "
+        f"set optimizer: {name} to resume it (or start a new run)"
+    )
+
+
 def _train_mode_switch(optimizer: Any) -> Any | None:
     """The schedule-free optimizer inside `optimizer` (accelerate's wrapper unwrapped), else None."""
     inner = getattr(optimizer, "optimizer", optimizer)

@@ -30,8 +30,10 @@ from loratui.train.loop.checkpointing import (
 )
 from loratui.train.loop.optim import (
     apply_configured_hyperparameters,
+    check_resumable,
     configured_hyperparameters,
     eval_mode,
+    optimizer_kind,
     resume_train_mode,
 )
 from loratui.train.loop.plan import StepPlan
@@ -115,6 +117,7 @@ class Checkpointer:
         scaler = getattr(self.accelerator, "scaler", None)
         training_state = {
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
@@ -186,6 +189,7 @@ class Checkpointer:
                 raise
             raise ValueError(shape_mismatch_message(checkpoint_path, ckpt.meta, self.lora.rank)) from None
         state = ckpt.training_state
+        check_resumable(state.get("optimizer_class"), self.optimizer, checkpoint_path)
         wanted = configured_hyperparameters(self.optimizer, self.scheduler)
         self.optimizer.load_state_dict(state["optimizer"])
         resume_train_mode(self.optimizer)
