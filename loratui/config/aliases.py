@@ -43,6 +43,10 @@ KEY_ALIASES: dict[str, str] = {
     "seq_len": "max_seq_len",
     "max_seq_length": "max_seq_len",
     "optimizer_type": "optimizer",
+    "optim": "optimizer",
+    "optimizer_kwargs": "optimizer_args",
+    "lr_scheduler_type": "lr_scheduler",
+    "num_cycles": "lr_scheduler_num_cycles",
     "flip": "flip_aug",
     "enable_bucket": "bucket",
     "reg_dir": "reg_data_dir",
@@ -117,11 +121,23 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
         "adam8bit": "adamw8bit",
         "adamw_bnb_8bit": "adamw8bit",
         "paged_adamw_8bit": "adamw8bit",
+        "pagedadamw8bit": "adamw8bit",
+        "paged_adamw8bit": "adamw8bit",
         "adam": "adamw",
         "adamw_torch": "adamw",
+        "adamw_torch_fused": "adamw",
+        "prodigyopt": "prodigy",
+        "adamwschedulefree": "schedulefree_adamw",
+        "adamw_schedulefree": "schedulefree_adamw",
+        "schedule_free_adamw": "schedulefree_adamw",
+        "schedulefree": "schedulefree_adamw",
+        "lion_32bit": "lion",
     },
     "model_family": {"sd1": "sd15", "sd1.5": "sd15", "sd21": "sd2", "sd2.1": "sd2", "sd-xl": "sdxl"},
-    "lr_scheduler": {"cosine_with_restarts": "cosine"},
+    "lr_scheduler": {
+        "cosine_with_hard_restarts": "cosine_with_restarts",
+        "polynomial_decay": "polynomial",
+    },
     "lora_dtype": {"float32": "fp32", "bfloat16": "bf16"},
     "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
     "method": {"supervised": "sft"},
@@ -142,6 +158,37 @@ def normalise_value(key: str, value: object) -> object:
         lowered = str(value).strip().lower()
         return table.get(lowered, lowered if isinstance(value, str) else value)
     return value
+
+
+def _literal(text: str) -> object:
+    """A kohya `optimizer_args` value: Python literal when it is one (2, 0.01, True, (0.9, 0.99)), else text."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        return {"true": True, "false": False, "none": None}.get(lowered, text)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def parse_optimizer_args(value: object) -> object:
+    """`optimizer_args` as a dict: a mapping is kept, kohya's list of `key=value` strings (or one string of them,
+    space-separated) is parsed with literal values. Raises ValueError naming an entry that is not key=value."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        return value  # the schema's type error names the key
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"optimizer_args entry {item!r} is not key=value (e.g. d_coef=2)")
+        out[key.strip()] = _literal(text.strip())
+    return out
 
 
 # --- kohya / LyCORIS network keys ---------------------------------------------------------------------------

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 TaskType = Literal["image-generation", "text-generation"]
 ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
-Optimizer = Literal["adamw", "adamw8bit"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw", "came", "lion"]
 LoraDtype = Literal["fp32", "bf16"]
-Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
+Scheduler = Literal[
+    "constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial", "rex"
+]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["sft", "dpo", "orpo", "kto"]
 PrefLoss = Literal["sigmoid", "ipo"]
@@ -113,10 +115,24 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Scheduler = Field(
-        "constant", description="constant, constant_with_warmup, cosine or linear."
+        "constant",
+        description="constant, constant_with_warmup, cosine, linear, cosine_with_restarts, polynomial or rex.",
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    optimizer: Optimizer = Field("adamw", description="adamw or adamw8bit (needs bitsandbytes).")
+    lr_scheduler_num_cycles: int = Field(
+        1, ge=1, description="cosine_with_restarts: number of cosine cycles (hard restarts)."
+    )
+    lr_scheduler_power: float = Field(1.0, gt=0, description="polynomial: power of the decay (1 = linear).")
+    optimizer: Optimizer = Field(
+        "adamw",
+        description="adamw, adamw8bit (bitsandbytes), prodigy, adafactor, schedulefree_adamw, came or lion "
+        '(the last five: pip install "loratui[optim]").',
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra optimizer arguments, e.g. {d_coef: 2, decouple: true} (kohya's list of "
+        '"key=value" strings is accepted).',
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables it.")
     max_nonfinite_steps: int = Field(
@@ -289,6 +305,13 @@ class TrainConfig(BaseModel):
                 raise ValueError("FSDP CPU offload is not supported; use fsdp: true")
             return True
         return value
+
+    @field_validator("optimizer_args", mode="before")
+    @classmethod
+    def _optimizer_args(cls, value: Any) -> Any:
+        from loratui.config.aliases import parse_optimizer_args
+
+        return parse_optimizer_args(value)
 
     @field_validator("target_modules", mode="before")
     @classmethod

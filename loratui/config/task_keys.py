@@ -104,11 +104,33 @@ class IgnoredSetting:
     source: str  # where it was set: "config x.yaml:7", "--set", "flag", "preset 12gb[sd15]", ...
     reason: str
     task_type: str
+    scope: str | None = None  # "with this optimizer/schedule"; default: the task type
 
     def message(self) -> str:
         """One line: what is ignored, where it was set, and why."""
         kind = "image" if self.task_type == IMAGE else "text"
-        return f"`{self.key}` ({self.source}) does nothing for {kind} runs: {self.reason}; remove it"
+        scope = self.scope or f"for {kind} runs"
+        return f"`{self.key}` ({self.source}) does nothing {scope}: {self.reason}; remove it"
+
+
+def schedule_notes(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(key, why it does nothing) for learning-rate settings the optimizer or the schedule does not use."""
+    notes: list[tuple[str, str]] = []
+    decaying = cfg.lr_scheduler not in ("constant", "constant_with_warmup")
+    if cfg.optimizer == "adafactor" and cfg.optimizer_args.get("relative_step"):
+        why = "Adafactor with relative_step=True computes its own step size"
+        notes += [("learning_rate", why), ("lr_scheduler", why)]
+    elif cfg.optimizer == "schedulefree_adamw" and decaying:
+        why = (
+            f"schedule-free AdamW replaces the schedule by iterate averaging; a decaying {cfg.lr_scheduler} "
+            "schedule only shrinks its steps (use constant, with lr_warmup_steps if wanted)"
+        )
+        notes.append(("lr_scheduler", why))
+    if cfg.lr_scheduler != "cosine_with_restarts":
+        notes.append(("lr_scheduler_num_cycles", "only cosine_with_restarts reads it"))
+    if cfg.lr_scheduler != "polynomial":
+        notes.append(("lr_scheduler_power", "only the polynomial schedule reads it"))
+    return notes
 
 
 def _set_by_user(source: str) -> bool:
@@ -132,5 +154,17 @@ def ignored_settings(resolved: ResolvedConfig) -> list[IgnoredSetting]:
         if getattr(cfg, key) == TrainConfig.model_fields[key].get_default(call_default_factory=True):
             continue
         found.append(IgnoredSetting(key, source, reason, cfg.task_type))
+    for key, reason in schedule_notes(cfg):
+        source = resolved.sources.get(key)
+        if source is None or not _set_by_user(source) or key in ignored:
+            continue
+        if key != "lr_scheduler" and getattr(cfg, key) == TrainConfig.model_fields[key].get_default():
+            continue
+        what = (
+            f"lr_scheduler {cfg.lr_scheduler}"
+            if key.startswith("lr_scheduler_")
+            else f"optimizer {cfg.optimizer}"
+        )
+        found.append(IgnoredSetting(key, source, reason, cfg.task_type, f"with {what}"))
     order = list(TrainConfig.model_fields)
     return sorted(found, key=lambda item: order.index(item.key))

@@ -13,6 +13,20 @@ SD_ACTIVATIONS_512 = {"sd15": 2.4 * GIB, "sd2": 2.4 * GIB, "sdxl": 3.0 * GIB}
 SD_PARAMS = {"sd15": 1.07e9, "sd2": 1.29e9, "sdxl": 3.47e9}
 
 
+#: optimizer state per byte of fp32 LoRA weights, for the analytic fallback (`estimate.state_elements` is exact):
+#: AdamW two moments; 8-bit AdamW two 1-byte moments; Prodigy exp_avg, exp_avg_sq, s and p0 (none for the zero
+#: B half); Adafactor and CAME factored vectors (small; CAME adds exp_avg); schedule-free z + exp_avg_sq; Lion one.
+STATE_PER_LORA_BYTE = {
+    "adamw": 2.0,
+    "adamw8bit": 0.5,
+    "prodigy": 3.5,
+    "adafactor": 0.05,
+    "schedulefree_adamw": 2.0,
+    "came": 1.1,
+    "lion": 1.0,
+}
+
+
 def llm_params(spec: ArchSpec, base_model: str) -> tuple[int, str]:
     """(parameters, where the number comes from) of an LLM whose architecture cannot be built: its GGUF tensor
     table, else its config, else its weight files' headers, else its name ("...-13b"), else 7B."""
@@ -99,7 +113,7 @@ def _llm(spec: ArchSpec, cfg: Any, device: str, notes: list[str]) -> tuple[dict[
     return {
         "weights": weights,
         "lora_params": lora,
-        "optimizer_state": 2 * lora,
+        "optimizer_state": int(STATE_PER_LORA_BYTE.get(cfg.optimizer, 2.0) * lora),
         "gradients": lora,
         "activations": stored,
         "logits_loss": logits,
@@ -116,7 +130,7 @@ def _sd(spec: ArchSpec, cfg: Any, device: str) -> tuple[dict[str, int], float]:
     return {
         "weights": weights,
         "lora_params": lora,
-        "optimizer_state": 2 * lora,
+        "optimizer_state": int(STATE_PER_LORA_BYTE.get(cfg.optimizer, 2.0) * lora),
         "gradients": lora,
         "activations": int(acts),
     }, SD_BAND

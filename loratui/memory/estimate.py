@@ -172,11 +172,58 @@ def weight_bytes(precision: str) -> int:
     return 4 if precision in ("fp32", "qlora32") else 2
 
 
+#: optimizers whose state depends on tensor shapes (not only sizes): `optimizer_bytes` needs `shapes`
+SHAPED_OPTIMIZERS = ("prodigy", "adafactor", "schedulefree_adamw", "came", "lion")
+
+
+def _factored(shape: tuple[int, ...]) -> int:
+    """Elements of a row + a column second-moment vector (Adafactor, CAME) of a tensor of 2+ dimensions."""
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return rows + rows // shape[-2] * shape[-1]
+
+
+def state_elements(name: str, shape: tuple[int, ...], zero: bool, args: dict[str, Any] | None = None) -> int:
+    """fp32 elements the optimizer keeps for one trainable tensor (read from each package's `step()`):
+
+    prodigy: exp_avg (when beta1 > 0), exp_avg_sq, s and the start copy p0 (every slice_p-th element; a 0-d
+    tensor for a tensor that starts at zero, like LoRA's B); adafactor: factored row + column second moment for
+    2+ dimensions, else a full one (+ exp_avg when beta1 is set; + the 0-d RMS); schedulefree_adamw: z and exp_avg_sq; came:
+    exp_avg plus factored second moment and factored residual (1-D: exp_avg_sq) and RMS; lion: exp_avg."""
+    args = args or {}
+    numel = 1
+    for size in shape:
+        numel *= size
+    factored = len(shape) >= 2
+    if name == "prodigy":
+        sliced = -(-numel // int(args.get("slice_p", 1)))
+        first = numel if float((args.get("betas") or (0.9,))[0]) > 0 else 0
+        return first + numel + sliced + (1 if zero else sliced)
+    if name == "adafactor":
+        first = numel if args.get("beta1") is not None else 0
+        return first + (_factored(shape) if factored else numel) + 1  # + RMS, a 0-d tensor
+    if name == "schedulefree_adamw":
+        return 2 * numel
+    if name == "came":
+        return numel + (2 * _factored(shape) if factored else numel) + 1  # + RMS, a 0-d tensor
+    if name == "lion":
+        return numel
+    raise ValueError(f"no state layout for optimizer {name!r}")
+
+
 def optimizer_bytes(
-    name: str, tensors: list[tuple[int, int]], rank: int, device: str, width: int = 4
+    name: str,
+    tensors: list[tuple[int, int]],
+    rank: int,
+    device: str,
+    shapes: list[tuple[tuple[int, ...], int, bool]] | None = None,
+    args: dict[str, Any] | None = None,
+    width: int = 4,
 ) -> tuple[int, int]:
-    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)] whose
-    weights take `width` bytes an element (AdamW keeps its moments in the weights' dtype)."""
+    """(state bytes, temporaries during `step()`) for the LoRA tensors [(elements per rank, count)]; optimizers
+    in SHAPED_OPTIMIZERS read `shapes` [(shape, count, starts at zero)] (default: each tensor as 1-D, which
+    over-counts factored state). AdamW keeps its moments in the LoRA weights' dtype (`width` bytes an element)."""
     numels = [(per_rank * rank, count) for per_rank, count in tensors]
     total = sum(n * c for n, c in numels)
     biggest = max((n for n, _ in numels), default=0)
@@ -186,6 +233,12 @@ def optimizer_bytes(
         for n, c in numels:
             state += c * (2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n)
         return state, 0
+    if name in SHAPED_OPTIMIZERS:
+        shapes = shapes if shapes is not None else [((n,), c, False) for n, c in numels]
+        state = sum(4 * c * state_elements(name, shape, zero, args) for shape, c, zero in shapes)
+        if name == "schedulefree_adamw":  # foreach: one denominator per tensor at once
+            return state, 4 * total
+        return state, 2 * 4 * biggest  # per tensor: update and denominator of the largest
     state = 2 * width * total + (4 * count if device == "cpu" else 0)  # exp_avg, exp_avg_sq (+ CPU steps)
     temporaries = width * total if device == "cuda" else 2 * width * biggest  # foreach sqrt copy / per-tensor
     return state, temporaries
@@ -257,7 +310,10 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     lora_bytes = lora_width(cfg)
     lora = lora_bytes * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
     tensors = summary.lora_tensors(cfg.target_modules, lora_dropout=cfg.lora_dropout)
-    state, temporaries = optimizer_bytes(cfg.optimizer, tensors, r, device, lora_bytes)
+    shapes = summary.lora_shapes(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
+    state, temporaries = optimizer_bytes(
+        cfg.optimizer, tensors, r, device, shapes, cfg.optimizer_args, width=lora_bytes
+    )
     if (
         lora_bytes != 4
     ):  # traced with fp32 LoRA: its gradients at the peak take `lora_bytes` an element instead
@@ -413,7 +469,16 @@ def _estimate_sd(planner: Planner, cfg: Any, device: str) -> Estimate:
     tokens = (cfg.resolution // int(summary.info.get("vae_factor", 8))) ** 2
     numels = summary.adapter_numels(regime.network, r, cfg.target_modules, train_text_encoder=train_te)
     lora = 4 * sum(n * c for n, c in numels)
-    state, temporaries = optimizer_bytes(cfg.optimizer, numels, 1, device)
+    shapes = (
+        summary.lora_shapes(r, cfg.target_modules, train_text_encoder=train_te)
+        if regime.network == "lora"
+        else None  # LoCon/LoHa/LoKr/DoRA: sizes only (factored optimizer state over-counted, noted)
+    )
+    if shapes is None and cfg.optimizer in ("adafactor", "came"):
+        notes.append(
+            f"{cfg.optimizer}'s factored state is counted unfactored for {regime.network} (an upper bound)"
+        )
+    state, temporaries = optimizer_bytes(cfg.optimizer, numels, 1, device, shapes, cfg.optimizer_args)
 
     unet_fit, extra = _adapter_fit(planner, regime, source, "step", cfg, notes)
     peak, acts = unet_fit.evaluate(b, tokens, r)

@@ -95,8 +95,9 @@ def search_space(
     axes: dict[str, list] = {
         "batch_size": _divisors(effective),
         "gradient_checkpointing": [cfg.gradient_checkpointing, not cfg.gradient_checkpointing],
-        "optimizer": [cfg.optimizer]  # FSDP: 8-bit state is not sharded (loratui.train.process.fsdp)
-        + (["adamw8bit"] if device == "cuda" and cfg.optimizer != "adamw8bit" and not cfg.fsdp else []),
+        # only from AdamW: the other optimizers do other updates (and FSDP does not shard 8-bit state)
+        "optimizer": [cfg.optimizer]
+        + (["adamw8bit"] if device == "cuda" and cfg.optimizer == "adamw" and not cfg.fsdp else []),
         "lora_rank": _ranks(cfg.lora_rank),
         "mixed_precision": [cfg.mixed_precision]
         + (["auto"] if cfg.mixed_precision == "no" and device == "cuda" else []),

@@ -132,6 +132,33 @@ class ArchSummary:
                     sizes[numel] = sizes.get(numel, 0) + layer.count
         return sorted(sizes.items())
 
+    def lora_shapes(
+        self,
+        rank: int,
+        target_modules: list[str] | None,
+        *,
+        train_text_encoder: bool = False,
+        lora_dropout: float = 0.0,
+    ) -> list[tuple[tuple[int, ...], int, bool]]:
+        """(shape, how many tensors, starts at zero) of each LoRA weight as PEFT stores it: A (r, in) or
+        (r, in, k, k) for a convolution, B (out, r) or (out, r, 1, 1), zero at the start. Factored optimizers
+        (Adafactor, CAME) keep a row and a column vector per tensor of two or more dimensions."""
+        shapes: dict[tuple[tuple[int, ...], bool], int] = {}
+        chosen = self.lora_layers(
+            target_modules, train_text_encoder=train_text_encoder, lora_dropout=lora_dropout
+        )
+        for layers in chosen.values():
+            for layer in layers:
+                r = rank * layer.experts
+                if layer.linear:
+                    pair = ((r, layer.d_in), (layer.d_out, r))
+                else:
+                    side = max(1, round(layer.kernel**0.5))
+                    pair = ((r, layer.d_in, side, layer.kernel // side), (layer.d_out, r, 1, 1))
+                for shape, zero in zip(pair, (False, True), strict=True):
+                    shapes[(shape, zero)] = shapes.get((shape, zero), 0) + layer.count
+        return sorted((shape, count, zero) for (shape, zero), count in shapes.items())
+
     def lora_tensors(
         self, target_modules: list[str] | None, *, train_text_encoder: bool = False, lora_dropout: float = 0.0
     ) -> list[tuple]:

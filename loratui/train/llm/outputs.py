@@ -19,6 +19,7 @@ from loratui.models.llm.loss import causal_loss_sum
 from loratui.train.job import WorkerJob
 from loratui.train.llm.preference_step import preference_settings
 from loratui.train.loop.checkpointing import refuse_nonfinite, rng_state, save_checkpoint
+from loratui.train.loop.optim import eval_mode, optimizer_kind
 from loratui.train.loop.reporting import Reporter
 from loratui.train.oom.ladder import settings_of
 from loratui.train.process.fsdp import full_lora_state, full_optimizer_state, is_sharded
@@ -73,12 +74,18 @@ class Checkpointer:
     reporter: Reporter
 
     def save(self, step: int, epoch: int) -> Path:
-        """Every rank calls it (FSDP gathers the LoRA and the optimizer state); rank 0 writes."""
+        """Every rank calls it (FSDP gathers the LoRA and the optimizer state); rank 0 writes. Schedule-free
+        optimizers: the averaged weights are saved (`eval_mode`)."""
+        with eval_mode(self.optimizer):
+            return self._save(step, epoch)
+
+    def _save(self, step: int, epoch: int) -> Path:
         sharded = is_sharded(self.model)
         state = {
             "optimizer": full_optimizer_state(self.model, self.optimizer)
             if sharded
             else self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
         }

@@ -20,7 +20,9 @@ from loratui.train.loop.optim import (
     apply_configured_hyperparameters,
     build_optimizer,
     build_scheduler,
+    check_resumable,
     configured_hyperparameters,
+    resume_train_mode,
 )
 from loratui.train.loop.precision import pick_device, resolve_precision, weight_dtype
 from loratui.train.loop.resume_inputs import shape_mismatch_message
@@ -111,8 +113,17 @@ def setup_data(job: WorkerJob, tokenizer: Any, template: str) -> LLMData:
 
 
 def setup_optimizer(cfg: TrainConfig, params: list[Any], total_steps: int) -> tuple[Any, Any]:
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, total_steps)
+    optimizer = build_optimizer(
+        params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.lr_scheduler,
+        cfg.lr_warmup_steps,
+        total_steps,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
     return optimizer, scheduler
 
 
@@ -199,11 +210,13 @@ def restore(
     ckpt = load_checkpoint(checkpoint_path)
     if not lora_loaded:
         restore_lora(checkpoint_path, model, ckpt)
+    check_resumable(ckpt.training_state.get("optimizer_class"), optimizer, checkpoint_path)
     wanted = configured_hyperparameters(optimizer, scheduler)
     if is_sharded(model):
         load_optimizer_state(model, optimizer, ckpt.training_state["optimizer"])
     else:
         optimizer.load_state_dict(ckpt.training_state["optimizer"])
+    resume_train_mode(optimizer)  # schedule-free: the checkpoint holds the averaged weights
     scheduler.load_state_dict(ckpt.training_state["scheduler"])
     state = dict(ckpt.training_state)
     state["hyperparameter_changes"] = apply_configured_hyperparameters(optimizer, scheduler, wanted)

@@ -46,6 +46,7 @@ from loratui.train.llm.setup import (
     setup_sharding,
 )
 from loratui.train.loop.checkpointing import restore_rng_state
+from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -239,7 +240,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
             evaluating = main or sharded  # FSDP: every rank takes part in each forward
             if evaluating and not stopping and data.val and (step % plan.steps_per_epoch == 0 or last_step):
                 with skipped_when_out_of_memory(reporter, "evaluation", step, EVAL_HINT):
-                    with accelerator.autocast():
+                    with accelerator.autocast(), eval_mode(optimizer):
                         eval_loss = evaluate(
                             side_model,
                             data,
@@ -254,7 +255,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
             sample_due = cfg.sample_prompts and cfg.sample_every_steps
             sampling = main and sample_due and not sharded and not stopping
             if sampling and (step % cfg.sample_every_steps == 0 or last_step):
-                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
+                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT), eval_mode(optimizer):
                     write_samples(cfg, job, reporter, side_model, tokenizer, template, step)
             save_due = bool(cfg.save_steps and step % cfg.save_steps == 0) or stop.checkpoint_now.is_set()
             if sharded:  # every rank takes part in gathering a checkpoint; a save request reaches rank 0 only
@@ -267,6 +268,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag) -> TrainResult:
                 unwrapped = accelerator.unwrap_model(model)
                 return TrainResult("stopped", step, None, unwrapped, tokenizer, template, data)
 
+    final_weights(optimizer)
     checkpoints.save(step, epoch)
     unwrapped = accelerator.unwrap_model(model)
     tensors = full_lora_state(unwrapped) if sharded else None  # FSDP: every rank takes part in the gather

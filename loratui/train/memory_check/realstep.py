@@ -65,8 +65,17 @@ def llm_real_step(cfg: Any) -> RealStep:
     model, tokenizer, _ = setup.setup_base(cfg, precision)
     model = apply_lora_dtype(cfg, setup_lora(cfg, model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, 10)
+    optimizer = build_optimizer(
+        params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.lr_scheduler,
+        cfg.lr_warmup_steps,
+        10,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)

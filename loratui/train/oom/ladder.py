@@ -12,7 +12,8 @@ lower settings before restarting a worker that died. Rungs, in order:
 4. `activation_offload`: LLMs keep saved activations in host memory until backward (CUDA only; slower, the same
    result);
 5. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
-   carried over;
+   carried over; only from AdamW (its two moments map onto 8-bit AdamW's): for Prodigy, Adafactor, schedule-free
+   AdamW, CAME and Lion the rung is skipped with the reason (`skipped`);
 6. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
    the value the run started with; only with `oom_allow_quality_reduction`.
 
@@ -54,6 +55,21 @@ RUNG_ORDER = (
 )
 MIN_RESOLUTION = 64
 MIN_SEQ_LEN = 32
+
+
+#: optimizers whose state maps onto 8-bit AdamW's (the swap keeps the moments): AdamW only
+EIGHT_BIT_FROM = ("adamw",)
+
+
+def eight_bit_skip_reason(optimizer: str) -> str | None:
+    """Why the 8-bit rung does not apply to `optimizer` (None when it applies, or 8-bit already runs)."""
+    if optimizer in (*EIGHT_BIT_FROM, "adamw8bit"):
+        return None
+    return (
+        f"the 8-bit AdamW rung is skipped: optimizer {optimizer} keeps state that does not map onto 8-bit "
+        "AdamW's two moments (a swap would restart the optimizer with other update rules); to save optimizer "
+        "memory set optimizer: adamw8bit (or adafactor, whose factored state is smallest) and restart"
+    )
 
 
 def kind_of(family: str) -> str:
@@ -143,6 +159,11 @@ class OomLadder:
                 return rung
         return None
 
+    def skipped(self, settings: Mapping[str, Any]) -> dict[str, str]:
+        """Rungs left out for these settings, with the reason (e.g. the 8-bit rung for Prodigy)."""
+        reason = eight_bit_skip_reason(str(settings["optimizer"]))
+        return {"optimizer_8bit": reason} if reason and "optimizer_8bit" not in self.unavailable else {}
+
     def remaining(self, settings: Mapping[str, Any]) -> list[Rung]:
         """Every rung still to come from `settings`, each one on top of the previous ones."""
         current, out = dict(settings), []
@@ -193,7 +214,7 @@ class OomLadder:
                 name, "activation offload (saved activations in host memory)", {"activation_offload": True}
             )
         if name == "optimizer_8bit":
-            if s["optimizer"] == "adamw8bit":
+            if s["optimizer"] not in EIGHT_BIT_FROM:  # already 8-bit, or no state mapping (`skipped`)
                 return None
             return Rung(name, "8-bit AdamW", {"optimizer": "adamw8bit"})
         if name == "quality" and self.allow_quality:

@@ -68,6 +68,11 @@ class PlannerJump:
             f"out of memory at step {step} even after every rung of the OOM ladder ({shown}): "
             f"{failure.error}."
         )
+        from loratui.train.oom.ladder import eight_bit_skip_reason
+
+        skipped = eight_bit_skip_reason(str(settings["optimizer"]))
+        if skipped:
+            text = f"{text} Note: {skipped}."
         budget, device = self.memory.budget_and_device()
         if budget:
             try:

@@ -38,8 +38,14 @@ class FsdpUnavailable(ValueError):
 def check_fsdp_settings(cfg: Any) -> None:
     """Refuse settings that cannot work with FSDP, before anything is loaded."""
     if cfg.optimizer not in FSDP_OPTIMIZERS:
+        why = (
+            "keeps quantised state that is not sharded with the weights"
+            if cfg.optimizer == "adamw8bit"
+            else "is not supported on sharded parameters (its state layout and global statistics are not "
+            "verified under FSDP)"
+        )
         raise FsdpUnavailable(
-            f"fsdp: optimizer {cfg.optimizer} keeps quantised state that is not sharded with the weights; "
+            f"fsdp: optimizer {cfg.optimizer} {why}; "
             "use optimizer: adamw (with fsdp its state is already split over the processes)"
         )
     if getattr(cfg, "method", "sft") != "sft":

@@ -28,7 +28,14 @@ from loratui.train.loop.checkpointing import (
     rng_state,
     save_checkpoint,
 )
-from loratui.train.loop.optim import apply_configured_hyperparameters, configured_hyperparameters
+from loratui.train.loop.optim import (
+    apply_configured_hyperparameters,
+    check_resumable,
+    configured_hyperparameters,
+    eval_mode,
+    optimizer_kind,
+    resume_train_mode,
+)
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.resume_inputs import shape_mismatch_message
@@ -103,10 +110,16 @@ class Checkpointer:
     ema: Any = None  # LoraEMA of the adapter weights (`ema_decay`), saved in training_state.pt
 
     def save(self, step: int) -> Path:
+        """Write a checkpoint (schedule-free optimizers: of the averaged weights, `eval_mode`)."""
+        with eval_mode(self.optimizer):
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         cfg = self.job.resolved.config
         scaler = getattr(self.accelerator, "scaler", None)
         training_state = {
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
@@ -185,8 +198,10 @@ class Checkpointer:
                 raise
             raise ValueError(shape_mismatch_message(checkpoint_path, ckpt.meta, self.lora.rank)) from None
         state = ckpt.training_state
+        check_resumable(state.get("optimizer_class"), self.optimizer, checkpoint_path)
         wanted = configured_hyperparameters(self.optimizer, self.scheduler)
         self.optimizer.load_state_dict(state["optimizer"])
+        resume_train_mode(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         for change in apply_configured_hyperparameters(self.optimizer, self.scheduler, wanted):
             self.reporter.event(

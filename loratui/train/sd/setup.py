@@ -183,8 +183,17 @@ def setup_optimizer(cfg, models: Models, plan: LoraPlan, total_steps: int):
         params = adapter_parameters(model)
         lr = cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
         groups.append({"params": params, "lr": lr})
-    optimizer = build_optimizer(groups, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, total_steps)
+    optimizer = build_optimizer(
+        groups, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.lr_scheduler,
+        cfg.lr_warmup_steps,
+        total_steps,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
     return optimizer, scheduler
 
 

@@ -25,6 +25,7 @@ from loratui.data.fingerprint import input_fingerprints
 from loratui.models.sd.conditioning import TextConditioner, sdxl_added_conditions
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
+from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -248,11 +249,12 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                     step, cfg.val_every_steps, step_plan.steps_per_epoch, step_plan.total_steps
                 )
             ):
-                with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT):
+                # schedule-free AdamW: measured on its averaged weights, as samples and checkpoints are
+                with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT), eval_mode(optimizer):
                     loss_now = validation.loss(models, text, accelerator.autocast, cfg.batch_size)
                     report_validation(reporter, step, epoch, loss_now)
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
-                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT):
+                with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT), eval_mode(optimizer):
                     with ema.applied() if ema is not None else contextlib.nullcontext():  # drawn with the EMA
                         paths = render_samples(models, cfg.sample_prompts, step, job.run.samples_dir, cfg)
                     for path in paths:
@@ -261,6 +263,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                 reporter.stopped(stop.signal_name or "requested", checkpoint=str(job.run.latest_checkpoint()))
                 return "stopped"
 
+    final_weights(optimizer)
     if checkpoints.last_saved != step:
         checkpoints.save(step)
     if main:
