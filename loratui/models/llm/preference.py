@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from loratui.models.llm.batches import Batch
 from loratui.models.llm.chat import IGNORE_INDEX
-from loratui.models.llm.loss import CHUNK_TOKENS, causal_lm
+from loratui.models.llm.loss import causal_lm, chunk_count
 
 DPO_LOSSES = ("sigmoid", "ipo")
 
@@ -163,12 +163,13 @@ def sequence_logps(
     batch: Batch,
     *,
     chunked: bool = False,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     autocast: Callable[[], Any] | None = None,
 ) -> SequenceLogps:
     """Per-row sums of target-token log-probabilities (labels != -100, shifted by one as in the token loss).
 
-    `chunked` computes the logits `chunk_tokens` targets at a time (each chunk recomputed in backward), as
+    `chunked` computes the logits `chunk_tokens` targets at a time (default: the targets split into
+    `chunk_count(vocab)` chunks; each chunk recomputed in backward), as
     `loratui.models.llm.loss.chunked_token_loss_sum` does for the SFT loss."""
     labels = batch.labels[:, 1:]
     keep = labels != IGNORE_INDEX
@@ -197,6 +198,8 @@ def sequence_logps(
                 use_cache=False,
             ).last_hidden_state[:, :-1][keep]
             head = lm.get_output_embeddings()
+            vocab = int(head.weight.shape[0])
+            chunk_tokens = chunk_tokens or max(1, -(-targets.numel() // chunk_count(vocab)))
             parts = [
                 checkpoint(
                     _token_logps,
