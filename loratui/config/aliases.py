@@ -68,6 +68,11 @@ KEY_ALIASES: dict[str, str] = {
     "algo": "network_type",
     "adapter_type": "network_type",
     "use_fsdp": "fsdp",
+    "v_parameterization": "prediction_type",
+    "zsnr": "zero_terminal_snr",
+    "ztsnr": "zero_terminal_snr",
+    "report_to": "log_with",
+    "log_tracker_name": "wandb_project",
     "fsdp_enabled": "fsdp",
 }
 
@@ -77,6 +82,10 @@ UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {
         "DeepSpeed is not supported",
         "for a model that does not fit one GPU use `fsdp: true` with `loratui train --gpus N` (FSDP shards "
         "the base, the LoRA and the optimizer state, like ZeRO-3); remove `deepspeed`",
+    ),
+    "wandb_api_key": (
+        "API keys are not read from config files",
+        "run `wandb login` or set WANDB_API_KEY in the environment; remove `wandb_api_key`",
     ),
     "fsdp_config": (
         "FSDP options are not read",
@@ -116,7 +125,16 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     },
     "model_family": {"sd1": "sd15", "sd1.5": "sd15", "sd21": "sd2", "sd2.1": "sd2", "sd-xl": "sdxl"},
     "lr_scheduler": {"cosine_with_restarts": "cosine"},
-    "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
+    # `v_parameterization: true` (kohya) means v-prediction; false leaves the choice to the checkpoint
+    "prediction_type": {
+        "v": "v_prediction",
+        "v-prediction": "v_prediction",
+        "vpred": "v_prediction",
+        "v_pred": "v_prediction",
+        "eps": "epsilon",
+        "true": "v_prediction",
+        "false": "auto",
+    },
     "method": {"supervised": "sft"},
     "pref_loss": {"dpo": "sigmoid"},
     "network_type": {"lycoris": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora", "locon": "locon"},

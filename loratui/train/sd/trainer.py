@@ -24,6 +24,7 @@ from loratui.data.fingerprint import input_fingerprints
 from loratui.models.sd.conditioning import TextConditioner, sdxl_added_conditions
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
+from loratui.train.loop.loggers import LoggerSettings
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -119,7 +120,8 @@ class LossContext:
 
 def train(job: WorkerJob, *, stop_after_step: int | None = None) -> str:
     """Train a LoRA for `job`; "finished" or "stopped". `stop_after_step` acts like Ctrl-C at that step."""
-    with training_session(job.run) as session:
+    loggers = LoggerSettings.from_config(job.resolved.config)
+    with training_session(job.run, loggers=loggers) as session:
         return _train(job, session.reporter, session.stop, stop_after_step)
 
 
@@ -169,6 +171,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         device=str(accelerator.device),
         precision=precision,
         prediction_type=models.prediction_type,
+        zero_terminal_snr=models.zero_terminal_snr,
         images=dataset.num_images,
         samples_per_epoch=len(dataset),
         resumed_from=start or None,
