@@ -57,6 +57,17 @@ def test_v_pred_marker_key_sets_v_prediction_and_ztsnr(fixture, request, tmp_pat
     assert sampler.config.rescale_betas_zero_snr and sampler.config.timestep_spacing == "trailing"
     sampler.set_timesteps(4)
     assert int(sampler.timesteps[0]) == 999  # trailing: sampling starts at the pure-noise timestep
+    expected = "EulerDiscreteScheduler" if fixture == "tiny_sdxl" else "DDIMScheduler"  # PNDM has no zero SNR
+    assert type(sampler).__name__ == expected
+    from loratui.sample.sd_sample import generate
+
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    image = generate(loaded.pipeline, "a red circle", steps=2, width=64, height=64, guidance_rescale=0.7)
+    assert image.size == (64, 64)
+    pixels = loaded.pipeline(
+        "a red circle", num_inference_steps=2, height=64, width=64, guidance_rescale=0.7, output_type="np"
+    ).images
+    assert np.isfinite(pixels).all()  # from the pure-noise timestep without nan/inf
 
     # explicit settings win over the markers
     overridden = load_sd_pipeline(both, config_dir=folder, prediction_type="epsilon", zero_terminal_snr=False)
