@@ -134,3 +134,22 @@ def test_sd_run_logs_its_losses_to_wandb(fake_wandb, tiny_sd15, tmp_path):
     assert _logged(fake_wandb)["loss"] == steps
     assert fake_wandb[0][1]["name"] == job.run.name and fake_wandb[-1] == ("finish",)
     assert not list(job.run.logs_dir.glob("events.out.tfevents.*"))  # log_with: wandb alone
+
+
+def test_dry_run_warns_before_training_when_wandb_is_missing(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from loratui.cli.app import app
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setenv("LORATUI_FAKE_NVML", "none")
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "base_model: runwayml/stable-diffusion-v1-5\ntask_type: image-generation\n"
+        f"train_data_dir: {tmp_path / 'data'}\nlog_with: [tensorboard, wandb]\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert 'pip install "loratui[wandb]"' in result.output

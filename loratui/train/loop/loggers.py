@@ -150,6 +150,18 @@ class ScalarLoggers:
             logger.close()
 
 
+def missing_logger_message(log_with: list[str] | tuple[str, ...]) -> str | None:
+    """Said before training starts when `log_with` names a logger whose package is not installed."""
+    import importlib.util
+
+    if "wandb" in log_with and importlib.util.find_spec("wandb") is None:
+        return (
+            f"log_with: wandb, but the wandb package is not installed: {WANDB_EXTRA}; the run logs to the "
+            "other loggers and events.jsonl only"
+        )
+    return None
+
+
 def open_loggers(
     settings: LoggerSettings, logs_dir: Path, run_name: str, report: Callable[[str, str], None]
 ) -> ScalarLoggers:
