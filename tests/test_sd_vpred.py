@@ -186,6 +186,14 @@ def test_vpred_ztsnr_run_trains_from_yaml_and_samples_with_the_schedule(tiny_sdx
     assert meta["ss_v_parameterization"] == "True" and meta["ss_zero_terminal_snr"] == "True"
     assert meta["modelspec.prediction_type"] == "v"
 
+    # resuming with another noise schedule is refused, naming the setting to use
+    changed = seed_like_config(
+        tmp_path / "resume", tiny_sdxl, data, lora_rank=4, alpha=4, v_parameterization=True, max_steps=2
+    )
+    resumed = make_job(changed, resume_from=job.run.latest_checkpoint(), run=job.run)
+    with pytest.raises(ValueError, match="zero_terminal_snr True"):
+        train(resumed)
+
 
 def test_config_spellings_and_refusals(tmp_path):
     from loratui.config import load_config

@@ -171,6 +171,17 @@ class Checkpointer:
                 f"{checkpoint_path} was trained with network_type {saved_type}, this run has "
                 f"{self.lora.network.kind}; set network_type: {saved_type} to resume it"
             )
+        schedule = {
+            "prediction_type": self.models.prediction_type,
+            "zero_terminal_snr": self.models.zero_terminal_snr,
+        }
+        for key, now in schedule.items():  # another objective would silently retrain the LoRA for it
+            saved = ckpt.meta.get(key)
+            if saved is not None and saved != now:
+                raise ValueError(
+                    f"{checkpoint_path} was trained with {key} {saved}, this run has {now}; set {key}: "
+                    f"{saved} to resume it"
+                )
         try:
             load_lora_state(self.models.components(), ckpt.lora_state)
         except RuntimeError as exc:
