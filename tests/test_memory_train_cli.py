@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -157,3 +158,75 @@ def test_a_config_continuing_a_lora_keeps_its_rank() -> None:
         init_lora="old.safetensors",
     )
     assert search_space(cfg, "sd", "sd15", "cuda").axes["lora_rank"] == [32]
+
+
+def test_dry_run_lists_the_image_options_and_their_memory(tmp_path, monkeypatch) -> None:
+    """The block shows each option's value and the prediction minus the prediction with it at its default.
+    (The planner is replaced by a cheap stand-in that only reads the network type: tracing a LoKr fit takes
+    half a minute; the planner's own network-type figures are tested with the adapter types.)"""
+    from loratui.memory import estimate as estimate_module
+
+    real = estimate_module.estimate_peak
+    extra = {"lora": 0, "lokr": 7 * 1024 * 1024}
+
+    def stand_in(resolved, **kwargs):
+        cfg = getattr(resolved, "config", resolved)
+        found = real(replace(resolved, config=cfg.model_copy(update={"network_type": "lora"})), **kwargs)
+        return replace(found, total_bytes=found.total_bytes + extra[cfg.network_type])
+
+    monkeypatch.setattr(estimate_module, "estimate_peak", stand_in)
+    body = SD15 + "network_type: lokr\nv_parameterization: true\nzero_terminal_snr: true\n"
+    cfg = _config(tmp_path, body)
+    result = _invoke("--config", cfg, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["key"]: row for row in json.loads(result.output)["memory"]["options"]}
+    assert rows["network_type"]["value"] == "lokr" and not rows["network_type"]["default"]
+    assert rows["network_type"]["memory_delta_bytes"] == 7 * 1024 * 1024
+    assert rows["zero_terminal_snr"]["value"] is True and rows["zero_terminal_snr"]["memory_delta_bytes"] == 0
+    assert rows["prediction_type"]["value"] == "v_prediction"
+    assert rows["prediction_type"]["memory_delta_bytes"] == 0
+    assert rows["optimizer"]["default"] and rows["optimizer"]["memory_delta_bytes"] is None
+    text = _invoke("--config", cfg, "--dry-run").output
+    block = text[text.index("options (memory each adds") :]
+    assert "network type" in block and "lokr" in block and "+7.0 MiB" in block
+    assert "zero terminal SNR" in block and "no memory change" in block
+    assert "prediction" in block and "v_prediction" in block
+    llm = _invoke("--config", _config(tmp_path, LLAMA), "--dry-run").output
+    assert "options (memory each adds" not in llm  # an image-run block
+
+
+def test_options_block_is_driven_by_its_table(tmp_path, monkeypatch) -> None:
+    from loratui.memory import integration
+
+    monkeypatch.setattr(
+        integration, "IMAGE_OPTIONS", (("lora_rank", "rank"), ("not_a_key_yet", "future option"))
+    )
+    resolved = load_config(_config(tmp_path, SD15 + "lora_rank: 32\n"))
+    total = estimate_peak(resolved, device="cpu").total_bytes
+    rows = integration.option_rows(resolved, total, device="cpu")
+    assert [row["key"] for row in rows] == ["lora_rank"]  # keys the config lacks are skipped
+    at_8 = estimate_peak(load_config(_config(tmp_path, SD15 + "lora_rank: 8\n")), device="cpu").total_bytes
+    assert rows[0]["memory_delta_bytes"] == total - at_8 > 0
+    assert integration.option_lines(rows)[1].split()[:2] == ["rank", "32"]
+
+
+def test_dry_run_reads_the_v_pred_marker_of_a_single_file(tmp_path) -> None:
+    from loratui.memory.integration import option_rows
+
+    header = {
+        "conditioner.embedders.1.model.ln_final.weight": {
+            "dtype": "F32",
+            "shape": [1],
+            "data_offsets": [0, 4],
+        },
+        "model.diffusion_model.out.2.bias": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        "v_pred": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+        "ztsnr": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+    }
+    raw = json.dumps(header).encode()
+    model = tmp_path / "noob.safetensors"
+    model.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+    resolved = load_config(_config(tmp_path, f"base_model: {model}\nresolution: 1024\n"))
+    rows = {row["key"]: row for row in option_rows(resolved, 0, device="cpu")}
+    assert rows["prediction_type"]["shown"] == "auto: v_prediction (v_pred key)"
+    assert rows["zero_terminal_snr"]["shown"] == "auto: on (ztsnr key)"

@@ -377,6 +377,11 @@ def _print_dry_run(
         from loratui.cli.launch import distributed_summary
 
         out.print(distributed_summary(resolved, processes), highlight=False, markup=False)
+    from loratui.train.loop.loggers import missing_logger_message
+
+    missing = missing_logger_message(resolved.config.log_with)
+    if missing:
+        out.print(f"warning: {missing}", highlight=False, markup=False, soft_wrap=True)
     print_ignored(ignored, out)
     for problem in problems:
         out.print(f"[red]problem:[/red] {problem}", highlight=False)

@@ -120,9 +120,11 @@ def launch_training(
     except (FileNotFoundError, ChangedInputs, OutputProblem, LockHeld) as exc:
         out.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
-    space = disk_space_warning(resolved)
-    if space:
-        out.print(f"warning: {space}", markup=False, highlight=False, soft_wrap=True)
+    from loratui.train.loop.loggers import missing_logger_message
+
+    for warning in (disk_space_warning(resolved), missing_logger_message(resolved.config.log_with)):
+        if warning:
+            out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if checkpoint:
         from loratui.runs.checkpoints import damaged_newer
 

@@ -78,6 +78,11 @@ KEY_ALIASES: dict[str, str] = {
     "algo": "network_type",
     "adapter_type": "network_type",
     "use_fsdp": "fsdp",
+    "v_parameterization": "prediction_type",
+    "zsnr": "zero_terminal_snr",
+    "ztsnr": "zero_terminal_snr",
+    "report_to": "log_with",
+    "log_tracker_name": "wandb_project",
     "fsdp_enabled": "fsdp",
 }
 
@@ -87,6 +92,10 @@ UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {
         "DeepSpeed is not supported",
         "for a model that does not fit one GPU use `fsdp: true` with `loratui train --gpus N` (FSDP shards "
         "the base, the LoRA and the optimizer state, like ZeRO-3); remove `deepspeed`",
+    ),
+    "wandb_api_key": (
+        "API keys are not read from config files",
+        "run `wandb login` or set WANDB_API_KEY in the environment; remove `wandb_api_key`",
     ),
     "fsdp_config": (
         "FSDP options are not read",
@@ -139,7 +148,16 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
         "polynomial_decay": "polynomial",
     },
     "lora_dtype": {"float32": "fp32", "bfloat16": "bf16"},
-    "prediction_type": {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"},
+    # `v_parameterization: true` (kohya) means v-prediction; false leaves the choice to the checkpoint
+    "prediction_type": {
+        "v": "v_prediction",
+        "v-prediction": "v_prediction",
+        "vpred": "v_prediction",
+        "v_pred": "v_prediction",
+        "eps": "epsilon",
+        "true": "v_prediction",
+        "false": "auto",
+    },
     "method": {"supervised": "sft"},
     "pref_loss": {"dpo": "sigmoid"},
     "network_type": {"lycoris": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora", "locon": "locon"},

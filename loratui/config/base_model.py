@@ -27,6 +27,10 @@ class ModelInfo:
     params: int | None = None  # LLM parameter count estimate from config.json
     architecture: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: what a single-file SD checkpoint's marker keys say: "v_prediction" (`v_pred` key) or None
+    prediction_type: str | None = None
+    #: the checkpoint carries the `ztsnr` marker (trained with the zero-terminal-SNR schedule)
+    zero_terminal_snr: bool = False
 
     @property
     def preset_family(self) -> str | None:
@@ -87,6 +91,20 @@ def unreadable_safetensors(path: Path, exc: BaseException) -> str:
         f"{path} is not a complete .safetensors file ({why}); it may be truncated or damaged: copy or "
         "export it again"
     )
+
+
+#: marker tensors of single-file SD checkpoints (NoobAI-style v-pred SDXL; A1111/Forge and ComfyUI read them):
+#: `v_pred` = trained for v-prediction, `ztsnr` (next to `v_pred`) = trained with zero terminal SNR
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+
+
+def schedule_markers(keys) -> tuple[str | None, bool]:
+    """(prediction type, zero terminal SNR) that a checkpoint's marker keys declare; (None, False) without."""
+    keyset = set(keys)
+    if V_PRED_KEY not in keyset:
+        return None, False
+    return "v_prediction", ZTSNR_KEY in keyset
 
 
 def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
@@ -203,6 +221,8 @@ def _inspect_diffusers(folder: Path) -> ModelInfo:
         sched = jsonsafe.loads(sched_cfg.read_text(encoding="utf-8")) if sched_cfg.exists() else {}
         if sched.get("prediction_type") == "v_prediction":
             info.notes.append("v-prediction")
+            info.prediction_type = "v_prediction"
+        info.zero_terminal_snr = bool(sched.get("rescale_betas_zero_snr"))
     except (OSError, ValueError):
         info.notes.append("unet/config.json unreadable")
     return info
@@ -253,7 +273,12 @@ def _inspect_file(path: Path) -> ModelInfo:
             return ModelInfo(str(path), "unknown", notes=[f"unreadable safetensors: {exc}"])
         keys = [k for k in header if k != "__metadata__"]
         kind, family = classify_state_keys(keys)
-        return ModelInfo(str(path), kind, family=family)
+        info = ModelInfo(str(path), kind, family=family)
+        if kind == "sd-checkpoint":
+            info.prediction_type, info.zero_terminal_snr = schedule_markers(keys)
+            if info.prediction_type:
+                info.notes.append("v-prediction")
+        return info
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return ModelInfo(str(path), "pickle", notes=["pickle checkpoint: loading it runs code"])
     return ModelInfo(str(path), "unknown")

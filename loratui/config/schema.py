@@ -23,6 +23,7 @@ PredictionType = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["sft", "dpo", "orpo", "kto"]
 PrefLoss = Literal["sigmoid", "ipo"]
 NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
+Logger = Literal["tensorboard", "wandb"]
 #: seeds are 32-bit, as every library that takes one accepts (larger ones overflow inside torch/numpy)
 MAX_SEED = 2**32 - 1
 #: words of other tools' `fsdp` setting (transformers' TrainingArguments, axolotl) that mean "shard"
@@ -155,6 +156,13 @@ class TrainConfig(BaseModel):
     log_every_steps: int = Field(1, ge=1, description="Write a progress event every N steps.")
     sample_prompts: list[str] = Field(default_factory=list, description="Prompts rendered during training.")
     sample_every_steps: int | None = Field(None, ge=1, description="Render sample_prompts every N steps.")
+    log_with: list[Logger] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Scalar loggers: tensorboard, wandb (Weights & Biases, offline unless WANDB_MODE/"
+        "WANDB_API_KEY is set), both, or none ([]).",
+    )
+    wandb_project: str = Field("loratui", description="W&B project name (log_with: wandb).")
+    wandb_run_name: str | None = Field(None, description="W&B run name; default: the run directory's name.")
 
     # --- EMA and validation (images) ----------------------------------------------------------
     ema_decay: float | None = Field(
@@ -208,7 +216,15 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, description="Noise offset (e.g. 0.05) for darker/brighter images."
     )
     prediction_type: PredictionType = Field(
-        "auto", description="epsilon or v_prediction; auto from the model."
+        "auto",
+        description="epsilon or v_prediction; auto from the model (a single file's `v_pred` marker key, a "
+        "folder's scheduler config).",
+    )
+    zero_terminal_snr: bool | None = Field(
+        None,
+        description="SD: zero-terminal-SNR noise schedule (betas rescaled so the last alpha_bar is 0; needs "
+        "v_prediction); samples use trailing steps and guidance rescale 0.7. null: on when the checkpoint "
+        "carries the `ztsnr` marker key.",
     )
 
     # --- text (LLM) --------------------------------------------------------------------------
@@ -313,6 +329,21 @@ class TrainConfig(BaseModel):
 
         return parse_optimizer_args(value)
 
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _loggers(cls, value: object) -> object:
+        """`log_with: wandb`, `"tensorboard,wandb"`, `all` (kohya, transformers) and `none` are accepted."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.replace(",", " ").split() if part.strip()]
+        if isinstance(value, list):
+            words = [str(v).strip().lower() for v in value]
+            if words in (["none"], ["no"], ["false"]):
+                return []
+            if "all" in words:
+                return ["tensorboard", "wandb"]
+            return list(dict.fromkeys(words))
+        return value
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
@@ -406,6 +437,16 @@ class TrainConfig(BaseModel):
         if self.val_every_steps and not (self.val_data_dir or self.val_split):
             raise ValueError(
                 "val_every_steps: set val_split (e.g. 0.1) or val_data_dir to measure a validation loss"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ztsnr_needs_v_prediction(self) -> TrainConfig:
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "zero_terminal_snr needs v-prediction: at the last timestep the input is pure noise, so an "
+                "epsilon model learns nothing there and cannot start sampling from it; set prediction_type: "
+                "v_prediction (or auto for a v-pred checkpoint)"
             )
         return self
 

@@ -75,6 +75,7 @@ IMAGE_ONLY: dict[str, str] = {
     "min_snr_gamma": "Min-SNR weighting applies to the diffusion loss only",
     "noise_offset": "noise offset applies to the diffusion loss only",
     "prediction_type": "the prediction type applies to diffusion models only",
+    "zero_terminal_snr": "the noise schedule applies to diffusion models only",
     "network_type": "LLM runs train PEFT LoRA adapters (LoCon/LoHa/LoKr/DoRA are image adapter types)",
     "use_dora": "DoRA is available for image runs (LLM runs train PEFT LoRA adapters)",
     "conv_rank": "an LLM has no convolutions",

@@ -21,6 +21,28 @@ SAFETY_MARGIN = 0.03  # of the card's memory, kept free on top of the predicted 
 AUTO_SOURCE = "preset auto (memory planner)"
 
 
+#: image-run options that change what is trained or how, listed in `--dry-run`'s options block with the memory
+#: each one adds (the prediction minus the prediction with that option at its default): (config key, label).
+#: A key the config does not have is skipped, so a line can be added here before its option exists.
+IMAGE_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("network_type", "network type"),
+    ("use_dora", "DoRA"),
+    ("optimizer", "optimizer"),
+    ("lr_scheduler", "schedule"),
+    ("reg_data_dir", "regularization images"),
+    ("prior_loss_weight", "prior loss weight"),
+    ("mask_dir", "masks"),
+    ("masked_loss", "masked loss"),
+    ("alpha_mask", "masks from alpha"),
+    ("ema_decay", "EMA"),
+    ("ema_on_cpu", "EMA in CPU memory"),
+    ("val_split", "validation split"),
+    ("val_data_dir", "validation images"),
+    ("prediction_type", "prediction"),
+    ("zero_terminal_snr", "zero terminal SNR"),
+)
+
+
 class NoUsableMemory(RuntimeError):
     """The budget could not be determined (NVML unavailable and no --vram/--card)."""
 
@@ -138,7 +160,88 @@ def dry_run_prediction(
     budget = simulated_budget_from_env_or_config(resolved)
     result["simulated_budget_bytes"] = budget
     result["fits_simulated_budget"] = None if budget is None else estimate.total_bytes <= budget
+    result["options"] = option_rows(resolved, estimate.total_bytes, device=device, processes=processes)
     return result
+
+
+def _checkpoint_schedule(cfg: Any) -> tuple[str | None, bool]:
+    """What the base model itself says about prediction type and zero terminal SNR (marker keys, folder
+    scheduler config); (None, False) when it says nothing or cannot be read."""
+    from loratui.config.base_model import inspect_base_model
+
+    if not cfg.base_model:
+        return None, False
+    info = inspect_base_model(cfg.base_model)
+    return info.prediction_type, info.zero_terminal_snr
+
+
+def _shown_value(cfg: Any, key: str, value: Any, found: tuple[str | None, bool]) -> str:
+    if key == "prediction_type" and value == "auto":
+        return f"auto: {found[0] or 'epsilon'}" + (" (v_pred key)" if found[0] else "")
+    if key == "zero_terminal_snr" and value is None:
+        return "auto: on (ztsnr key)" if found[1] else "auto: off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "-" if value is None or value == "" else str(value)
+
+
+def option_rows(
+    resolved: Any, total_bytes: int, *, device: str = "cuda", processes: int = 1
+) -> list[dict[str, Any]]:
+    """One row per `IMAGE_OPTIONS` key of an image run (keys image runs do not read are left out): its value, whether it is the default, and the memory
+    it adds (`memory_delta_bytes`: this prediction minus the one with the key at its default; None for a
+    default value or when that prediction fails)."""
+    from loratui.config.task_keys import IGNORED_BY_TASK
+    from loratui.memory.estimate import estimate_peak
+
+    cfg = getattr(resolved, "config", resolved)
+    if getattr(cfg, "task_type", "") != "image-generation":
+        return []
+    found = _checkpoint_schedule(cfg)
+    ignored = IGNORED_BY_TASK["image-generation"]
+    rows = []
+    for key, label in IMAGE_OPTIONS:
+        if key not in type(cfg).model_fields or key in ignored:
+            continue
+        value = getattr(cfg, key)
+        default = type(cfg).model_fields[key].get_default(call_default_factory=True)
+        delta = None
+        if value != default:
+            changed = cfg.model_copy(update={key: default})
+            without = replace(resolved, config=changed) if hasattr(resolved, "config") else changed
+            try:
+                delta = total_bytes - estimate_peak(without, device=device, processes=processes).total_bytes
+            except Exception:  # the default may not be plannable alone; the row still shows the value
+                delta = None
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "value": value,
+                "shown": _shown_value(cfg, key, value, found),
+                "default": value == default,
+                "memory_delta_bytes": delta,
+            }
+        )
+    return rows
+
+
+def option_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The dry run's compact options block."""
+    if not rows:
+        return []
+    lines = ["options (memory each adds to the prediction):"]
+    for row in rows:
+        if row["default"]:
+            memory = "default"
+        elif row["memory_delta_bytes"] is None:
+            memory = "not predicted alone"
+        elif row["memory_delta_bytes"] == 0:
+            memory = "no memory change"
+        else:
+            memory = format_bytes(row["memory_delta_bytes"], signed=True)
+        lines.append(f"  {row['label']:<22} {row['shown']:<26} {memory}")
+    return lines
 
 
 def dry_run_lines(prediction: dict[str, Any]) -> list[str]:
@@ -170,6 +273,7 @@ def dry_run_lines(prediction: dict[str, Any]) -> list[str]:
     if prediction["simulated_budget_bytes"]:
         state = "fits" if prediction["fits_simulated_budget"] else "exceeds"
         lines.append(f"{state} the simulated card of {format_bytes(prediction['simulated_budget_bytes'])}")
+    lines += option_lines(prediction.get("options") or [])
     lines += [f"note: {note}" for note in prediction["notes"]]
     lines.append(f"method: {prediction['method']}")
     return lines

@@ -192,8 +192,11 @@ def generate(
     width: int | None = None,
     height: int | None = None,
     guidance: float = 7.0,
+    guidance_rescale: float = 0.0,
 ):
-    """One image (PIL) with a fixed CPU-seeded generator (the same picture on every machine type)."""
+    """One image (PIL) with a fixed CPU-seeded generator (the same picture on every machine type).
+
+    `guidance_rescale`: 0.7 for zero-terminal-SNR models (`loratui.models.sd.schedule.guidance_rescale`)."""
     import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -204,6 +207,7 @@ def generate(
         width=width,
         height=height,
         guidance_scale=guidance,
+        guidance_rescale=guidance_rescale,
         generator=generator,
     ).images[0]
 
@@ -238,6 +242,8 @@ def sample_image(
 
     Raises `SampleError` (bad --lora or tag, wrong family), `BaseModelError` or `FileNotFoundError`.
     """
+    from loratui.models.sd.schedule import guidance_rescale
+
     clean, requests = collect_loras(list(lora or []), prompt, lora_dir)
     pipe, loaded = load_pipeline(base, allow_pickle=allow_pickle)
     apply_loras(pipe, requests, loaded.family)
@@ -250,6 +256,7 @@ def sample_image(
         width=width,
         height=height,
         guidance=guidance,
+        guidance_rescale=guidance_rescale(loaded.zero_terminal_snr),
     )
     target = Path(out) if out else Path(f"sample-{seed}.png")
     save_png(image, target)

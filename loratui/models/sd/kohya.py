@@ -235,6 +235,7 @@ class KohyaInfo:
     rank: int
     alpha: float
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
     dropout: float = 0.0
     learning_rate: float | None = None
     text_encoder_lr: float | None = None
@@ -319,6 +320,7 @@ def build_metadata(info: KohyaInfo) -> dict[str, str]:
         "ss_dataset_dirs": json.dumps(info.dataset_dirs, ensure_ascii=False),
         "ss_sd_model_name": info.base_model_name,
         "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(info.zero_terminal_snr),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": _architecture(info.family, info.prediction_type),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",

@@ -30,7 +30,9 @@ from loratui.config.base_model import (
     classify_state_keys,
     inspect_base_model,
     read_safetensors_header,
+    schedule_markers,
 )
+from loratui.models.sd.schedule import configure_pipeline_scheduler
 
 CONFIG_NAMES = ("sd15", "sd2", "sd2-v", "sdxl")
 BPE_FILE = "clip_bpe_simple_vocab_16e6.txt.gz"
@@ -53,6 +55,7 @@ class LoadedSD:
     source: str
     kind: str  # diffusers-folder | single-file | hub-cache
     notes: list[str] = field(default_factory=list)
+    zero_terminal_snr: bool = False  # the pipeline's scheduler uses the rescaled (zero terminal SNR) betas
 
     @property
     def is_sdxl(self) -> bool:
@@ -320,15 +323,20 @@ def load_single_file(
     allow_pickle: bool = False,
     torch_dtype=None,
     prediction_type: str = "auto",
+    zero_terminal_snr: bool | None = None,
     config_dir: Path | None = None,
 ) -> LoadedSD:
-    """Load a single-file checkpoint (LDM layout) with bundled configs (or `config_dir`)."""
+    """Load a single-file checkpoint (LDM layout) with bundled configs (or `config_dir`).
+
+    `prediction_type: auto` and `zero_terminal_snr: None` follow the file's `v_pred` / `ztsnr` marker keys."""
     path = Path(path)
     notes: list[str] = []
     metadata: dict = {}
+    marked: tuple[str | None, bool] = (None, False)
     if path.suffix.lower() == ".safetensors":
         header = check_safetensors_complete(path)
         metadata = header.get("__metadata__") or {}
+        marked = schedule_markers(header)
         kind, detected = classify_state_keys([k for k in header if k != "__metadata__"])
         if kind != "sd-checkpoint":
             message = describe_wrong_file(ModelInfo(str(path), kind, family=detected))
@@ -336,6 +344,7 @@ def load_single_file(
         family = detected
     state = _load_state_dict(path, allow_pickle)
     if path.suffix.lower() != ".safetensors":
+        marked = schedule_markers(state)
         kind, detected = classify_state_keys(list(state))
         if kind != "sd-checkpoint":
             raise BaseModelError(
@@ -343,13 +352,31 @@ def load_single_file(
             )
         family = detected
     assert family in ("sd15", "sd2", "sdxl")
+    if prediction_type == "auto" and marked[0]:  # the `v_pred` marker key
+        prediction_type = marked[0]
+    if zero_terminal_snr is None and marked[1]:  # the `ztsnr` marker key
+        zero_terminal_snr = True
     name = family if family != "sd2" else _sd2_config_name(path, metadata, prediction_type, notes)
     folder = Path(config_dir) if config_dir else bundled_config_folder(name)
     with _quiet():
         pipeline = _build_from_state_dict(state, folder, family, torch_dtype)
     del state
-    prediction = _prediction_type(pipeline, prediction_type)
-    return LoadedSD(pipeline, family, prediction, str(path), "single-file", notes)
+    return _finish(pipeline, family, prediction_type, zero_terminal_snr, str(path), "single-file", notes)
+
+
+def _finish(
+    pipeline, family: str, requested: str, zero_terminal_snr: bool | None, source: str, kind: str, notes
+) -> LoadedSD:
+    """The LoadedSD with the pipeline's scheduler set to the prediction type and noise schedule in use."""
+    prediction = _prediction_type(pipeline, requested)
+    ztsnr = (
+        bool(pipeline.scheduler.config.get("rescale_betas_zero_snr"))
+        if zero_terminal_snr is None
+        else (zero_terminal_snr)
+    )
+    with _quiet():
+        configure_pipeline_scheduler(pipeline, prediction, ztsnr)
+    return LoadedSD(pipeline, family, prediction, source, kind, list(notes), zero_terminal_snr=ztsnr)
 
 
 def _prediction_type(pipeline, requested: str) -> str:
@@ -368,9 +395,14 @@ def load_sd_pipeline(
     allow_pickle: bool = False,
     torch_dtype=None,
     prediction_type: str = "auto",
+    zero_terminal_snr: bool | None = None,
     config_dir: Path | None = None,
 ) -> LoadedSD:
     """Load a base model from a diffusers folder, a single-file checkpoint, or the local HF cache.
+
+    The pipeline's scheduler is set to the prediction type in use (`auto`: the checkpoint's) and, with zero
+    terminal SNR (`None`: the checkpoint's marker or scheduler config), to the rescaled schedule with
+    trailing timesteps.
 
     Raises `BaseModelError` with a clear message for missing, wrong or unsafe files.
     """
@@ -386,6 +418,7 @@ def load_sd_pipeline(
             allow_pickle=allow_pickle,
             torch_dtype=torch_dtype,
             prediction_type=prediction_type,
+            zero_terminal_snr=zero_terminal_snr,
             config_dir=config_dir,
         )
     family = _family_of_folder(info)
@@ -418,9 +451,8 @@ def load_sd_pipeline(
         raise BaseModelError(f"cannot load {path}: {text.splitlines()[0] if text else exc}") from exc
     if info.kind == "hub-id":
         family = _detect_family_from_pipeline(pipeline)
-    prediction = _prediction_type(pipeline, prediction_type)
     kind = "diffusers-folder" if info.kind == "diffusers-folder" else "hub-cache"
-    return LoadedSD(pipeline, family, prediction, source, kind, list(info.notes))
+    return _finish(pipeline, family, prediction_type, zero_terminal_snr, source, kind, info.notes)
 
 
 def _detect_family_from_pipeline(pipeline) -> str:

@@ -62,12 +62,14 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 def min_snr_weights(
     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str
 ) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction.
+
+    Finite at SNR 0 (the last timestep of a zero-terminal-SNR schedule): epsilon's weight is written
+    gamma / max(SNR, gamma), which is the same number without dividing by SNR."""
     ratio = snr(alphas_cumprod, timesteps)
-    clipped = torch.clamp(ratio, max=gamma)
     if prediction_type == "v_prediction":
-        return clipped / (ratio + 1.0)
-    return clipped / ratio
+        return torch.clamp(ratio, max=gamma) / (ratio + 1.0)
+    return gamma / torch.clamp(ratio, min=gamma)
 
 
 def training_target(

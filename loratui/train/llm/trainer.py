@@ -47,6 +47,7 @@ from loratui.train.llm.setup import (
 )
 from loratui.train.loop.checkpointing import restore_rng_state
 from loratui.train.loop.optim import eval_mode, final_weights
+from loratui.train.loop.loggers import LoggerSettings
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -116,7 +117,8 @@ def run_training(job: WorkerJob, *, stop: StopFlag | None = None, console: bool 
     """Train, checkpoint, and export; returns how the run ended. Raises on errors.
 
     Without `stop`, Ctrl-C/SIGTERM checkpoint and stop the run (the caller's handlers come back afterwards)."""
-    with training_session(job.run, stop=stop, console=console) as session:
+    loggers = LoggerSettings.from_config(job.resolved.config)
+    with training_session(job.run, stop=stop, console=console, loggers=loggers) as session:
         return _train(job, session.reporter, session.stop)
 
 

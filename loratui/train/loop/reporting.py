@@ -13,6 +13,7 @@ from typing import Any
 
 from loratui.runs.rundir import RunDir
 from loratui.runs.status import RunState, RunStatus
+from loratui.train.loop.loggers import LoggerSettings, ScalarLoggers, open_loggers
 
 STATUS_INTERVAL_S = 1.0
 
@@ -46,7 +47,16 @@ class _NoEvents:
 class Reporter:
     """Writes every progress signal of a run. One instance per worker process (silent off rank 0)."""
 
-    def __init__(self, run: RunDir, total_steps: int, *, console: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run: RunDir,
+        total_steps: int,
+        *,
+        console: bool = True,
+        tensorboard: bool = True,
+        loggers: LoggerSettings | None = None,
+    ):
+        """`loggers`: the scalar loggers (`log_with`); None: TensorBoard alone unless `tensorboard` is False."""
         from loratui.train.process.distributed import is_main
 
         self.run = run
@@ -56,24 +66,29 @@ class Reporter:
         self.status.pid = os.getpid()
         self.status.total_steps = total_steps
         self.console = console and self.writes
-        self._tb = None
+        self._tb: ScalarLoggers | None = None
         self._tb_enabled = tensorboard and self.writes
+        self._logger_settings = loggers or LoggerSettings()
         self._last_time: float | None = None
         self._start = time.time()
         self._status_written = 0.0
         self._closed = False
 
     @property
-    def tensorboard(self):
+    def tensorboard(self) -> ScalarLoggers | None:
+        """The scalar loggers of `log_with` (TensorBoard, W&B), opened on first use; None when there are
+        none. `add_scalar(tag, value, step)` writes to each."""
         if self._tb is None and self._tb_enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._tb_enabled = False  # opened once; a logger that fails is reported and left out
 
-                self._tb = SummaryWriter(log_dir=str(self.run.logs_dir))
-            except Exception as exc:  # tensorboard missing or broken: events still work
-                self._tb_enabled = False
-                self.event("warning", message=f"TensorBoard logging disabled: {exc}")
+            def report(kind: str, message: str) -> None:
+                self.event(kind, message=message)
+
+            opened = open_loggers(self._logger_settings, self.run.logs_dir, self.run.name, report)
+            self._tb = opened if opened.loggers else None
         return self._tb
+
+    scalars = tensorboard
 
     def event(self, type: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
         return self.events.write(type, step, **fields)
@@ -166,7 +181,6 @@ class Reporter:
             return
         self._closed, self._tb_enabled = True, False
         if self._tb is not None:
-            self._tb.flush()
             self._tb.close()
             self._tb = None
         self.events.close()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from loratui.runs.rundir import RunDir
+from loratui.train.loop.loggers import LoggerSettings
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.signals import StopFlag, StopRequest, current
 
@@ -30,15 +31,20 @@ class TrainingSession:
 
 @contextlib.contextmanager
 def training_session(
-    run: RunDir, *, stop: StopFlag | None = None, console: bool = True
+    run: RunDir,
+    *,
+    stop: StopFlag | None = None,
+    console: bool = True,
+    loggers: LoggerSettings | None = None,
 ) -> Iterator[TrainingSession]:
-    """Install a `StopRequest` (unless `stop` is given) and open the run's Reporter; undo both on exit."""
+    """Install a `StopRequest` (unless `stop` is given) and open the run's Reporter (scalar loggers as
+    `loggers` says; None: TensorBoard); undo both on exit."""
     earlier = current()
     installed = StopRequest().install() if stop is None else None
     if installed is not None and earlier is not None and earlier.raw_requested:
         installed.request(earlier.signal_name or "requested")  # a stop that came during start-up
     try:
-        reporter = Reporter(run, total_steps=0, console=console)
+        reporter = Reporter(run, total_steps=0, console=console, loggers=loggers)
         try:
             yield TrainingSession(reporter, installed or stop)
         finally:

@@ -63,6 +63,7 @@ def kohya_info(
         rank=plan.rank,
         alpha=plan.kohya_alpha,
         prediction_type=models.prediction_type,
+        zero_terminal_snr=models.zero_terminal_snr,
         dropout=plan.dropout,
         learning_rate=cfg.learning_rate,
         text_encoder_lr=cfg.text_encoder_lr,
@@ -146,6 +147,7 @@ class Checkpointer:
             "total_steps": self.step_plan.total_steps,
             "family": self.models.family,
             "prediction_type": self.models.prediction_type,
+            "zero_terminal_snr": self.models.zero_terminal_snr,
             "precision": self.precision,
             "run": self.job.run.name,
             "name": cfg.name,
@@ -191,6 +193,17 @@ class Checkpointer:
                 f"{checkpoint_path} was trained with network_type {saved_type}, this run has "
                 f"{self.lora.network.kind}; set network_type: {saved_type} to resume it"
             )
+        schedule = {
+            "prediction_type": self.models.prediction_type,
+            "zero_terminal_snr": self.models.zero_terminal_snr,
+        }
+        for key, now in schedule.items():  # another objective would silently retrain the LoRA for it
+            saved = ckpt.meta.get(key)
+            if saved is not None and saved != now:
+                raise ValueError(
+                    f"{checkpoint_path} was trained with {key} {saved}, this run has {now}; set {key}: "
+                    f"{saved} to resume it"
+                )
         try:
             load_lora_state(self.models.components(), ckpt.lora_state)
         except RuntimeError as exc:
@@ -257,6 +270,7 @@ class Checkpointer:
 def render_samples(models: Models, prompts: list[str], step: int, folder: Path, cfg: Any) -> list[Path]:
     """Render `prompts` (fixed seed) with the LoRA as it is now; returns the PNG paths."""
     from loratui.data.image_io import save_png
+    from loratui.models.sd.schedule import guidance_rescale
 
     vae_device = next(models.vae.parameters()).device
     text_devices = [next(encoder.parameters()).device for encoder in models.text_encoders]
@@ -275,6 +289,7 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
                 height=cfg.resolution,
                 width=cfg.resolution,
                 generator=generator,
+                guidance_rescale=guidance_rescale(models.zero_terminal_snr),
             ).images[0]
             paths.append(save_png(image, folder / f"step-{step:06d}-{number}.png"))
     finally:

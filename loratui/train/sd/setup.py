@@ -52,6 +52,7 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    zero_terminal_snr: bool = False  # the rescaled noise schedule (training and samples)
     forward_unet: Any = None  # what the loop calls (prepared by accelerate)
     forward_text_encoders: list | None = None
     text_on_device: bool = (
@@ -99,14 +100,17 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models
     `setup_caches` brings the VAE and text encoders to `device` (only while encoding, when their outputs are
     cached) and `place_unet` the UNet after that, so the caching passes never share the card with the UNet.
     """
-    from diffusers import DDPMScheduler
-
     from loratui.models.sd.loading import load_sd_pipeline
+    from loratui.models.sd.schedule import training_scheduler
 
     cfg = job.resolved.config
     dtype = weight_dtype(precision)
     loaded = load_sd_pipeline(
-        cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=cfg.prediction_type, torch_dtype=dtype
+        cfg.base_model,
+        allow_pickle=cfg.allow_pickle,
+        prediction_type=cfg.prediction_type,
+        zero_terminal_snr=cfg.zero_terminal_snr,
+        torch_dtype=dtype,
     )
     pipe = loaded.pipeline
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if loaded.is_sdxl else [])
@@ -115,7 +119,14 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models
         pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
     for module in [pipe.unet, pipe.vae, *text_encoders]:
         module.requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=loaded.prediction_type)
+    noise_scheduler = training_scheduler(
+        pipe.scheduler.config, loaded.prediction_type, loaded.zero_terminal_snr
+    )
+    if loaded.zero_terminal_snr and loaded.prediction_type != "v_prediction":
+        loaded.notes.append(
+            "zero_terminal_snr with an epsilon model: the last timestep teaches nothing and samples cannot "
+            "start from pure noise; use a v-prediction model (prediction_type: v_prediction)"
+        )
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -133,6 +144,7 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> Models
         device,
         dtype,
         loaded.notes,
+        loaded.zero_terminal_snr,
     )
 
 

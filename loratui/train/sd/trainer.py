@@ -26,6 +26,7 @@ from loratui.models.sd.conditioning import TextConditioner, sdxl_added_condition
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
 from loratui.train.loop.optim import eval_mode, final_weights
+from loratui.train.loop.loggers import LoggerSettings
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
@@ -134,7 +135,8 @@ def report_validation(reporter: Reporter, step: int, epoch: int, loss: float) ->
 
 def train(job: WorkerJob, *, stop_after_step: int | None = None) -> str:
     """Train a LoRA for `job`; "finished" or "stopped". `stop_after_step` acts like Ctrl-C at that step."""
-    with training_session(job.run) as session:
+    loggers = LoggerSettings.from_config(job.resolved.config)
+    with training_session(job.run, loggers=loggers) as session:
         return _train(job, session.reporter, session.stop, stop_after_step)
 
 
@@ -190,6 +192,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         device=str(accelerator.device),
         precision=precision,
         prediction_type=models.prediction_type,
+        zero_terminal_snr=models.zero_terminal_snr,
         images=dataset.num_images,
         reg_samples=dataset.num_reg_samples,
         samples_per_epoch=len(dataset),

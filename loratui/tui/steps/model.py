@@ -75,6 +75,8 @@ def describe_model(info) -> tuple[bool, str]:
         text = f"Found an LLM: {arch}, about {fmt_params(info.params)} parameters ({what})."
     else:
         extra = " (v-prediction)" if "v-prediction" in info.notes else ""
+        if getattr(info, "zero_terminal_snr", False):
+            extra = extra[:-1] + ", zero terminal SNR)" if extra else " (zero terminal SNR)"
         text = f"Found a {FAMILY_NAMES.get(info.family, info.family)} model{extra} ({what})."
     warnings = [n for n in info.notes if n != "v-prediction"]
     if warnings:
