@@ -81,7 +81,7 @@ def field_text(value: Any) -> str:
     """A value as an advanced input shows it (empty for None)."""
     if value is None:
         return ""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return format(value, ".12g") if isinstance(value, float) else str(value)
 
 
 class SettingsStep(WizardStep):
