@@ -10,8 +10,10 @@ from pathlib import Path
 from loratui.config import load_config
 from loratui.tui.messages import ConfigSaved, EstimateReady
 from loratui.tui.steps.advanced import ADVANCED_FIELDS, FIELDS_BY_KEY, parse
+from loratui.tui.steps.settings import planner as REAL_PLANNER
 from loratui.tui.testing import distinct, run_async, wait_for
 from loratui.tui.wizard_state import WizardState
+from loratui.util.sizes import format_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_tui_wizard as wizard_tests  # noqa: E402
@@ -160,3 +162,26 @@ def test_parse_names_the_problem() -> None:
         else:
             raise AssertionError(bad)
     assert parse(FIELDS_BY_KEY["reg_data_dir"], "data/reg") == "data/reg"
+
+
+@run_async
+async def test_real_planner_prediction_follows_the_optimizer(workdir, monkeypatch) -> None:
+    """With the real planner, switching AdamW to Prodigy (more state per parameter) raises the prediction."""
+    monkeypatch.setattr("loratui.tui.steps.settings.planner", REAL_PLANNER)
+    seen: list = []
+    app = make_app(WizardState(values=dict(IMAGE_VALUES)))
+    async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+        await open_settings(pilot, app)
+        await wait_for(pilot, lambda: latest_estimate(seen) is not None, 180)
+        before = latest_estimate(seen).total_bytes
+        count = len(distinct(seen, EstimateReady))
+        app.screen.query_one("#adv-optimizer").value = "prodigy"
+        await wait_for(pilot, lambda: len(distinct(seen, EstimateReady)) > count, 180)
+        await wait_for(pilot, lambda: latest_estimate(seen).total_bytes != before, 180)
+        prodigy = latest_estimate(seen).total_bytes
+        assert prodigy > before
+        app.screen.query_one("#adv-network_type").value = "loha"
+        await wait_for(pilot, lambda: latest_estimate(seen).total_bytes != prodigy, 180)
+        shown = f"Predicted peak {format_bytes(latest_estimate(seen).total_bytes, short=True)}"
+        await wait_for(pilot, lambda: shown in flat(app))
+        assert app.state.predicted_bytes == latest_estimate(seen).total_bytes
