@@ -28,6 +28,7 @@ class FieldSpec:
     choices: tuple[str, ...] = ()
     valid: Callable[[float], bool] | None = None
     problem: str = ""  # the inline message for a value that does not parse or is out of range
+    placeholder: str = ""  # what an empty input shows (default: "folder" or "number")
     changes: Callable[[Any], dict[str, Any]] | None = None  # value -> config changes (default {key: value})
     shown: Callable[[Callable[[str], Any]], Any] | None = None  # get(config key) -> the value shown
 
@@ -59,6 +60,7 @@ ADVANCED_FIELDS: tuple[FieldSpec, ...] = (
         "float",
         valid=lambda v: 0 < v < 1,
         problem="EMA decay: a number between 0 and 1 (e.g. 0.999); empty turns EMA off",
+        placeholder="off",
     ),
     FieldSpec("reg_data_dir", "reg folder", "path"),
     FieldSpec(

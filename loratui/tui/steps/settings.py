@@ -135,9 +135,7 @@ class SettingsStep(WizardStep):
         if spec.kind == "select":
             options = [(choice, choice) for choice in spec.choices]
             return Select(options, allow_blank=False, id=widget_id, compact=True, classes="adv-select")
-        placeholder = {"path": "folder", "float": "number", "int": "number"}[spec.kind]
-        if spec.key == "ema_decay":
-            placeholder = "off"
+        placeholder = spec.placeholder or ("folder" if spec.kind == "path" else "number")
         return Input(placeholder=placeholder, id=widget_id, compact=True, classes="adv-input")
 
     def on_mount(self) -> None:
