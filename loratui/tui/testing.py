@@ -186,13 +186,21 @@ async def wait_for(pilot, condition, timeout: float = 15.0) -> None:
         await pilot.pause(0.05)
 
 
+#: FakePlanner's made-up extra GiB per optimizer / adapter type (0 for the defaults adamw and lora)
+FAKE_OPTIMIZER_GIB = {"prodigy": 0.3, "adamw8bit": -0.1, "adafactor": -0.15, "came": 0.05, "lion": -0.1}
+FAKE_NETWORK_GIB = {"locon": 0.1, "loha": 0.2, "lokr": 0.05, "dora": 0.25}
+
+
 class FakePlanner:
     """A `PlannerFacade` with fixed answers: the real planner traces a reference step (seconds), and screenshots
     must not depend on it."""
 
     def estimate(self, resolved: ResolvedConfig) -> EstimateView:
         cfg = resolved.config
-        return _view(1.5 + 0.02 * cfg.lora_rank * cfg.batch_size)
+        extra = FAKE_OPTIMIZER_GIB.get(cfg.optimizer, 0.0) + FAKE_NETWORK_GIB.get(cfg.network_type, 0.0)
+        if cfg.ema_decay is not None and not cfg.ema_on_cpu:
+            extra += 0.05
+        return _view(1.5 + 0.02 * cfg.lora_rank * cfg.batch_size + extra)
 
     def recommend(self, resolved: ResolvedConfig, usable_bytes: int, *, top: int = 5) -> list[Suggestion]:
         rows: list[tuple[dict[str, object], float, float, str]] = [

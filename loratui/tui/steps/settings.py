@@ -8,13 +8,22 @@ from typing import Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Checkbox, DataTable, Input, Select, Static
 
 from loratui.memory.facade import EstimateView, MemoryPlanner, PlannerFacade, Suggestion
 from loratui.tui.background import Cancelled, call_cancellable
 from loratui.tui.formatting import SHORT_KEYS, bar_text, fmt_number
 from loratui.tui.messages import EstimateReady, OptionsReady, PresetChosen, ValueChosen
+from loratui.tui.steps.advanced import (
+    ADVANCED_FIELDS,
+    FIELDS_BY_KEY,
+    FieldSpec,
+    changes_for,
+    parse,
+    section_title,
+    shown_value,
+)
 from loratui.tui.steps.base import WizardStep
 from loratui.tui.widgets.memory_bar import MemoryBar
 from loratui.tui.wizard_state import WizardState
@@ -68,8 +77,16 @@ def estimate_sentence(estimate: EstimateView, usable: int | None) -> str:
     )
 
 
+def field_text(value: Any) -> str:
+    """A value as an advanced input shows it (empty for None)."""
+    if value is None:
+        return ""
+    return format(value, ".12g") if isinstance(value, float) else str(value)
+
+
 class SettingsStep(WizardStep):
-    """Preset, knobs, predicted-VRAM bar and the planner's options table."""
+    """Preset, knobs, the planner's options table, the advanced fields, and the predicted-VRAM bar (kept
+    in view at the bottom while the step scrolls)."""
 
     STEP_TITLE = "Settings that fit"
     BINDINGS = [Binding("ctrl+r", "replan", "re-plan")]
@@ -98,11 +115,28 @@ class SettingsStep(WizardStep):
             yield Input(id="learning_rate", compact=True, classes="knob wide")
             yield Static("output", classes="knob-label")
             yield Input(id="output_dir", compact=True, classes="knob path")
-        yield self.summary()
-        yield MemoryBar(id="prediction")
+        with Vertical(id="prediction-box"):
+            yield self.summary()
+            yield MemoryBar(id="prediction")
         yield Static("", markup=False, id="options-title")
         yield DataTable(id="options", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="option-note")
+        yield Static("Advanced (image)", markup=False, id="advanced-title")
+        with Grid(id="advanced"):
+            for spec in ADVANCED_FIELDS:
+                with Horizontal(classes="adv-field", id=f"adv-field-{spec.key}"):
+                    yield Static(spec.label, markup=False, classes="adv-label")
+                    yield self._advanced_widget(spec)
+        yield Static("", markup=False, id="advanced-problem")
+
+    @staticmethod
+    def _advanced_widget(spec: FieldSpec) -> Select | Input:
+        widget_id = f"adv-{spec.key}"
+        if spec.kind == "select":
+            options = [(choice, choice) for choice in spec.choices]
+            return Select(options, allow_blank=False, id=widget_id, compact=True, classes="adv-select")
+        placeholder = spec.placeholder or ("folder" if spec.kind == "path" else "number")
+        return Input(placeholder=placeholder, id=widget_id, compact=True, classes="adv-input")
 
     def on_mount(self) -> None:
         from loratui.config.presets import load_preset, preset_names
@@ -148,8 +182,25 @@ class SettingsStep(WizardStep):
             wanted = self.state.preset if self.state.preset else Select.NULL
             if select.value != wanted:
                 select.value = wanted
+            self._fill_advanced()
         finally:
             self.call_after_refresh(self._done_filling)
+
+    def _fill_advanced(self) -> None:
+        """Show the fields that apply to the task, holding the current values."""
+        task = self.state.task
+        self.query_one("#advanced-title", Static).update(section_title(task))
+        for spec in ADVANCED_FIELDS:
+            self.query_one(f"#adv-field-{spec.key}").display = spec.applies_to(task)
+            value = shown_value(spec, self.state.get)
+            if spec.kind == "select":
+                select = self.query_one(f"#adv-{spec.key}", Select)
+                if select.value != value:
+                    select.value = value
+            else:
+                self._set_input(f"adv-{spec.key}", field_text(value))
+                self.query_one(f"#adv-{spec.key}", Input).remove_class("-invalid")
+        self.query_one("#advanced-problem", Static).update("")
 
     def _done_filling(self) -> None:
         self._filling = False
@@ -197,6 +248,33 @@ class SettingsStep(WizardStep):
         event.stop()
         if not self._filling and event.value != bool(self.state.get("gradient_checkpointing")):
             self.post_message(ValueChosen("gradient_checkpointing", event.value))
+
+    @on(Select.Changed, ".adv-select")
+    @on(Input.Changed, ".adv-input")
+    def _advanced_changed(self, event: Select.Changed | Input.Changed) -> None:
+        event.stop()
+        widget = event.select if isinstance(event, Select.Changed) else event.input
+        if self._filling or not widget.id:
+            return
+        spec = FIELDS_BY_KEY[widget.id.removeprefix("adv-")]
+        problem = self.query_one("#advanced-problem", Static)
+        if isinstance(event, Select.Changed):
+            if event.value is Select.NULL:
+                return
+            value: Any = event.value
+        else:
+            try:
+                value = parse(spec, event.value)
+            except ValueError as exc:
+                widget.add_class("-invalid")
+                problem.update(f"✗ {exc}")
+                self.call_after_refresh(problem.scroll_visible, animate=False)
+                return
+            widget.remove_class("-invalid")
+            problem.update("")
+        for key, new in changes_for(spec, value).items():
+            if new != self.state.get(key) or (new is None and key in self.state.values):
+                self.post_message(ValueChosen(key, new))
 
     @on(Select.Changed, "#preset")
     def _preset(self, event: Select.Changed) -> None:
