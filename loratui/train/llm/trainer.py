@@ -46,8 +46,8 @@ from loratui.train.llm.setup import (
     setup_sharding,
 )
 from loratui.train.loop.checkpointing import restore_rng_state
-from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.loggers import LoggerSettings
+from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session

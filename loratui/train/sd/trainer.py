@@ -25,8 +25,8 @@ from loratui.data.fingerprint import input_fingerprints
 from loratui.models.sd.conditioning import TextConditioner, sdxl_added_conditions
 from loratui.models.sd.loss import batch_noise, per_sample_loss, training_target
 from loratui.train.job import WorkerJob
-from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.loggers import LoggerSettings
+from loratui.train.loop.optim import eval_mode, final_weights
 from loratui.train.loop.plan import StepPlan
 from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.session import training_session
