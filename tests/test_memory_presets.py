@@ -44,7 +44,7 @@ def test_unsupported_family_is_refused_with_the_reason(tmp_path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(config, preset="low-vram")
     text = caught.value.render()
-    assert "llm-13b" in text and "use 24gb" in text and "--preset auto" in text
+    assert "llm-13b" in text and "use 12gb" in text and "--preset auto" in text
 
 
 def test_presets_show_check_prints_predictions() -> None:

@@ -145,7 +145,8 @@ def test_oom_ladder_offers_the_8bit_rung_only_where_the_state_maps(optimizer):
         "max_seq_len": 64,
     }
     ladder = OomLadder("llm", dict(settings), allow_quality=False)
-    rungs = [rung.name for rung in ladder.remaining(settings)]
+    # activation offload (rung 4, CUDA) comes before the 8-bit rung on a GPU; this test is about rung 5
+    rungs = [rung.name for rung in ladder.remaining(settings) if rung.name != "activation_offload"]
     skipped = ladder.skipped(settings)
     if optimizer == "adamw":
         assert rungs == ["optimizer_8bit"] and not skipped

@@ -24,7 +24,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_image_run_reports_llm_keys_with_where_they_were_set(tmp_path: Path) -> None:
-    config = _write(tmp_path, "task_type: image-generation\npacking: true\nchunked_loss: true\n")
+    config = _write(tmp_path, "task_type: image-generation\npacking: true\nchunked_loss: false\n")
     resolved = load_config(config, overrides=["load_in_4bit=true"], flags={"max_seq_len": 512})
     found = {item.key: item for item in ignored_settings(resolved)}
     assert list(found) == ["max_seq_len", "load_in_4bit", "packing", "chunked_loss"]  # schema order
@@ -70,7 +70,7 @@ def test_dry_run_shows_the_warnings_in_text_and_json(tmp_path: Path) -> None:
     assert text.exit_code == 0, text.output
     assert f"warning: `packing` (config {config}:4) does nothing for image runs" in text.output
     data = runner.invoke(
-        app, ["train", "--config", str(config), "--set", "chunked_loss=true", "--dry-run", "--json"]
+        app, ["train", "--config", str(config), "--set", "chunked_loss=false", "--dry-run", "--json"]
     )
     payload = json.loads(data.output)
     assert [(i["key"], i["source"]) for i in payload["ignored"]] == [

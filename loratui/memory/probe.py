@@ -285,9 +285,10 @@ def _llm_loss(
     model: torch.nn.Module, batch: int, seq: int, vocab: int, device: str, mode, regime
 ) -> torch.Tensor:
     """The LLM trainer's token loss for full rows whose every token after the first is a target."""
-    from loratui.models.llm.loss import causal_loss_sum, token_loss_sum
+    from loratui.models.llm.loss import causal_loss_sum, supports_chunked_loss, token_loss_sum
 
-    if regime.chunked_loss:  # the trainer's own selection (full logits where the model needs them)
+    # the trainer's own selection: models whose forward changes the logits (soft-capping) take the full path below
+    if regime.chunked_loss and supports_chunked_loss(model):
         data = _meta_batch(batch, seq) if device == "meta" else _cpu_batch(batch, seq, vocab)
         return causal_loss_sum(
             model, data, chunked=True, autocast=lambda: _forward_autocast(mode, regime.precision)

@@ -60,7 +60,7 @@ from loratui.train.oom.step_memory import (
 )
 
 DEBUG_SAMPLES_ENV = "LORATUI_DEBUG_SAMPLES"
-FSDP_UNAVAILABLE_RUNGS = ("optimizer_8bit", "offload")
+FSDP_UNAVAILABLE_RUNGS = ("optimizer_8bit", "offload", "activation_offload")  # not tried with sharding
 FSDP_RESTART = (
     "out of memory with fsdp: the other processes wait inside this step's all-gather, so the step cannot be "
     "retried in this process"
