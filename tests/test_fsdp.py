@@ -402,11 +402,17 @@ def test_out_of_memory_in_a_two_process_fsdp_run_restarts_and_resumes_the_shards
     started = [e for e in events if e["type"] == "run_started"]
     assert [(e["batch_size_per_device"], e["micro_batches_per_step"]) for e in started] == [(2, 1), (1, 2)]
 
-    reference = make_job(make_config(tiny_llama, data, tmp_path / "one", batch_size=4, **common))
+    # FSDP computes the loss from the full logits: the reference does too (the chunked loss sums in another order)
+    reference = make_job(
+        make_config(tiny_llama, data, tmp_path / "one", batch_size=4, chunked_loss=False, **common)
+    )
     assert run_training(reference, console=False).state == "finished"
+    # 5e-5: with LoRA on every linear layer (the default) the sharded sums, the restart and the 1 x 2 split leave
+    # float differences of about 2e-5 after three AdamW steps; a lost or mis-restored tensor would differ by an
+    # update (learning rate 1e-2)
     assert (
         _max_diff(_lora(run.checkpoints_dir / "step-3"), _lora(reference.run.checkpoints_dir / "step-3"))
-        <= 1e-5
+        <= 5e-5
     )
 
 
