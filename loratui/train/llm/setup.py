@@ -18,10 +18,9 @@ from loratui.train.job import WorkerJob
 from loratui.train.llm.oom import cut_data, data_seq_len
 from loratui.train.loop.optim import (
     apply_configured_hyperparameters,
-    build_optimizer,
-    build_scheduler,
     check_resumable,
     configured_hyperparameters,
+    optimizer_from_config,
     resume_train_mode,
 )
 from loratui.train.loop.precision import pick_device, resolve_precision, weight_dtype
@@ -113,17 +112,7 @@ def setup_data(job: WorkerJob, tokenizer: Any, template: str) -> LLMData:
 
 
 def setup_optimizer(cfg: TrainConfig, params: list[Any], total_steps: int) -> tuple[Any, Any]:
-    optimizer = build_optimizer(
-        params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.lr_scheduler,
-        cfg.lr_warmup_steps,
-        total_steps,
-        cfg.lr_scheduler_num_cycles,
-        cfg.lr_scheduler_power,
-    )
+    optimizer, scheduler = optimizer_from_config(cfg, params, total_steps)
     return optimizer, scheduler
 
 

@@ -229,6 +229,22 @@ def build_scheduler(
     )
 
 
+def optimizer_from_config(cfg: Any, params: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The config's optimizer over `params` (tensors or parameter groups) and its learning-rate schedule."""
+    optimizer = build_optimizer(
+        params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.lr_scheduler,
+        cfg.lr_warmup_steps,
+        total_steps,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
+    return optimizer, scheduler
+
+
 def configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler) -> list[dict[str, float]]:
     """Each parameter group's base learning rate and weight decay as the config set them (call before a
     checkpoint's optimizer and scheduler states are loaded over them)."""

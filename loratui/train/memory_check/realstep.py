@@ -57,7 +57,7 @@ def llm_real_step(cfg: Any) -> RealStep:
     from loratui.models.llm.lora import apply_lora_dtype, setup_lora
     from loratui.models.llm.loss import causal_loss_sum
     from loratui.train.llm import setup
-    from loratui.train.loop.optim import build_optimizer, build_scheduler
+    from loratui.train.loop.optim import optimizer_from_config
     from loratui.train.loop.plan import split_micro_batches
     from loratui.train.loop.stepping import optimizer_step
 
@@ -65,17 +65,7 @@ def llm_real_step(cfg: Any) -> RealStep:
     model, tokenizer, _ = setup.setup_base(cfg, precision)
     model = apply_lora_dtype(cfg, setup_lora(cfg, model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.lr_scheduler,
-        cfg.lr_warmup_steps,
-        10,
-        cfg.lr_scheduler_num_cycles,
-        cfg.lr_scheduler_power,
-    )
+    optimizer, scheduler = optimizer_from_config(cfg, params, 10)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)

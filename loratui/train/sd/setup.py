@@ -29,7 +29,7 @@ from loratui.models.sd.lora import (
 from loratui.models.sd.lora_files import ExportError, check_output
 from loratui.train.job import WorkerJob
 from loratui.train.loop.ema import LoraEMA
-from loratui.train.loop.optim import build_optimizer, build_scheduler
+from loratui.train.loop.optim import optimizer_from_config
 from loratui.train.loop.precision import pick_device, resolve_precision, weight_dtype
 from loratui.train.loop.reporting import Reporter
 from loratui.train.sd.dataset import SDDataset, load_dataset
@@ -195,17 +195,7 @@ def setup_optimizer(cfg, models: Models, plan: LoraPlan, total_steps: int):
         params = adapter_parameters(model)
         lr = cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
         groups.append({"params": params, "lr": lr})
-    optimizer = build_optimizer(
-        groups, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_args
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.lr_scheduler,
-        cfg.lr_warmup_steps,
-        total_steps,
-        cfg.lr_scheduler_num_cycles,
-        cfg.lr_scheduler_power,
-    )
+    optimizer, scheduler = optimizer_from_config(cfg, groups, total_steps)
     return optimizer, scheduler
 
 
