@@ -45,8 +45,12 @@ from loratui.data.text_dataset import (
     RecordError,
     _content,
     _turns,
+    dataset_files,
     json_values,
     list_dataset_files,
+    note_file_shape,
+    note_repeat,
+    read_files,
 )
 
 PREFERENCE_FORMATS = ("sharegpt_pair", "messages_pair", "implicit_messages", "prompt_pair", "unpaired")
@@ -252,23 +256,13 @@ def read_preference_dataset(path: Path, *, paired: bool = True) -> PreferenceSca
 
     `paired` (DPO, ORPO): an unpaired record (one labelled completion) is an `unpaired_record` error; without
     it (KTO) unpaired records are read too."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    root = path if path.is_dir() else path.parent
-    files = list_dataset_files(path)
+    root, files = dataset_files(path)
     bag = FindingBag()
     records: list[PreferenceRecord] = []
     formats: dict[str, dict[str, int]] = {}
     seen: dict[bytes, tuple[str, int]] = {}
     total_bytes = 0
-    for file in files:
-        label = file.relative_to(root).as_posix()
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
-            continue
+    for file, label, data in read_files(root, files, bag):
         total_bytes += len(data.strip())
         counts: Counter[str] = Counter()
         for line, obj in json_values(file, data, label, bag):
@@ -283,18 +277,10 @@ def read_preference_dataset(path: Path, *, paired: bool = True) -> PreferenceSca
             counts[fmt] += 1
             if chosen == rejected:
                 bag.add("identical_pair", Example(label, line, "chosen and rejected are the same"))
-            key = _key(prompt, chosen, rejected)
-            first = seen.get(key)
-            if first is not None:
-                bag.add("duplicate_record", Example(label, line, f"same as {first[0]}:{first[1]}"))
-            else:
-                seen[key] = (label, line)
+            note_repeat(seen, _key(prompt, chosen, rejected), label, line, bag)
             records.append(PreferenceRecord(label, line, fmt, prompt, chosen, rejected))
         formats[label] = dict(counts.most_common())
-        if not data.strip():
-            bag.add("empty_file", Example(label))
-        if len(counts) > 1:
-            bag.add("mixed_formats", Example(label, None, ", ".join(f"{k}: {v}" for k, v in counts.items())))
+        note_file_shape(label, data, counts, bag)
     return PreferenceScan(root, files, records, bag.to_list(), formats, total_bytes)
 
 

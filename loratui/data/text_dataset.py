@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -416,25 +417,56 @@ def _record_key(fmt: str, messages: list[Message] | None, text: str | None) -> b
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).digest()
 
 
-def read_text_dataset(path: Path) -> TextDatasetScan:
-    """Read and normalise every record of a .jsonl/.json file or folder; problems become findings."""
+def dataset_files(path: Path) -> tuple[Path, list[Path]]:
+    """(root, .jsonl/.json files) of a dataset file or folder; FileNotFoundError when it does not exist."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
-    root = path if path.is_dir() else path.parent
-    files = _list_files(path)
+    return (path if path.is_dir() else path.parent), _list_files(path)
+
+
+def read_files(root: Path, files: list[Path], bag: FindingBag) -> Iterator[tuple[Path, str, bytes]]:
+    """(file, label relative to root, bytes) of each readable file, one at a time; an unreadable file
+    (permission, I/O error) is a finding and the others are still read."""
+    for file in files:
+        label = file.relative_to(root).as_posix()
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
+            continue
+        yield file, label, data
+
+
+def note_repeat(
+    seen: dict[bytes, tuple[str, int]], key: bytes, label: str, line: int, bag: FindingBag
+) -> None:
+    """A `duplicate_record` finding when `key` was seen before; otherwise remember where it first appeared."""
+    first = seen.get(key)
+    if first is not None:
+        bag.add("duplicate_record", Example(label, line, f"same as {first[0]}:{first[1]}"))
+    else:
+        seen[key] = (label, line)
+
+
+def note_file_shape(label: str, data: bytes, counts: Counter[str], bag: FindingBag) -> None:
+    """Findings about a whole file: empty, or records of more than one format."""
+    if not data.strip():
+        bag.add("empty_file", Example(label))
+    if len(counts) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.most_common())
+        bag.add("mixed_formats", Example(label, None, detail))
+
+
+def read_text_dataset(path: Path) -> TextDatasetScan:
+    """Read and normalise every record of a .jsonl/.json file or folder; problems become findings."""
+    root, files = dataset_files(path)
     bag = FindingBag()
     records: list[TextRecord] = []
     formats: dict[str, dict[str, int]] = {}
     seen: dict[bytes, tuple[str, int]] = {}
     total_bytes = 0
-    for file in files:
-        label = file.relative_to(root).as_posix()
-        try:
-            data = file.read_bytes()
-        except OSError as exc:  # permission, I/O error: reported, the other files are still read
-            bag.add("file_unreadable", Example(label, None, exc.strerror or str(exc)))
-            continue
+    for file, label, data in read_files(root, files, bag):
         total_bytes += len(data.strip())
         values = json_values(file, data, label, bag)
         counts: Counter[str] = Counter()
@@ -445,19 +477,10 @@ def read_text_dataset(path: Path) -> TextDatasetScan:
                 bag.add(err.code, Example(label, line, err.detail + (f" ({err.fmt})" if err.fmt else "")))
                 continue
             counts[fmt] += 1
-            key = _record_key(fmt, messages, text)
-            first = seen.get(key)
-            if first is not None:
-                bag.add("duplicate_record", Example(label, line, f"same as {first[0]}:{first[1]}"))
-            else:
-                seen[key] = (label, line)
+            note_repeat(seen, _record_key(fmt, messages, text), label, line, bag)
             records.append(TextRecord(label, line, fmt, messages, text))
         formats[label] = dict(counts.most_common())
-        if not data.strip():
-            bag.add("empty_file", Example(label))
-        if len(counts) > 1:
-            detail = ", ".join(f"{k}: {v}" for k, v in counts.most_common())
-            bag.add("mixed_formats", Example(label, None, detail))
+        note_file_shape(label, data, counts, bag)
     return TextDatasetScan(
         root=root,
         files=files,
