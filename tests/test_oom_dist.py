@@ -103,8 +103,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, side_group: bool 
         )
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
-        dist.barrier()  # as the worker's `finish`: no rank closes its connections under a peer still sending
-        dist.destroy_process_group()
+        from loratui.train.process.distributed import finish
+
+        finish()  # the worker's own end: barrier on the control group, close every group, forget the side group
 
 
 def _free_port() -> int:
