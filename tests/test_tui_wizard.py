@@ -203,12 +203,14 @@ async def test_keys_react_quickly_while_checks_run(workdir, monkeypatch) -> None
         return real(*args, **kwargs)
 
     monkeypatch.setattr(check, "run_checks", busy_check)
-    marks: dict[int, tuple[str, float]] = {}
+    marks: dict[int, tuple[str, float, object]] = {}
 
     def hook(message) -> None:
+        # The message itself is kept in the entry: a freed message's id can be reused by a later one,
+        # which setdefault would then drop. A message is seen more than once when it bubbles.
         wanted = isinstance(message, StepShown | ChecksFinished)
         if wanted or isinstance(message, events.Key) and message.key in ("ctrl+n", "ctrl+p"):
-            marks.setdefault(id(message), (type(message).__name__, time.perf_counter()))
+            marks.setdefault(id(message), (type(message).__name__, time.perf_counter(), message))
 
     app = make_app(WizardState(values={"train_data_dir": "data/style"}))
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
@@ -221,7 +223,7 @@ async def test_keys_react_quickly_while_checks_run(workdir, monkeypatch) -> None
         release.set()
         await wait_for(pilot, lambda: step(app).report is not None)
     ordered = sorted(marks.values(), key=lambda item: item[1])
-    finished = next(t for kind, t in ordered if kind == "ChecksFinished")
+    finished = next(t for kind, t, _ in ordered if kind == "ChecksFinished")
     pairs = [
         (a[1], b[1])
         for a, b in zip(ordered, ordered[1:], strict=False)
