@@ -12,7 +12,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TaskType = Literal["image-generation", "text-generation"]
-ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "llm"]
+ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "flux", "chroma", "llm"]
+BaseWeightsDtype = Literal["bf16", "fp8", "nf4"]
+TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "shift", "flux_shift"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw", "came", "lion"]
 LoraDtype = Literal["fp32", "bf16"]
@@ -59,7 +61,9 @@ class TrainConfig(BaseModel):
     base_model: str = Field(
         "", description="Base model: diffusers folder, .safetensors checkpoint, HF folder or id."
     )
-    model_family: ModelFamily = Field("auto", description="sd15, sd2, sdxl or llm; auto detects it.")
+    model_family: ModelFamily = Field(
+        "auto", description="sd15, sd2, sdxl, flux, chroma or llm; auto detects it."
+    )
     train_data_dir: str = Field(
         "", description="Dataset folder (images + captions) or JSON/JSONL file/folder."
     )
@@ -225,6 +229,36 @@ class TrainConfig(BaseModel):
         description="SD: zero-terminal-SNR noise schedule (betas rescaled so the last alpha_bar is 0; needs "
         "v_prediction); samples use trailing steps and guidance rescale 0.7. null: on when the checkpoint "
         "carries the `ztsnr` marker key.",
+    )
+
+    # --- FLUX.1 / Chroma -----------------------------------------------------------------------
+    vae: str | None = Field(None, description="Flux: the autoencoder file (ae.safetensors) when separate.")
+    clip_l: str | None = Field(None, description="Flux: the CLIP-L text encoder file when separate.")
+    t5xxl: str | None = Field(
+        None,
+        description="Flux/Chroma: the T5-XXL text encoder file (t5xxl_fp16 / t5xxl_fp8_e4m3fn) when separate.",
+    )
+    base_weights_dtype: BaseWeightsDtype = Field(
+        "bf16",
+        description="Flux: how the frozen transformer is stored: bf16, fp8 (e4m3, upcast per layer) or nf4.",
+    )
+    blocks_to_swap: int = Field(
+        0, ge=0, description="Flux: transformer blocks kept in CPU memory and brought to the GPU in turn."
+    )
+    t5_max_length: int | None = Field(
+        None, ge=1, le=512, description="Flux: T5 tokens per caption; null: 512 for dev, 256 for schnell."
+    )
+    timestep_sampling: TimestepSampling = Field(
+        "sigmoid",
+        description="Flux: timestep sampling: uniform, sigmoid (logit-normal with sigmoid_scale), "
+        "logit_normal, shift (sigmoid then discrete_flow_shift) or flux_shift (resolution-dependent shift).",
+    )
+    sigmoid_scale: float = Field(1.0, gt=0, description="Flux: scale of the sigmoid/shift timestep sampling.")
+    discrete_flow_shift: float = Field(3.0, gt=0, description="Flux: shift for timestep_sampling: shift.")
+    guidance_scale: float = Field(
+        1.0,
+        ge=0,
+        description="Flux dev: the guidance embedding's value during training (ignored by schnell).",
     )
 
     # --- text (LLM) --------------------------------------------------------------------------
