@@ -6,6 +6,9 @@ them has random (non-zero) `lora_A` and `lora_B`, so every check compares real d
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -587,3 +590,88 @@ def _two_modules() -> list[LoraModule]:
             2.0,
         ),
     ]
+
+
+# --- loratui export ------------------------------------------------------------------------------------------------
+
+
+def _flux_run(tmp_path: Path, modules: list[LoraModule], transformer) -> Path:
+    """A run folder with one Flux checkpoint as the trainer writes it (PEFT tensors + meta)."""
+    from loratui.runs.checkpoints import write_checkpoint
+    from loratui.runs.rundir import create_run_dir
+
+    run = create_run_dir(tmp_path / "runs", "fluxy")
+    state = {}
+    for m in modules:
+        state[f"transformer.{m.path}.lora_A.weight"] = m.down
+        state[f"transformer.{m.path}.lora_B.weight"] = m.up
+    info = KohyaInfo(
+        name="fluxy", family="flux", rank=4, alpha=8.0, learning_rate=1e-4, resolution=512, steps=7
+    )
+    meta = {
+        "family": "flux",
+        "variant": "dev",
+        "run": run.name,
+        "name": "fluxy",
+        "output_dir": str(tmp_path / "out"),
+        "module_scales": {f"transformer.{m.path}": m.alpha / m.rank for m in modules},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "kohya": asdict(info),
+        "transformer_config": dict(transformer.config),
+        "flux_training": {"guidance_scale": 1.0, "timestep_sampling": "sigmoid"},
+    }
+    (run.path / "config.yaml").write_text(
+        "task_type: image-generation\nmodel_family: flux\n", encoding="utf-8"
+    )
+    write_checkpoint(run, 7, lora_state=state, training_state={"rng": {}}, meta=meta, config_yaml="")
+    return run.path
+
+
+def test_loratui_export_writes_flux_kohya_and_diffusers_files(tiny_with_lora, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+    from safetensors import safe_open
+
+    from loratui.cli.cmd_export import run_image_export
+
+    model, base, modules = tiny_with_lora
+    run_dir = _flux_run(tmp_path, modules, model)
+    out = StringIO()
+    assert run_image_export(run_dir, console=Console(file=out, width=300)) == 0, out.getvalue()
+    written = tmp_path / "out" / "fluxy.safetensors"
+    assert f"exported: {written}" in out.getvalue()
+    assert "skips its 3 module(s) outside the blocks" in out.getvalue()  # x_embedder, proj_out, norm_out
+    with safe_open(str(written), framework="pt") as handle:
+        meta = handle.metadata()
+        keys = list(handle.keys())
+    assert meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert meta["ss_guidance_scale"] == "1.0" and meta["ss_timestep_sampling"] == "sigmoid"
+    assert meta["ss_steps"] == "7" and "modelspec.prediction_type" not in meta
+    names = {k.split(".", 1)[0] for k in keys}
+    assert all(f"{n}.alpha" in keys for n in names)
+    assert "lora_unet_single_blocks_0_linear1" in names and "lora_unet_double_blocks_1_txt_attn_qkv" in names
+
+    # the kohya file converts to the diffusers format and back to the same deltas
+    out = StringIO()
+    assert run_image_export(written, fmt="diffusers", out=tmp_path / "d", console=Console(file=out)) == 0
+    diffusers_file = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    again = {m.path: m for m in read_flux_lora(diffusers_file).modules}
+    assert run_image_export(diffusers_file, fmt="kohya", console=Console(file=StringIO())) == 0
+    round_trip = {
+        m.path: m for m in read_flux_lora(tmp_path / "d" / "pytorch_lora_weights_kohya.safetensors").modules
+    }
+    for module in modules:
+        torch.testing.assert_close(delta(again[module.path]), delta(module), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(delta(round_trip[module.path]), delta(module), atol=1e-6, rtol=1e-5)
+
+    out = StringIO()
+    assert run_image_export(run_dir, fmt="diffusers", console=Console(file=out, width=300)) == 0
+    assert "FluxPipeline: pipe.load_lora_weights" in out.getvalue()
+    out = StringIO()
+    assert run_image_export(run_dir, merge=True, console=Console(file=out)) == 2
+    assert "--merge is only available for LLM adapters" in out.getvalue()

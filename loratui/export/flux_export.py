@@ -50,6 +50,15 @@ def is_flux_source(source: Path) -> bool:
     return meta.get("family") in FLUX_FAMILIES
 
 
+def diffusers_skipped_modules(path: Path) -> list[str]:
+    """The kohya modules of a written file that diffusers' Flux loader skips (`kohya.diffusers_skipped`)."""
+    from loratui.config.base_model import read_safetensors_header
+    from loratui.models.flux.kohya import diffusers_skipped
+
+    names = {k.split(".", 1)[0] for k in read_safetensors_header(path) if k != "__metadata__"}
+    return diffusers_skipped(names)
+
+
 def convert_flux_file(
     source: Path, *, fmt: str, out: Path | None, dtype: torch.dtype | None, overwrite: bool
 ) -> Path:
@@ -121,5 +130,11 @@ def export_flux_lora(
             f"ComfyUI: copy it to models/loras and use a LoraLoaderModelOnly node; Forge: "
             f"{usage_string(written.stem, 1.0)}"
         )
+        skipped = diffusers_skipped_modules(written)
+        if skipped:
+            usage += (
+                f" (diffusers' FluxPipeline.load_lora_weights skips its {len(skipped)} module(s) outside the blocks, "
+                f"e.g. {skipped[0]}: for diffusers export --format diffusers)"
+            )
         return Exported(written, "kohya", usage)
     return Exported(written, "diffusers", f"FluxPipeline: pipe.load_lora_weights({str(written.parent)!r})")
