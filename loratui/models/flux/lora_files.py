@@ -281,15 +281,53 @@ def checkpoint_dims(lora_state: dict[str, torch.Tensor], meta: dict[str, Any], v
     return dims_from_lora(lora_state, variant)
 
 
+#: checkpoint meta keys that fill `KohyaInfo` fields when the meta has no `kohya` block
+_META_TO_INFO = {
+    "name": "name",
+    "learning_rate": "learning_rate",
+    "resolution": "resolution",
+    "seed": "seed",
+    "base_model_name": "base_model_name",
+    "started_at": "started_at",
+    "total_steps": "max_train_steps",
+    "run": "run",
+}
+#: checkpoint meta keys of the Flux objective, written as kohya's `ss_*` keys
+_FLUX_SETTINGS = (
+    "timestep_sampling",
+    "guidance_scale",
+    "sigmoid_scale",
+    "discrete_flow_shift",
+    "t5_max_length",
+)
+
+
 def kohya_info_from_meta(meta: dict[str, Any], variant: str) -> KohyaInfo:
+    """The `KohyaInfo` of a checkpoint: its `kohya` block, else what the meta records."""
     known = {f.name for f in fields(KohyaInfo)}
     values = {k: v for k, v in (meta.get("kohya") or {}).items() if k in known}
-    values.setdefault("name", meta.get("name") or "lora")
-    values.setdefault("rank", int((meta.get("lora") or {}).get("rank", 0)))
-    values.setdefault("alpha", float((meta.get("lora") or {}).get("alpha", values["rank"])))
+    for key, name in _META_TO_INFO.items():
+        if meta.get(key) is not None:
+            values.setdefault(name, meta[key])
+    lora = meta.get("lora") or {}
+    values.setdefault("name", "lora")
+    values.setdefault("rank", int(lora.get("rank", 0)))
+    scale = float(lora["alpha"]) / float(lora["rank"]) if lora.get("rank") else 1.0
+    values.setdefault("alpha", float(meta.get("kohya_alpha", scale * values["rank"])))
     values["family"] = "chroma" if variant == "chroma" else "flux"
     values.setdefault("resolution", 1024)
+    if isinstance(values["resolution"], list | tuple):
+        values["resolution"] = int(values["resolution"][0])
     return KohyaInfo(**values)
+
+
+def flux_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The Flux training settings of a checkpoint for the `ss_*` metadata."""
+    settings = dict(meta.get("flux_training") or {})
+    for key in _FLUX_SETTINGS:
+        if meta.get(key) is not None:
+            settings.setdefault(key, meta[key])
+    return settings
 
 
 def write_flux_checkpoint_lora(
@@ -314,9 +352,7 @@ def write_flux_checkpoint_lora(
     if meta.get("run"):
         info.run = meta["run"]
     dims = checkpoint_dims(lora_state, meta, variant)
-    return write_flux_kohya(
-        target, modules, dims, info, variant, training=meta.get("flux_training"), dtype=dtype
-    )
+    return write_flux_kohya(target, modules, dims, info, variant, training=flux_settings(meta), dtype=dtype)
 
 
 # --- init_lora -------------------------------------------------------------------------------------------------
