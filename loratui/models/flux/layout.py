@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loratui.config.base_model import FLUX_TRANSFORMER_PREFIXES
+
 # diffusers modules inside one double block, per original module; fused ones list their parts in row order.
 DOUBLE_BLOCK_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
@@ -71,7 +73,7 @@ CHROMA_EMBEDDERS: tuple[tuple[str, str], ...] = (
 FINAL_MODULATION = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 # Prefixes a transformer carries inside other files (ComfyUI all-in-one checkpoints, some re-saves).
-TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+TRANSFORMER_PREFIXES = tuple(p for p in FLUX_TRANSFORMER_PREFIXES if p)
 
 _BLOCK_INDEX = re.compile(r"^(double_blocks|single_blocks|distilled_guidance_layer\.layers)\.(\d+)\.")
 
@@ -250,6 +252,48 @@ def dims_from_diffusers_config(config: Mapping[str, Any], *, chroma: bool | None
         pooled_dim=int(config["pooled_projection_dim"]),
         guidance=bool(config.get("guidance_embeds")),
     )
+
+
+def dims_from_diffusers_state(shapes: Mapping[str, Any]) -> FluxDims:
+    """Sizes from a diffusers-layout transformer state dict (no prefix); values are tensors or shapes."""
+    original_like = {
+        "img_in.weight": _shape(shapes, "x_embedder.weight"),
+        "txt_in.weight": _shape(shapes, "context_embedder.weight"),
+        "final_layer.linear.weight": _shape(shapes, "proj_out.weight"),
+    }
+    for key in shapes:
+        found = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.", key)
+        if found:
+            kind = "double_blocks" if found.group(1) == "transformer_blocks" else "single_blocks"
+            original_like[f"{kind}.{found.group(2)}.x"] = ()
+        found = re.match(r"^distilled_guidance_layer\.layers\.(\d+)\.", key)
+        if found:
+            original_like[f"distilled_guidance_layer.layers.{found.group(1)}.x"] = ()
+    if "transformer_blocks.0.attn.norm_q.weight" in shapes:
+        original_like["double_blocks.0.img_attn.norm.query_norm.scale"] = _shape(
+            shapes, "transformer_blocks.0.attn.norm_q.weight"
+        )
+        original_like["double_blocks.0.img_mlp.0.weight"] = _shape(
+            shapes, "transformer_blocks.0.ff.net.0.proj.weight"
+        )
+    else:
+        original_like["single_blocks.0.norm.query_norm.scale"] = _shape(
+            shapes, "single_transformer_blocks.0.attn.norm_q.weight"
+        )
+        hidden = original_like["img_in.weight"][0]
+        mlp = _shape(shapes, "single_transformer_blocks.0.proj_mlp.weight")[0]
+        original_like["single_blocks.0.linear1.weight"] = (3 * hidden + mlp, hidden)
+    if "distilled_guidance_layer.in_proj.weight" in shapes:
+        original_like["distilled_guidance_layer.in_proj.weight"] = _shape(
+            shapes, "distilled_guidance_layer.in_proj.weight"
+        )
+    else:
+        original_like["vector_in.in_layer.weight"] = _shape(
+            shapes, "time_text_embed.text_embedder.linear_1.weight"
+        )
+        if "time_text_embed.guidance_embedder.linear_1.weight" in shapes:
+            original_like["guidance_in.in_layer.weight"] = ()
+    return dims_from_original(original_like)
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
