@@ -461,3 +461,39 @@ def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
     if lowered.endswith((".safetensors", ".ckpt")) or "stable-diffusion" in lowered:
         return "image-generation"
     return None
+
+
+def flux_block_count(base_model: str) -> tuple[int, int] | None:
+    """(double blocks, single blocks) of a Flux-class base model, from its transformer config or its file's
+    header; None when the path is not a readable Flux model."""
+    path = Path(base_model).expanduser()
+    try:
+        if path.is_dir():
+            config_path = path / "transformer" / "config.json"
+            if not config_path.is_file():
+                config_path = path / "config.json"
+            config = jsonsafe.loads(config_path.read_text(encoding="utf-8"), "transformer config")
+            return int(config["num_layers"]), int(config["num_single_layers"])
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
+            found = flux_prefix(set(keys))
+            if not found:
+                return None
+            prefix, layout = found
+            names = (
+                ("double_blocks", "single_blocks")
+                if layout == "original"
+                else (
+                    "transformer_blocks",
+                    "single_transformer_blocks",
+                )
+            )
+            counts = []
+            for name in names:
+                pattern = re.compile(rf"^{re.escape(prefix)}{name}\.(\d+)\.")
+                indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+                counts.append(max(indices) + 1 if indices else 0)
+            return counts[0], counts[1]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
