@@ -241,3 +241,26 @@ def test_bad_layouts_are_named():
     extra = dict(original, **{"lora_unet_x.alpha": torch.ones(())})
     with pytest.raises(LayoutError, match="not part of the Flux layout"):
         original_to_diffusers(extra)
+
+
+@pytest.mark.parametrize("name", ["flux1-dev", "flux1-schnell", "chroma"])
+def test_real_architectures_round_trip_on_the_meta_device(name):
+    """FLUX.1-dev/schnell and Chroma at full size (no memory: meta tensors): the original layout's shapes give
+    back exactly the shipped transformer config."""
+    import json
+    from importlib import resources
+
+    import diffusers
+
+    spec = json.loads(resources.files("loratui.models.flux").joinpath("configs", f"{name}.json").read_text())
+    kwargs = spec["transformer"]["config"]
+    with torch.device("meta"):
+        model = getattr(diffusers, spec["transformer"]["class"])(**kwargs)
+    dims = dims_from_diffusers_config(model.config)
+    original = diffusers_to_original(model.state_dict(), dims)
+    assert original["single_blocks.37.linear1.weight"].shape == (3072 * 3 + 12288, 3072)
+    found = dims_from_original({k: v.shape for k, v in original.items()})
+    assert found == dims and found.heads == 24 and found.mlp_ratio == 4.0
+    rebuilt = diffusers_config(found)
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()} == rebuilt
+    assert sum(v.numel() for v in original.values()) == sum(p.numel() for p in model.parameters())
