@@ -50,6 +50,23 @@ def _adapter_name(path: Path, position: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{position}"
 
 
+def refuse_other_families(request: LoraRequest) -> None:
+    """A SampleError before any model loads when a LoRA file is not a Flux LoRA (SD, LLM, unreadable)."""
+    from loratui.config.base_model import read_safetensors_header
+    from loratui.models.flux.lora_files import is_flux_lora_keys
+
+    try:
+        keys = [k for k in read_safetensors_header(request.path) if k != "__metadata__"]
+    except (OSError, ValueError) as exc:
+        raise SampleError(f"{request.path.name} cannot be read as a safetensors file ({exc})") from exc
+    if not is_flux_lora_keys(keys):
+        first = keys[0] if keys else "no tensors"
+        raise SampleError(
+            f"{request.path.name} is not a Flux LoRA (first tensor: {first}); the base model is a Flux model: "
+            "pass a Flux LoRA (lora_unet_double_blocks_N_... or transformer.transformer_blocks.N...)"
+        )
+
+
 def lora_tensors(request: LoraRequest, parts: Any) -> dict[str, Any]:
     """The diffusers/PEFT tensors (scale folded in) of one Flux LoRA file for the loaded model."""
     from loratui.models.flux.kohya import FluxLoraError, dims_of_transformer
@@ -124,6 +141,8 @@ def sample_flux_image(
     from loratui.models.flux.pipeline import build_pipeline, default_sample_settings, generate
 
     clean, requests = collect_loras(list(lora or []), prompt, lora_dir)
+    for request in requests:
+        refuse_other_families(request)
     cuda = torch.cuda.is_available()
     parts = load_flux(
         base,

@@ -1,0 +1,108 @@
+"""`loratui sample` with a Flux base and Flux LoRAs: the file renders what the in-memory LoRA renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+PROMPT = "a red circle"
+SIZE, STEPS, SEED = 32, 2, 4
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _render(parts, pipe) -> np.ndarray:
+    from loratui.models.flux.pipeline import default_sample_settings, generate
+
+    settings = default_sample_settings(parts, height=SIZE, width=SIZE, seed=SEED, steps=STEPS)
+    return np.asarray(generate(parts, [PROMPT], settings, pipeline=pipe)[0].convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_flux_dev, tmp_path_factory):
+    """A kohya file of a random LoRA on the transformer and CLIP-L, and the renders of the in-memory model
+    with and without it."""
+    from loratui.models.flux.kohya import dims_of_transformer
+    from loratui.models.flux.loading import load_flux
+    from loratui.models.flux.lora import TRANSFORMER, plan_flux_targets
+    from loratui.models.flux.lora_files import flux_checkpoint_modules, write_flux_kohya
+    from loratui.models.flux.pipeline import build_pipeline
+    from loratui.models.sd.kohya import KohyaInfo
+    from loratui.models.sd.lora import LoraPlan, inject_lora, lora_state, module_scales
+
+    parts = load_flux(tiny_flux_dev)
+    pipe = build_pipeline(parts)
+    base = _render(parts, pipe)
+    components = {TRANSFORMER: parts.transformer, "text_encoder": parts.clip}
+    plan = LoraPlan(targets=plan_flux_targets(None, components, train_text_encoder=True), rank=4, alpha=8.0)
+    torch.manual_seed(0)
+    inject_lora(components, plan)
+    with torch.no_grad():
+        for model in components.values():
+            for layer in model.modules():
+                if hasattr(layer, "lora_B") and "default" in getattr(layer, "lora_B", {}):
+                    layer.lora_B["default"].weight.normal_(std=1.0)
+    with_lora = _render(parts, pipe)
+    modules = flux_checkpoint_modules(
+        lora_state(components, plan), {"module_scales": module_scales(components, plan)}
+    )
+    assert {m.component for m in modules} == {"transformer", "text_encoder"}
+    path = tmp_path_factory.mktemp("flux-lora") / "mine.safetensors"
+    info = KohyaInfo(name="mine", family="flux", rank=4, alpha=8.0)
+    write_flux_kohya(path, modules, dims_of_transformer(parts.transformer), info, "dev")
+    return path, base, with_lora
+
+
+def test_sample_renders_the_base_and_the_lora_like_the_in_memory_model(tiny_flux_dev, trained_lora, tmp_path):
+    from loratui.cli.app import app
+
+    path, base, with_lora = trained_lora
+    assert np.abs(with_lora - base).max() > 8  # the LoRA changes the picture
+    runner = CliRunner()
+    common = [
+        "sample",
+        "--base",
+        str(tiny_flux_dev),
+        "-p",
+        PROMPT,
+        "--seed",
+        str(SEED),
+        "--steps",
+        str(STEPS),
+    ]
+    common += ["--width", str(SIZE), "--height", str(SIZE)]
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "base.png")])
+    assert result.exit_code == 0, result.output
+    assert "no LoRA" in result.output
+    assert np.abs(_pixels(tmp_path / "base.png") - base).max() <= 1
+
+    result = runner.invoke(app, [*common, "--lora", f"{path}:1.0", "--out", str(tmp_path / "lora.png")])
+    assert result.exit_code == 0, result.output
+    assert "mine.safetensors:1" in result.output
+    assert np.abs(_pixels(tmp_path / "lora.png") - with_lora).max() <= 1
+
+    sd_lora = tmp_path / "sd.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(
+                2, 8
+            ),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.ones(
+                8, 2
+            ),
+        },
+        sd_lora,
+    )
+    result = runner.invoke(app, [*common, "--lora", str(sd_lora), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1
+    assert "sd.safetensors is not a Flux LoRA" in result.output
