@@ -106,3 +106,54 @@ def test_sample_renders_the_base_and_the_lora_like_the_in_memory_model(tiny_flux
     result = runner.invoke(app, [*common, "--lora", str(sd_lora), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1
     assert "sd.safetensors is not a Flux LoRA" in result.output
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def event(self, kind: str, **fields) -> None:
+        self.seen.append((kind, str(fields.get("message", ""))))
+
+
+def _flux_models(folder: Path):
+    from loratui.models.flux.loading import load_flux
+    from loratui.train.flux.setup import FluxModels
+
+    parts = load_flux(folder)
+    return FluxModels(parts, "flux", torch.device("cpu"), torch.float32, guidance_scale=1.0, t5_max_length=64)
+
+
+def test_flux_runs_start_from_init_lora_or_refuse_it(tiny_flux_dev, trained_lora, tmp_path):
+    """The trainer's LoRA setup starts from another trainer's kohya file (transformer + CLIP-L) exactly, drops
+    what the run does not train with a warning, and refuses a rank above lora_rank with the fix."""
+    from loratui.config.schema import TrainConfig
+    from loratui.models.flux.lora_files import read_flux_lora
+    from loratui.models.sd.lora import LoraSetupError, lora_layers
+    from loratui.train.flux.setup import setup_lora
+
+    path, _, _ = trained_lora
+    cfg = TrainConfig(
+        base_model=str(tiny_flux_dev),
+        train_data_dir=str(tmp_path),
+        model_family="flux",
+        lora_rank=8,
+        lora_alpha=4,
+        init_lora=str(path),
+    )
+    models, events = _flux_models(tiny_flux_dev), _Events()
+    plan, _ = setup_lora(cfg, models, events)
+    assert events.seen[0][0] == "warning" and "started from 34 module(s)" in events.seen[0][1]
+    assert "12 module(s) are not trained in this run" in events.seen[1][1]  # CLIP-L: train_text_encoder off
+    layers = lora_layers(models.transformer)
+    for module in read_flux_lora(path).modules:
+        if module.component != "transformer":
+            continue
+        layer = layers[module.path]
+        now = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        expected = module.up @ module.down * (module.alpha / module.rank)
+        torch.testing.assert_close(now, expected, atol=1e-5, rtol=1e-5)
+
+    small = cfg.model_copy(update={"lora_rank": 2})
+    with pytest.raises(LoraSetupError, match="set lora_rank: 4"):
+        setup_lora(small, _flux_models(tiny_flux_dev))
