@@ -687,3 +687,48 @@ def test_loratui_export_writes_flux_kohya_and_diffusers_files(tiny_with_lora, tm
     out = StringIO()
     assert run_image_export(run_dir, merge=True, console=Console(file=out)) == 2
     assert "--merge is only available for LLM adapters" in out.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")  # inside diffusers' Chroma constructor
+def test_chroma_exports_with_its_architecture_and_without_modulation_modules(tmp_path):
+    """Chroma has the Flux blocks without per-block modulation layers: the same fused names, `chroma/lora`."""
+    from diffusers import ChromaTransformer2DModel
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    ]
+    modules = add_random_lora(model, rank=2, alpha=1.0, targets=targets)
+    dims = dims_of_transformer(model)
+    assert dims.chroma
+    info = KohyaInfo(name="c", family="chroma", rank=2, alpha=1.0)
+    path = write_flux_kohya(tmp_path / "c.safetensors", modules, dims, info, "chroma")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    assert meta["modelspec.architecture"] == "chroma/lora" and meta["ss_model_type"] == "chroma"
+    assert not [k for k in state if "_mod_" in k or "modulation" in k]
+    patched = comfy_apply_kohya(diffusers_to_original(base, dims), state)
+    expected = merged(base, modules)
+    for key, value in original_to_diffusers(patched, dims).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=key)
+    back = read_flux_lora(path, dims=dims)
+    assert back.variant == "chroma" and len(back.modules) == len(modules)
