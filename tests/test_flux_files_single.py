@@ -225,3 +225,21 @@ def test_diffusers_folders_and_files_are_detected(tiny_flux, tmp_path):
     kinds = {part: inspect_flux_file(path).kind for part, path in paths.items()}
     assert kinds == {"transformer": "transformer", "vae": "vae", "clip_l": "clip_l", "t5xxl": "t5xxl"}
     assert inspect_base_model(str(paths["t5xxl"])).kind == "text-encoder"
+
+
+def test_single_files_sample_the_same_image_as_the_folder(tiny_flux_dev, tmp_path):
+    """Through the trainer's loader (`load_flux` with vae/clip_l/t5xxl) and the sampling pipeline."""
+    import numpy as np
+
+    from loratui.models.flux.loading import load_flux
+    from loratui.models.flux.pipeline import build_pipeline, default_sample_settings, generate
+
+    paths = write_single_files_from_folder(tiny_flux_dev, tmp_path)
+    images = []
+    for parts in (
+        load_flux(tiny_flux_dev),
+        load_flux(paths["transformer"], vae=paths["vae"], clip_l=paths["clip_l"], t5xxl=paths["t5xxl"]),
+    ):
+        settings = default_sample_settings(parts, height=32, width=32, steps=2, seed=5)
+        images.append(np.asarray(generate(parts, ["a red square"], settings, build_pipeline(parts))[0]))
+    np.testing.assert_array_equal(images[0], images[1])
