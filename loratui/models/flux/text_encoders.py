@@ -35,7 +35,12 @@ T5_CACHED_REPOS = (
 CLIP_L_VOCAB = 49408
 T5_XXL_VOCAB = 32128
 # Keys that transformers' CLIPTextModel does not have but clip_l files carry.
-_CLIP_EXTRA = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
+_CLIP_EXTRA = (
+    "text_projection.weight",
+    "logit_scale",
+    "text_model.embeddings.position_ids",
+    "embeddings.position_ids",
+)
 
 
 def _count(keys, prefix: str) -> int:
