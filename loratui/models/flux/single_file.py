@@ -176,29 +176,46 @@ def load_vae(info: FluxFileInfo, *, dtype: Any, variant: str) -> Any:
     return _fill(model, _cast(ae_to_diffusers(original), dtype), "the autoencoder", info.path)
 
 
-def load_clip(info: FluxFileInfo, *, dtype: Any, places: list[Path]) -> tuple[Any, Any]:
+def _embedding_rows(info: FluxFileInfo, part: str, names: tuple[str, ...]) -> int:
+    """Vocabulary rows of a text encoder's embedding, from the header (no weights read)."""
+    prefix = info.parts[part]
+    for name in names:
+        entry = info.header.get(prefix + name)
+        if isinstance(entry, dict):
+            return int(entry["shape"][0])
+    raise FluxFileError(f"{part}: {info.path} has no token embedding ({names[0]})")
+
+
+CLIP_EMBEDDINGS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
+T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+def clip_tokenizer_for(info: FluxFileInfo, places: list[Path]) -> Any:
+    return load_clip_tokenizer(places, _embedding_rows(info, "clip_l", CLIP_EMBEDDINGS))
+
+
+def t5_tokenizer_for(info: FluxFileInfo, places: list[Path], max_length: int) -> Any:
+    return load_t5_tokenizer(places, _embedding_rows(info, "t5xxl", T5_EMBEDDINGS), max_length)
+
+
+def load_clip(info: FluxFileInfo, *, dtype: Any) -> Any:
     import transformers
 
     state = clip_state(read_part(info, info.parts["clip_l"], dtype=dtype))
     base = stored_config(info.metadata, "clip_l") or architecture("dev")["text_encoder"]["config"]
     config = transformers.CLIPTextConfig(**clip_config_from_shapes(state, base))
     model = _empty(transformers.CLIPTextModel, config)
-    model = _fill(model, _cast(clip_state_for(model, state), dtype), "the CLIP-L encoder", info.path)
-    tokenizer = load_clip_tokenizer(places, config.vocab_size)
-    return model, tokenizer
+    return _fill(model, _cast(clip_state_for(model, state), dtype), "the CLIP-L encoder", info.path)
 
 
-def load_t5(info: FluxFileInfo, *, dtype: Any, places: list[Path], max_length: int) -> tuple[Any, Any]:
+def load_t5(info: FluxFileInfo, *, dtype: Any) -> Any:
     import transformers
 
     state = t5_state(read_part(info, info.parts["t5xxl"], dtype=dtype))
     base = stored_config(info.metadata, "t5xxl") or architecture("dev")["text_encoder_2"]["config"]
     config = transformers.T5Config(**t5_config_from_shapes(state, base))
-    model = _fill(
-        _empty(transformers.T5EncoderModel, config), _cast(state, dtype), "the T5-XXL encoder", info.path
-    )
-    tokenizer = load_t5_tokenizer(places, config.vocab_size, max_length)
-    return model, tokenizer
+    model = _empty(transformers.T5EncoderModel, config)
+    return _fill(model, _cast(state, dtype), "the T5-XXL encoder", info.path)
 
 
 def _part_source(transformer: FluxFileInfo, part: str, given: str | Path | None) -> FluxFileInfo:
@@ -223,7 +240,8 @@ def load_flux_single_file(
 
     `vae`, `clip_l`, `t5xxl` name separate files; a part left out is taken from the transformer file when it
     holds it (all-in-one), else `FluxFileError` says which file is needed and where it usually comes from.
-    Every part is checked before any weights are read. Modules are frozen, in eval mode, on `device`."""
+    Every part and both tokenizers are found before any weights are read. Modules are frozen, in eval mode,
+    on `device`."""
     import diffusers
     import torch
 
@@ -238,12 +256,12 @@ def load_flux_single_file(
         sources["clip_l"] = _part_source(info, "clip_l", clip_l)
     places = list(dict.fromkeys(s.path.parent for s in (*sources.values(), info)))
     arch = architecture(variant)
+    t5_tokenizer = t5_tokenizer_for(sources["t5xxl"], places, arch["t5_max_length"])
+    clip_tokenizer = None if chroma else clip_tokenizer_for(sources["clip_l"], places)
     transformer = load_transformer(info, dtype=dtype, fp8_weights=fp8_weights)
     vae_model = load_vae(sources["vae"], dtype=dtype, variant=variant)
-    t5, t5_tokenizer = load_t5(sources["t5xxl"], dtype=dtype, places=places, max_length=arch["t5_max_length"])
-    clip = clip_tokenizer = None
-    if not chroma:
-        clip, clip_tokenizer = load_clip(sources["clip_l"], dtype=dtype, places=places)
+    t5 = load_t5(sources["t5xxl"], dtype=dtype)
+    clip = None if chroma else load_clip(sources["clip_l"], dtype=dtype)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(arch["scheduler"]["config"])
     parts = FluxParts(
         variant=variant,
