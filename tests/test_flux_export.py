@@ -732,3 +732,25 @@ def test_chroma_exports_with_its_architecture_and_without_modulation_modules(tmp
         torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=key)
     back = read_flux_lora(path, dims=dims)
     assert back.variant == "chroma" and len(back.modules) == len(modules)
+
+
+@pytest.mark.parametrize("spelling", ["bare", "peft-model", "down-up"])
+def test_diffusers_style_files_from_other_trainers_read_the_same(tiny_with_lora, tmp_path, spelling):
+    from safetensors.torch import load_file, save_file
+
+    _, _, modules = tiny_with_lora
+    written = write_flux_diffusers(tmp_path / "a.safetensors", modules, None)
+    renamed = {}
+    for key, tensor in load_file(str(written)).items():
+        path = key.removeprefix("transformer.")
+        if spelling == "bare":
+            renamed[path] = tensor
+        elif spelling == "peft-model":
+            renamed[f"base_model.model.{path}"] = tensor
+        else:
+            renamed[key.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")] = tensor
+    save_file(renamed, tmp_path / "b.safetensors")
+    back = {m.path: m for m in read_flux_lora(tmp_path / "b.safetensors").modules}
+    assert set(back) == {m.path for m in modules}
+    for module in modules:
+        torch.testing.assert_close(delta(back[module.path]), delta(module), atol=1e-6, rtol=1e-5)

@@ -81,37 +81,49 @@ def dims_of_transformer(transformer: Any) -> FluxDims:
     return dims_from_diffusers_config(dict(transformer.config), chroma=chroma)
 
 
-def dims_from_lora(state: Mapping[str, torch.Tensor], variant: str) -> FluxDims:
-    """Sizes enough to name and fuse a LoRA's modules when no model is at hand (a checkpoint or file export).
+#: per key form: the block pattern (kind, index, rest) and the modules whose input width is the hidden width
+_SIZE_PATTERNS = (
+    (
+        re.compile(
+            r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.lora_A\.weight$"
+        ),
+        re.compile(r"attn\.(to_[qkv]|add_[qkv]_proj)|proj_mlp|ff(_context)?\.net\.0\.proj"),
+    ),
+    (
+        re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(\w+?)\.lora_down\.weight$"),
+        re.compile(r"img_attn_qkv|txt_attn_qkv|img_mlp_0|txt_mlp_0|linear1"),
+    ),
+)
 
-    Block counts come from the highest block index the LoRA names; the hidden width from the input width of
-    an attention or MLP-input module (all take the hidden states); the MLP width is 4x hidden as in every
-    diffusers Flux and Chroma block."""
-    hidden, doubles, singles = 0, 0, 0
+
+def dims_from_lora(state: Mapping[str, torch.Tensor], variant: str) -> FluxDims:
+    """Sizes enough to name, fuse and split a LoRA's modules when no model is at hand (a checkpoint or a
+    file converted on its own); PEFT (`transformer.<path>.lora_A.weight`) or kohya keys.
+
+    Block counts come from the highest block index named; the hidden width from the input width of a qkv,
+    attention-projection or MLP-input module (all take the hidden states); the MLP width is 4x hidden as in
+    every diffusers Flux and Chroma block."""
+    hidden, counts = 0, {"double": 0, "single": 0}
     for key, tensor in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        path = key.removesuffix(".lora_A.weight").removeprefix(f"{TRANSFORMER}.")
-        found = re.match(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", path)
-        if not found:
-            continue
-        if found[1] == "transformer_blocks":
-            doubles = max(doubles, int(found[2]) + 1)
-        else:
-            singles = max(singles, int(found[2]) + 1)
-        if re.fullmatch(r"attn\.(to_[qkv]|add_[qkv]_proj)|proj_mlp|ff(_context)?\.net\.0\.proj", found[3]):
-            hidden = int(tensor.shape[1])
+        for blocks, hidden_inputs in _SIZE_PATTERNS:
+            found = blocks.match(key)
+            if not found:
+                continue
+            kind = "single" if found[1].startswith("single") else "double"
+            counts[kind] = max(counts[kind], int(found[2]) + 1)
+            if hidden_inputs.fullmatch(found[3]):
+                hidden = int(tensor.shape[1])
     if not hidden:
         raise FluxLoraError(
-            "the LoRA adapts no attention projection (to_q/to_k/to_v/add_*_proj), proj_mlp or ff.net.0.proj, "
-            "so the transformer's width is unknown; export it from a run whose checkpoint names its base model"
+            "the LoRA adapts no qkv/attention projection, linear1/proj_mlp or MLP input, so the transformer's "
+            "width is unknown; export it from a run whose checkpoint records its base model"
         )
     return FluxDims(
         hidden=hidden,
         head_dim=hidden,
         mlp_hidden=4 * hidden,
-        num_double=doubles,
-        num_single=singles,
+        num_double=counts["double"],
+        num_single=counts["single"],
         in_channels=0,
         out_channels=0,
         context_dim=0,

@@ -63,7 +63,8 @@ class FluxLora:
 
 
 def is_flux_lora_keys(keys: list[str]) -> bool:
-    return is_flux_kohya(keys) or is_flux_diffusers(keys)
+    """Whether tensor names are a Flux LoRA in the kohya or a diffusers-style layout."""
+    return is_flux_kohya(keys) or is_flux_diffusers(list(normalised_keys(dict.fromkeys(keys))))
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -136,6 +137,34 @@ def _diffusers_alpha(config: dict[str, Any], component: str, path: str, rank: in
     return float(config.get(f"{component}.lora_alpha", rank))
 
 
+#: module paths at the top of a Flux transformer, for files that leave out the `transformer.` prefix
+_TRANSFORMER_ROOTS = (
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed.",
+    "norm_out.",
+    "proj_out",
+)
+
+
+def normalised_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers-style keys as other trainers write them, in one spelling: `transformer.<path>.lora_A.weight`
+    (PEFT's `base_model.model.` prefix or no prefix at all; `lora_down`/`lora_up` under `transformer.`)."""
+    out = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix("base_model.model.")
+        if name.startswith(_TRANSFORMER_ROOTS):
+            name = f"{TRANSFORMER}.{name}"
+        if name.startswith(f"{TRANSFORMER}."):
+            name = name.replace(".lora_down.weight", ".lora_A.weight").replace(
+                ".lora_up.weight", ".lora_B.weight"
+            )
+        out[name] = tensor
+    return out
+
+
 def diffusers_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[LoraModule]:
     """Modules of a diffusers/PEFT Flux LoRA (`transformer.<path>.lora_A.weight`, alpha tensors or
     `lora_adapter_metadata` when present, else scale 1 as diffusers reads such files)."""
@@ -182,7 +211,7 @@ def read_flux_lora(
         )
     variant = variant_from_metadata(metadata)
     if is_flux_kohya(keys):
-        sizes = dims or _dims_from_kohya(tensors, variant or "dev")
+        sizes = dims or dims_from_lora(tensors, variant or "dev")
         found = from_kohya_state(tensors, sizes, in_features)
         if found.unknown:
             raise FluxLoraError(
@@ -195,47 +224,14 @@ def read_flux_lora(
                 + (f" (and {len(found.problems) - 3} more)" if len(found.problems) > 3 else "")
             )
         return FluxLora(found.modules, "kohya", variant, metadata)
-    if is_flux_diffusers(keys) or any(k.startswith(f"{TRANSFORMER}.") for k in keys):
+    tensors = normalised_keys(tensors)
+    if is_flux_diffusers(list(tensors)):
         modules = diffusers_modules(tensors, metadata)
         return FluxLora(modules, "diffusers", variant, metadata)
     first = next(iter(tensors), "no tensors")
     raise FluxLoraError(
         f"{path} is not a Flux LoRA (first tensor: {first}); Flux LoRAs name lora_unet_double_blocks_N_... "
         "(kohya) or transformer.transformer_blocks.N... (diffusers)"
-    )
-
-
-def _dims_from_kohya(tensors: dict[str, torch.Tensor], variant: str) -> FluxDims:
-    """Sizes from a kohya file alone: block counts from the names, the hidden width from the inputs of an
-    attention/MLP-input module (or from linear1's rows, 3 x hidden + 4 x hidden)."""
-    import re
-
-    hidden, doubles, singles = 0, 0, 0
-    for key, tensor in tensors.items():
-        found = re.match(r"lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.lora_down\.weight$", key)
-        if not found:
-            continue
-        if found[1] == "double":
-            doubles = max(doubles, int(found[2]) + 1)
-        else:
-            singles = max(singles, int(found[2]) + 1)
-        if found[3] in ("img_attn_qkv", "txt_attn_qkv", "img_mlp_0", "txt_mlp_0", "linear1"):
-            hidden = int(tensor.shape[1])
-    if not hidden:
-        raise FluxLoraError(
-            "the file adapts no qkv, linear1 or MLP-input module, so the transformer's width is unknown"
-        )
-    return FluxDims(
-        hidden=hidden,
-        head_dim=hidden,
-        mlp_hidden=4 * hidden,
-        num_double=doubles,
-        num_single=singles,
-        in_channels=0,
-        out_channels=0,
-        context_dim=0,
-        guidance=variant == "dev",
-        chroma=variant == "chroma",
     )
 
 
