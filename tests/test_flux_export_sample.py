@@ -157,3 +157,58 @@ def test_flux_runs_start_from_init_lora_or_refuse_it(tiny_flux_dev, trained_lora
     small = cfg.model_copy(update={"lora_rank": 2})
     with pytest.raises(LoraSetupError, match="set lora_rank: 4"):
         setup_lora(small, _flux_models(tiny_flux_dev))
+
+
+@pytest.mark.slow
+def test_a_trained_flux_run_exports_to_kohya_and_samples(tiny_flux_dev, tmp_path):
+    """The trainer's own checkpoint (its meta, not a hand-made one) exports to kohya with the Flux metadata and
+    the same deltas, and `loratui sample` renders with the exported file."""
+    from safetensors import safe_open
+    from sd_helpers import make_image_dataset, make_job, seed_like_config
+
+    from loratui.cli.app import app
+    from loratui.models.flux.lora_files import flux_checkpoint_modules, read_flux_lora
+    from loratui.runs.checkpoints import load_checkpoint
+    from loratui.train.flux.trainer import train
+
+    data = make_image_dataset(tmp_path / "data", 4, sizes=[(72, 64)])
+    config = seed_like_config(
+        tmp_path, tiny_flux_dev, data, model_family="flux", batch_size=2, lora_rank=4, alpha=2, max_steps=1
+    )
+    job = make_job(config)
+    assert train(job) == "finished"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(job.run.path), "--out", str(tmp_path / "k.safetensors")])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_alpha"] == "2"
+    ckpt = load_checkpoint(job.run.latest_checkpoint(), training_state=False)
+    assert meta["ss_timestep_sampling"] == str(ckpt.meta["timestep_sampling"])
+    assert meta["ss_steps"] == "1" and meta["ss_output_name"] == ckpt.meta["name"]
+    trained = {m.path: m for m in flux_checkpoint_modules(ckpt.lora_state, ckpt.meta)}
+    exported = {m.path: m for m in read_flux_lora(tmp_path / "k.safetensors").modules}
+    assert set(exported) == set(trained) and len(trained) == 34
+    for path, module in trained.items():
+        want = module.up @ module.down * (module.alpha / module.rank)
+        got = exported[path].up @ exported[path].down * (exported[path].alpha / exported[path].rank)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--base",
+            str(tiny_flux_dev),
+            "-p",
+            PROMPT,
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ]
+        + ["--lora", str(tmp_path / "k.safetensors"), "--out", str(tmp_path / "s.png")],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").is_file()
