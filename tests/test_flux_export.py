@@ -18,6 +18,7 @@ from loratui.models.flux.kohya import (
     diffusers_skipped,
     dims_of_transformer,
     from_kohya_state,
+    kohya_state,
     to_kohya_modules,
 )
 from loratui.models.flux.layout import (
@@ -754,3 +755,60 @@ def test_diffusers_style_files_from_other_trainers_read_the_same(tiny_with_lora,
     assert set(back) == {m.path for m in modules}
     for module in modules:
         torch.testing.assert_close(delta(back[module.path]), delta(module), atol=1e-6, rtol=1e-5)
+
+
+def test_full_size_flux1_dev_export_converts_exactly_in_diffusers():
+    """At FLUX.1-dev's real sizes (19 double, 38 single blocks, from the shipped config) a rank-2 LoRA on the
+    trainer's default targets exports to 19 x 2 qkv + 38 linear1 fused modules, and diffusers' converter turns
+    every one back into the same per-module factors (checked on a probe)."""
+    import json
+    from importlib import resources
+
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from loratui.models.flux.layout import dims_from_diffusers_config
+
+    config = json.loads(
+        resources.files("loratui.models.flux").joinpath("configs", "flux1-dev.json").read_text("utf-8")
+    )
+    dims = dims_from_diffusers_config(config["transformer"]["config"])
+    h, m = dims.hidden, dims.mlp_hidden
+    shapes = {  # (in, out) of the default targets
+        **{f"attn.{p}": (h, h) for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj")},
+        **{"attn.add_v_proj": (h, h), "attn.to_add_out": (h, h), "ff.net.0.proj": (h, m), "ff.net.2": (m, h)},
+        **{"ff_context.net.0.proj": (h, m), "ff_context.net.2": (m, h)},
+    }
+    single = {
+        "attn.to_q": (h, h),
+        "attn.to_k": (h, h),
+        "attn.to_v": (h, h),
+        "proj_mlp": (h, m),
+        "proj_out": (h + m, h),
+    }
+    g = torch.Generator().manual_seed(0)
+    modules = [
+        LoraModule(
+            "transformer",
+            f"{prefix}.{i}.{name}",
+            torch.randn(2, i_o[0], generator=g),
+            torch.randn(i_o[1], 2, generator=g),
+            4.0,
+        )
+        for prefix, count, table in (
+            ("transformer_blocks", dims.num_double, shapes),
+            ("single_transformer_blocks", dims.num_single, single),
+        )
+        for i in range(count)
+        for name, i_o in table.items()
+    ]
+    kohya = to_kohya_modules(modules, dims)
+    assert len(kohya) == 19 * 8 + 38 * 2
+    converted = _convert_kohya_flux_lora_to_diffusers(kohya_state(kohya))
+    assert len(converted) == 2 * len(modules)
+    probe = torch.randn(h + m, 1, generator=g)
+    for module in modules:
+        a = converted[f"transformer.{module.path}.lora_A.weight"]
+        b = converted[f"transformer.{module.path}.lora_B.weight"]
+        assert a.shape[0] == 2  # split back to the module's own rank (the block-diagonal form is recognised)
+        x = probe[: a.shape[1]]
+        torch.testing.assert_close(b @ (a @ x), module.up @ (module.down @ x) * 2.0, atol=1e-4, rtol=1e-5)
