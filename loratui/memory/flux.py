@@ -498,9 +498,10 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     weights = resident + buffer + (encoders if text_on_device else 0) + (vae if vae_on_device else 0)
     static = weights + lora + state
     phases: dict[str, float] = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
-    vae_coef = vae_fit(spec, "cpu" if source == "cpu" else "meta")
-    latent_pixels = image * 4
-    vae_peak = vae_coef[0] + vae_coef[1] * b + vae_coef[2] * b * latent_pixels
+    vae_peak = 0.0
+    if not cache_latents or on_gpu:  # the AE encodes during training, or in the caching pass on a GPU
+        vae_coef = vae_fit(spec, "cpu" if source == "cpu" else "meta")
+        vae_peak = vae_coef[0] + vae_coef[1] * b + vae_coef[2] * b * image * 4  # 4 latent pixels a token
     if not cache_latents:
         phases["AE encoding"] = vae_peak + (lora if accumulating else 0)
     common = {"transformer_weights": resident, "lora_params": lora, "optimizer_state": state}
