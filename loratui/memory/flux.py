@@ -202,14 +202,15 @@ def _cached(spec: FluxSpec, key: str, make) -> Any:
 def flux_summary(spec: FluxSpec) -> dict[str, Any]:
     """Parameter counts (`flux_probe.summarise_flux`), cached."""
 
-    def make() -> dict[str, Any]:
-        from loratui.memory.flux_probe import summarise_flux
-        from loratui.models.sd.loading import quiet_libraries
+    return _cached(spec, "summary", lambda: calibrate_summary(spec))
 
-        with quiet_libraries():
-            return summarise_flux(spec.configs)
 
-    return _cached(spec, "summary", make)
+def calibrate_summary(spec: FluxSpec) -> dict[str, Any]:
+    from loratui.memory.flux_probe import summarise_flux
+    from loratui.models.sd.loading import quiet_libraries
+
+    with quiet_libraries():
+        return summarise_flux(spec.configs)
 
 
 def _params(summary: dict[str, Any]) -> int:
@@ -288,19 +289,20 @@ def evaluate_fit(fit: dict[str, Any], summary: dict[str, Any], point: Point) -> 
 def vae_fit(spec: FluxSpec, source: str) -> list[float]:
     """[c0, c_batch, c_batch·tokens] of the AE encoding peak above its weights (fp32, no gradients)."""
 
-    def make() -> list[float]:
-        from loratui.memory.fit import _single_thread, solve
-        from loratui.memory.flux_probe import trace_vae_encode
-        from loratui.models.sd.loading import quiet_libraries
+    return _cached(spec, f"vae|{source}", lambda: calibrate_vae(spec, source))
 
-        t1, t2 = VAE_TOKENS[source]
-        points = [Point(1, t1, 0), Point(2, t1, 0), Point(1, t2, 0), Point(2, t2, 0)]
-        with quiet_libraries(), _single_thread():
-            traces = trace_vae_encode(spec.configs["vae"], points, "cpu" if source == "cpu" else "meta")
-        rows = [[1.0, p.batch, p.batch * p.tokens] for p in points]
-        return solve(rows, [t.peak for t in traces])[0]
 
-    return _cached(spec, f"vae|{source}", make)
+def calibrate_vae(spec: FluxSpec, source: str) -> list[float]:
+    from loratui.memory.fit import _single_thread, solve
+    from loratui.memory.flux_probe import trace_vae_encode
+    from loratui.models.sd.loading import quiet_libraries
+
+    t1, t2 = VAE_TOKENS[source]
+    points = [Point(1, t1, 0), Point(2, t1, 0), Point(1, t2, 0), Point(2, t2, 0)]
+    with quiet_libraries(), _single_thread():
+        traces = trace_vae_encode(spec.configs["vae"], points, "cpu" if source == "cpu" else "meta")
+    rows = [[1.0, p.batch, p.batch * p.tokens] for p in points]
+    return solve(rows, [t.peak for t in traces])[0]
 
 
 # --- the parts of the step -----------------------------------------------------------------------------------
