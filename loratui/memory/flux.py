@@ -14,7 +14,8 @@ Parameter counts come from diffusers' `FluxTransformer2DModel` / `ChromaTransfor
 and CLIP and diffusers' `AutoencoderKL`, built on the meta device from the architecture configs
 (`loratui/models/flux/configs/`, or a diffusers folder's own). The forward/backward term is fitted from traced
 steps of the real transformer at reduced depth (1-2 double and 1-2 single blocks, `flux_probe`) over micro-batch,
-packed sequence length and rank, and extrapolated linearly to the real number of blocks. Shipped tables
+packed sequence length and rank (the micro-batch's inputs — latents, noise, T5 states — are in it), and
+extrapolated linearly to the real number of blocks. Shipped tables
 (`arch_configs/flux_tables/`) hold counts and fits for FLUX.1-dev, schnell and Chroma; other architectures are
 traced on first use and cached on disk.
 
@@ -451,7 +452,7 @@ def flux_regime(cfg: Any, device: str) -> tuple[Regime, list[str]]:
 
 
 def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
-    from loratui.memory.estimate import lora_width, optimizer_bytes, step_parts
+    from loratui.memory.estimate import _sd_ema_bytes, lora_width, optimizer_bytes, step_parts
 
     spec, summary = planner.spec, planner.summary
     regime, notes = flux_regime(cfg, device)
@@ -491,14 +492,12 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     peak, acts = evaluate_fit(fit, summary, Point(b, tokens, r))
     accumulating = cfg.gradient_accumulation_steps > 1
     step, activations, grads_at_peak = step_parts(peak, acts, lora, accumulating)
-    joint = int(spec.configs["transformer"]["config"].get("joint_attention_dim", 4096))
-    inputs = b * (text_tokens(cfg, spec) * joint * width + image * 64 * 4)  # cached T5 states, latents
-    step += inputs
 
     text_on_device = not (on_gpu and cache_text)
     vae_on_device = not (on_gpu and cache_latents)
     weights = resident + buffer + (encoders if text_on_device else 0) + (vae if vae_on_device else 0)
-    static = weights + lora + state
+    ema = _sd_ema_bytes(cfg, lora, device, notes)
+    static = weights + lora + state + ema
     phases: dict[str, float] = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
     vae_peak = 0.0
     if not cache_latents or on_gpu:  # the AE encodes during training, or in the caching pass on a GPU
@@ -509,6 +508,8 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     common = {"transformer_weights": resident, "lora_params": lora, "optimizer_state": state}
     if buffer:
         common["block_swap_buffer"] = buffer
+    if ema:
+        common["ema_weights"] = ema
     if text_on_device:
         common["text_encoders"] = encoders
     if vae_on_device:
@@ -517,7 +518,7 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     if phase == "optimizer step":
         parts = {**common, "gradients": lora, "optimizer_temporaries": temporaries}
     elif phase == "micro-batch forward/backward":
-        parts = {**common, "gradients": grads_at_peak, "activations": activations, "batch_inputs": inputs}
+        parts = {**common, "gradients": grads_at_peak, "activations": activations}
     else:
         parts = {**common, "gradients": lora if accumulating else 0, "encoding": phases[phase]}
     # caching passes: before the transformer is on the device (GPU); on the CPU everything is in memory
