@@ -156,3 +156,31 @@ def test_planner_jump_skips_to_the_rung_that_fits() -> None:
     applied = {k: v for rung in chosen for k, v in rung.changes.items()}
     assert chosen[-1].name in ("block_swap", "quantise_base") and len(chosen) > 1
     assert fits({**settings, **applied})
+
+
+def _single_file(path, double: int, single: int):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"img_in.weight": torch.zeros((3072, 64), dtype=torch.float8_e4m3fn)}
+    tensors.update({f"double_blocks.{i}.img_attn.qkv.weight": torch.zeros(0) for i in range(double)})
+    tensors.update({f"single_blocks.{i}.linear1.weight": torch.zeros(0) for i in range(single)})
+    tensors["guidance_in.in_layer.weight"] = torch.zeros(0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_single_file_checkpoint_is_planned_from_its_header(tmp_path, base) -> None:
+    """Original-layout keys give the block counts, width and guidance embedding."""
+    from loratui.memory.flux import flux_spec
+
+    compact = flux_spec(
+        flux_config(base_model=str(_single_file(tmp_path / "compact.safetensors", 15, 30))), "flux"
+    )
+    config = compact.configs["transformer"]["config"]
+    assert (config["num_layers"], config["num_single_layers"], config["num_attention_heads"]) == (15, 30, 24)
+    assert any("15 double + 30 single" in note and "F8_E4M3" in note for note in compact.notes)
+    path = _single_file(tmp_path / "flux1-dev-fp8.safetensors", 19, 38)
+    full = flux_spec(flux_config(base_model=str(path)), "flux")
+    assert full.fingerprint == flux_spec(flux_config(), "flux").fingerprint  # the shipped FLUX.1-dev table
+    assert predict(base_model=str(path)).total_bytes == base.total_bytes

@@ -100,6 +100,46 @@ def _folder_configs(folder: Path, fallback: dict[str, Any]) -> dict[str, Any] | 
     return configs
 
 
+def _single_file_configs(path: Path, fallback: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The transformer config of a single-file checkpoint (original BFL layout `double_blocks.N`, or diffusers'
+    `transformer_blocks.N`) read from its safetensors header: block counts, width, guidance embedding; and
+    a note with its stored weight dtype. None when the header is not a Flux transformer's."""
+    import re
+
+    from loratui.config.base_model import read_safetensors_header
+
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+    keys = [k.removeprefix("model.diffusion_model.") for k in header if k != "__metadata__"]
+    counts = {}
+    for kind, patterns in (
+        ("double", (r"^double_blocks\.(\d+)\.", r"^transformer_blocks\.(\d+)\.")),
+        ("single", (r"^single_blocks\.(\d+)\.", r"^single_transformer_blocks\.(\d+)\.")),
+    ):
+        found = [int(m.group(1)) for k in keys for p in patterns if (m := re.match(p, k))]
+        counts[kind] = max(found) + 1 if found else 0
+    if not counts["double"] or not counts["single"]:
+        return None
+    config = dict(fallback["transformer"]["config"])
+    config["num_layers"], config["num_single_layers"] = counts["double"], counts["single"]
+    entry = header.get("img_in.weight") or header.get("model.diffusion_model.img_in.weight")
+    entry = entry or header.get("x_embedder.weight")
+    if entry and entry.get("shape"):
+        config["num_attention_heads"] = int(entry["shape"][0]) // int(config["attention_head_dim"])
+    if "guidance_embeds" in config:
+        config["guidance_embeds"] = any(
+            k.startswith(("guidance_in.", "time_text_embed.guidance")) for k in keys
+        )
+    dtypes = sorted({str(v.get("dtype")) for k, v in header.items() if k != "__metadata__"})
+    note = (
+        f"architecture read from {path.name}'s header ({counts['double']} double + {counts['single']} single "
+        f"blocks; stored as {', '.join(dtypes)})"
+    )
+    return {**fallback, "transformer": {**fallback["transformer"], "config": config}}, note
+
+
 def bundled_name(cfg: Any, family: str) -> str:
     """The shipped architecture a config's base model is taken as when its own configs cannot be read."""
     if family == "chroma":
@@ -140,9 +180,17 @@ def flux_spec(cfg: Any, family: str) -> FluxSpec:
         own = _folder_configs(folder, configs)
         if own is not None:
             return FluxSpec(family, name, own, str(folder))
+    if folder is not None and folder.is_file() and folder.suffix == ".safetensors":
+        found = _single_file_configs(folder, configs)
+        if found is not None:
+            return FluxSpec(family, name, found[0], str(folder), [found[1]])
     spec = FluxSpec(family, name, configs, f"bundled:{name}")
     if not base:
         spec.notes.append(f"no base_model set; assuming the {configs['name']} architecture")
+    elif folder is not None and folder.is_file():
+        spec.notes.append(
+            f"{base} is not a Flux transformer file; assuming the {configs['name']} architecture"
+        )
     elif folder is None or not folder.exists():
         spec.notes.append(f"{base} is not readable here; assuming the {configs['name']} architecture")
     return spec
@@ -467,6 +515,10 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     cache_latents = bool(cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.random_crop
     captions_fixed = cfg.caption_dropout == 0 and not cfg.shuffle_tags
     cache_text = bool(cfg.cache_text_encoder_outputs) and not cfg.train_text_encoder and captions_fixed
+    if cfg.train_text_encoder:
+        notes.append(
+            "the CLIP-L LoRA (train_text_encoder) is not included: small beside the transformer's step"
+        )
     if cfg.cache_text_encoder_outputs and not cache_text:
         notes.append(
             "text-encoder outputs cannot be cached with caption dropout / shuffled tags / a trained CLIP"

@@ -226,10 +226,27 @@ def _block_counts(block: torch.nn.Module) -> dict[str, Any]:
     return {"linear": linear, "rest": total - linear, "linears": linears}
 
 
+def t5_params(config: dict[str, Any]) -> int:
+    """Parameters of transformers' `T5EncoderModel` (gated feed-forward, no biases, RMS norms; relative
+    position bias in the first layer) from its config."""
+    d, heads, d_kv, d_ff = (int(config[k]) for k in ("d_model", "num_heads", "d_kv", "d_ff"))
+    gated = str(config.get("feed_forward_proj", "relu")).startswith("gated")
+    layer = 4 * d * heads * d_kv + (3 if gated else 2) * d * d_ff + 2 * d
+    bias = int(config.get("relative_attention_num_buckets", 32)) * heads
+    return int(config["vocab_size"]) * d + int(config["num_layers"]) * layer + bias + d
+
+
+def clip_params(config: dict[str, Any]) -> int:
+    """Parameters of transformers' `CLIPTextModel` from its config."""
+    h, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+    layer = 4 * (h * h + h) + 2 * h * inner + inner + h + 4 * h
+    embeddings = (int(config["vocab_size"]) + int(config.get("max_position_embeddings", 77))) * h
+    return embeddings + int(config["num_hidden_layers"]) * layer + 2 * h
+
+
 def summarise_flux(configs: dict[str, Any]) -> dict[str, Any]:
     """Parameter counts of a Flux model from its configs (meta device): the transformer per block kind (Linear
     weights, which fp8/NF4 store, and the rest), its parts outside the blocks, the text encoders and the VAE."""
-    import transformers
     from diffusers import AutoencoderKL
 
     arch = configs["transformer"]
@@ -240,15 +257,11 @@ def summarise_flux(configs: dict[str, Any]) -> dict[str, Any]:
     other = total - double["linear"] - double["rest"] - single["linear"] - single["rest"]
     encoders = {}
     for key in ("text_encoder", "text_encoder_2"):
-        if key not in configs:
-            continue
-        entry = configs[key]
-        cls = getattr(transformers, entry["class"])
-        config_cls = transformers.T5Config if entry["class"].startswith("T5") else transformers.CLIPTextConfig
-        with torch.device("meta"):
-            encoder = cls(config_cls(**entry["config"]))
-        name = "t5" if entry["class"].startswith("T5") else "clip"
-        encoders[name] = sum(int(p.numel()) for p in encoder.parameters())
+        if key in configs:
+            entry = configs[key]
+            t5 = entry["class"].startswith("T5")
+            count = t5_params(entry["config"]) if t5 else clip_params(entry["config"])
+            encoders["t5" if t5 else "clip"] = count
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(configs["vae"])
     return {
