@@ -48,18 +48,22 @@ def test_base_weights_dtype_stores_the_blocks_smaller(base) -> None:
     assert any("fp8 base" in note for note in fp8.notes)
 
 
-def test_block_swap_moves_blocks_off_the_device_and_adds_the_prefetch_buffer(base) -> None:
+def test_block_swap_moves_blocks_off_the_device_and_adds_the_prefetch_buffer() -> None:
     assert swap_split(18, 19, 38) == (9, 18)  # kohya's split: N // 2 double, 2 x the rest single
     assert max_blocks_to_swap(19, 38) == 35
-    previous = base
+    # T5 and CLIP stay loaded (no caching pass), so the step is the peak however many blocks are swapped
+    previous = predict(cache_text_encoder_outputs=False)
+    assert "block_swap_buffer" not in previous.breakdown
     for blocks in (6, 18, 35):
-        swapped = predict(blocks_to_swap=blocks)
+        swapped = predict(blocks_to_swap=blocks, cache_text_encoder_outputs=False)
         assert swapped.total_bytes < previous.total_bytes
-        assert swapped.breakdown["block_swap_buffer"] > 0
+        assert 0 < swapped.breakdown["block_swap_buffer"] < 1.5 * GIB  # two blocks in flight
         previous = swapped
-    assert "block_swap_buffer" not in base.breakdown
-    assert predict(blocks_to_swap=60).total_bytes == previous.total_bytes  # capped at 35
-    assert any("at most 35" in note for note in predict(blocks_to_swap=60).notes)
+    over = predict(blocks_to_swap=60, cache_text_encoder_outputs=False)
+    assert over.total_bytes == previous.total_bytes  # capped at 35
+    assert any("at most 35" in note for note in over.notes)
+    # with cached outputs the T5 caching pass (before training) becomes the peak of a heavily swapped run
+    assert predict(blocks_to_swap=35).phase.startswith("text-encoder caching")
 
 
 def test_caching_takes_the_encoders_off_the_device(base) -> None:

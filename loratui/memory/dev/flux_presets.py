@@ -50,11 +50,40 @@ def choose(vram_gb: float) -> tuple[dict[str, Any] | None, str]:
     resolved = ResolvedConfig(preset_family_config(FAMILY, START), {}, "flux")
     found = recommend(resolved, budget, top=1)
     if not found:
-        return None, no_fit_message(resolved, budget)
+        return None, _why_not(resolved, budget) or no_fit_message(resolved, budget)
     config = found[0].config
     section = {key: getattr(config, key) for key in SECTION_KEYS}
     section["lora_alpha"] = section["lora_rank"]
     return section, f"{found[0].estimate.total_bytes / GIB:.1f} GiB: {found[0].quality_note}"
+
+
+def _why_not(resolved: Any, budget: int) -> str | None:
+    """The reason when the T5-XXL caching pass is what does not fit, and what an fp8 T5 file would give."""
+    from dataclasses import replace
+
+    from loratui.memory.estimate import estimate_peak
+    from loratui.memory.recommend import recommend
+
+    smallest = estimate_peak(
+        resolved.config.model_copy(
+            update={"base_weights_dtype": "nf4", "blocks_to_swap": 35, "resolution": 512, "batch_size": 1}
+        ).model_copy(update={"gradient_checkpointing": True, "gradient_accumulation_steps": 1})
+    )
+    if not smallest.phase.startswith("text-encoder caching"):
+        return None
+    fp8_t5 = resolved.config.model_copy(update={"t5xxl": "t5xxl_fp8_e4m3fn.safetensors"})
+    found = recommend(replace(resolved, config=fp8_t5), budget, top=1)
+    with_fp8 = (
+        f"; with an fp8 T5 file (t5xxl: t5xxl_fp8_e4m3fn.safetensors) `--preset auto` finds "
+        f"{', '.join(f'{k}={v}' for k, v in found[0].changes.items())} at "
+        f"{found[0].estimate.total_bytes / GIB:.1f} GiB"
+        if found
+        else ""
+    )
+    return (
+        f"caching the text-encoder outputs needs T5-XXL on the GPU: {smallest.total_bytes / GIB:.1f} GiB with a "
+        f"16-bit T5, over the {budget / GIB:.1f} GiB usable (5 % kept free){with_fp8}; use 12gb"
+    )
 
 
 def plan() -> dict[str, tuple[dict[str, Any] | None, str]]:
