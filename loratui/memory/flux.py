@@ -459,10 +459,13 @@ def t5_encode_bytes(spec: FluxSpec, tokens: int, width: int) -> int:
 
 @dataclass
 class FluxPlanner:
-    """The planner of one Flux architecture (same interface as `estimate.Planner`)."""
+    """The planner of one Flux architecture (same interface as `estimate.Planner`). `steps` is the module of
+    shared step pieces (`loratui.memory.estimate`: precision regime, optimizer state, EMA), handed in by
+    `estimate.planner_for` so that this module does not import the one that dispatches to it."""
 
     spec: FluxSpec
     summary: dict[str, Any]
+    steps: Any
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -476,19 +479,17 @@ class FluxPlanner:
 _PLANNERS: dict[str, FluxPlanner] = {}
 
 
-def flux_planner(cfg: Any, family: str) -> FluxPlanner:
+def flux_planner(cfg: Any, family: str, steps: Any) -> FluxPlanner:
     spec = flux_spec(cfg, family)
     key = spec.fingerprint + spec.source
     if key not in _PLANNERS:
-        _PLANNERS[key] = FluxPlanner(spec, flux_summary(spec), list(spec.notes))
+        _PLANNERS[key] = FluxPlanner(spec, flux_summary(spec), steps, list(spec.notes))
     return _PLANNERS[key]
 
 
-def flux_regime(cfg: Any, device: str) -> tuple[Regime, list[str]]:
+def flux_regime(cfg: Any, device: str, steps: Any) -> tuple[Regime, list[str]]:
     """The traced regime: 16-bit compute (or fp32), quantised blocks for fp8/nf4, checkpointing, targets."""
-    from loratui.memory.estimate import regime_for
-
-    regime, notes = regime_for(cfg, device, "flux")
+    regime, notes = steps.regime_for(cfg, device, "flux")
     dtype = str(getattr(cfg, "base_weights_dtype", "bf16"))
     precision, network = regime.precision, "lora"
     if dtype == "nf4":
@@ -500,14 +501,13 @@ def flux_regime(cfg: Any, device: str) -> tuple[Regime, list[str]]:
 
 
 def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
-    from loratui.memory.estimate import _sd_ema_bytes, lora_width, optimizer_bytes, step_parts
-
+    steps = planner.steps  # `loratui.memory.estimate`: the step pieces every family shares
     spec, summary = planner.spec, planner.summary
-    regime, notes = flux_regime(cfg, device)
+    regime, notes = flux_regime(cfg, device, steps)
     notes = [*planner.notes, *notes]
     width = 4 if regime.precision in ("fp32", "qlora32") else 2
     source = trace_source(summary, spec)
-    lora_dtype = "bf16" if lora_width(cfg) == 2 else "fp32"
+    lora_dtype = "bf16" if steps.lora_width(cfg) == 2 else "fp32"
     b, r = int(cfg.batch_size), int(cfg.lora_rank)
     image = image_tokens(cfg, int(summary.get("vae_factor", 8)))
     tokens = image + text_tokens(cfg, spec)
@@ -530,25 +530,25 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     layers = lora_layers(summary, cfg.target_modules)
     if not layers:
         notes.append(f"no Linear layer in the blocks matches target_modules {cfg.target_modules}")
-    lw = lora_width(cfg)
+    lw = steps.lora_width(cfg)
     tensors = [(d_in, c) for d_in, _, c in layers] + [(d_out, c) for _, d_out, c in layers]
     lora = lw * r * sum((d_in + d_out) * c for d_in, d_out, c in layers)
     shapes = [((r, d_in), c, False) for d_in, _, c in layers] + [
         ((d_out, r), c, True) for _, d_out, c in layers
     ]
-    state, temporaries = optimizer_bytes(
+    state, temporaries = steps.optimizer_bytes(
         cfg.optimizer, tensors, r, device, shapes, cfg.optimizer_args, width=lw
     )
 
     fit = flux_fit(spec, regime, lora_dtype, source)
     peak, acts = evaluate_fit(fit, summary, Point(b, tokens, r))
     accumulating = cfg.gradient_accumulation_steps > 1
-    step, activations, grads_at_peak = step_parts(peak, acts, lora, accumulating)
+    step, activations, grads_at_peak = steps.step_parts(peak, acts, lora, accumulating)
 
     text_on_device = not (on_gpu and cache_text)
     vae_on_device = not (on_gpu and cache_latents)
     weights = resident + buffer + (encoders if text_on_device else 0) + (vae if vae_on_device else 0)
-    ema = _sd_ema_bytes(cfg, lora, device, notes)
+    ema = steps._sd_ema_bytes(cfg, lora, device, notes)
     static = weights + lora + state + ema
     phases: dict[str, float] = {"micro-batch forward/backward": step, "optimizer step": lora + temporaries}
     vae_peak = 0.0

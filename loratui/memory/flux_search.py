@@ -22,11 +22,10 @@ import itertools
 from typing import Any
 
 from loratui.memory.flux import max_blocks_to_swap, transformer_bytes
-from loratui.memory.recommend import QLORA_SLOWDOWN, Option, quality, relative_speed, search_space
 
 DTYPE_ORDER = ("bf16", "fp8", "nf4")
 DTYPE_COST = {"bf16": 0.0, "fp8": 0.3, "nf4": 1.0}
-DTYPE_SPEED = {"bf16": 1.0, "fp8": 0.95, "nf4": 1 / QLORA_SLOWDOWN}
+DTYPE_SPEED = {"bf16": 1.0, "fp8": 0.95, "nf4": 1 / 1.33}  # NF4: recommend.QLORA_SLOWDOWN
 SWAP_COST_PER_GIB = 0.04
 SWAP_SLOWDOWN_PER_GIB = 0.04
 GIB = 2**30
@@ -36,9 +35,11 @@ def swapped_gib(planner: Any, cfg: Any) -> float:
     return transformer_bytes(planner.summary, cfg, 2)[2]["swapped_bytes"] / GIB
 
 
-def flux_quality(planner: Any, base: Any, cfg: Any, changes: dict[str, object]) -> tuple[float, str]:
+def flux_quality(
+    rec: Any, planner: Any, base: Any, cfg: Any, changes: dict[str, object]
+) -> tuple[float, str]:
     """`recommend.quality` plus the costs of quantising and swapping (module docstring)."""
-    cost, note = quality(
+    cost, note = rec.quality(
         base, {k: v for k, v in changes.items() if k not in ("base_weights_dtype", "blocks_to_swap")}
     )
     notes = [] if note == "your settings as they are" else [note]
@@ -60,29 +61,33 @@ def flux_quality(planner: Any, base: Any, cfg: Any, changes: dict[str, object]) 
     return cost, "; ".join(notes) if notes else "your settings as they are"
 
 
-def flux_speed(planner: Any, base: Any, cfg: Any) -> float:
-    speed = relative_speed(base, cfg)
+def flux_speed(rec: Any, planner: Any, base: Any, cfg: Any) -> float:
+    speed = rec.relative_speed(base, cfg)
     speed *= DTYPE_SPEED[str(cfg.base_weights_dtype)] / DTYPE_SPEED[str(base.base_weights_dtype)]
     extra = swapped_gib(planner, cfg) - swapped_gib(planner, base)
     return speed / (1 + SWAP_SLOWDOWN_PER_GIB * extra)
 
 
-def _option(planner: Any, base: Any, changes: dict[str, object], usable: int, device: str, processes: int):
+def _option(
+    rec: Any, planner: Any, base: Any, changes: dict[str, object], usable: int, device: str, processes: int
+):
     from loratui.memory.estimate import per_process
 
     cfg = base.model_copy(update=changes)
     estimate = per_process(planner, cfg, planner.estimate(cfg, device), processes, device)
-    cost, note = flux_quality(planner, base, cfg, changes)
+    cost, note = flux_quality(rec, planner, base, cfg, changes)
     headroom = usable - estimate.total_bytes
-    return Option(changes, cfg, estimate, headroom, flux_speed(planner, base, cfg), note, cost, headroom >= 0)
+    speed = flux_speed(rec, planner, base, cfg)
+    return rec.Option(changes, cfg, estimate, headroom, speed, note, cost, headroom >= 0)
 
 
 def explore_flux(
-    planner: Any, cfg: Any, usable: int, device: str, fixed: frozenset[str], processes: int
-) -> list[Option]:
-    """Every candidate of the Flux search, each with the smallest `blocks_to_swap` that fits (or the most
-    blocks when nothing does)."""
-    axes = dict(search_space(cfg, "sd", planner.spec.family, device, fixed).axes)
+    rec: Any, planner: Any, cfg: Any, usable: int, device: str, fixed: frozenset[str], processes: int
+) -> list[Any]:
+    """Every candidate of the Flux search (`recommend.Option`s), each with the smallest `blocks_to_swap` that
+    fits (or the most blocks when nothing does). `rec` is `loratui.memory.recommend`, handed in by its
+    `explore` (which dispatches here) for the shared search space, costs and `Option`."""
+    axes = dict(rec.search_space(cfg, "sd", planner.spec.family, device, fixed).axes)
     start = DTYPE_ORDER.index(str(cfg.base_weights_dtype))
     axes["base_weights_dtype"] = (
         [cfg.base_weights_dtype] if "base_weights_dtype" in fixed else list(DTYPE_ORDER[start:])
@@ -98,11 +103,12 @@ def explore_flux(
         }
         if "batch_size" in changes:
             changes["gradient_accumulation_steps"] = cfg.effective_batch // int(changes["batch_size"])
-        options.append(_smallest_swap(planner, cfg, changes, swaps, usable, device, processes))
+        options.append(_smallest_swap(rec, planner, cfg, changes, swaps, usable, device, processes))
     return options
 
 
 def _smallest_swap(
+    rec: Any,
     planner: Any,
     cfg: Any,
     changes: dict[str, object],
@@ -110,14 +116,14 @@ def _smallest_swap(
     usable: int,
     device: str,
     processes: int,
-) -> Option:
+) -> Any:
     """The option with the fewest swapped blocks that fits (memory falls as blocks are swapped)."""
 
-    def at(index: int) -> Option:
+    def at(index: int) -> Any:
         swap = dict(changes)
         if swaps[index] != cfg.blocks_to_swap:
             swap["blocks_to_swap"] = swaps[index]
-        return _option(planner, cfg, swap, usable, device, processes)
+        return _option(rec, planner, cfg, swap, usable, device, processes)
 
     first = at(0)
     if first.fits or len(swaps) == 1:

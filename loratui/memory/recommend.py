@@ -234,9 +234,12 @@ def explore(
     cfg, family = unpack_config(resolved)
     planner = planner_for(cfg if isinstance(resolved, dict) else resolved, family)
     if planner.spec.kind == "flux":  # + base_weights_dtype and blocks_to_swap (`loratui.memory.flux_search`)
+        import sys
+
         from loratui.memory.flux_search import explore_flux
 
-        return explore_flux(planner, cfg, usable_bytes, device, frozenset(fixed), processes), planner
+        this = sys.modules[__name__]
+        return explore_flux(this, planner, cfg, usable_bytes, device, frozenset(fixed), processes), planner
     search = search_space(cfg, planner.spec.kind, planner.spec.family, device, frozenset(fixed))
     return [
         evaluate(planner, cfg, changes, usable_bytes, device, processes) for changes in candidates(search)
