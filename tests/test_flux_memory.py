@@ -188,3 +188,23 @@ def test_a_single_file_checkpoint_is_planned_from_its_header(tmp_path, base) -> 
     full = flux_spec(flux_config(base_model=str(path)), "flux")
     assert full.fingerprint == flux_spec(flux_config(), "flux").fingerprint  # the shipped FLUX.1-dev table
     assert predict(base_model=str(path)).total_bytes == base.total_bytes
+
+
+def test_recommend_cli_lists_the_flux_options(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from loratui.cli.app import app
+
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "flux.yaml"
+    config.write_text(
+        "task_type: image-generation\nmodel_family: flux\ndata_dir: data\nresolution: 1024\n"
+        "gradient_checkpointing: true\ncache_latents: true\ncache_text_encoder_outputs: true\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(
+        app, ["recommend", "--config", str(config), "--vram", "12GB"], env={"COLUMNS": "250"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "does not fit" in result.output and "base_weights_dtype=fp8" in result.output
+    assert "blocks_to_swap=" in result.output

@@ -580,8 +580,14 @@ def estimate_flux(planner: FluxPlanner, cfg: Any, device: str) -> Estimate:
     if on_gpu and cache_text:
         encode = t5_encode_bytes(spec, text_tokens(cfg, spec), width)
         before["text-encoder caching (before training)"] = ({"text_encoders": encoders}, encoders, encode)
+    training = static + phases[phase]
     for name, (weights_part, held, encoding) in before.items():
         if held + encoding > static + phases[phase]:
+            if phase not in before:
+                shown = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items() if v)
+                notes.append(
+                    f"{name} is the peak; training itself holds {training / 2**30:.2f} GiB of tensors ({shown})"
+                )
             phases, static = {name: encoding}, int(held)
             parts = {**weights_part, "encoding": int(encoding)}
             phase = name

@@ -104,6 +104,8 @@ def explore_flux(
         if "batch_size" in changes:
             changes["gradient_accumulation_steps"] = cfg.effective_batch // int(changes["batch_size"])
         options.append(_smallest_swap(rec, planner, cfg, changes, swaps, usable, device, processes))
+    if not any(not option.changes for option in options):  # the config as it is, fitting or not
+        options.append(_option(rec, planner, cfg, {}, usable, device, processes))
     return options
 
 
