@@ -208,3 +208,33 @@ def test_recommend_cli_lists_the_flux_options(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "does not fit" in result.output and "base_weights_dtype=fp8" in result.output
     assert "blocks_to_swap=" in result.output
+
+
+def test_flux_dev_presets_are_verified_by_the_planner() -> None:
+    from loratui.config.presets import load_preset, preset_names
+    from loratui.memory.integration import preset_family_config
+
+    sections = {}
+    for name in preset_names():
+        preset = load_preset(name)
+        section = preset.families.get("flux-dev")
+        if section is None:
+            assert "T5-XXL" in preset.unsupported["flux-dev"]  # the reason names what does not fit
+            continue
+        estimate = estimate_peak(preset_family_config("flux-dev", section), device="cuda")
+        assert estimate.total_bytes * 1.05 <= tier_budget(preset.vram_gb), name
+        sections[preset.vram_gb] = section
+    assert set(sections) == {12, 16, 24, 48, 80}
+    assert sections[12]["base_weights_dtype"] in ("fp8", "nf4") and sections[12]["blocks_to_swap"] > 0
+    assert sections[80]["base_weights_dtype"] == "bf16" and sections[80]["blocks_to_swap"] == 0
+    assert all(s["resolution"] == 1024 for s in sections.values())
+
+
+def test_a_flux_config_takes_the_flux_dev_preset_section(tmp_path) -> None:
+    from loratui.config import load_config
+
+    config = tmp_path / "x.yaml"
+    config.write_text("task_type: image-generation\nmodel_family: chroma\n", encoding="utf-8")
+    resolved = load_config(config, preset="12gb")
+    assert resolved.sources["blocks_to_swap"] == "preset 12gb[flux-dev]"
+    assert resolved.config.base_weights_dtype == "fp8"
