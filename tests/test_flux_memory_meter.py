@@ -10,6 +10,7 @@ import torch
 
 from loratui.config import TrainConfig
 from loratui.memory.estimate import estimate_peak
+from loratui.memory.fit import _single_thread
 from loratui.memory.flux import bundled_flux_configs
 from loratui.memory.flux_probe import add_flux_lora, build_transformer, flux_loss
 from loratui.memory.meter import MemoryMeter
@@ -61,7 +62,7 @@ def measured_peak(checkpointing: bool, batch: int, resolution: int, rank: int) -
     meter.register_optimizer(optimizer)
     meter.reset_peak()
     point = Point(batch, (resolution // 16) ** 2 + TEXT_TOKENS, rank)
-    with meter:
+    with _single_thread(), meter:  # small CPU kernels run fastest on one thread
         for _ in range(2):
             loss = flux_loss(model, point, "cpu", TraceMode(None), "fp32")
             loss.backward()
