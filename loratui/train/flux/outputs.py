@@ -1,0 +1,296 @@
+"""What the Flux loop writes besides training: checkpoints (exact resume), samples and the LoRA file.
+
+`FluxCheckpointer` saves and restores the LoRA, optimizer, scheduler, scaler, RNG and EMA states with the
+run's metadata (the shared checkpoint folder of `loratui.runs.checkpoints`); `render_samples` draws the sample
+prompts with the LoRA as it is (flow-match Euler, few steps, fixed seed); `export_lora` writes the diffusers /
+PEFT-format LoRA file (`transformer.<path>.lora_A.weight`, ...), which diffusers' `FluxPipeline.load_lora_weights`
+reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from loratui.models.flux.lora import CLIP
+from loratui.models.sd.kohya import RUN_KEY, text_model_path
+from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state, module_scales
+from loratui.models.sd.lora_files import check_output, checkpoint_scales, ema_lora_state
+from loratui.runs.checkpoints import load_checkpoint
+from loratui.train.flux.setup import FluxModels
+from loratui.train.job import WorkerJob
+from loratui.train.loop.checkpointing import refuse_nonfinite, restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.optim import (
+    apply_configured_hyperparameters,
+    check_resumable,
+    configured_hyperparameters,
+    eval_mode,
+    optimizer_kind,
+    resume_train_mode,
+)
+from loratui.train.loop.plan import StepPlan
+from loratui.train.loop.reporting import Reporter
+from loratui.train.loop.resume_inputs import shape_mismatch_message
+from loratui.train.sd.dataset import SDDataset
+
+#: what a resumed run must share with its checkpoint (another value would retrain the LoRA for it)
+OBJECTIVE_KEYS = ("variant", "timestep_sampling", "guidance_scale")
+
+
+@dataclass
+class FluxCheckpointer:
+    """The objects a checkpoint saves, and the step it last saved."""
+
+    job: WorkerJob
+    models: FluxModels
+    dataset: SDDataset
+    lora: LoraPlan
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    step_plan: StepPlan
+    precision: str
+    started_at: float
+    reporter: Reporter
+    last_saved: int = -1
+    inputs: dict[str, Any] = field(default_factory=dict)
+    ema: Any = None
+
+    def objective(self) -> dict[str, Any]:
+        cfg = self.job.resolved.config
+        return {
+            "variant": self.models.variant,
+            "timestep_sampling": cfg.timestep_sampling,
+            "guidance_scale": self.models.guidance_scale if self.models.parts.has_guidance else None,
+        }
+
+    def save(self, step: int) -> Path:
+        """Write a checkpoint (schedule-free optimizers: of the averaged weights, `eval_mode`)."""
+        with eval_mode(self.optimizer):
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
+        cfg = self.job.resolved.config
+        scaler = getattr(self.accelerator, "scaler", None)
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            training_state["ema"] = self.ema.state_dict()
+        epochs_done = self.step_plan.epoch_of(step - 1) + 1 if step else 0
+        meta = {
+            "epoch": self.step_plan.epoch_of(max(0, step - 1)),
+            "epochs_done": epochs_done,
+            "data_position": step,
+            "total_steps": self.step_plan.total_steps,
+            "family": self.models.family,
+            **self.objective(),
+            "precision": self.precision,
+            "base_weights_dtype": self.models.base_weights_dtype,
+            "run": self.job.run.name,
+            "name": cfg.name,
+            "output_dir": str(Path(cfg.output_dir).expanduser()),
+            "base_model_name": Path(cfg.base_model).name,
+            "kohya_alpha": self.lora.kohya_alpha,
+            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": self.lora.targets},
+            "network_type": self.lora.network.kind,
+            "target_names": self.lora.target_names,
+            "module_scales": module_scales(self.models.components(), self.lora),
+            "started_at": self.started_at,
+            "num_samples": len(self.dataset),
+            "global_batch": self.step_plan.effective_batch,
+            "processes": self.accelerator.num_processes,
+            "learning_rate": cfg.learning_rate,
+            "resolution": cfg.resolution,
+            "seed": cfg.seed,
+            "inputs": self.inputs,
+            "ema": (
+                {"decay": self.ema.decay, "update_every": self.ema.update_every, "updates": self.ema.updates}
+                if self.ema is not None
+                else None
+            ),
+        }
+        path = save_checkpoint(
+            self.job.run,
+            step,
+            lora_state=lora_state(self.models.components(), self.lora),
+            training_state=training_state,
+            meta=meta,
+            config_yaml=self.job.resolved.to_yaml(),
+            keep_last_n=cfg.keep_last_n,
+        )
+        self.last_saved = step
+        self.reporter.checkpoint(step, path)
+        return path
+
+    def restore(self, checkpoint_path: Path) -> int:
+        """Load LoRA, optimizer, scheduler, scaler, RNG and EMA states; returns the step to continue from."""
+        ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+        for key, now in self.objective().items():
+            saved = ckpt.meta.get(key)
+            if key in ckpt.meta and saved != now:
+                raise ValueError(
+                    f"{checkpoint_path} was trained with {key} {saved}, this run has {now}; set {key}: {saved} "
+                    "(or the same base model) to resume it"
+                )
+        try:
+            load_lora_state(self.models.components(), ckpt.lora_state)
+        except RuntimeError as exc:
+            if "size" not in str(exc):
+                raise
+            raise ValueError(shape_mismatch_message(checkpoint_path, ckpt.meta, self.lora.rank)) from None
+        state = ckpt.training_state
+        check_resumable(state.get("optimizer_class"), self.optimizer, checkpoint_path)
+        wanted = configured_hyperparameters(self.optimizer, self.scheduler)
+        self.optimizer.load_state_dict(state["optimizer"])
+        resume_train_mode(self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        for change in apply_configured_hyperparameters(self.optimizer, self.scheduler, wanted):
+            self.reporter.event(
+                "warning",
+                ckpt.step,
+                message=f"resumed with a changed setting: {change} (applied from step {ckpt.step + 1})",
+            )
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema.reset()
+        if ckpt.meta.get("total_steps") not in (None, self.step_plan.total_steps):
+            self.reporter.event(
+                "warning",
+                message=f"the checkpoint was planned for {ckpt.meta['total_steps']} steps, this run has "
+                f"{self.step_plan.total_steps} (changed epochs/max_steps/batch?)",
+            )
+        self.started_at = float(ckpt.meta.get("started_at") or self.started_at)
+        self.last_saved = ckpt.step
+        return ckpt.step
+
+
+@torch.no_grad()
+def render_samples(
+    models: FluxModels, text: Any, prompts: list[str], step: int, folder: Path, cfg: Any
+) -> list[Path]:
+    """Render `prompts` (fixed seed, few flow-match Euler steps) with the LoRA as it is; returns PNG paths.
+
+    The prompts' text embeddings come from the run's text conditioner (cached with the captions when T5 was
+    released), so sampling needs only the transformer and the AE on the device."""
+    from loratui.data.image_io import save_png
+    from loratui.models.flux.pipeline import build_pipeline, default_sample_settings
+
+    parts = models.parts
+    vae_device = next(parts.vae.parameters()).device
+    parts.vae.to(models.device)
+    text_devices = [(m, next(m.parameters()).device) for m in models.text_encoders]
+    for module, _ in text_devices:
+        module.to(models.device)
+    models.transformer.eval()
+    settings = default_sample_settings(
+        parts,
+        height=cfg.resolution,
+        width=cfg.resolution,
+        seed=cfg.seed,
+        max_sequence_length=models.t5_max_length,
+    )
+    pipe = build_pipeline(parts)
+    paths = []
+    try:
+        for number, prompt in enumerate(prompts):
+            cond = text.encode([prompt])
+            kwargs: dict[str, Any] = {"prompt_embeds": cond.t5.to(models.dtype)}
+            if parts.is_chroma:
+                kwargs["prompt_attention_mask"] = cond.mask.to(models.dtype)
+                kwargs["guidance_scale"] = settings.guidance_scale
+            else:
+                kwargs["pooled_prompt_embeds"] = cond.pooled.to(models.dtype)
+                if parts.has_guidance:
+                    kwargs["guidance_scale"] = settings.guidance_scale
+            generator = torch.Generator("cpu").manual_seed(settings.seed)
+            image = pipe(
+                num_inference_steps=settings.steps,
+                height=settings.height,
+                width=settings.width,
+                generator=generator,
+                **kwargs,
+            ).images[0]
+            paths.append(save_png(image, folder / f"step-{step:06d}-{number}.png"))
+    finally:
+        models.transformer.train()
+        parts.vae.to(vae_device)
+        for module, device in text_devices:
+            module.to(device)
+    return paths
+
+
+def lora_file_tensors(
+    state: dict[str, torch.Tensor], scales: dict[str, float]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Diffusers/PEFT-format tensors and their `lora_adapter_metadata` (alpha = scale x rank per component)."""
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {}
+    for key in sorted(state):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        stem = key[: -len(".lora_A.weight")]
+        component, _, path = stem.partition(".")
+        if component == CLIP:
+            path = text_model_path(path)
+        down, up = state[key], state[stem + ".lora_B.weight"]
+        rank = down.shape[0]
+        tensors[f"{component}.{path}.lora_A.weight"] = down.contiguous()
+        tensors[f"{component}.{path}.lora_B.weight"] = up.contiguous()
+        alpha = scales[stem] * rank
+        config.setdefault(f"{component}.r", rank)
+        config.setdefault(f"{component}.lora_alpha", alpha)
+        names = config.setdefault(f"{component}.target_modules", [])
+        parts = path.split(".")
+        name = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+        if name not in names:
+            names.append(name)
+    for component in {k.split(".", 1)[0] for k in tensors}:
+        config[f"{component}.target_modules"] = sorted(config[f"{component}.target_modules"])
+        config.update({f"{component}.lora_dropout": 0.0, f"{component}.bias": "none"})
+    return tensors, config
+
+
+def export_lora(checkpoints: FluxCheckpointer, output: Path, *, ema: bool = False) -> Path:
+    """Write the LoRA file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
+    from safetensors.torch import save
+
+    from loratui.util.atomic import atomic_write_bytes
+
+    job = checkpoints.job
+    latest = job.run.latest_checkpoint()
+    refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
+    ckpt = load_checkpoint(latest, training_state=ema)
+    state = ema_lora_state(ckpt, latest) if ema else ckpt.lora_state
+    check_output(output, job.run.name, overwrite=job.overwrite, resuming=job.resume_from is not None)
+    tensors, config = lora_file_tensors(state, checkpoint_scales(state, ckpt.meta))
+    metadata = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(config, sort_keys=True),
+        RUN_KEY: job.run.name,
+        "loratui_family": ckpt.meta.get("family", "flux"),
+        "loratui_variant": str(ckpt.meta.get("variant")),
+        "loratui_finished_at": str(time.time()),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, save(tensors, metadata=metadata))
+    checkpoints.reporter.event(
+        "export", checkpoints.last_saved, path=str(output), format="diffusers", ema=ema
+    )
+    return output
