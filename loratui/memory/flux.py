@@ -98,6 +98,7 @@ def _folder_configs(folder: Path, fallback: dict[str, Any]) -> dict[str, Any] | 
             encoder = json.loads(found.read_text("utf-8"))
             keep = {k: v for k, v in encoder.items() if k in fallback[key]["config"]}
             configs[key] = {"class": fallback[key]["class"], "config": {**fallback[key]["config"], **keep}}
+    configs["t5_max_length"] = _folder_t5_length(folder, configs)
     return configs
 
 
@@ -139,6 +140,34 @@ def _single_file_configs(path: Path, fallback: dict[str, Any]) -> tuple[dict[str
         f"blocks; stored as {', '.join(dtypes)})"
     )
     return {**fallback, "transformer": {**fallback["transformer"], "config": config}}, note
+
+
+def _folder_t5_length(folder: Path, configs: dict[str, Any]) -> int:
+    """T5 tokens per caption as the trainer takes them from a folder (`FluxParts.default_t5_max_length`): 256
+    for schnell (no guidance embedding), else 512, capped at the T5 tokenizer's own `model_max_length`."""
+    transformer = configs["transformer"]
+    schnell = transformer["class"] == "FluxTransformer2DModel" and not transformer["config"].get(
+        "guidance_embeds"
+    )
+    wanted = 256 if schnell else 512
+    for name in ("tokenizer_2", "tokenizer"):
+        path = folder / name / "tokenizer_config.json"
+        if not path.is_file():
+            continue
+        try:
+            found = json.loads(path.read_text("utf-8"))
+        except ValueError:
+            continue
+        limit = found.get("model_max_length")
+        if (
+            "T5" in str(found.get("tokenizer_class", ""))
+            or name == "tokenizer_2"
+            or "text_encoder_2" not in configs
+        ):
+            if isinstance(limit, int) and 0 < limit < wanted:
+                return limit
+            break
+    return wanted
 
 
 def bundled_name(cfg: Any, family: str) -> str:
