@@ -171,7 +171,7 @@ CLAIMS = [
         {"base_weights_dtype": "nf4", "resolution": 1024, "lora_dtype": "bf16"},
         SIMPLETUNER,
         differs="resolution not stated (1024² here: activations 4.5 GiB, at 512² the 16-bit T5 caching pass, "
-        "10.4 GiB, is the peak)",
+        "10.2 GiB, is the peak)",
     ),
     Claim(
         "OneTrainer",

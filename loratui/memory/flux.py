@@ -55,7 +55,6 @@ CPU_TRACE_PARAM_LIMIT = 50_000_000
 T5_BYTES_FP8 = 1
 #: base_weights_dtype -> bytes per Linear weight element inside the blocks (16-bit storage: the compute width)
 QUANT_BYTES = {"fp8": 1.0, "nf4": NF4_BYTES}
-TEXT_BATCH = 4  # captions encoded at once by the caching pass
 _MEMORY: dict[str, Any] = {}
 
 
@@ -495,14 +494,15 @@ def text_tokens(cfg: Any, spec: FluxSpec) -> int:
 
 def t5_encode_bytes(spec: FluxSpec, tokens: int, width: int) -> int:
     """Peak above the weights of T5 encoding `TEXT_BATCH` captions without gradients: one layer's hidden
-    states and gated feed-forward, and its attention scores with the relative position bias (fp32)."""
+    states and gated feed-forward, and the relative position bias turned into SDPA's float mask (one per layer,
+    shared by the batch: transformers' T5 runs SDPA, which never materialises the batch's attention scores)."""
+    from loratui.models.flux.conditioning import TEXT_BATCH  # captions the caching pass encodes at once
+
     entry = spec.configs.get("text_encoder_2") or spec.configs["text_encoder"]
     config = entry["config"]
     d_model, d_ff, heads = int(config["d_model"]), int(config["d_ff"]), int(config["num_heads"])
     hidden = TEXT_BATCH * tokens * (4 * d_model + 3 * d_ff) * width
-    scores = (
-        TEXT_BATCH * heads * tokens * tokens * (2 * width + 4)
-    )  # scores, their softmax in fp32, the result
+    scores = heads * tokens * tokens * (width + 4)  # the bias, and the mask made from it
     return int(hidden + scores)
 
 
