@@ -400,3 +400,33 @@ async def test_train_starts_the_run_and_opens_the_training_view(workdir) -> None
     assert started == [(4, 0)]
     assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
     assert app.return_code == 0
+
+
+@run_async
+async def test_try_the_demo_starts_the_text_demo_and_opens_the_training_view(workdir) -> None:
+    from loratui.tiny_models.pretrain.text import shipped_text_model
+
+    seen: list = []
+    started: list = []
+
+    def launcher(resolved, gpu):
+        started.append(resolved.config)
+        run = write_synthetic_run(
+            workdir / "runs" / "text-demo-20261121-120000", steps=60, total_steps=120, oom_at=None, pid=None
+        )
+        return run, 12345
+
+    app = make_app(launcher=launcher)
+    async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+        await wait_for(pilot, lambda: app.state.gpu is not None)
+        assert "Try the demo" in flat(app)
+        await pilot.click("#try-demo")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainingScreen")
+        await wait_for(pilot, lambda: app.screen.view is not None)
+        await pilot.pause(0.1)
+        assert "run text-demo-20261121-120000" in flat(app) and "60/120" in flat(app)
+    [cfg] = started
+    assert cfg.base_model == str(shipped_text_model()) and cfg.max_steps == 120
+    assert Path(cfg.train_data_dir) == workdir / "loratui-demo" / "data" / "medical_qa.jsonl"
+    assert Path(cfg.train_data_dir).is_file() and (workdir / "loratui-demo" / "llm_demo.yaml").is_file()
+    assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
