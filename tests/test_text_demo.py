@@ -13,8 +13,8 @@ from loratui.demo.text_demo import DEFAULT_STEPS, prepare_demo, side_by_side, sp
 from loratui.tiny_models.pretrain.text import shipped_text_model
 
 #: The LoRA must lower the loss on the held-out answers by at least this much (nats per token).
-MIN_DROP_SHORT = 0.3  # a short run (default suite)
-MIN_DROP_FULL = 0.5  # the demo as shipped
+MIN_DROP_SHORT = 1.0  # a 30-step run (default suite; measured about 3)
+MIN_DROP_FULL = 1.0  # the demo as shipped (measured about 1.7)
 
 
 class PlainConsole:
@@ -80,7 +80,7 @@ def test_a_short_run_lowers_the_held_out_answer_loss(tmp_path: Path) -> None:
     from loratui.demo.text_demo import run_demo
 
     console = PlainConsole()
-    assert run_demo(tmp_path, steps=40, console=console) == 0
+    assert run_demo(tmp_path, steps=30, console=console) == 0
     text = "\n".join(console.lines)
     base, lora = losses(text)
     assert base - lora >= MIN_DROP_SHORT, text

@@ -20,9 +20,9 @@ from loratui.tiny_models.pretrain.text_corpus import generate_sentences
 
 MAX_WEIGHT_BYTES = 3 * 2**20
 #: The shipped model's perplexity on held-out sentences of its domain must be at least this many times
-#: lower than the same network's at random initialisation (measured: about 2200 vs 4-5).
+#: lower than the same network's at random initialisation (measured: about 2100 vs 3).
 PERPLEXITY_FACTOR = 100
-HELD_OUT = 200
+HELD_OUT = 120
 
 
 def safetensors_dtypes(path: Path) -> set[str]:

@@ -430,3 +430,17 @@ async def test_try_the_demo_starts_the_text_demo_and_opens_the_training_view(wor
     assert Path(cfg.train_data_dir) == workdir / "loratui-demo" / "data" / "medical_qa.jsonl"
     assert Path(cfg.train_data_dir).is_file() and (workdir / "loratui-demo" / "llm_demo.yaml").is_file()
     assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
+
+
+@pytest.mark.slow
+@run_async
+async def test_try_the_demo_trains_in_a_worker_and_the_view_follows_it(workdir, subprocess_env) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.gpu is not None)
+        await pilot.click("#try-demo")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainingScreen", timeout=60)
+        await wait_for(pilot, lambda: app.screen.view is not None and app.screen.view.step > 0, timeout=180)
+        assert app.screen.view.total_steps == 120
+        await wait_for(pilot, lambda: app.screen.view.ended, timeout=300)
+        assert app.screen.view.state == "finished" and app.screen.view.step == 120

@@ -84,7 +84,7 @@ TOPICS: tuple[Topic, ...] = (
         "消化科",
         ("heartburn", "stomach pain", "a bloated stomach"),
         ("eat smaller meals", "do not lie down after eating", "cut down on spicy food and alcohol"),
-        ("it happens several times a week", "swallowing is hard", "you vomit blood"),
+        ("the burning comes back every week", "swallowing is hard", "you vomit blood"),
         "a doctor",
     ),
     Topic(
@@ -262,7 +262,7 @@ ZH_GENERAL = (
     "抗生素只对细菌感染有效，对病毒引起的{s}通常没有帮助。",
     "长期每天服用止痛药可能刺激胃，也可能影响肾脏。",
     "保持室内通风，适当露出皮肤晒太阳，注意防晒。",
-    "伤口深、出血止不住或看到脂肪组织时，需要到医院缝合。",
+    "伤口很深或者一直出血时，可能需要缝合，请到外科处理。",
     "警示信号包括{w}、{w2}等，出现时{go}。",
     "偶尔{s}很常见，一般不必担心；如果{w}，{go}。",
     "{s}的原因很多，例如{cause}或{cause2}，需要具体分析。",
