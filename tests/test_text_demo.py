@@ -14,7 +14,7 @@ from loratui.tiny_models.pretrain.text import shipped_text_model
 
 #: The LoRA must lower the loss on the held-out answers by at least this much (nats per token).
 MIN_DROP_SHORT = 1.0  # a 30-step run (default suite; measured about 3)
-MIN_DROP_FULL = 1.0  # the demo as shipped (measured about 1.7)
+MIN_DROP_FULL = 0.5  # the demo as shipped (160 steps; measured about 1.1)
 
 
 class PlainConsole:

@@ -21,7 +21,7 @@ import yaml
 from loratui.demo.session import demo_session
 from loratui.demo.session import say as _say
 
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 160
 VAL_SPLIT = 0.2
 SEED = 0
 MAX_NEW_TOKENS = 60
