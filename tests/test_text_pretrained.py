@@ -106,3 +106,22 @@ def test_generated_sentences_are_seeded_and_not_the_demo_answers() -> None:
     corpus = set(generate_sentences(TextPretrainSettings.sentences, 0))
     pieces = {p for a in answers for p in a.replace("。", "。\n").replace(". ", ".\n").splitlines() if p}
     assert not pieces & corpus
+
+
+def test_the_pretrain_command_dispatches_to_the_text_script(capsys: pytest.CaptureFixture[str]) -> None:
+    from loratui.tiny_models.pretrain.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["text", "--help"])
+    assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_seeded_script_reproduces_the_shipped_quality(tmp_path: Path) -> None:
+    from loratui.tiny_models.pretrain.text import main
+
+    assert main(["--out", str(tmp_path / "model")]) == 0
+    figures = json.loads((tmp_path / "model" / "pretraining.json").read_text("utf-8"))
+    shipped = json.loads((shipped_text_model() / "pretraining.json").read_text("utf-8"))
+    assert figures["held_out_perplexity"] <= shipped["held_out_perplexity"] * 1.25, (figures, shipped)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_size <= MAX_WEIGHT_BYTES
