@@ -109,3 +109,51 @@ def test_chroma_trains_with_cached_t5(tiny_flux, flux_data: Path, tmp_path: Path
     assert all(math.isfinite(e["loss"]) for e in events_of(job.run, "step"))
     assert len(events_of(job.run, "sample")) == 1
     assert any(float(v.abs().max()) > 0 for k, v in _lora_of(job.run).items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_schnell_fp8_with_block_swap_matches_fp8_without(tiny_flux, flux_data: Path, tmp_path: Path) -> None:
+    base = tiny_flux("schnell")
+    common = {**COMMON, "max_steps": 3, "base_weights_dtype": "fp8", "gradient_checkpointing": True}
+    plain = make_job(seed_like_config(tmp_path / "a", base, flux_data, **common))
+    swapped = make_job(seed_like_config(tmp_path / "b", base, flux_data, blocks_to_swap=3, **common))
+    assert train(plain) == "finished" and train(swapped) == "finished"
+    started = events_of(swapped.run, "run_started")[0]
+    assert (started["variant"], started["blocks_to_swap"], started["base_layers_converted"]) == (
+        "schnell",
+        3,
+        40,
+    )
+    assert started["t5_max_length"] == 32  # the tiny schnell tokenizer's limit (256 for the real one)
+    losses = [e["loss"] for e in events_of(plain.run, "step")]
+    assert [e["loss"] for e in events_of(swapped.run, "step")] == pytest.approx(losses, abs=1e-5)
+    assert _max_diff(_lora_of(plain.run), _lora_of(swapped.run)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_nf4_base_with_clip_lora_and_samples(tiny_flux_dev: Path, flux_data: Path, tmp_path: Path) -> None:
+    from loratui.models.quant import bitsandbytes_problem
+
+    if bitsandbytes_problem("cpu", "nf4"):
+        pytest.skip("bitsandbytes cannot run NF4 on this CPU")
+    config = seed_like_config(
+        tmp_path,
+        tiny_flux_dev,
+        flux_data,
+        **{**COMMON, "max_steps": 2, "base_weights_dtype": "nf4", "train_text_encoder": True},
+        sample_prompts=["a green triangle"],
+        sample_every_steps=2,
+        timestep_sampling="flux_shift",
+    )
+    job = make_job(config)
+    assert train(job) == "finished"
+    started = events_of(job.run, "run_started")[0]
+    assert started["base_weights_dtype"] == "nf4" and set(started["lora_modules"]) == {
+        "transformer",
+        "text_encoder",
+    }
+    assert len(events_of(job.run, "sample")) == 1
+    lora = _lora_of(job.run)
+    assert any(
+        k.startswith("text_encoder.") and "lora_B" in k and float(v.abs().max()) > 0 for k, v in lora.items()
+    )

@@ -13,8 +13,9 @@ from loratui.models.flux.block_swap import BlockSwapper, transformer_blocks
 from loratui.models.flux.fp8 import FP8, Fp8Linear, quantise_base, stored_bytes
 from loratui.models.flux.loading import load_flux
 from loratui.models.flux.lora import TRANSFORMER, plan_flux_targets
-from loratui.models.sd.lora import LoraPlan, LoraSetupError, inject_lora
+from loratui.models.sd.lora import LoraSetupError
 from loratui.util.seeding import sample_generator
+from tests.flux_helpers import add_lora, fixed_inputs, loss_and_grads
 
 # --- timestep sampling and packing ---------------------------------------------------------------------------
 
@@ -68,19 +69,6 @@ def test_packing_matches_the_pipeline_layout() -> None:
 # --- LoRA targets ---------------------------------------------------------------------------------------------
 
 
-def _lora(parts, targets=None, rank: int = 4, train_clip: bool = False) -> list[torch.nn.Parameter]:
-    components = {TRANSFORMER: parts.transformer, "text_encoder": parts.clip}
-    plan = LoraPlan(
-        targets=plan_flux_targets(targets, components, train_text_encoder=train_clip), rank=rank, alpha=rank
-    )
-    torch.manual_seed(0)
-    params = inject_lora({k: components[k] for k in plan.targets}, plan)
-    for layer in parts.transformer.modules():  # a trained-looking LoRA (B is zero at the start)
-        if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
-    return params
-
-
 def test_default_targets_are_the_block_projections(tiny_flux_dev: Path) -> None:
     parts = load_flux(tiny_flux_dev)
     plan = plan_flux_targets(
@@ -108,34 +96,10 @@ def test_default_targets_are_the_block_projections(tiny_flux_dev: Path) -> None:
 # --- one training forward/backward on fixed inputs -------------------------------------------------------------
 
 
-def _inputs(parts, batch: int = 2, side: int = 4):
-    generator = torch.Generator().manual_seed(3)
-    tokens, cfg = side * side, parts.transformer.config
-    return {
-        "hidden_states": torch.randn(batch, tokens, cfg.in_channels, generator=generator),
-        "encoder_hidden_states": torch.randn(batch, 6, cfg.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([0.3, 0.8])[:batch],
-        "guidance": torch.ones(batch),
-        "img_ids": flow_match.image_ids(2 * side, 2 * side),
-        "txt_ids": flow_match.text_ids(6),
-        "return_dict": False,
-    }
-
-
-def _loss_and_grads(parts, params, inputs) -> tuple[float, list[torch.Tensor]]:
-    for param in params:
-        param.grad = None
-    out = parts.transformer(**inputs)[0]
-    loss = (out.float() ** 2).mean()
-    loss.backward()
-    return float(loss.detach()), [p.grad.clone() for p in params]
-
-
 def test_fp8_base_upcasts_per_layer_and_keeps_lora_in_fp32(tiny_flux_dev: Path) -> None:
     parts = load_flux(tiny_flux_dev)
-    params = _lora(parts)
-    inputs = _inputs(parts)
+    params = add_lora(parts)
+    inputs = fixed_inputs(parts)
     before = stored_bytes(parts.transformer)
     converted = quantise_base(parts.transformer, "fp8", torch.float32)
     assert converted == 40  # every frozen Linear of the 4 blocks (LoRA-wrapped or not)
@@ -150,7 +114,7 @@ def test_fp8_base_upcasts_per_layer_and_keeps_lora_in_fp32(tiny_flux_dev: Path) 
     torch.testing.assert_close(y, expected)
     y.sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.float().sum(0).expand(3, -1))
-    loss, grads = _loss_and_grads(parts, params, inputs)
+    loss, grads = loss_and_grads(parts, params, inputs)
     assert math.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads[:4])
 
 
@@ -160,12 +124,12 @@ def test_nf4_base_trains_on_cpu(tiny_flux_dev: Path) -> None:
     if bitsandbytes_problem("cpu", "nf4"):
         pytest.skip("bitsandbytes cannot run NF4 on this CPU")
     parts = load_flux(tiny_flux_dev)
-    params = _lora(parts)
+    params = add_lora(parts)
     before = stored_bytes(parts.transformer)
     assert quantise_base(parts.transformer, "nf4", torch.float32) == 40
     assert stored_bytes(parts.transformer) < 0.35 * before
     assert sum(type(m).__name__ == "Linear4bit" for m in parts.transformer.modules()) == 40
-    loss, grads = _loss_and_grads(parts, params, _inputs(parts))
+    loss, grads = loss_and_grads(parts, params, fixed_inputs(parts))
     assert math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
@@ -183,16 +147,16 @@ class PoisonedSwapper(BlockSwapper):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_block_swap_gives_the_same_loss_and_gradients(tiny_flux_dev: Path, checkpointing: bool) -> None:
     parts = load_flux(tiny_flux_dev)
-    params = _lora(parts)
+    params = add_lora(parts)
     if checkpointing:
         parts.transformer.enable_gradient_checkpointing()
     parts.transformer.train()
-    inputs = _inputs(parts)
-    loss, grads = _loss_and_grads(parts, params, inputs)
+    inputs = fixed_inputs(parts)
+    loss, grads = loss_and_grads(parts, params, inputs)
     swapper = PoisonedSwapper(parts.transformer, 3, torch.device("cpu")).attach()
     assert swapper.count == 3 and len(swapper.swapped) == 3
     assert swapper.swapped[0].block is transformer_blocks(parts.transformer)[1]
-    swapped_loss, swapped_grads = _loss_and_grads(parts, params, inputs)
+    swapped_loss, swapped_grads = loss_and_grads(parts, params, inputs)
     assert swapped_loss == pytest.approx(loss, abs=1e-5)
     for grad, swapped in zip(grads, swapped_grads, strict=True):
         torch.testing.assert_close(swapped, grad, atol=1e-5, rtol=1e-5)
@@ -201,4 +165,4 @@ def test_block_swap_gives_the_same_loss_and_gradients(tiny_flux_dev: Path, check
     with torch.no_grad():  # sampling: blocks come and go within the forward
         torch.testing.assert_close(parts.transformer(**inputs)[0], parts.transformer(**inputs)[0])
     swapper.detach()
-    assert loss == pytest.approx(_loss_and_grads(parts, params, inputs)[0], abs=1e-5)
+    assert loss == pytest.approx(loss_and_grads(parts, params, inputs)[0], abs=1e-5)
