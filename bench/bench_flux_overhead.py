@@ -8,8 +8,10 @@ Overhead: both sides train the same LoRA (the default Flux targets: the double b
 projections, the single blocks' q/k/v, proj_mlp, proj_out; rank 8, alpha 16) with AdamW (lr 2e-4, weight decay
 0.01), gradient clipping 1.0, batch 4, on the same PNG images read from disk every step (resize + centre
 crop), AE-encoded every step (no latent cache), captions encoded by T5 and CLIP-L every step, sigmoid timestep
-sampling, guidance 1.0, in the same sample order. The bare loop is what a minimal diffusers + peft script does:
-no events, status file, accelerate, per-sample generators or checkpoints. Runs are interleaved (each repeat
+sampling, guidance 1.0, in the same sample order. The bare loop is what a minimal diffusers + peft script does
+(tokenizers and encoders called directly, not through the pipeline's `encode_prompt`, which tokenizes twice
+and walks every module for LoRA scaling on each call): no events, status file, accelerate, per-sample
+generators or checkpoints. Runs are interleaved (each repeat
 runs both, alternating which goes first). samples/s comes from consecutive step end times after the first
 step; each side's figure is the median over all its steps and repeats, by wall clock and by process CPU time
 (one torch thread; on a shared machine CPU time is the steadier measure). The ratio is loratui / bare
@@ -124,7 +126,15 @@ def run_bare(values: dict) -> dict[str, list[float]]:
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode()
             latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-            prompt_embeds, pooled, text_ids = pipe.encode_prompt(batch, batch, max_sequence_length=max_length)
+            t5_ids = pipe.tokenizer_2(
+                batch, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            prompt_embeds = pipe.text_encoder_2(t5_ids)[0]
+            clip_ids = pipe.tokenizer(
+                batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+            pooled = pipe.text_encoder(clip_ids).pooler_output
+            text_ids = torch.zeros(prompt_embeds.shape[1], 3)
         b, c, h, w = latents.shape
         noise = torch.randn_like(latents)
         sigmas = torch.sigmoid(torch.randn(b))
