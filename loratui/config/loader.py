@@ -280,7 +280,21 @@ def load_config(
         raise ConfigError(problems)
     if config.model_family != "auto":
         family = config.model_family
+    problems += _family_problems(config, family, owner)
+    if problems:
+        raise ConfigError(problems)
     return ResolvedConfig(config, sources, family, preset, config_path)
+
+
+def _family_problems(config: TrainConfig, family: str, owner: dict[str, Layer]) -> list[ConfigProblem]:
+    """Checks that need the model family (Flux: resolution multiple of 16, blocks_to_swap vs the model)."""
+    from loratui.config.flux_checks import flux_config_problems
+
+    def where(key: str) -> tuple[str, int | None]:
+        layer = owner.get(key)
+        return (layer.source, layer.lines.get(key)) if layer else ("config", None)
+
+    return flux_config_problems(config, family, where)
 
 
 def check_paths(resolved: ResolvedConfig) -> list[ConfigProblem]:

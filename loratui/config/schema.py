@@ -516,4 +516,7 @@ PATH_FIELDS: tuple[str, ...] = (
     "init_lora",
     "reg_data_dir",
     "mask_dir",
+    "vae",
+    "clip_l",
+    "t5xxl",
 )

@@ -19,16 +19,19 @@ FAMILY_NAMES = {
     "sd15": "Stable Diffusion 1.x",
     "sd2": "Stable Diffusion 2.x",
     "sdxl": "Stable Diffusion XL",
+    "flux": "FLUX.1",
+    "chroma": "Chroma",
 }
 KIND_NAMES = {
     "diffusers-folder": "diffusers folder",
     "sd-checkpoint": "single-file checkpoint",
+    "flux-checkpoint": "single-file transformer",
     "hf-folder": "Hugging Face model folder",
     "gguf": "GGUF file",
     "llm-weights": "weights file",
 }
 TASK_OPTIONS = [("Image: Stable Diffusion LoRA", "image"), ("Text: LLM LoRA", "text")]
-TRAINABLE_KINDS = {"diffusers-folder", "sd-checkpoint", "hf-folder", "gguf", "hub-id"}
+TRAINABLE_KINDS = {"diffusers-folder", "sd-checkpoint", "flux-checkpoint", "hf-folder", "gguf", "hub-id"}
 
 
 def fmt_params(count: int | None) -> str:
