@@ -157,3 +157,49 @@ def test_nf4_base_with_clip_lora_and_samples(tiny_flux_dev: Path, flux_data: Pat
     assert any(
         k.startswith("text_encoder.") and "lora_B" in k and float(v.abs().max()) > 0 for k, v in lora.items()
     )
+
+
+@pytest.fixture(scope="module")
+def dev_single_files(tiny_flux_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from loratui.models.flux.single_file import write_single_files_from_folder
+
+    return write_single_files_from_folder(tiny_flux_dev, tmp_path_factory.mktemp("flux_files"))
+
+
+def test_single_file_base_loads_into_the_same_parts(
+    tiny_flux_dev: Path, dev_single_files: dict[str, Path]
+) -> None:
+    from loratui.models.flux.loading import load_flux
+
+    folder = load_flux(tiny_flux_dev)
+    files = load_flux(
+        dev_single_files["transformer"],
+        vae=dev_single_files["vae"],
+        clip_l=dev_single_files["clip_l"],
+        t5xxl=dev_single_files["t5xxl"],
+    )
+    assert files.variant == "dev" and files.has_guidance
+    mine, theirs = files.transformer.state_dict(), folder.transformer.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.slow
+def test_single_file_base_trains_like_the_folder(
+    tiny_flux_dev: Path, dev_single_files: dict[str, Path], flux_data: Path, tmp_path: Path
+) -> None:
+    common = {**COMMON, "max_steps": 2}
+    folder = make_job(seed_like_config(tmp_path / "a", tiny_flux_dev, flux_data, **common))
+    files = make_job(
+        seed_like_config(
+            tmp_path / "b",
+            dev_single_files["transformer"],
+            flux_data,
+            vae=str(dev_single_files["vae"]),
+            clip_l=str(dev_single_files["clip_l"]),
+            t5xxl=str(dev_single_files["t5xxl"]),
+            **common,
+        )
+    )
+    assert train(folder) == "finished" and train(files) == "finished"
+    losses = [e["loss"] for e in events_of(folder.run, "step")]
+    assert [e["loss"] for e in events_of(files.run, "step")] == pytest.approx(losses, abs=1e-5)
