@@ -11,7 +11,12 @@ import torch
 
 from loratui.models.flux.fp8 import Fp8Linear
 from loratui.models.flux.loading import load_flux
-from loratui.train.flux.oom import apply_base_weights_dtype, apply_blocks_to_swap, flux_rung_applier
+from loratui.train.flux.oom import (
+    apply_base_weights_dtype,
+    apply_blocks_to_swap,
+    flux_rung_applier,
+    resident_parts,
+)
 from loratui.train.flux.setup import FluxModels, place_transformer
 from tests.flux_helpers import add_lora, fixed_inputs, loss_and_grads
 
@@ -32,8 +37,12 @@ def test_rungs_apply_to_the_live_transformer(tiny_flux_dev: Path) -> None:
     inputs = fixed_inputs(models.parts)
     loss, _ = loss_and_grads(models.parts, params, inputs)
 
+    assert resident_parts(models) == [models.transformer]
     assert apply_blocks_to_swap(models, 2)
     assert models.swapper is not None and models.blocks_to_swap == 2
+    resident = resident_parts(models)
+    assert models.transformer.transformer_blocks[1] in resident
+    assert not any(entry.block in resident for entry in models.swapper.swapped)
     assert loss_and_grads(models.parts, params, inputs)[0] == pytest.approx(loss, abs=1e-5)
 
     assert apply_base_weights_dtype(models, "fp8")
