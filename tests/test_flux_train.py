@@ -203,3 +203,19 @@ def test_single_file_base_trains_like_the_folder(
     assert train(folder) == "finished" and train(files) == "finished"
     losses = [e["loss"] for e in events_of(folder.run, "step")]
     assert [e["loss"] for e in events_of(files.run, "step")] == pytest.approx(losses, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_validation_loss_is_reported_and_repeatable(tiny_flux_dev: Path, tmp_path: Path) -> None:
+    data = make_image_dataset(tmp_path / "data", 5, sizes=[(72, 64)])
+    common = {**COMMON, "max_steps": 2, "val_split": 0.2, "val_every_steps": 1, "learning_rate": "1e-12"}
+    job = make_job(
+        seed_like_config(tmp_path / "a", tiny_flux_dev, data, cache_text_encoder_outputs=True, **common)
+    )
+    assert train(job) == "finished"
+    assert events_of(job.run, "run_started")[0]["validation_images"] == 1
+    losses = [e["eval_loss"] for e in events_of(job.run, "eval")]
+    assert len(losses) == 2 and math.isfinite(losses[0])
+    assert losses[1] == pytest.approx(
+        losses[0], abs=1e-6
+    )  # (almost) unchanged weights: the same fixed noise gives the same loss
