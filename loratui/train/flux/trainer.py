@@ -178,7 +178,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         validation = build_flux_validation_set(cfg, models, val_dataset)
 
     latents = setup_latents(cfg, models, dataset, reporter)  # before the transformer takes the device
-    lora, params = setup_lora(cfg, models)
+    lora, params = setup_lora(cfg, models, reporter)
     text = setup_text(cfg, models, dataset, reporter, cfg.sample_prompts)
     converted = setup_base_storage(models)
     place_transformer(models)
