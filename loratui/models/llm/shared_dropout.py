@@ -67,11 +67,6 @@ class SharedDropout(torch.nn.Module):
 
         return release
 
-    def clear(self) -> None:
-        """Drop every held output (after an interrupted forward pass)."""
-        self._outputs.clear()
-        self.source = None
-
 
 def _dropout_layers(model: Any) -> list[tuple[Any, str, torch.nn.Dropout]]:
     """(LoRA layer, adapter name, its dropout) for every PEFT LoRA layer with a dropout of p > 0."""
