@@ -22,13 +22,8 @@ def _model(base: Path, *, share: bool = True, **values):
 
     model, _, _ = load_base(str(base))
     model = model.float()
-    cfg = TrainConfig(
-        task_type="text-generation",
-        base_model=str(base),
-        lora_dropout=P,
-        target_modules=["all-linear"],
-        **values,
-    )
+    values.setdefault("target_modules", ["all-linear"])
+    cfg = TrainConfig(task_type="text-generation", base_model=str(base), lora_dropout=P, **values)
     if share:
         model = setup_lora(cfg, model)
     else:  # PEFT as it comes: one dropout layer (and mask) per adapted module
@@ -84,8 +79,9 @@ def per_module(tiny_llama: Path) -> torch.nn.Module:
 
 def test_modules_reading_one_tensor_share_one_dropout_output(shared: torch.nn.Module) -> None:
     model = shared
-    shared = {id(m.lora_dropout["default"]) for m in model.modules() if hasattr(m, "lora_dropout")}
-    assert len(shared) == 1
+    dropouts = {n: m.lora_dropout["default"] for n, m in model.named_modules() if hasattr(m, "lora_dropout")}
+    assert len({id(d) for d in dropouts.values() if isinstance(d, SharedDropout)}) == 1
+    assert all(isinstance(d, SharedDropout) != n.endswith("down_proj") for n, d in dropouts.items())
     seen, handles = _lora_inputs(model)
     _step(model, _ids(model))
     layer = next(k.rsplit(".", 1)[0] for k in seen if k.endswith("self_attn.q_proj"))
@@ -100,8 +96,8 @@ def test_modules_reading_one_tensor_share_one_dropout_output(shared: torch.nn.Mo
     for handle in handles:
         handle.remove()
     del seen, q, k, v, o
-    dropout = next(m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout"))
-    assert isinstance(dropout, SharedDropout) and not dropout._outputs and dropout.source is None
+    dropout = next(d for d in dropouts.values() if isinstance(d, SharedDropout))
+    assert not dropout._outputs and dropout.source is None  # nothing held after the step
 
 
 class _Replay(torch.nn.Module):
@@ -168,3 +164,32 @@ def test_metered_memory_drops_by_the_shared_copies(
     copies = 3 * tokens * config.hidden_size * config.num_hidden_layers
     drop = held(per_module) - held(shared)
     assert 5 * copies <= drop <= 12 * copies, (drop, copies)
+
+
+def test_a_module_reading_the_same_tensor_again_draws_again(shared: torch.nn.Module) -> None:
+    """A checkpointed function recomputed from its saved input calls its modules on the same tensor objects."""
+    q_proj = next(m for n, m in shared.named_modules() if n.endswith("self_attn.q_proj"))
+    seen, handles = _lora_inputs(shared)
+    x = torch.randn(2, 5, shared.config.hidden_size)
+    q_proj(x)
+    first = next(v for k, v in seen.items() if k.endswith("self_attn.q_proj"))
+    q_proj(x)
+    second = next(v for k, v in seen.items() if k.endswith("self_attn.q_proj"))
+    for handle in handles:
+        handle.remove()
+    assert first is not second and not torch.equal(first, second)
+
+
+def test_chunked_loss_with_an_adapted_output_head_under_checkpointing(tiny_llama: Path) -> None:
+    from loratui.models.llm.batches import Unit, collate
+    from loratui.models.llm.loss import chunked_token_loss_sum
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model = _model(tiny_llama, gradient_checkpointing=True, target_modules=targets)
+    head = model.get_base_model().lm_head
+    assert isinstance(head.lora_dropout["default"], torch.nn.Dropout)  # no sibling: PEFT's own dropout
+    row = _ids(model)[0].tolist()
+    batch = collate([Unit(row, [-100] + row[1:], len(row) - 1)], 0)
+    loss = chunked_token_loss_sum(model, batch, chunk_tokens=16)
+    loss.backward()
+    assert torch.isfinite(loss) and head.lora_A["default"].weight.grad is not None

@@ -3,13 +3,14 @@
 PEFT gives every adapted module its own `lora_dropout` layer, and each keeps its own dropped-out copy of the
 module's input (and its mask) for backward. In a decoder layer q, k and v read one tensor, as do the MLP's gate
 and up projections, so three (two) copies of the same input are held where one would do. `share_lora_dropout`
-replaces the model's dropout layers by one `SharedDropout`: the first adapted module to see an input draws the
-mask, and every later module called on that same tensor object reuses the dropped-out output.
+replaces the dropout layers of sibling modules by one `SharedDropout`: the first adapted module to see an input
+draws the mask, and every other module called on that same tensor object reuses the dropped-out output.
 
 - The shared output lives exactly as long as the input tensor it was drawn for (a weak reference to the input
   releases it), so nothing is held past the modules that read that input, and nothing outlives the step.
 - Gradient checkpointing: the recomputed forward builds new input tensors and restores the RNG state, so its
-  first module draws the same mask again and the others reuse it, as in the original forward.
+  first module draws the same mask again and the others reuse it, as in the original forward. A module that
+  reads a tensor it already read (a checkpointed function recomputed from its saved input) draws again.
 - PEFT casts a module's input to the LoRA weights' dtype before its dropout; the input is recognised by the
   tensor the module was called with (recorded by a forward pre-hook), not by the cast copy.
 
@@ -34,7 +35,8 @@ class SharedDropout(torch.nn.Module):
         super().__init__()
         self.p = float(p)
         self.source: torch.Tensor | None = None  # the input of the adapted module being run (set by hooks)
-        self._outputs: dict[int, tuple[weakref.ref, dict[tuple, torch.Tensor]]] = {}
+        self.caller: int | None = None  # id() of that module
+        self._outputs: dict[int, tuple[weakref.ref, dict[tuple, tuple[torch.Tensor, set]]]] = {}
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared per input"
@@ -44,16 +46,20 @@ class SharedDropout(torch.nn.Module):
             return x
         source = self.source if self.source is not None else x
         key = (x.dtype, x.device, tuple(x.shape), torch.is_grad_enabled())
+        caller = self.caller
         entry = self._outputs.get(id(source))
         if entry is not None and entry[0]() is source:
             found = entry[1].get(key)
-            if found is not None:
-                return found
+            # a module that already read this output is in a new pass over the same tensor (a checkpointed
+            # function recomputed with its saved input): it draws again, as PEFT's own dropout would
+            if found is not None and caller not in found[1]:
+                found[1].add(caller)
+                return found[0]
         out = torch.nn.functional.dropout(x, self.p, training=True)
         if entry is None or entry[0]() is not source:
             entry = (weakref.ref(source, self._forget(id(source))), {})
             self._outputs[id(source)] = entry
-        entry[1][key] = out
+        entry[1][key] = (out, {caller})
         return out
 
     def _forget(self, key: int):
@@ -82,11 +88,31 @@ def _dropout_layers(model: Any) -> list[tuple[Any, str, torch.nn.Dropout]]:
     return found
 
 
+def _with_siblings(layers: list[tuple[Any, str, torch.nn.Dropout]], model: Any) -> list:
+    """The layers that have a sibling (same parent module, same input width) that may read the same tensor;
+    others (`down_proj`, `lm_head`, fused `qkv_proj`) keep PEFT's own dropout: nothing to share."""
+    parents = {id(child): id(parent) for parent in model.modules() for child in parent.children()}
+    groups: dict[tuple, int] = {}
+    for module, adapter, _ in layers:
+        key = (parents.get(id(module)), adapter, _in_features(module))
+        groups[key] = groups.get(key, 0) + 1
+    return [
+        (module, adapter, dropout)
+        for module, adapter, dropout in layers
+        if groups[(parents.get(id(module)), adapter, _in_features(module))] > 1
+    ]
+
+
+def _in_features(module: Any) -> int | None:
+    return getattr(getattr(module, "base_layer", module), "in_features", None)
+
+
 def share_lora_dropout(model: Any) -> int:
-    """Replace the LoRA dropout layers of `model` (a PEFT model) by one `SharedDropout` per dropout rate;
-    returns how many layers now share. Modules called on different tensors still draw their own masks."""
+    """Replace the LoRA dropout layers of `model` (a PEFT model) that have siblings reading the same input
+    (`_with_siblings`) by one `SharedDropout` per dropout rate; returns how many layers now share. Modules
+    called on different tensors still draw their own masks."""
     shared: dict[float, SharedDropout] = {}
-    layers = _dropout_layers(model)
+    layers = _with_siblings(_dropout_layers(model), model)
     for module, adapter, dropout in layers:
         one = shared.setdefault(float(dropout.p), SharedDropout(dropout.p))
         one.train(dropout.training)
@@ -99,12 +125,13 @@ def share_lora_dropout(model: Any) -> int:
 def _record_source(shared: SharedDropout):
     def hook(module: torch.nn.Module, args: tuple) -> None:
         shared.source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        shared.caller = id(module)
 
     return hook
 
 
 def _forget_source(shared: SharedDropout):
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        shared.source = None
+        shared.source = shared.caller = None
 
     return hook
