@@ -194,3 +194,18 @@ def test_report_tables_name_schema_keys():
     for table in (FLUX_ONLY, SD_ONLY, VARIANT_KEYS):
         assert set(table) <= set(FIELD_NAMES)
     assert not set(FLUX_ONLY) & set(SD_ONLY)
+
+
+def test_kohya_model_prediction_type(flux_files, tmp_path):
+    assert (
+        load_config(
+            _write(tmp_path, flux_files["dev"], "model_prediction_type: raw\n")
+        ).config.model_prediction_type
+        == "raw"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, flux_files["dev"], "model_prediction_type: sigma_scaled\n"))
+    assert (
+        "`model_prediction_type`: 'sigma_scaled': the Flux trainer reads the transformer output as the flow"
+        in str(err.value)
+    )

@@ -260,6 +260,11 @@ class TrainConfig(BaseModel):
         ge=0,
         description="Flux dev: the guidance embedding's value during training (ignored by schnell).",
     )
+    model_prediction_type: str = Field(
+        "raw",
+        description="Flux: how the transformer output is read: raw (the flow velocity FLUX.1 was trained to "
+        "predict; kohya's recommended setting). Accepted for kohya configs; other values are refused.",
+    )
 
     # --- text (LLM) --------------------------------------------------------------------------
     max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Maximum tokens per sample.")
@@ -406,6 +411,16 @@ class TrainConfig(BaseModel):
         if value and info.data.get("pref_loss") == "ipo":
             raise ValueError("label_smoothing applies to pref_loss: sigmoid only; set it to 0 for ipo")
         return value
+
+    @field_validator("model_prediction_type")
+    @classmethod
+    def _raw_prediction(cls, value: str) -> str:
+        if value.strip().lower() != "raw":
+            raise ValueError(
+                f"{value!r}: the Flux trainer reads the transformer output as the flow velocity (kohya's raw); "
+                "additive and sigma_scaled are not offered: use raw or remove the key"
+            )
+        return "raw"
 
     @field_validator("caption_extension")
     @classmethod

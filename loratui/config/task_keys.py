@@ -103,6 +103,7 @@ FLUX_ONLY: dict[str, str] = {
     "sigmoid_scale": "flow-matching timestep sampling applies to Flux runs",
     "discrete_flow_shift": "flow-matching timestep sampling applies to Flux runs",
     "guidance_scale": "the guidance embedding is FLUX.1-dev's",
+    "model_prediction_type": "it says how a Flux transformer's output is read",
 }
 
 #: keys SD (UNet) runs read that Flux-family runs do not -> why

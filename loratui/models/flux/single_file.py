@@ -65,8 +65,11 @@ def architecture(variant: str) -> dict[str, Any]:
 # --- reading tensors ---------------------------------------------------------------------------------------
 
 
-def read_part(info: FluxFileInfo, prefix: str, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The tensors under `prefix` (prefix removed), ComfyUI's scaled fp8 weights multiplied out."""
+def read_part(
+    info: FluxFileInfo, prefix: str, *, exclude: tuple[str, ...] = (), dtype: Any = None
+) -> dict[str, Any]:
+    """The tensors under `prefix` (prefix removed), ComfyUI's scaled fp8 weights multiplied out (in `dtype`,
+    default float32)."""
     from safetensors import safe_open
 
     keys = [k for k in info.keys if k.startswith(prefix) and not k.startswith(exclude)]
@@ -74,12 +77,13 @@ def read_part(info: FluxFileInfo, prefix: str, *, exclude: tuple[str, ...] = ())
     with safe_open(str(info.path), framework="pt", device="cpu") as handle:
         for key in keys:
             state[key[len(prefix) :]] = handle.get_tensor(key)
-    return dequantize_scaled_fp8(state)
+    return dequantize_scaled_fp8(state, dtype)
 
 
-def dequantize_scaled_fp8(state: dict[str, Any]) -> dict[str, Any]:
-    """Weights stored as fp8 with a per-tensor `.scale_weight` (ComfyUI's scaled fp8) as float32 products;
-    the scale tensors and the `scaled_fp8` marker are dropped. Other state dicts come back unchanged."""
+def dequantize_scaled_fp8(state: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """Weights stored as fp8 with a per-tensor `.scale_weight` (ComfyUI's scaled fp8) as products in `dtype`
+    (computed in float32 one tensor at a time; default float32); the scale tensors and the `scaled_fp8` marker
+    are dropped. Other state dicts come back unchanged."""
     import torch
 
     scales = [k for k in state if k.endswith(".scale_weight")]
@@ -89,16 +93,21 @@ def dequantize_scaled_fp8(state: dict[str, Any]) -> dict[str, Any]:
     for key in scales:
         weight_key = key[: -len(".scale_weight")] + ".weight"
         if weight_key in out:
-            out[weight_key] = out[weight_key].to(torch.float32) * state[key].to(torch.float32)
+            product = out[weight_key].to(torch.float32) * state[key].to(torch.float32)
+            out[weight_key] = product.to(dtype or torch.float32)
     return out
 
 
 def _cast(state: dict[str, Any], dtype: Any, *, keep_fp8: bool = False) -> dict[str, Any]:
-    """Floating tensors in `dtype`; with `keep_fp8`, float8 matrices stay as stored."""
+    """Floating tensors in `dtype`; with `keep_fp8`, float8 matrices stay as stored.
+
+    Empties `state` as it goes, so that a stored tensor is freed as soon as its last piece is cast (an fp8
+    file upcast to bf16 peaks near the bf16 size, not bf16 + fp8)."""
     import torch
 
     out = {}
-    for key, tensor in state.items():
+    for key in list(state):
+        tensor = state.pop(key)
         is_fp8 = tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
         if keep_fp8 and is_fp8 and tensor.ndim >= 2:
             out[key] = tensor
@@ -136,7 +145,7 @@ def load_transformer(info: FluxFileInfo, *, dtype: Any, fp8_weights: bool = Fals
     import diffusers
 
     others = ("vae.", "first_stage_model.", "text_encoders.", "scaled_fp8") if not info.prefix else ()
-    state = read_part(info, info.prefix, exclude=others)
+    state = read_part(info, info.prefix, exclude=others, dtype=dtype)
     if info.dims is None:
         raise FluxFileError(f"{info.path} is not a Flux transformer")
     dims = info.dims
@@ -156,7 +165,7 @@ def load_vae(info: FluxFileInfo, *, dtype: Any, variant: str) -> Any:
     import diffusers
 
     prefix = info.parts["vae"]
-    state = read_part(info, prefix)
+    state = read_part(info, prefix, dtype=dtype)
     if "encoder.conv_in.weight" not in state:
         raise FluxFileError(f"vae: {info.path} holds no encoder.conv_in weights under {prefix!r}")
     diffusers_layout = any(k.startswith("encoder.down_blocks.") for k in state)
@@ -167,29 +176,46 @@ def load_vae(info: FluxFileInfo, *, dtype: Any, variant: str) -> Any:
     return _fill(model, _cast(ae_to_diffusers(original), dtype), "the autoencoder", info.path)
 
 
-def load_clip(info: FluxFileInfo, *, dtype: Any, places: list[Path]) -> tuple[Any, Any]:
+def _embedding_rows(info: FluxFileInfo, part: str, names: tuple[str, ...]) -> int:
+    """Vocabulary rows of a text encoder's embedding, from the header (no weights read)."""
+    prefix = info.parts[part]
+    for name in names:
+        entry = info.header.get(prefix + name)
+        if isinstance(entry, dict):
+            return int(entry["shape"][0])
+    raise FluxFileError(f"{part}: {info.path} has no token embedding ({names[0]})")
+
+
+CLIP_EMBEDDINGS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
+T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+def clip_tokenizer_for(info: FluxFileInfo, places: list[Path]) -> Any:
+    return load_clip_tokenizer(places, _embedding_rows(info, "clip_l", CLIP_EMBEDDINGS))
+
+
+def t5_tokenizer_for(info: FluxFileInfo, places: list[Path], max_length: int) -> Any:
+    return load_t5_tokenizer(places, _embedding_rows(info, "t5xxl", T5_EMBEDDINGS), max_length)
+
+
+def load_clip(info: FluxFileInfo, *, dtype: Any) -> Any:
     import transformers
 
-    state = clip_state(read_part(info, info.parts["clip_l"]))
+    state = clip_state(read_part(info, info.parts["clip_l"], dtype=dtype))
     base = stored_config(info.metadata, "clip_l") or architecture("dev")["text_encoder"]["config"]
     config = transformers.CLIPTextConfig(**clip_config_from_shapes(state, base))
     model = _empty(transformers.CLIPTextModel, config)
-    model = _fill(model, _cast(clip_state_for(model, state), dtype), "the CLIP-L encoder", info.path)
-    tokenizer = load_clip_tokenizer(places, config.vocab_size)
-    return model, tokenizer
+    return _fill(model, _cast(clip_state_for(model, state), dtype), "the CLIP-L encoder", info.path)
 
 
-def load_t5(info: FluxFileInfo, *, dtype: Any, places: list[Path], max_length: int) -> tuple[Any, Any]:
+def load_t5(info: FluxFileInfo, *, dtype: Any) -> Any:
     import transformers
 
-    state = t5_state(read_part(info, info.parts["t5xxl"]))
+    state = t5_state(read_part(info, info.parts["t5xxl"], dtype=dtype))
     base = stored_config(info.metadata, "t5xxl") or architecture("dev")["text_encoder_2"]["config"]
     config = transformers.T5Config(**t5_config_from_shapes(state, base))
-    model = _fill(
-        _empty(transformers.T5EncoderModel, config), _cast(state, dtype), "the T5-XXL encoder", info.path
-    )
-    tokenizer = load_t5_tokenizer(places, config.vocab_size, max_length)
-    return model, tokenizer
+    model = _empty(transformers.T5EncoderModel, config)
+    return _fill(model, _cast(state, dtype), "the T5-XXL encoder", info.path)
 
 
 def _part_source(transformer: FluxFileInfo, part: str, given: str | Path | None) -> FluxFileInfo:
@@ -214,7 +240,8 @@ def load_flux_single_file(
 
     `vae`, `clip_l`, `t5xxl` name separate files; a part left out is taken from the transformer file when it
     holds it (all-in-one), else `FluxFileError` says which file is needed and where it usually comes from.
-    Every part is checked before any weights are read. Modules are frozen, in eval mode, on `device`."""
+    Every part and both tokenizers are found before any weights are read. Modules are frozen, in eval mode,
+    on `device`."""
     import diffusers
     import torch
 
@@ -229,12 +256,12 @@ def load_flux_single_file(
         sources["clip_l"] = _part_source(info, "clip_l", clip_l)
     places = list(dict.fromkeys(s.path.parent for s in (*sources.values(), info)))
     arch = architecture(variant)
+    t5_tokenizer = t5_tokenizer_for(sources["t5xxl"], places, arch["t5_max_length"])
+    clip_tokenizer = None if chroma else clip_tokenizer_for(sources["clip_l"], places)
     transformer = load_transformer(info, dtype=dtype, fp8_weights=fp8_weights)
     vae_model = load_vae(sources["vae"], dtype=dtype, variant=variant)
-    t5, t5_tokenizer = load_t5(sources["t5xxl"], dtype=dtype, places=places, max_length=arch["t5_max_length"])
-    clip = clip_tokenizer = None
-    if not chroma:
-        clip, clip_tokenizer = load_clip(sources["clip_l"], dtype=dtype, places=places)
+    t5 = load_t5(sources["t5xxl"], dtype=dtype)
+    clip = None if chroma else load_clip(sources["clip_l"], dtype=dtype)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(arch["scheduler"]["config"])
     parts = FluxParts(
         variant=variant,

@@ -35,7 +35,12 @@ T5_CACHED_REPOS = (
 CLIP_L_VOCAB = 49408
 T5_XXL_VOCAB = 32128
 # Keys that transformers' CLIPTextModel does not have but clip_l files carry.
-_CLIP_EXTRA = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
+_CLIP_EXTRA = (
+    "text_projection.weight",
+    "logit_scale",
+    "text_model.embeddings.position_ids",
+    "embeddings.position_ids",
+)
 
 
 def _count(keys, prefix: str) -> int:
@@ -167,7 +172,14 @@ def load_t5_tokenizer(places: list[Path], vocab_rows: int, max_length: int = 512
 
     for folder in _tokenizer_folders(places, T5_TOKENIZER_DIRS):
         if _is_t5_folder(folder):
-            tokenizer = transformers.T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+            try:
+                tokenizer = transformers.T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+            except (ImportError, OSError, ValueError) as exc:
+                raise FluxFileError(
+                    f"the T5 tokenizer in {folder} could not be read ({str(exc).splitlines()[0][:160]}); a folder "
+                    "with tokenizer.json + tokenizer_config.json (as in FLUX.1's tokenizer_2) needs no extra "
+                    "package, spiece.model alone needs `pip install sentencepiece`"
+                ) from exc
             _check_vocab(tokenizer, vocab_rows, folder, "t5xxl")
             return tokenizer
     if vocab_rows == T5_XXL_VOCAB:
