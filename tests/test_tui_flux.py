@@ -193,6 +193,14 @@ def test_unet_prediction_is_not_a_flux_prediction() -> None:
     assert is_flux_estimate(EstimateView(GIB, breakdown={"transformer_weights": GIB}))
 
 
+def test_train_step_names_the_flux_model(project) -> None:
+    from loratui.tui.steps.train import plan_sentences
+
+    assert plan_sentences(WizardState(values=dict(FLUX_STATE))).startswith("Train a FLUX.1-dev LoRA, rank 8")
+    chroma = {"base_model": "models/chroma.safetensors", "train_data_dir": "data/style"}
+    assert plan_sentences(WizardState(values=chroma)).startswith("Train a Chroma LoRA")
+
+
 def test_flux_summary_names_the_choices(project) -> None:
     cfg = load_config(None, flags={**FLUX_STATE, "base_weights_dtype": "fp8", "blocks_to_swap": 3}).config
     text = flux_summary(cfg, "dev")
