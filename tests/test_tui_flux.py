@@ -266,6 +266,19 @@ async def test_model_step_chroma_and_all_in_one(project) -> None:
         assert not [p for p in app.state.problems() if "needs" in p]  # every part is inside the file
 
 
+@run_async
+async def test_model_step_flux_diffusers_folder_needs_no_files(project, tiny_flux_dev) -> None:
+    (project / "models" / "FLUX.1-dev").symlink_to(tiny_flux_dev, target_is_directory=True)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await set_input(pilot, app, "#base-model", "models/FLUX.1-dev")
+        await wait_for(pilot, lambda: "Found a FLUX.1-dev model, transformer about" in flat(app))
+        assert "(diffusers folder)" in flat(app) and not shown(app, "#flux-files")
+        await wait_for(pilot, lambda: app.state.values.get("base_model") == "models/FLUX.1-dev")
+        assert app.state.task == "image" and not [p for p in app.state.problems() if "needs" in p]
+
+
 # --- settings step ---------------------------------------------------------------------------------------------
 
 
