@@ -213,7 +213,8 @@ class ModelStep(WizardStep):
         value = event.value.strip() or None
         if value != self.state.values.get(part):
             self.post_message(ValueChosen(part, value))
-        self._show_flux()
+        if self._flux is not None:
+            self._show_flux()
 
     @on(DirectoryTree.DirectorySelected)
     def _folder_picked(self, event: DirectoryTree.DirectorySelected) -> None:
