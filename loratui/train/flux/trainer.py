@@ -169,7 +169,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
     for note in models.notes:
         reporter.event("warning", message=note)
     latents = setup_latents(cfg, models, dataset, reporter)  # before the transformer takes the device
-    lora, params = setup_lora(cfg, models)
+    lora, params = setup_lora(cfg, models, reporter)
     text = setup_text(cfg, models, dataset, reporter, cfg.sample_prompts)
     converted = setup_base_storage(models)
     place_transformer(models)
