@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from loratui.config import load_config
+from loratui.config.base_model import inspect_base_model
 from loratui.gpu.fake_nvml import EXAMPLE_SPEC
 from loratui.memory.facade import EstimateView, Suggestion
 from loratui.tui.flux_choices import (
@@ -22,6 +23,7 @@ from loratui.tui.flux_choices import (
     missing_part_problems,
 )
 from loratui.tui.messages import EstimateReady, OptionsReady, ValueChosen
+from loratui.tui.steps.model import describe_model
 from loratui.tui.testing import FakePlanner, distinct, run_async, screen_text, wait_for
 from loratui.tui.wizard_app import WizardApp
 from loratui.tui.wizard_state import WizardState, annotated_yaml
@@ -250,33 +252,29 @@ async def test_model_step_asks_for_the_files_a_transformer_needs(project) -> Non
 
 
 @run_async
-async def test_model_step_chroma_and_all_in_one(project) -> None:
+async def test_model_step_chroma_all_in_one_and_folder(project, tiny_flux_dev) -> None:
+    (project / "models" / "FLUX.1-dev").symlink_to(tiny_flux_dev, target_is_directory=True)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+n")
         await set_input(pilot, app, "#base-model", "models/chroma.safetensors")
         await wait_for(pilot, lambda: "Found a Chroma model" in flat(app))
         assert shown(app, "#part-field-t5xxl") and not shown(app, "#part-field-clip_l")
-        await set_input(pilot, app, "#base-model", "models/schnell_aio.safetensors")
-        await wait_for(pilot, lambda: "Found a FLUX.1-schnell model" in flat(app))
-        assert "also holds vae, clip_l, t5xxl" in flat(app)
-        assert not shown(app, "#flux-files")
-        await wait_for(pilot, lambda: app.state.values.get("base_model") == "models/schnell_aio.safetensors")
-        assert app.state.task == "image"
-        assert not [p for p in app.state.problems() if "needs" in p]  # every part is inside the file
-
-
-@run_async
-async def test_model_step_flux_diffusers_folder_needs_no_files(project, tiny_flux_dev) -> None:
-    (project / "models" / "FLUX.1-dev").symlink_to(tiny_flux_dev, target_is_directory=True)
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("ctrl+n")
-        await set_input(pilot, app, "#base-model", "models/FLUX.1-dev")
-        await wait_for(pilot, lambda: "Found a FLUX.1-dev model, transformer about" in flat(app))
-        assert "(diffusers folder)" in flat(app) and not shown(app, "#flux-files")
-        await wait_for(pilot, lambda: app.state.values.get("base_model") == "models/FLUX.1-dev")
-        assert app.state.task == "image" and not [p for p in app.state.problems() if "needs" in p]
+        # an all-in-one checkpoint and a diffusers folder hold every part
+        for path, found in (
+            ("models/schnell_aio.safetensors", "Found a FLUX.1-schnell model"),
+            ("models/FLUX.1-dev", "Found a FLUX.1-dev model, transformer about"),
+        ):
+            await set_input(pilot, app, "#base-model", path)
+            await wait_for(pilot, lambda found=found: found in flat(app))
+            await wait_for(pilot, lambda path=path: app.state.values.get("base_model") == path)
+            assert not shown(app, "#flux-files") and app.state.task == "image"
+            assert not [p for p in app.state.problems() if "needs" in p]
+        assert "(diffusers folder)" in flat(app)
+    assert (
+        "also holds vae, clip_l, t5xxl"
+        in describe_model(inspect_base_model(str(project / "models/schnell_aio.safetensors")))[1]
+    )
 
 
 # --- settings step ---------------------------------------------------------------------------------------------
@@ -322,19 +320,13 @@ async def test_settings_shows_flux_fields_with_predictions(project) -> None:
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.screen.query_one("#adv-blocks_to_swap").value == "4")
         assert app.state.get("blocks_to_swap") == 4
-
-
-@run_async
-async def test_settings_for_schnell_hides_guidance(project) -> None:
-    seen: list = []
-    app = make_app(
-        WizardState(values={"base_model": "models/schnell_aio.safetensors", "train_data_dir": "data/style"})
-    )
-    async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
-        await to_settings(pilot, app, seen)
-        assert shown(app, "#flux-grid") and shown(app, "#adv-field-blocks_to_swap")
-        assert not shown(app, "#adv-field-guidance_scale")
-        assert "FLUX.1-schnell: base storage" in flat(app)
+        # back to the model step for FLUX.1-schnell: no guidance field
+        app.screen.show_step(1)
+        await set_input(pilot, app, "#base-model", "models/schnell_aio.safetensors")
+        await wait_for(pilot, lambda: app.state.values.get("base_model") == "models/schnell_aio.safetensors")
+        app.screen.show_step(4)
+        await wait_for(pilot, lambda: "FLUX.1-schnell: base storage" in flat(app))
+        assert shown(app, "#adv-field-blocks_to_swap") and not shown(app, "#adv-field-guidance_scale")
 
 
 @run_async
