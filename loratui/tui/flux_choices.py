@@ -101,13 +101,6 @@ def part_status(part: str, path: str) -> tuple[bool, str]:
     return True, f"{PART_LABELS[part]}: {describe(inspect_flux_file(path))}"
 
 
-def where_part(part: str) -> str:
-    """Where the file for a part usually lives."""
-    from loratui.models.flux.detect import WHERE
-
-    return WHERE[part]
-
-
 def missing_part_problems(base_model: str | None, values: dict[str, Any]) -> list[str]:
     """Messages for separate files a single-file transformer needs and the config does not name."""
     model = flux_model(base_model)
@@ -143,11 +136,7 @@ def flux_summary(config: Any, variant: str | None) -> str:
         parts.append(f"shift {config.discrete_flow_shift:g}")
     if variant == "dev":
         parts.append(f"guidance {config.guidance_scale:g}")
-    files = [f"{key} {config_path_name(getattr(config, key))}" for key in PART_KEYS if getattr(config, key)]
+    files = [f"{key} {Path(getattr(config, key)).name}" for key in PART_KEYS if getattr(config, key)]
     if files:
         parts.append("files: " + ", ".join(files))
     return f"{VARIANT_NAMES.get(variant or '', 'FLUX.1')}: " + ", ".join(parts) + "."
-
-
-def config_path_name(value: str) -> str:
-    return Path(value).name
