@@ -31,15 +31,11 @@ def apply_base_weights_dtype(models: Any, mode: str) -> bool:
     current = models.base_weights_dtype
     if mode not in BASE_DTYPE_ORDER or BASE_DTYPE_ORDER.index(mode) <= BASE_DTYPE_ORDER.index(current):
         return False
-    swapping = models.swapper is not None
-    if swapping:
-        models.swapper.detach()  # every block back where it is converted, then swapped again
+    if models.swapper is not None:  # the swapped blocks are converted where they are, in CPU memory
+        models.swapper.detach(to_device=False)
         models.swapper = None
     setup_base_storage(models, mode)
-    if swapping:
-        place_transformer(models)
-    else:
-        models.transformer.to(models.device)
+    place_transformer(models)  # swapped again (from the converted weights), the rest on the device
     return True
 
 
@@ -52,12 +48,27 @@ def apply_blocks_to_swap(models: Any, count: int) -> bool:
     return True
 
 
+def resident_parts(models: Any) -> list[Any]:
+    """The transformer's modules whose weights stay on the device: all of it, or with block swap everything
+    but the swapped blocks (their LoRA layers, which stay, are a rounding error)."""
+    from loratui.models.flux.block_swap import CONTAINERS
+
+    swapper = models.swapper
+    if swapper is None:
+        return [models.transformer]
+    swapped = {id(entry.block) for entry in swapper.swapped}
+    out = [child for name, child in models.transformer.named_children() if name not in CONTAINERS]
+    for name in CONTAINERS:
+        out += [block for block in getattr(models.transformer, name, []) if id(block) not in swapped]
+    return out
+
+
 def flux_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
-    """The modules whose weights sit on the (simulated) card: the transformer (its resident part), the text
+    """The modules whose weights sit on the (simulated) card: the transformer's resident part, the text
     encoders unless they left, the AE unless latents are cached."""
 
     def modules() -> list[Any]:
-        out = [models.transformer]
+        out = resident_parts(models)
         if models.text_on_device:
             out += models.text_encoders
         if not context.latents.cache_enabled:

@@ -189,15 +189,14 @@ def setup_base_storage(models: FluxModels, mode: str | None = None) -> int:
 
 def place_transformer(models: FluxModels) -> None:
     """Move the transformer to the device; with `blocks_to_swap`, the last N blocks stay in CPU memory."""
-    if models.swapper is not None:
-        models.swapper.detach()
+    if models.swapper is not None:  # another count: nothing comes to the device on the way
+        models.swapper.detach(to_device=False)
         models.swapper = None
     if models.blocks_to_swap <= 0:
         models.transformer.to(models.device)
         return
     swapper = BlockSwapper(models.transformer, models.blocks_to_swap, models.device)
-    models.transformer.to("cpu")
-    swapper.attach()
+    swapper.attach()  # copies the newly swapped blocks to CPU memory and frees their device copies
     _move_except(models.transformer, swapper, models.device)
     models.swapper = swapper
     models.blocks_to_swap = swapper.count
