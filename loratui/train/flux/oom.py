@@ -52,12 +52,27 @@ def apply_blocks_to_swap(models: Any, count: int) -> bool:
     return True
 
 
+def resident_parts(models: Any) -> list[Any]:
+    """The transformer's modules whose weights stay on the device: all of it, or with block swap everything
+    but the swapped blocks (their LoRA layers, which stay, are a rounding error)."""
+    from loratui.models.flux.block_swap import CONTAINERS
+
+    swapper = models.swapper
+    if swapper is None:
+        return [models.transformer]
+    swapped = {id(entry.block) for entry in swapper.swapped}
+    out = [child for name, child in models.transformer.named_children() if name not in CONTAINERS]
+    for name in CONTAINERS:
+        out += [block for block in getattr(models.transformer, name, []) if id(block) not in swapped]
+    return out
+
+
 def flux_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
-    """The modules whose weights sit on the (simulated) card: the transformer (its resident part), the text
+    """The modules whose weights sit on the (simulated) card: the transformer's resident part, the text
     encoders unless they left, the AE unless latents are cached."""
 
     def modules() -> list[Any]:
-        out = [models.transformer]
+        out = resident_parts(models)
         if models.text_on_device:
             out += models.text_encoders
         if not context.latents.cache_enabled:

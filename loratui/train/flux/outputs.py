@@ -39,7 +39,7 @@ from loratui.train.loop.reporting import Reporter
 from loratui.train.loop.resume_inputs import shape_mismatch_message
 from loratui.train.sd.dataset import SDDataset
 
-#: what a resumed run must share with its checkpoint (another value would retrain the LoRA for it)
+#: what a checkpoint records about the objective: another variant refuses the resume, the others warn
 OBJECTIVE_KEYS = ("variant", "timestep_sampling", "guidance_scale")
 
 
@@ -138,11 +138,18 @@ class FluxCheckpointer:
         ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
         for key, now in self.objective().items():
             saved = ckpt.meta.get(key)
-            if key in ckpt.meta and saved != now:
+            if key not in ckpt.meta or saved == now:
+                continue
+            if key == "variant":  # a LoRA for another model
                 raise ValueError(
-                    f"{checkpoint_path} was trained with {key} {saved}, this run has {now}; set {key}: {saved} "
-                    "(or the same base model) to resume it"
+                    f"{checkpoint_path} was trained on a {saved} base model, this run's is {now}; resume it "
+                    f"with the {saved} base model"
                 )
+            self.reporter.event(
+                "warning",
+                ckpt.step,
+                message=f"resumed with a changed setting: {key} {saved} -> {now} (applied from step {ckpt.step + 1})",
+            )
         try:
             load_lora_state(self.models.components(), ckpt.lora_state)
         except RuntimeError as exc:
