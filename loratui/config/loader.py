@@ -198,6 +198,10 @@ def _infer_task_and_family(merged: dict[str, object]) -> tuple[str | None, str]:
 
 
 def _preset_family(family: str, base_model: str) -> str:
+    from loratui.config.presets import FLUX_PRESET_FAMILIES
+
+    if family in FLUX_PRESET_FAMILIES:
+        return "flux-dev"
     if family != "llm":
         return "sd15" if family == "sd2" else family
     from loratui.config.base_model import inspect_base_model, params_from_name
