@@ -67,6 +67,8 @@ OPTIONAL = ("diffusers", "pydantic", "bitsandbytes")
 REPORT_MD = "gpu_check.md"
 REPORT_JSON = "gpu_check.json"
 
+from gpu_check_flux import FLUX_COLUMNS  # noqa: E402
+
 
 class SectionTimeout(BaseException):
     """Raised by the alarm when a section passes its hard time limit (BaseException: not caught by the
@@ -470,6 +472,18 @@ def section_sd(ctx: Context, sec: Section) -> None:
         _memory_case_checks(ctx, sec, name, row, ["predicted", "allocated", "rate", "bare_rate"])
 
 
+# --- Flux ------------------------------------------------------------------------------------------------------
+
+
+def section_flux(ctx: Context, sec: Section) -> None:
+    """FLUX.1-dev architecture at 1024² and 512², bf16 vs fp8 base, block swap vs none (`gpu_check_flux`)."""
+    if not ctx.has("diffusers"):
+        raise Skip("diffusers not installed")
+    from gpu_check_flux import run_flux_section
+
+    run_flux_section(ctx, sec)
+
+
 # --- OOM recovery ----------------------------------------------------------------------------------------------
 
 OOM_COLUMNS = [
@@ -858,28 +872,35 @@ def section_precision(ctx: Context, sec: Section) -> None:
 # --- running and reporting -------------------------------------------------------------------------------------
 
 SECTIONS: list[tuple[str, str, list, Callable[[Context, Section], None], float]] = [
-    ("llm", "LLM: predicted vs measured memory, tokens/s vs a bare loop", LLM_COLUMNS, section_llm, 230),
+    ("llm", "LLM: predicted vs measured memory, tokens/s vs a bare loop", LLM_COLUMNS, section_llm, 200),
     (
         "sd",
         "Stable Diffusion: predicted vs measured memory, samples/s vs a bare loop",
         SD_COLUMNS,
         section_sd,
-        150,
+        125,
     ),
-    ("oom", "A real out-of-memory error, recovered in-process", OOM_COLUMNS, section_oom, 45),
+    (
+        "flux",
+        "Flux: predicted vs measured memory, samples/s, bf16 vs fp8 base, block swap",
+        FLUX_COLUMNS,
+        section_flux,
+        80,
+    ),
+    ("oom", "A real out-of-memory error, recovered in-process", OOM_COLUMNS, section_oom, 40),
     (
         "recommend_8gb",
         'The recommender\'s top option for an "8 GB" card, 20 steps',
         RECOMMEND_COLUMNS,
         section_recommend,
-        60,
+        55,
     ),
     (
         "precision",
         "Precisions and optimizers: finite, falling loss",
         PRECISION_COLUMNS,
         section_precision,
-        45,
+        40,
     ),
 ]
 
