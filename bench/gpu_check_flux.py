@@ -12,7 +12,8 @@ pieces of `loratui.models.flux.flow_match` (per-sample sigma and noise, noisy la
 fp8 storage (`loratui.models.flux.fp8`), block swap (`BlockSwapper`) and the shared `optimizer_step`
 (accelerate's bf16 autocast, clipping, AdamW). One difference from a run: the swapped blocks are sent to the
 CPU from the GPU-resident model (the trainer loads into CPU memory and places the rest on the device;
-`place_transformer`), which gives the same device state without moving the whole model twice.
+`place_transformer`), which gives the same device state without moving the whole model twice; likewise
+the fp8 base is converted on the device after the bf16 cases (a run converts in CPU memory).
 
 Per case: the planner's prediction for the same config (`estimate_peak`; the training step, see
 `predicted_step`) vs `torch.cuda.max_memory_allocated()` (allocated basis) and `max_memory_reserved()` +
@@ -53,8 +54,13 @@ GPU_CASES = [
 ]
 #: the tiny model has 2 double + 2 single blocks; 64 px is the smallest resolution a config takes
 SMOKE_CASES = [(64, "bf16", 0), (64, "bf16", 2), (64, "fp8", 0), (64, "fp8", 2)]
-PRESETS = {(1024, "bf16", 0): "48gb, 80gb", (1024, "bf16", 12): "24gb", (1024, "fp8", 8): "16gb"}
-PRESETS[(1024, "fp8", 20)] = "12gb"
+#: the flux-dev preset sections whose transformer settings a case has (they add gradient accumulation)
+PRESETS = {
+    (1024, "bf16", 0): "48gb, 80gb",
+    (1024, "bf16", 12): "24gb",
+    (1024, "fp8", 8): "16gb",
+    (1024, "fp8", 20): "12gb",
+}
 #: seconds a case needs on an H100/H200 (build excluded), for the time-budget check
 CASE_COST = {1024: 15.0, 512: 8.0}
 SWAP_COST = 10.0
@@ -105,11 +111,11 @@ class Architecture:
 
 def _architecture(ctx: Any) -> Architecture:
     import json
-
-    from loratui.memory.flux import bundled_flux_configs
+    from importlib import resources
 
     if not ctx.smoke:
-        configs = bundled_flux_configs("flux1-dev")
+        shipped = resources.files("loratui.models.flux").joinpath("configs", "flux1-dev.json")
+        configs = json.loads(shipped.read_text("utf-8"))
         factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
         return Architecture("FLUX.1-dev", "flux1-dev", configs["transformer"], factor, 512)
     from loratui.tiny_models import build_tiny_flux
@@ -221,8 +227,9 @@ def build_models(arch: Architecture, cfg: Any, device: str) -> tuple[Any, Any, l
     return models, plan, params
 
 
-def cached_inputs(arch: Architecture, resolution: int) -> dict[str, Any]:
-    """What the latent and text caches hold for one sample (CPU tensors; the step moves them)."""
+def cached_inputs(arch: Architecture, resolution: int, dtype: Any) -> dict[str, Any]:
+    """What the latent and text caches hold for one sample: fp32 latents, text-encoder outputs in the
+    encoders' compute dtype (CPU tensors; the step moves them)."""
     import torch
 
     generator = torch.Generator().manual_seed(resolution)
@@ -230,8 +237,8 @@ def cached_inputs(arch: Architecture, resolution: int) -> dict[str, Any]:
     joint, pooled = arch.cond_shapes()
     return {
         "latents": torch.randn(1, arch.latent_channels, side, side, generator=generator),
-        "t5": torch.randn(1, arch.t5_tokens, joint, generator=generator).to(torch.bfloat16),
-        "pooled": torch.randn(1, pooled, generator=generator).to(torch.bfloat16),
+        "t5": torch.randn(1, arch.t5_tokens, joint, generator=generator).to(dtype),
+        "pooled": torch.randn(1, pooled, generator=generator).to(dtype),
     }
 
 
@@ -440,7 +447,7 @@ def _measure(
     try:
         optimizer, scheduler = setup_optimizer(cfg, models, run.plan, steps)
         context = FluxLossContext(cfg, models, None, None, None)
-        micro_loss = micro_loss_fn(cfg, context, cached_inputs(arch, cfg.resolution), device)
+        micro_loss = micro_loss_fn(cfg, context, cached_inputs(arch, cfg.resolution, models.dtype), device)
         reset_peaks()
         if ctx.device == "cpu":
             meter = MemoryMeter()
