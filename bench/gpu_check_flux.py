@@ -9,11 +9,10 @@ T5/CLIP-L/AE are not needed: the step reads what the caches would hold (latents 
 The step is loratui's own: the Flux trainer's setup functions (`setup_lora`, `setup_base_storage`,
 `setup_optimizer`), its forward (`FluxLossContext.predict`: packing, position ids, guidance), the flow-match
 pieces of `loratui.models.flux.flow_match` (per-sample sigma and noise, noisy latents, velocity target, loss),
-fp8 storage (`loratui.models.flux.fp8`), block swap (`BlockSwapper`) and the shared `optimizer_step`
-(accelerate's bf16 autocast, clipping, AdamW). One difference from a run: the swapped blocks are sent to the
-CPU from the GPU-resident model (the trainer loads into CPU memory and places the rest on the device;
-`place_transformer`), which gives the same device state without moving the whole model twice; likewise
-the fp8 base is converted on the device after the bf16 cases (a run converts in CPU memory).
+fp8 storage (`loratui.models.flux.fp8`), block swap (`place_transformer`: `BlockSwapper` hooks, the last N
+blocks in pinned CPU memory) and the shared `optimizer_step` (accelerate's bf16 autocast, clipping, AdamW).
+One difference from a run: the fp8 base is converted on the device after the bf16 cases (a run converts in
+CPU memory before placing the transformer).
 
 Per case: the planner's prediction for the same config (`estimate_peak`; the training step, see
 `predicted_step`) vs `torch.cuda.max_memory_allocated()` (allocated basis) and `max_memory_reserved()` +
@@ -39,27 +38,27 @@ from typing import Any
 GIB = 2**30
 LORA_RANK = 16
 #: (resolution, base_weights_dtype, blocks_to_swap) on the GPU, in run order (the fp8 cases convert the base,
-#: so every bf16 case comes first); the swap counts are the flux-dev presets' (24gb: bf16 + 12,
-#: 16gb: fp8 + 8, 12gb: fp8 + 20)
+#: so every bf16 case comes first); the swap counts are the flux-dev presets' (24gb: bf16 + 22,
+#: 16gb: fp8 + 14, 12gb: fp8 + 41)
 GPU_CASES = [
     (1024, "bf16", 0),
-    (1024, "bf16", 12),
+    (1024, "bf16", 22),
     (512, "bf16", 0),
-    (512, "bf16", 12),
+    (512, "bf16", 22),
     (1024, "fp8", 0),
-    (1024, "fp8", 8),
-    (1024, "fp8", 20),
+    (1024, "fp8", 14),
+    (1024, "fp8", 41),
     (512, "fp8", 0),
-    (512, "fp8", 20),
+    (512, "fp8", 41),
 ]
 #: the tiny model has 2 double + 2 single blocks; 64 px is the smallest resolution a config takes
 SMOKE_CASES = [(64, "bf16", 0), (64, "bf16", 2), (64, "fp8", 0), (64, "fp8", 2)]
 #: the flux-dev preset sections whose transformer settings a case has (they add gradient accumulation)
 PRESETS = {
     (1024, "bf16", 0): "48gb, 80gb",
-    (1024, "bf16", 12): "24gb",
-    (1024, "fp8", 8): "16gb",
-    (1024, "fp8", 20): "12gb",
+    (1024, "bf16", 22): "24gb",
+    (1024, "fp8", 14): "16gb",
+    (1024, "fp8", 41): "12gb",
 }
 #: seconds a case needs on an H100/H200 (build excluded), for the time-budget check
 CASE_COST = {1024: 15.0, 512: 8.0}
@@ -424,10 +423,9 @@ def _measure(
     from _gpu_common import cuda_peaks, rate, reset_peaks, synchronize
 
     from loratui.memory.meter import MemoryMeter
-    from loratui.models.flux.block_swap import BlockSwapper
     from loratui.models.sd.lora import load_lora_state
     from loratui.train.flux.oom import resident_parts
-    from loratui.train.flux.setup import setup_optimizer
+    from loratui.train.flux.setup import place_transformer, setup_optimizer
     from loratui.train.flux.trainer import FluxLossContext
     from loratui.train.loop.stepping import optimizer_step
 
@@ -436,8 +434,8 @@ def _measure(
     load_lora_state(models.components(), run.start)
     swapped = "-"
     if swap:
-        models.swapper = BlockSwapper(models.transformer, swap, device).attach()
-        models.blocks_to_swap = models.swapper.count
+        models.blocks_to_swap = swap
+        place_transformer(models)  # the swapped blocks' weights leave the device for pinned CPU memory
         double = {id(b) for b in models.transformer.transformer_blocks}
         on_cpu = [id(entry.block) in double for entry in models.swapper.swapped]
         swapped = f"{sum(on_cpu)}+{len(on_cpu) - sum(on_cpu)} / " + _planned_split(arch, swap)
@@ -485,9 +483,8 @@ def _measure(
             param.grad = None
         del optimizer, scheduler
         if models.swapper is not None:
-            models.swapper.detach()
-            models.swapper = None
             models.blocks_to_swap = 0
+            place_transformer(models)  # every block back on the device for the next case
     out: dict[str, Any] = {
         "allocated": allocated,
         "reserved_plus_context": None if reserved is None else reserved + ctx.context_bytes,

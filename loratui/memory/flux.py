@@ -23,9 +23,11 @@ What the trainer is assumed to do (`loratui.train.flux`): weights in bf16 (fp32 
 with `base_weights_dtype` fp8 or nf4 every Linear weight inside the double and single blocks is stored in e4m3
 (1 byte) or NF4 (with its block constants), dequantised to a transient bf16 copy per layer, the layer input not
 kept for the frozen weight; embedders, norms, biases and the final layer stay bf16. LoRA on the diffusers
-targets in fp32 (`lora_dtype: bf16` halves it). `blocks_to_swap: N` follows kohya's split (N // 2 double
-blocks and 2 x (N - N // 2) single blocks, the last ones of each list), with at most two swapped blocks of the
-larger kind on the device at once (the one computing and the one being prefetched).
+targets in fp32 (`lora_dtype: bf16` halves it). `blocks_to_swap: N` keeps the last N blocks in execution
+order in CPU memory (single blocks from the end first, then double blocks; at most all but one), as
+`loratui.models.flux.block_swap` does; NF4 weights stay on the device; at most two swapped blocks are on the
+device at once (the one computing and the one being prefetched). kohya's `--blocks_to_swap N` means N // 2
+double and 2 x (N - N // 2) single blocks: `kohya_equivalent` converts.
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ CPU_TRACE_PARAM_LIMIT = 50_000_000
 T5_BYTES_FP8 = 1
 #: base_weights_dtype -> bytes per Linear weight element inside the blocks (16-bit storage: the compute width)
 QUANT_BYTES = {"fp8": 1.0, "nf4": NF4_BYTES}
-MAX_SWAP_MARGIN = 2  # blocks of each kind that always stay on the device (kohya: 35 for FLUX.1)
-TEXT_BATCH = 4  # captions encoded at once by the caching pass
 _MEMORY: dict[str, Any] = {}
 
 
@@ -97,6 +97,7 @@ def _folder_configs(folder: Path, fallback: dict[str, Any]) -> dict[str, Any] | 
             encoder = json.loads(found.read_text("utf-8"))
             keep = {k: v for k, v in encoder.items() if k in fallback[key]["config"]}
             configs[key] = {"class": fallback[key]["class"], "config": {**fallback[key]["config"], **keep}}
+    configs["t5_max_length"] = _folder_t5_length(folder, configs)
     return configs
 
 
@@ -138,6 +139,34 @@ def _single_file_configs(path: Path, fallback: dict[str, Any]) -> tuple[dict[str
         f"blocks; stored as {', '.join(dtypes)})"
     )
     return {**fallback, "transformer": {**fallback["transformer"], "config": config}}, note
+
+
+def _folder_t5_length(folder: Path, configs: dict[str, Any]) -> int:
+    """T5 tokens per caption as the trainer takes them from a folder (`FluxParts.default_t5_max_length`): 256
+    for schnell (no guidance embedding), else 512, capped at the T5 tokenizer's own `model_max_length`."""
+    transformer = configs["transformer"]
+    schnell = transformer["class"] == "FluxTransformer2DModel" and not transformer["config"].get(
+        "guidance_embeds"
+    )
+    wanted = 256 if schnell else 512
+    for name in ("tokenizer_2", "tokenizer"):
+        path = folder / name / "tokenizer_config.json"
+        if not path.is_file():
+            continue
+        try:
+            found = json.loads(path.read_text("utf-8"))
+        except ValueError:
+            continue
+        limit = found.get("model_max_length")
+        if (
+            "T5" in str(found.get("tokenizer_class", ""))
+            or name == "tokenizer_2"
+            or "text_encoder_2" not in configs
+        ):
+            if isinstance(limit, int) and 0 < limit < wanted:
+                return limit
+            break
+    return wanted
 
 
 def bundled_name(cfg: Any, family: str) -> str:
@@ -358,24 +387,32 @@ def calibrate_vae(spec: FluxSpec, source: str) -> list[float]:
 
 
 def swap_split(blocks: int, num_double: int, num_single: int) -> tuple[int, int]:
-    """(double, single) blocks held in CPU memory for `blocks_to_swap` (kohya's split, capped so that
-    `MAX_SWAP_MARGIN` blocks of each kind stay on the device)."""
-    double = blocks // 2
-    single = (blocks - double) * 2
-    return (
-        max(0, min(double, num_double - MAX_SWAP_MARGIN)),
-        max(0, min(single, num_single - MAX_SWAP_MARGIN)),
-    )
+    """(double, single) blocks held in CPU memory for `blocks_to_swap`, as the trainer's `BlockSwapper` does:
+    the last N blocks in execution order (single blocks from the end first, then double blocks), at most all
+    but one."""
+    count = max(0, min(blocks, num_double + num_single - 1))
+    single = min(count, num_single)
+    return count - single, single
 
 
 def max_blocks_to_swap(num_double: int, num_single: int) -> int:
-    """The largest `blocks_to_swap` whose split stays within the caps (35 for FLUX.1)."""
-    best = 0
-    for n in range(0, 2 * (num_double + num_single)):
-        double, single = n // 2, (n - n // 2) * 2
-        if double <= num_double - MAX_SWAP_MARGIN and single <= num_single - MAX_SWAP_MARGIN:
-            best = n
-    return best
+    """The largest `blocks_to_swap` that takes effect (all blocks but one: 56 for FLUX.1)."""
+    return num_double + num_single - 1
+
+
+def kohya_equivalent(blocks: int, summary: dict[str, Any], dtype: str = "bf16") -> int:
+    """The fewest `blocks_to_swap` that move at least as many weights as kohya's `--blocks_to_swap N`
+    (N // 2 double blocks and 2 x (N - N // 2) single blocks)."""
+    double, single = blocks // 2, (blocks - blocks // 2) * 2
+    want = double * block_bytes(summary, "double", dtype, 2) + single * block_bytes(
+        summary, "single", dtype, 2
+    )
+    for count in range(max_blocks_to_swap(summary["num_double"], summary["num_single"]) + 1):
+        d, s = swap_split(count, summary["num_double"], summary["num_single"])
+        moved = d * block_bytes(summary, "double", dtype, 2) + s * block_bytes(summary, "single", dtype, 2)
+        if moved >= want:
+            return count
+    return max_blocks_to_swap(summary["num_double"], summary["num_single"])
 
 
 def block_bytes(summary: dict[str, Any], kind: str, dtype: str, width: int) -> int:
@@ -385,21 +422,35 @@ def block_bytes(summary: dict[str, Any], kind: str, dtype: str, width: int) -> i
     return int(counts["linear"] * linear + counts["rest"] * width)
 
 
+def movable_bytes(summary: dict[str, Any], kind: str, dtype: str, width: int) -> int:
+    """Bytes of one block that a swap moves: all of it, except NF4 weights (bitsandbytes' 4-bit weights stay
+    on the device; the block's other tensors move)."""
+    if dtype == "nf4":
+        return int(summary[kind]["rest"] * width)
+    return block_bytes(summary, kind, dtype, width)
+
+
 def transformer_bytes(summary: dict[str, Any], cfg: Any, width: int) -> tuple[int, int, dict[str, int]]:
     """(resident weights, prefetch buffer, details) of the transformer with the config's storage and swap."""
     dtype = str(getattr(cfg, "base_weights_dtype", "bf16") or "bf16")
     double_bytes = block_bytes(summary, "double", dtype, width)
     single_bytes = block_bytes(summary, "single", dtype, width)
+    double_moved = movable_bytes(summary, "double", dtype, width)
+    single_moved = movable_bytes(summary, "single", dtype, width)
     nd, ns = summary["num_double"], summary["num_single"]
     swap_double, swap_single = swap_split(int(getattr(cfg, "blocks_to_swap", 0) or 0), nd, ns)
     resident = (
-        summary["other"] * width + (nd - swap_double) * double_bytes + (ns - swap_single) * single_bytes
+        summary["other"] * width
+        + nd * double_bytes
+        + ns * single_bytes
+        - swap_double * double_moved
+        - swap_single * single_moved
     )
-    largest = max(double_bytes if swap_double else 0, single_bytes if swap_single else 0)
+    largest = max(double_moved if swap_double else 0, single_moved if swap_single else 0)
     details = {
         "swapped_double": swap_double,
         "swapped_single": swap_single,
-        "swapped_bytes": swap_double * double_bytes + swap_single * single_bytes,
+        "swapped_bytes": swap_double * double_moved + swap_single * single_moved,
         "double_block_bytes": double_bytes,
         "single_block_bytes": single_bytes,
     }
@@ -443,14 +494,15 @@ def text_tokens(cfg: Any, spec: FluxSpec) -> int:
 
 def t5_encode_bytes(spec: FluxSpec, tokens: int, width: int) -> int:
     """Peak above the weights of T5 encoding `TEXT_BATCH` captions without gradients: one layer's hidden
-    states and gated feed-forward, and its attention scores with the relative position bias (fp32)."""
+    states and gated feed-forward, and the relative position bias turned into SDPA's float mask (one per layer,
+    shared by the batch: transformers' T5 runs SDPA, which never materialises the batch's attention scores)."""
+    from loratui.models.flux.conditioning import TEXT_BATCH  # captions the caching pass encodes at once
+
     entry = spec.configs.get("text_encoder_2") or spec.configs["text_encoder"]
     config = entry["config"]
     d_model, d_ff, heads = int(config["d_model"]), int(config["d_ff"]), int(config["num_heads"])
     hidden = TEXT_BATCH * tokens * (4 * d_model + 3 * d_ff) * width
-    scores = (
-        TEXT_BATCH * heads * tokens * tokens * (2 * width + 4)
-    )  # scores, their softmax in fp32, the result
+    scores = heads * tokens * tokens * (width + 4)  # the bias, and the mask made from it
     return int(hidden + scores)
 
 

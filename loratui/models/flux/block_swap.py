@@ -78,13 +78,15 @@ class BlockSwapper:
         self.handles.append(self.model.register_forward_pre_hook(lambda *_: self.evict_all()))
         return self
 
-    def detach(self) -> None:
-        """Remove the hooks and bring every block back to the device (to change `count`)."""
+    def detach(self, *, to_device: bool = True) -> None:
+        """Remove the hooks; the swapped blocks' weights come back to the device, or with `to_device=False`
+        stay in CPU memory (to swap again with another count without the whole model on the device)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         for entry in self.swapped:
-            self._bring(entry)
+            if to_device:
+                self._bring(entry)
             self._wait(entry)
         self.swapped.clear()
 

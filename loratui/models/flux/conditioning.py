@@ -25,7 +25,7 @@ class Conditioning:
 
     t5: torch.Tensor  # [B, L, D]
     pooled: torch.Tensor | None  # [B, P] (CLIP-L), None for Chroma
-    mask: torch.Tensor | None  # [B, L] (Chroma), None for FLUX.1
+    mask: torch.Tensor  # [B, L] T5 token mask (the transformer reads it for Chroma only)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class FluxTextConditioner:
         captions = list(captions)
         t5, mask = self._t5(captions)
         pooled = None if self.clip is None else self._clip(captions)
-        return Conditioning(t5, pooled, mask if self.chroma else None)
+        return Conditioning(t5, pooled, mask)
 
     def _t5(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cache_t5:
@@ -105,6 +105,10 @@ class FluxTextConditioner:
         hidden = torch.stack([self.t5_memory[c][0] for c in captions]).to(self.device)
         mask = torch.stack([self.t5_memory[c][1] for c in captions]).to(self.device)
         return hidden, mask
+
+    def encode_clip(self, captions: list[str]) -> torch.Tensor:
+        """CLIP-L's pooled output [B, P] (cached or live as `encode` does)."""
+        return self._clip(list(captions))
 
     def _clip(self, captions: list[str]) -> torch.Tensor:
         if not self.cache_clip:

@@ -31,15 +31,11 @@ def apply_base_weights_dtype(models: Any, mode: str) -> bool:
     current = models.base_weights_dtype
     if mode not in BASE_DTYPE_ORDER or BASE_DTYPE_ORDER.index(mode) <= BASE_DTYPE_ORDER.index(current):
         return False
-    swapping = models.swapper is not None
-    if swapping:
-        models.swapper.detach()  # every block back where it is converted, then swapped again
+    if models.swapper is not None:  # the swapped blocks are converted where they are, in CPU memory
+        models.swapper.detach(to_device=False)
         models.swapper = None
     setup_base_storage(models, mode)
-    if swapping:
-        place_transformer(models)
-    else:
-        models.transformer.to(models.device)
+    place_transformer(models)  # swapped again (from the converted weights), the rest on the device
     return True
 
 

@@ -1,27 +1,26 @@
 """What the Flux loop writes besides training: checkpoints (exact resume), samples and the LoRA file.
 
 `FluxCheckpointer` saves and restores the LoRA, optimizer, scheduler, scaler, RNG and EMA states with the
-run's metadata (the shared checkpoint folder of `loratui.runs.checkpoints`); `render_samples` draws the sample
-prompts with the LoRA as it is (flow-match Euler, few steps, fixed seed); `export_lora` writes the diffusers /
-PEFT-format LoRA file (`transformer.<path>.lora_A.weight`, ...), which diffusers' `FluxPipeline.load_lora_weights`
-reads.
+run's metadata (the shared checkpoint folder of `loratui.runs.checkpoints`; `kohya`, `flux_training` and
+`transformer_config` are what the export reads); `render_samples` draws the sample prompts with the LoRA as it
+is (flow-match Euler, few steps, fixed seed); `export_lora` writes the kohya file from the newest checkpoint
+(`loratui.models.flux.lora_files.export_flux_checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from loratui.models.flux.lora import CLIP
-from loratui.models.sd.kohya import RUN_KEY, text_model_path
+from loratui.models.sd.kohya import KohyaInfo
 from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state, module_scales
-from loratui.models.sd.lora_files import check_output, checkpoint_scales, ema_lora_state
+from loratui.models.sd.lora_files import usage_string
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.flux.setup import FluxModels
 from loratui.train.job import WorkerJob
@@ -70,6 +69,51 @@ class FluxCheckpointer:
             "guidance_scale": self.models.guidance_scale if self.models.parts.has_guidance else None,
         }
 
+    def kohya_info(self, epochs_done: int) -> KohyaInfo:
+        """What the exported kohya file's `ss_*` metadata describes (`batch_size` per device)."""
+        cfg, plan = self.job.resolved.config, self.step_plan
+        return KohyaInfo(
+            name=cfg.name,
+            family=self.models.family,
+            rank=self.lora.rank,
+            alpha=self.lora.kohya_alpha,
+            dropout=self.lora.dropout,
+            learning_rate=cfg.learning_rate,
+            text_encoder_lr=cfg.text_encoder_lr,
+            train_text_encoder=len(self.lora.targets) > 1,
+            num_train_images=len(self.dataset) - self.dataset.num_reg_samples,
+            num_epochs=math.ceil(plan.total_steps / plan.steps_per_epoch),
+            max_train_steps=plan.total_steps,
+            epoch=epochs_done,
+            batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            num_processes=self.accelerator.num_processes,
+            total_batch_size=plan.effective_batch,
+            mixed_precision=self.precision,
+            resolution=cfg.resolution,
+            seed=cfg.seed,
+            started_at=self.started_at,
+            tag_frequency=self.dataset.tag_frequency(),
+            dataset_dirs=self.dataset.dataset_dirs(),
+            base_model_name=Path(cfg.base_model).name,
+            trigger_word=cfg.trigger_word,
+            run=self.job.run.name,
+            extra=self.dataset.reg_metadata(),
+        )
+
+    def flux_training(self) -> dict[str, Any]:
+        """The Flux objective's settings (the export writes them as `ss_*` keys)."""
+        cfg = self.job.resolved.config
+        return {
+            "timestep_sampling": cfg.timestep_sampling,
+            "sigmoid_scale": cfg.sigmoid_scale,
+            "discrete_flow_shift": cfg.discrete_flow_shift,
+            "guidance_scale": self.models.guidance_scale if self.models.parts.has_guidance else None,
+            "t5_max_length": self.models.t5_max_length,
+            "base_weights_dtype": self.models.base_weights_dtype,
+            "blocks_to_swap": self.models.blocks_to_swap,
+        }
+
     def save(self, step: int) -> Path:
         """Write a checkpoint (schedule-free optimizers: of the averaged weights, `eval_mode`)."""
         with eval_mode(self.optimizer):
@@ -114,6 +158,11 @@ class FluxCheckpointer:
             "resolution": cfg.resolution,
             "seed": cfg.seed,
             "inputs": self.inputs,
+            "kohya": asdict(self.kohya_info(epochs_done)),
+            "flux_training": self.flux_training(),
+            "transformer_config": {  # the constructor's arguments (the export reads the sizes from them)
+                k: v for k, v in dict(self.models.transformer.config).items() if not k.startswith("_")
+            },
             "ema": (
                 {"decay": self.ema.decay, "update_every": self.ema.update_every, "updates": self.ema.updates}
                 if self.ema is not None
@@ -243,61 +292,28 @@ def render_samples(
     return paths
 
 
-def lora_file_tensors(
-    state: dict[str, torch.Tensor], scales: dict[str, float]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Diffusers/PEFT-format tensors and their `lora_adapter_metadata` (alpha = scale x rank per component)."""
-    tensors: dict[str, torch.Tensor] = {}
-    config: dict[str, Any] = {}
-    for key in sorted(state):
-        if not key.endswith(".lora_A.weight"):
-            continue
-        stem = key[: -len(".lora_A.weight")]
-        component, _, path = stem.partition(".")
-        if component == CLIP:
-            path = text_model_path(path)
-        down, up = state[key], state[stem + ".lora_B.weight"]
-        rank = down.shape[0]
-        tensors[f"{component}.{path}.lora_A.weight"] = down.contiguous()
-        tensors[f"{component}.{path}.lora_B.weight"] = up.contiguous()
-        alpha = scales[stem] * rank
-        config.setdefault(f"{component}.r", rank)
-        config.setdefault(f"{component}.lora_alpha", alpha)
-        names = config.setdefault(f"{component}.target_modules", [])
-        parts = path.split(".")
-        name = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
-        if name not in names:
-            names.append(name)
-    for component in {k.split(".", 1)[0] for k in tensors}:
-        config[f"{component}.target_modules"] = sorted(config[f"{component}.target_modules"])
-        config.update({f"{component}.lora_dropout": 0.0, f"{component}.bias": "none"})
-    return tensors, config
-
-
 def export_lora(checkpoints: FluxCheckpointer, output: Path, *, ema: bool = False) -> Path:
-    """Write the LoRA file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
-    from safetensors.torch import save
-
-    from loratui.util.atomic import atomic_write_bytes
+    """Write the kohya file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
+    from loratui.models.flux.lora_files import export_flux_checkpoint
 
     job = checkpoints.job
     latest = job.run.latest_checkpoint()
     refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
-    ckpt = load_checkpoint(latest, training_state=ema)
-    state = ema_lora_state(ckpt, latest) if ema else ckpt.lora_state
-    check_output(output, job.run.name, overwrite=job.overwrite, resuming=job.resume_from is not None)
-    tensors, config = lora_file_tensors(state, checkpoint_scales(state, ckpt.meta))
-    metadata = {
-        "format": "pt",
-        "lora_adapter_metadata": json.dumps(config, sort_keys=True),
-        RUN_KEY: job.run.name,
-        "loratui_family": ckpt.meta.get("family", "flux"),
-        "loratui_variant": str(ckpt.meta.get("variant")),
-        "loratui_finished_at": str(time.time()),
-    }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output, save(tensors, metadata=metadata))
-    checkpoints.reporter.event(
-        "export", checkpoints.last_saved, path=str(output), format="diffusers", ema=ema
+    written = export_flux_checkpoint(
+        latest,
+        fmt="kohya",
+        out=output,
+        overwrite=job.overwrite,
+        resuming=job.resume_from is not None,
+        finished_at=time.time(),
+        ema=ema,
     )
-    return output
+    checkpoints.reporter.event(
+        "export",
+        checkpoints.last_saved,
+        path=str(written),
+        usage=usage_string(written.stem),
+        format="kohya",
+        ema=ema,
+    )
+    return written

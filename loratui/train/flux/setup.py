@@ -121,15 +121,14 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> FluxMo
     )
 
 
-def setup_lora(cfg, models: FluxModels) -> tuple[LoraPlan, list[torch.nn.Parameter]]:
-    """Inject the LoRA layers (fp32, seeded) into the transformer (and CLIP-L with `train_text_encoder`)."""
+def setup_lora(
+    cfg, models: FluxModels, reporter: Reporter | None = None
+) -> tuple[LoraPlan, list[torch.nn.Parameter]]:
+    """Inject the LoRA layers (fp32, seeded) into the transformer (and CLIP-L with `train_text_encoder`),
+    optionally starting from `init_lora` (a kohya or diffusers Flux LoRA from loratui or another trainer)."""
     network = spec_from_config(cfg)
     if network.kind != "lora":
         raise LoraSetupError(f"Flux runs train network_type lora, not {network.kind}; set network_type: lora")
-    if cfg.init_lora:
-        raise LoraSetupError(
-            "init_lora: starting a Flux run from an existing LoRA is not supported here; leave init_lora out"
-        )
     te = bool(cfg.train_text_encoder and models.parts.clip is not None)
     plan = LoraPlan(
         targets=plan_flux_targets(cfg.target_modules, models.components(), train_text_encoder=te),
@@ -142,7 +141,35 @@ def setup_lora(cfg, models: FluxModels) -> tuple[LoraPlan, list[torch.nn.Paramet
     )
     set_global_seed(cfg.seed)
     params = inject_lora({name: models.components()[name] for name in plan.targets}, plan)
+    if cfg.init_lora:
+        start_from_init_lora(Path(cfg.init_lora).expanduser(), models, plan, reporter)
     return plan, params
+
+
+def start_from_init_lora(path: Path, models: FluxModels, plan: LoraPlan, reporter: Reporter | None) -> None:
+    """Load `init_lora` into the fresh LoRA layers exactly, or raise LoraSetupError saying what differs."""
+    from loratui.models.flux.kohya import FluxLoraError
+    from loratui.models.flux.lora_files import apply_flux_init_lora, read_flux_init_lora
+    from loratui.models.sd.kohya import LoraFileError
+
+    components = {name: models.components()[name] for name in plan.targets}
+    try:
+        lora = read_flux_init_lora(path, models.transformer)
+        loaded, skipped = apply_flux_init_lora(lora.modules, components)
+    except (FluxLoraError, LoraFileError) as exc:
+        raise LoraSetupError(str(exc) if str(exc).startswith("init_lora") else f"init_lora: {exc}") from exc
+    if reporter is None:
+        return
+    reporter.event(
+        "warning" if skipped else "info",
+        message=f"init_lora: started from {loaded} module(s) of {path} ({lora.fmt} format)",
+    )
+    if skipped:
+        reporter.event(
+            "warning",
+            message=f"init_lora: {len(skipped)} module(s) are not trained in this run and are dropped "
+            f"(e.g. {skipped[0]}); set target_modules/train_text_encoder to keep them",
+        )
 
 
 def setup_base_storage(models: FluxModels, mode: str | None = None) -> int:
@@ -162,15 +189,14 @@ def setup_base_storage(models: FluxModels, mode: str | None = None) -> int:
 
 def place_transformer(models: FluxModels) -> None:
     """Move the transformer to the device; with `blocks_to_swap`, the last N blocks stay in CPU memory."""
-    if models.swapper is not None:
-        models.swapper.detach()
+    if models.swapper is not None:  # another count: nothing comes to the device on the way
+        models.swapper.detach(to_device=False)
         models.swapper = None
     if models.blocks_to_swap <= 0:
         models.transformer.to(models.device)
         return
     swapper = BlockSwapper(models.transformer, models.blocks_to_swap, models.device)
-    models.transformer.to("cpu")
-    swapper.attach()
+    swapper.attach()  # copies the newly swapped blocks to CPU memory and frees their device copies
     _move_except(models.transformer, swapper, models.device)
     models.swapper = swapper
     models.blocks_to_swap = swapper.count

@@ -49,6 +49,7 @@ from loratui.train.flux.setup import (
     setup_text,
     setup_wrappers,
 )
+from loratui.train.flux.validation import build_flux_validation_set, report_validation
 from loratui.train.job import WorkerJob
 from loratui.train.loop.loggers import LoggerSettings
 from loratui.train.loop.optim import eval_mode, final_weights
@@ -64,6 +65,11 @@ from loratui.train.sd.dataset import SampleView, SDDataset
 from loratui.train.sd.latent_cache import LatentSource
 from loratui.train.sd.loss_weights import pixel_weights, sample_weights
 from loratui.train.sd.setup import setup_accelerator, setup_dataset
+from loratui.train.sd.validation import split_datasets, validation_due
+
+VAL_HINT = (
+    "Validation runs the transformer at batch_size; lower batch_size or leave val_split/val_data_dir out."
+)
 
 SAMPLE_HINT = (
     "Sampling brings the AE (and uncached text encoders) back to the GPU; render samples after training "
@@ -163,13 +169,16 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
     output = output_path(job)
     accelerator, precision = setup_accelerator(cfg)
     dataset = setup_dataset(cfg, reporter, allow_errors=job.skip_checks)
-    if cfg.val_split or cfg.val_data_dir:
-        reporter.event("warning", message="val_split/val_data_dir: Flux runs compute no validation loss yet")
+    dataset, val_dataset = split_datasets(cfg, dataset, reporter)
     models = setup_models(job, precision, accelerator.device)
     for note in models.notes:
         reporter.event("warning", message=note)
+    validation = None  # encoded once, before the caches fill and T5 is released (rank 0 evaluates)
+    if val_dataset is not None and is_main():
+        validation = build_flux_validation_set(cfg, models, val_dataset)
+
     latents = setup_latents(cfg, models, dataset, reporter)  # before the transformer takes the device
-    lora, params = setup_lora(cfg, models)
+    lora, params = setup_lora(cfg, models, reporter)
     text = setup_text(cfg, models, dataset, reporter, cfg.sample_prompts)
     converted = setup_base_storage(models)
     place_transformer(models)
@@ -221,6 +230,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         samples_per_epoch=len(dataset),
         resumed_from=start or None,
         lora_modules={k: len(v) for k, v in lora.targets.items()},
+        validation_images=len(validation) if validation is not None else None,
         ema_decay=cfg.ema_decay,
         **batch,
     )
@@ -265,6 +275,16 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
                 stop.checkpoint_now.clear()
                 if checkpoints.last_saved != step:
                     checkpoints.save(step)
+            leaving = stopping and step < step_plan.total_steps  # save at once: no validation on the way out
+            if (
+                validation is not None
+                and not leaving
+                and validation_due(
+                    step, cfg.val_every_steps, step_plan.steps_per_epoch, step_plan.total_steps
+                )
+            ):
+                with skipped_when_out_of_memory(reporter, "validation", step, VAL_HINT), eval_mode(optimizer):
+                    report_validation(reporter, step, epoch, validation.loss(context, cfg.batch_size))
             if main and cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
                 with skipped_when_out_of_memory(reporter, "samples", step, SAMPLE_HINT), eval_mode(optimizer):
                     with ema.applied() if ema is not None else contextlib.nullcontext():
