@@ -209,3 +209,26 @@ def test_kohya_model_prediction_type(flux_files, tmp_path):
         "`model_prediction_type`: 'sigma_scaled': the Flux trainer reads the transformer output as the flow"
         in str(err.value)
     )
+
+
+def test_kohya_flux_keys_are_taken_or_reported(flux_files, tmp_path):
+    from loratui.models.flux.flow_match import draw_sigma, shift_sigma
+
+    text = (
+        "timestep_sampling: sigma\ndiscrete_flow_shift: 3.1582\nnetwork_train_unet_only: true\n"
+        "apply_t5_attn_mask: true\ncache_text_encoder_outputs: true\ncache_text_encoder_outputs_to_disk: true\n"
+    )
+    resolved = load_config(_write(tmp_path, flux_files["dev"], text))
+    cfg = resolved.config
+    assert (cfg.timestep_sampling, cfg.train_text_encoder, cfg.apply_t5_attn_mask) == ("sigma", False, True)
+    found = {item.key: item.message() for item in ignored_settings(resolved)}
+    assert "without an attention mask" in found["apply_t5_attn_mask"]
+    assert "never on disk" in found["cache_text_encoder_outputs_to_disk"]
+    both = load_config(_write(tmp_path, flux_files["dev"], "network_train_unet_only: false\n")).config
+    assert both.train_text_encoder is True
+    # kohya's `sigma`: one of the 1000 training sigmas, uniformly, shifted by discrete_flow_shift
+    generator = torch.Generator().manual_seed(0)
+    draws = [draw_sigma(generator, "sigma", discrete_flow_shift=3.1582) for _ in range(400)]
+    grid = {round(shift_sigma(k / 1000, 3.1582), 12) for k in range(1, 1001)}
+    assert all(round(d, 12) in grid for d in draws) and len(set(draws)) > 300
+    assert 0.6 < sum(draws) / len(draws) < 0.8  # the shift moves the mean of U(0, 1) toward noise
