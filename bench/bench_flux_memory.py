@@ -99,7 +99,7 @@ CLAIMS = [
             "lora_rank": 4,
             "resolution": 1024,
             "optimizer": "adamw8bit",
-            "kohya_blocks_to_swap": 16,
+            "blocks_to_swap": 16,
         },
         KOHYA,
     ),
@@ -112,7 +112,7 @@ CLAIMS = [
             "lora_rank": 4,
             "resolution": 1024,
             "optimizer": "adamw8bit",
-            "kohya_blocks_to_swap": 22,
+            "blocks_to_swap": 22,
             "t5xxl": "t5xxl_fp8_e4m3fn.safetensors",
         },
         KOHYA,
@@ -126,7 +126,7 @@ CLAIMS = [
             "lora_rank": 4,
             "resolution": 1024,
             "optimizer": "adamw8bit",
-            "kohya_blocks_to_swap": 28,
+            "blocks_to_swap": 28,
             "t5xxl": "t5xxl_fp8_e4m3fn.safetensors",
         },
         KOHYA_DOC,
@@ -180,13 +180,13 @@ CLAIMS = [
         {
             "base_weights_dtype": "fp8",
             "resolution": 512,
-            "blocks_to_swap": 56,
+            "blocks_to_swap": 36,
             "optimizer": "adamw8bit",
             "t5xxl": "t5xxl_fp8_e4m3fn.safetensors",
         },
         ONETRAINER,
         differs="OneTrainer also offloads the checkpointed activations to RAM (not in loratui); its base and T5 "
-        "dtypes are not stated: an fp8 base with every block but one swapped and an fp8 T5 file are loratui's "
+        "dtypes are not stated: an fp8 base with the most blocks swapped (36: one of each kind stays) and an fp8 T5 file are loratui's "
         "leanest (NF4 is not: its weights stay on the device when blocks are swapped)",
     ),
 ]
@@ -224,7 +224,7 @@ def fewest_swapped(changes: dict[str, Any], card_gb: float) -> str:
     from loratui.memory.integration import usable_from_total
 
     usable = usable_from_total(int(card_gb * GIB), "").bytes
-    for blocks in range(0, max_blocks_to_swap(19, 38) + 1):  # the last blocks, single ones first
+    for blocks in range(0, max_blocks_to_swap(19, 38) + 1):  # kohya's meaning of blocks_to_swap
         if predict(**changes, blocks_to_swap=blocks).total_bytes <= usable:
             return str(blocks)
     return "does not fit"
@@ -292,22 +292,12 @@ def preset_rows() -> list[list[str]]:
 
 
 def claim_rows() -> list[list[str]]:
-    from loratui.memory.estimate import planner_for
-    from loratui.memory.flux import kohya_equivalent
     from loratui.memory.integration import usable_from_total
 
-    summary = planner_for(flux_config(), "flux").summary
     rows = []
     for claim in CLAIMS:
         settings = dict(claim.settings)
-        kohya = settings.pop("kohya_blocks_to_swap", None)
         note = f"; {claim.differs}" if claim.differs else ""
-        if kohya is not None:  # kohya's N // 2 double + 2 x (N - N // 2) single blocks, in loratui's count
-            settings["blocks_to_swap"] = kohya_equivalent(kohya, summary, settings["base_weights_dtype"])
-            note += (
-                f"; kohya's --blocks_to_swap {kohya} moves as many weights as loratui's blocks_to_swap "
-                f"{settings['blocks_to_swap']} (the last blocks, single ones first)"
-            )
         estimate = predict(**settings)
         usable = usable_from_total(int(claim.card_gb * GIB), "").bytes
         verdict = "fits" if estimate.total_bytes <= usable else "does not fit"

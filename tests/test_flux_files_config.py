@@ -81,11 +81,11 @@ def test_kohya_flux_spellings(flux_files, tmp_path):
         tmp_path,
         flux_files["dev"],
         f"ae: {files['ae']}\nclip_l: {files['clip_l']}\nt5xxl: {files['t5xxl_fp16']}\n"
-        "t5xxl_max_token_length: 256\nfp8_base: true\nguidance_scale: 1.0\nblocks_to_swap: 3\n",
+        "t5xxl_max_token_length: 256\nfp8_base: true\nguidance_scale: 1.0\nblocks_to_swap: 2\n",
     )
     cfg = load_config(config).config
     assert (cfg.vae, cfg.clip_l, cfg.t5xxl) == tuple(str(files[n]) for n in ("ae", "clip_l", "t5xxl_fp16"))
-    assert (cfg.t5_max_length, cfg.base_weights_dtype, cfg.blocks_to_swap) == (256, "fp8", 3)
+    assert (cfg.t5_max_length, cfg.base_weights_dtype, cfg.blocks_to_swap) == (256, "fp8", 2)
     assert (
         load_config(_write(tmp_path, flux_files["dev"], "fp8_base: false\n")).config.base_weights_dtype
         == "bf16"
@@ -116,11 +116,11 @@ def test_resolution_must_be_a_multiple_of_16_for_flux(flux_files, tmp_path):
 
 def test_blocks_to_swap_is_checked_against_the_model(flux_files, tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(_write(tmp_path, flux_files["schnell"], "blocks_to_swap: 5\n"))
-    assert "5 is not below the model's 5 transformer blocks (2 double, 3 single)" in str(err.value)
-    assert "use at most 4" in str(err.value)
+        load_config(_write(tmp_path, flux_files["schnell"], "blocks_to_swap: 3\n"))
+    assert "3 asks for 1 double and 4 single blocks in CPU memory" in str(err.value)
+    assert "2 double and 3 single blocks" in str(err.value) and "use at most 2" in str(err.value)
     assert (
-        load_config(_write(tmp_path, flux_files["schnell"], "blocks_to_swap: 4\n")).config.blocks_to_swap == 4
+        load_config(_write(tmp_path, flux_files["schnell"], "blocks_to_swap: 2\n")).config.blocks_to_swap == 2
     )
     folder = tmp_path / "FLUX.1-dev"
     (folder / "transformer").mkdir(parents=True)
@@ -129,9 +129,9 @@ def test_blocks_to_swap_is_checked_against_the_model(flux_files, tmp_path):
         json.dumps({"_class_name": "FluxTransformer2DModel", "num_layers": 19, "num_single_layers": 38})
     )
     assert flux_block_count(str(folder)) == (19, 38)
-    with pytest.raises(ConfigError, match="57 transformer blocks"):
-        load_config(_write(tmp_path, folder, "blocks_to_swap: 60\n"))
-    assert load_config(_write(tmp_path, folder, "blocks_to_swap: 35\n")).family == "flux"
+    with pytest.raises(ConfigError, match="use at most 36"):
+        load_config(_write(tmp_path, folder, "blocks_to_swap: 37\n"))
+    assert load_config(_write(tmp_path, folder, "blocks_to_swap: 35\n")).family == "flux"  # kohya's largest
 
 
 def test_separate_file_paths_must_exist(flux_files, tmp_path):
@@ -209,3 +209,26 @@ def test_kohya_model_prediction_type(flux_files, tmp_path):
         "`model_prediction_type`: 'sigma_scaled': the Flux trainer reads the transformer output as the flow"
         in str(err.value)
     )
+
+
+def test_kohya_flux_keys_are_taken_or_reported(flux_files, tmp_path):
+    from loratui.models.flux.flow_match import draw_sigma, shift_sigma
+
+    text = (
+        "timestep_sampling: sigma\ndiscrete_flow_shift: 3.1582\nnetwork_train_unet_only: true\n"
+        "apply_t5_attn_mask: true\ncache_text_encoder_outputs: true\ncache_text_encoder_outputs_to_disk: true\n"
+    )
+    resolved = load_config(_write(tmp_path, flux_files["dev"], text))
+    cfg = resolved.config
+    assert (cfg.timestep_sampling, cfg.train_text_encoder, cfg.apply_t5_attn_mask) == ("sigma", False, True)
+    found = {item.key: item.message() for item in ignored_settings(resolved)}
+    assert "without an attention mask" in found["apply_t5_attn_mask"]
+    assert "never on disk" in found["cache_text_encoder_outputs_to_disk"]
+    both = load_config(_write(tmp_path, flux_files["dev"], "network_train_unet_only: false\n")).config
+    assert both.train_text_encoder is True
+    # kohya's `sigma`: one of the 1000 training sigmas, uniformly, shifted by discrete_flow_shift
+    generator = torch.Generator().manual_seed(0)
+    draws = [draw_sigma(generator, "sigma", discrete_flow_shift=3.1582) for _ in range(400)]
+    grid = {round(shift_sigma(k / 1000, 3.1582), 12) for k in range(1, 1001)}
+    assert all(round(d, 12) in grid for d in draws) and len(set(draws)) > 300
+    assert 0.6 < sum(draws) / len(draws) < 0.8  # the shift moves the mean of U(0, 1) toward noise

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loratui.config import ResolvedConfig, TrainConfig
-from loratui.memory.estimate import estimate_peak
-from loratui.memory.flux import max_blocks_to_swap, swap_split
+from loratui.memory.estimate import estimate_peak, planner_for
+from loratui.memory.flux import max_blocks_to_swap, swap_split, transformer_bytes
 from loratui.memory.integration import dry_run_lines, dry_run_prediction, tier_budget, usable_from_total
 from loratui.memory.recommend import recommend
 from loratui.train.oom.ladder import OomLadder, kind_of, settings_of
@@ -49,27 +49,33 @@ def test_base_weights_dtype_stores_the_blocks_smaller(base) -> None:
 
 
 def test_block_swap_moves_blocks_off_the_device_and_adds_the_prefetch_buffer() -> None:
-    # the last N blocks in execution order: single blocks from the end first (`models.flux.block_swap`)
-    assert swap_split(18, 19, 38) == (0, 18) and swap_split(40, 19, 38) == (2, 38)
-    assert max_blocks_to_swap(19, 38) == 56
+    # kohya sd-scripts' meaning: N // 2 double and 2 x (N - N // 2) single blocks, one of each kind resident
+    assert swap_split(18, 19, 38) == (9, 18) and swap_split(35, 19, 38) == (17, 36)
+    assert swap_split(40, 19, 38) == (18, 37)  # capped per kind
+    assert max_blocks_to_swap(19, 38) == 36 and max_blocks_to_swap(2, 3) == 2
     # T5 and CLIP stay loaded (no caching pass), so the step is the peak however many blocks are swapped
     previous = predict(cache_text_encoder_outputs=False)
     assert "block_swap_buffer" not in previous.breakdown
-    for blocks in (8, 38, 56):
+    for blocks in (8, 18, 36):
         swapped = predict(blocks_to_swap=blocks, cache_text_encoder_outputs=False)
         assert swapped.total_bytes < previous.total_bytes
         assert 0 < swapped.breakdown["block_swap_buffer"] < 1.5 * GIB  # two blocks in flight
         previous = swapped
     over = predict(blocks_to_swap=60, cache_text_encoder_outputs=False)
-    assert over.total_bytes == previous.total_bytes  # capped at 56
-    assert any("at most 56" in note for note in over.notes)
+    assert over.total_bytes <= previous.total_bytes  # each kind capped, one block of it resident
+    assert any("at most 36" in note for note in over.notes)
+    summary = planner_for(flux_config(), "flux").summary
+    kohya_16 = transformer_bytes(summary, flux_config(blocks_to_swap=16), 2)[2]
+    double, single = kohya_16["double_block_bytes"], kohya_16["single_block_bytes"]
+    assert (kohya_16["swapped_double"], kohya_16["swapped_single"]) == (8, 16)
+    assert kohya_16["swapped_bytes"] == 8 * double + 16 * single
     # NF4 weights stay on the device: swapping an NF4 base moves only the blocks' other tensors
     nf4 = predict(base_weights_dtype="nf4", cache_text_encoder_outputs=False)
-    nf4_swapped = predict(base_weights_dtype="nf4", blocks_to_swap=56, cache_text_encoder_outputs=False)
+    nf4_swapped = predict(base_weights_dtype="nf4", blocks_to_swap=36, cache_text_encoder_outputs=False)
     saved = nf4.breakdown["transformer_weights"] - nf4_swapped.breakdown["transformer_weights"]
     assert 0 < saved < 1.5 * GIB
     # with cached outputs the T5 caching pass (before training) becomes the peak of a heavily swapped run
-    assert predict(blocks_to_swap=56).phase.startswith("text-encoder caching")
+    assert predict(blocks_to_swap=36).phase.startswith("text-encoder caching")
 
 
 def test_caching_takes_the_encoders_off_the_device(base) -> None:
@@ -137,15 +143,13 @@ def test_ladder_rungs_swap_then_quantise_in_order() -> None:
     assert names[:4] == ["gradient_checkpointing", "offload", "optimizer_8bit", "block_swap"]
     steps = [(r.name, r.changes) for r in rungs if r.name in ("block_swap", "quantise_base")]
     assert steps == [
-        ("block_swap", {"blocks_to_swap": 8}),
-        ("block_swap", {"blocks_to_swap": 16}),
-        ("block_swap", {"blocks_to_swap": 24}),
-        ("block_swap", {"blocks_to_swap": 32}),
-        ("block_swap", {"blocks_to_swap": 38}),
+        ("block_swap", {"blocks_to_swap": 6}),
+        ("block_swap", {"blocks_to_swap": 12}),
+        ("block_swap", {"blocks_to_swap": 18}),
         ("quantise_base", {"base_weights_dtype": "fp8"}),
-        ("block_swap", {"blocks_to_swap": 46}),
-        ("block_swap", {"blocks_to_swap": 54}),
-        ("block_swap", {"blocks_to_swap": 56}),
+        ("block_swap", {"blocks_to_swap": 24}),
+        ("block_swap", {"blocks_to_swap": 30}),
+        ("block_swap", {"blocks_to_swap": 36}),
         ("quantise_base", {"base_weights_dtype": "nf4"}),
     ]
     assert names.index("quantise_base") < names.index("quality")

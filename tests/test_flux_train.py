@@ -119,16 +119,21 @@ def test_chroma_trains_with_cached_t5(tiny_flux, flux_data: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_schnell_fp8_with_block_swap_matches_fp8_without(tiny_flux, flux_data: Path, tmp_path: Path) -> None:
+def test_schnell_fp8_with_block_swap_matches_fp8_without(
+    tiny_flux, flux_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the tiny model's 2 + 2 blocks are too few for kohya's split with one block of each kind resident (the
+    # config check allows 0): lift the check; the swapper caps each kind (1 double + 1 single swapped)
+    monkeypatch.setattr("loratui.config.flux_checks.max_blocks_to_swap", lambda double, single: 2)
     base = tiny_flux("schnell")
     common = {**COMMON, "max_steps": 3, "base_weights_dtype": "fp8", "gradient_checkpointing": True}
     plain = make_job(seed_like_config(tmp_path / "a", base, flux_data, **common))
-    swapped = make_job(seed_like_config(tmp_path / "b", base, flux_data, blocks_to_swap=3, **common))
+    swapped = make_job(seed_like_config(tmp_path / "b", base, flux_data, blocks_to_swap=2, **common))
     assert train(plain) == "finished" and train(swapped) == "finished"
     started = events_of(swapped.run, "run_started")[0]
     assert (started["variant"], started["blocks_to_swap"], started["base_layers_converted"]) == (
         "schnell",
-        3,
+        2,
         40,
     )
     assert started["t5_max_length"] == 32  # the tiny schnell tokenizer's limit (256 for the real one)

@@ -153,14 +153,17 @@ def test_block_swap_gives_the_same_loss_and_gradients(tiny_flux_dev: Path, check
     parts.transformer.train()
     inputs = fixed_inputs(parts)
     loss, grads = loss_and_grads(parts, params, inputs)
-    swapper = PoisonedSwapper(parts.transformer, 3, torch.device("cpu")).attach()
-    assert swapper.count == 3 and len(swapper.swapped) == 3
-    assert swapper.swapped[0].block is transformer_blocks(parts.transformer)[1]
+    swapper = PoisonedSwapper(parts.transformer, 2, torch.device("cpu")).attach()
+    # kohya's blocks_to_swap 2: the last 2 // 2 double and the last 2 x (2 - 1) single blocks, each kind
+    # capped so that one of its blocks stays on the device (the tiny model has 2 + 2)
+    double, single = parts.transformer.transformer_blocks, parts.transformer.single_transformer_blocks
+    assert swapper.count == 2 and [e.block for e in swapper.swapped] == [double[1], single[1]]
+    assert transformer_blocks(parts.transformer) == [*double, *single]
     swapped_loss, swapped_grads = loss_and_grads(parts, params, inputs)
     assert swapped_loss == pytest.approx(loss, abs=1e-5)
     for grad, swapped in zip(grads, swapped_grads, strict=True):
         torch.testing.assert_close(swapped, grad, atol=1e-5, rtol=1e-5)
-    assert swapper.moves >= 6  # each swapped block came in for the forward and for the backward
+    assert swapper.moves >= 4  # each swapped block came in for the forward and for the backward
     assert not any(entry.on_device for entry in swapper.swapped)  # and left after its backward
     with torch.no_grad():  # sampling: blocks come and go within the forward
         torch.testing.assert_close(parts.transformer(**inputs)[0], parts.transformer(**inputs)[0])

@@ -89,7 +89,11 @@ KEY_ALIASES: dict[str, str] = {
     "t5xxl_max_token_length": "t5_max_length",
     "fp8_base": "base_weights_dtype",
     "fp8_base_unet": "base_weights_dtype",
+    "network_train_unet_only": "train_text_encoder",  # negated: see NEGATED_KEYS
 }
+
+#: boolean keys of other tools that mean the opposite of their canonical key
+NEGATED_KEYS = frozenset({"network_train_unet_only"})
 
 # Keys of other tools that loratui refuses with a reason and what to use instead (never silently dropped).
 UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from loratui.config.aliases import (
     KEY_ALIASES,
+    NEGATED_KEYS,
     NETWORK_KEYS,
     UNSUPPORTED_KEYS,
     canonical_key,
@@ -96,6 +97,8 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
             )
             continue
         given_as[canon] = key
+        if key in NEGATED_KEYS and isinstance(value, bool):
+            value = not value
         out.values[canon] = normalise_value(canon, value)
         if line:
             out.lines[canon] = line

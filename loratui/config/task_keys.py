@@ -104,6 +104,9 @@ FLUX_ONLY: dict[str, str] = {
     "discrete_flow_shift": "flow-matching timestep sampling applies to Flux runs",
     "guidance_scale": "the guidance embedding is FLUX.1-dev's",
     "model_prediction_type": "it says how a Flux transformer's output is read",
+    "apply_t5_attn_mask": "only Flux and Chroma runs use a T5-XXL text encoder",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory "
+    "(cache_text_encoder_outputs), never on disk",
 }
 
 #: keys SD (UNet) runs read that Flux-family runs do not -> why
@@ -123,6 +126,14 @@ VARIANT_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "clip_l": (("chroma",), "Chroma has no CLIP-L text encoder (T5-XXL only)"),
     "train_text_encoder": (("chroma",), "Chroma's only text encoder is T5-XXL, which stays frozen"),
     "text_encoder_lr": (("chroma",), "Chroma's only text encoder is T5-XXL, which stays frozen"),
+    "apply_t5_attn_mask": (
+        ("dev", "schnell"),
+        "FLUX.1 runs read T5 without an attention mask, as FLUX.1 was trained (Chroma runs always mask)",
+    ),
+    "cache_text_encoder_outputs_to_disk": (
+        ("dev", "schnell", "chroma"),
+        "text-encoder outputs are cached in memory (cache_text_encoder_outputs: true), never on disk",
+    ),
 }
 VARIANT_NAMES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell", "chroma": "Chroma"}
 

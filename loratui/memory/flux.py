@@ -23,11 +23,11 @@ What the trainer is assumed to do (`loratui.train.flux`): weights in bf16 (fp32 
 with `base_weights_dtype` fp8 or nf4 every Linear weight inside the double and single blocks is stored in e4m3
 (1 byte) or NF4 (with its block constants), dequantised to a transient bf16 copy per layer, the layer input not
 kept for the frozen weight; embedders, norms, biases and the final layer stay bf16. LoRA on the diffusers
-targets in fp32 (`lora_dtype: bf16` halves it). `blocks_to_swap: N` keeps the last N blocks in execution
-order in CPU memory (single blocks from the end first, then double blocks; at most all but one), as
-`loratui.models.flux.block_swap` does; NF4 weights stay on the device; at most two swapped blocks are on the
-device at once (the one computing and the one being prefetched). kohya's `--blocks_to_swap N` means N // 2
-double and 2 x (N - N // 2) single blocks: `kohya_equivalent` converts.
+targets in fp32 (`lora_dtype: bf16` halves it). `blocks_to_swap: N` means what it means in kohya sd-scripts:
+the last N // 2 double and the last 2 x (N - N // 2) single blocks live in CPU memory (one block of each kind
+stays on the device: at most 36 for FLUX.1), as `loratui.models.flux.block_swap` does; NF4 weights stay on
+the device; at most two swapped blocks are on the device at once (the one computing and the one being
+prefetched).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from loratui.config.flux_checks import max_blocks_to_swap, swap_split  # noqa: F401 (re-exported)
 from loratui.memory.estimate_types import NF4_BYTES, Estimate, _band, cuda_overheads
 from loratui.memory.regime import Point, Regime
 
@@ -384,35 +385,6 @@ def calibrate_vae(spec: FluxSpec, source: str) -> list[float]:
 
 
 # --- the parts of the step -----------------------------------------------------------------------------------
-
-
-def swap_split(blocks: int, num_double: int, num_single: int) -> tuple[int, int]:
-    """(double, single) blocks held in CPU memory for `blocks_to_swap`, as the trainer's `BlockSwapper` does:
-    the last N blocks in execution order (single blocks from the end first, then double blocks), at most all
-    but one."""
-    count = max(0, min(blocks, num_double + num_single - 1))
-    single = min(count, num_single)
-    return count - single, single
-
-
-def max_blocks_to_swap(num_double: int, num_single: int) -> int:
-    """The largest `blocks_to_swap` that takes effect (all blocks but one: 56 for FLUX.1)."""
-    return num_double + num_single - 1
-
-
-def kohya_equivalent(blocks: int, summary: dict[str, Any], dtype: str = "bf16") -> int:
-    """The fewest `blocks_to_swap` that move at least as many weights as kohya's `--blocks_to_swap N`
-    (N // 2 double blocks and 2 x (N - N // 2) single blocks)."""
-    double, single = blocks // 2, (blocks - blocks // 2) * 2
-    want = double * block_bytes(summary, "double", dtype, 2) + single * block_bytes(
-        summary, "single", dtype, 2
-    )
-    for count in range(max_blocks_to_swap(summary["num_double"], summary["num_single"]) + 1):
-        d, s = swap_split(count, summary["num_double"], summary["num_single"])
-        moved = d * block_bytes(summary, "double", dtype, 2) + s * block_bytes(summary, "single", dtype, 2)
-        if moved >= want:
-            return count
-    return max_blocks_to_swap(summary["num_double"], summary["num_single"])
 
 
 def block_bytes(summary: dict[str, Any], kind: str, dtype: str, width: int) -> int:

@@ -66,7 +66,7 @@ def _why_not(resolved: Any, budget: int) -> str | None:
 
     smallest = estimate_peak(
         resolved.config.model_copy(
-            update={"base_weights_dtype": "nf4", "blocks_to_swap": 35, "resolution": 512, "batch_size": 1}
+            update={"base_weights_dtype": "nf4", "blocks_to_swap": 36, "resolution": 512, "batch_size": 1}
         ).model_copy(update={"gradient_checkpointing": True, "gradient_accumulation_steps": 1})
     )
     if not smallest.phase.startswith("text-encoder caching"):

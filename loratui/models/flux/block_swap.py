@@ -1,7 +1,8 @@
-"""Block swap: N transformer blocks live in CPU memory and visit the compute device one at a time.
+"""Block swap: transformer blocks live in CPU memory and visit the compute device one at a time.
 
-The last `count` blocks of the transformer (double-stream then single-stream order) keep their frozen weights
-in (pinned) CPU memory. A block's weights are brought to the device just before it runs, and the next
+`count` is kohya sd-scripts' `blocks_to_swap`: the last `count // 2` double-stream blocks and the last
+`2 x (count - count // 2)` single-stream blocks (`loratui.config.flux_checks.swap_split`; one block of each
+kind always stays on the device) keep their frozen weights in (pinned) CPU memory. A block's weights are brought to the device just before it runs, and the next
 swapped block's copy starts meanwhile on a side stream (prefetch); once the block's work is done they leave
 again. Trained LoRA weights never move (the optimizer holds them), and NF4 weights stay on the device.
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from loratui.config.flux_checks import swap_split
 
 CONTAINERS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -42,7 +45,9 @@ class _Swapped:
 
 @dataclass
 class BlockSwapper:
-    """Keeps the last `count` blocks of `model` in CPU memory; `attach()` installs the hooks."""
+    """Keeps kohya's `blocks_to_swap: count` blocks of `model` in CPU memory; `attach()` installs the hooks.
+    Each kind is capped so that one of its blocks stays on the device (the config check refuses a `count`
+    above `max_blocks_to_swap`; the OOM ladder's steps may ask for more than a small model has)."""
 
     model: torch.nn.Module
     count: int
@@ -54,11 +59,13 @@ class BlockSwapper:
     backward: bool = False  # the backward of this step has begun (checkpointing reruns blocks in it)
 
     def attach(self) -> BlockSwapper:
-        blocks = transformer_blocks(self.model)
-        count = max(0, min(self.count, len(blocks) - 1))  # at least one block stays resident
-        self.count = count
+        double = list(getattr(self.model, CONTAINERS[0], []))
+        single = list(getattr(self.model, CONTAINERS[1], []))
+        self.count = max(0, int(self.count))
+        swap_double, swap_single = swap_split(self.count, len(double), len(single))
+        chosen = double[len(double) - swap_double :] + single[len(single) - swap_single :]
         pin = self.device.type == "cuda"
-        for block in blocks[len(blocks) - count :]:
+        for block in chosen:  # execution order: the prefetch brings the next one
             tensors = []
             for tensor in _frozen_tensors(block):
                 master = tensor.data.detach().to("cpu")

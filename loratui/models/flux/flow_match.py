@@ -7,6 +7,9 @@ trained with). The transformer reads sigma as its timestep (diffusers scales it 
 Timestep sampling (`timestep_sampling`), defined as in kohya sd-scripts' ``flux_train_utils.py``:
 
 - ``uniform``: sigma ~ U(0, 1).
+- ``sigma`` (kohya's default): one of the 1000 training sigmas k / 1000 (k = 1..1000) drawn uniformly, shifted
+  by ``discrete_flow_shift`` (s) as kohya's training scheduler (FlowMatchEulerDiscreteScheduler with shift s)
+  shifts them: sigma' = s * sigma / (1 + (s - 1) * sigma).
 - ``sigmoid`` (the default): sigma = sigmoid(sigmoid_scale * n), n ~ N(0, 1): logit-normal, centred on 0.5.
 - ``logit_normal``: sigma = sigmoid(n), n ~ N(0, 1): SD3's lognorm(0, 1), whatever sigmoid_scale says.
 - ``shift``: the sigmoid draw, then shifted toward noise by ``discrete_flow_shift`` (s):
@@ -27,7 +30,8 @@ import torch
 
 from loratui.util.seeding import sample_generator
 
-SAMPLINGS = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift")
+SAMPLINGS = ("uniform", "sigma", "sigmoid", "logit_normal", "shift", "flux_shift")
+TRAIN_TIMESTEPS = 1000  # the training scheduler's discrete timesteps (`sigma` sampling)
 #: the linear map from packed image tokens to the shift exponent mu (FLUX.1's scheduler config)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 
@@ -59,6 +63,9 @@ def draw_sigma(
     """One sigma in (0, 1) from `generator` by `method` (see the module docstring)."""
     if method not in SAMPLINGS:
         raise ValueError(f"timestep_sampling {method!r}: choose one of {', '.join(SAMPLINGS)}")
+    if method == "sigma":
+        index = min(int(float(torch.rand((1,), generator=generator)) * TRAIN_TIMESTEPS), TRAIN_TIMESTEPS - 1)
+        return shift_sigma((TRAIN_TIMESTEPS - index) / TRAIN_TIMESTEPS, discrete_flow_shift)
     if method == "uniform":
         sigma = float(torch.rand((1,), generator=generator))
     else:

@@ -69,11 +69,24 @@ def _frozen_linears(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, s
 
 
 def quantise_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
-    """Store the blocks' frozen Linears as `mode` ("bf16": unchanged, "fp8", "nf4"); returns how many."""
-    if mode in ("bf16", "fp16", "fp32", None):
-        return 0
-    if mode not in ("fp8", "nf4"):
+    """Store the blocks' frozen Linears as `mode` ("bf16": unchanged, "fp8", "nf4"); returns how many.
+
+    Weights of an fp8 file loaded as float8 (`fp8_weights`) arrive here as they are: the blocks' Linears keep
+    them (fp8), and every other float8 tensor (embedders, final layer; or all of them for bf16 / nf4) is
+    widened to `compute_dtype`, the dtype those layers compute in."""
+    count = _convert(model, mode, compute_dtype) if mode in ("fp8", "nf4") else 0
+    if mode not in ("bf16", "fp16", "fp32", None, "fp8", "nf4"):
         raise ValueError(f"base_weights_dtype {mode!r}: choose bf16, fp8 or nf4")
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.dtype == FP8:
+                tensor.data = tensor.data.to(compute_dtype)
+    return count
+
+
+def _convert(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
     count = 0
     for parent, name, linear in list(_frozen_linears(model)):
         if mode == "fp8" and isinstance(linear, Fp8Linear):

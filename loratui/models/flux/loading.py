@@ -41,16 +41,21 @@ def load_flux(
     t5xxl: str | Path | None = None,
     dtype: Any = None,
     device: Any = "cpu",
+    fp8_weights: bool = False,
 ) -> FluxParts:
     """Load a diffusers folder or a single-file transformer (with its separate files) as `FluxParts`.
 
-    Weights load in `dtype` (default float32), frozen (`requires_grad` off) and in eval mode."""
+    Weights load in `dtype` (default float32), frozen (`requires_grad` off) and in eval mode. `fp8_weights`:
+    an fp8 single file's float8 matrices stay float8 (for `base_weights_dtype: fp8`, which stores them so)
+    instead of being widened to `dtype` and rounded back."""
     import torch
 
     dtype = dtype or torch.float32
     path = Path(base_model).expanduser()
     if path.is_file():
-        parts = _load_single_file(path, vae=vae, clip_l=clip_l, t5xxl=t5xxl, dtype=dtype, device=device)
+        parts = _load_single_file(
+            path, vae=vae, clip_l=clip_l, t5xxl=t5xxl, dtype=dtype, device=device, fp8_weights=fp8_weights
+        )
     elif path.is_dir():
         given = [k for k, v in (("vae", vae), ("clip_l", clip_l), ("t5xxl", t5xxl)) if v]
         if given:
@@ -76,6 +81,7 @@ def load_flux_for_config(cfg: Any, *, dtype: Any = None, device: Any = "cpu") ->
         t5xxl=getattr(cfg, "t5xxl", None),
         dtype=dtype,
         device=device,
+        fp8_weights=getattr(cfg, "base_weights_dtype", "bf16") == "fp8",
     )
 
 
@@ -120,7 +126,7 @@ def load_flux_folder(folder: Path, *, dtype: Any, device: Any = "cpu") -> FluxPa
     return parts
 
 
-def _load_single_file(path: Path, *, vae, clip_l, t5xxl, dtype, device) -> FluxParts:
+def _load_single_file(path: Path, *, vae, clip_l, t5xxl, dtype, device, fp8_weights=False) -> FluxParts:
     try:
         from loratui.models.flux.single_file import load_flux_single_file
     except ImportError:
@@ -128,7 +134,9 @@ def _load_single_file(path: Path, *, vae, clip_l, t5xxl, dtype, device) -> FluxP
             f"{path} is a single file; this build reads Flux base models from diffusers folders only "
             "(a FluxPipeline folder with transformer/, vae/, text_encoder/, text_encoder_2/, ...)"
         ) from None
-    return load_flux_single_file(path, vae=vae, clip_l=clip_l, t5xxl=t5xxl, dtype=dtype, device=device)
+    return load_flux_single_file(
+        path, vae=vae, clip_l=clip_l, t5xxl=t5xxl, dtype=dtype, device=device, fp8_weights=fp8_weights
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

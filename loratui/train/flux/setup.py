@@ -188,7 +188,8 @@ def setup_base_storage(models: FluxModels, mode: str | None = None) -> int:
 
 
 def place_transformer(models: FluxModels) -> None:
-    """Move the transformer to the device; with `blocks_to_swap`, the last N blocks stay in CPU memory."""
+    """Move the transformer to the device; with `blocks_to_swap` (kohya's meaning), its swapped blocks stay in CPU
+    memory."""
     if models.swapper is not None:  # another count: nothing comes to the device on the way
         models.swapper.detach(to_device=False)
         models.swapper = None

@@ -15,9 +15,9 @@ lower settings before restarting a worker that died. Rungs, in order:
    carried over; only from AdamW (its two moments map onto 8-bit AdamW's): for Prodigy, Adafactor, schedule-free
    AdamW, CAME and Lion the rung is skipped with the reason (`skipped`);
 6. Flux only (`flux_rung`), ordered by what they cost:
-   `block_swap`: keep `SWAP_STEP` more transformer blocks in CPU memory (`blocks_to_swap`: the last blocks,
-   single ones first), up to `FAST_SWAP_LIMIT` (every single block, 45 % of the blocks' weights): the weights
-   stay exact and, with prefetch, moving the small single blocks hides behind the blocks' compute; then `quantise_base` to fp8 (e4m3 storage of the frozen block weights:
+   `block_swap`: raise `blocks_to_swap` (kohya's meaning: N // 2 double and 2 x (N - N // 2) single blocks,
+   the last of each kind, in CPU memory) by `SWAP_STEP`, up to `FAST_SWAP_LIMIT` (9 double + 18 single blocks
+   of FLUX.1, 47 % of the blocks' weights): the weights stay exact and, with prefetch, moving the small single blocks hides behind the blocks' compute; then `quantise_base` to fp8 (e4m3 storage of the frozen block weights:
    halves them, a rounding of the frozen weights only, and faster than moving them over PCIe every step); then
    `block_swap` beyond the fast limit up to `max_blocks_to_swap` (transfer-bound: slower steps, still exact);
    then `quantise_base` to nf4 (4-bit: a coarser base than fp8, and dequantisation is slower), last before
@@ -73,9 +73,11 @@ RUNG_NAMES = {
     "quantise_nf4": "quantise_base",
 }
 FLUX_FAMILIES = ("flux", "chroma")
-SWAP_STEP = 8  # blocks a block-swap rung adds (the last blocks first: FLUX.1's single blocks, 0.26 GiB each)
-FAST_SWAP_LIMIT = 38  # FLUX.1's 38 single blocks: 45 % of the blocks' weights
-MAX_BLOCKS_TO_SWAP = 56  # FLUX.1 and Chroma: 19 double + 38 single blocks, one stays on the device
+SWAP_STEP = (
+    6  # `blocks_to_swap` a block-swap rung adds: 3 double + 6 single FLUX.1 blocks (about 1.7 GiB in bf16)
+)
+FAST_SWAP_LIMIT = 18  # kohya's meaning: 9 double + 18 single FLUX.1 blocks, 47 % of the blocks' weights
+MAX_BLOCKS_TO_SWAP = 36  # FLUX.1 and Chroma (19 double + 38 single): 18 + 36, one block of each kind stays
 MIN_RESOLUTION = 64
 MIN_SEQ_LEN = 32
 
