@@ -35,23 +35,10 @@ from loratui.memory.probe import (
     full_precision,
 )
 from loratui.memory.regime import Point, Regime
+from loratui.models.flux.lora import DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
 
 #: LoRA targets of the Flux trainer (diffusers module names, suffixes inside the blocks)
-DOUBLE_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
-SINGLE_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+DOUBLE_TARGETS, SINGLE_TARGETS = DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
 BLOCK_LISTS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 _BASE_CACHE: dict[tuple, torch.nn.Module] = {}
 
