@@ -118,8 +118,8 @@ class FluxFakePlanner(FakePlanner):
 
     def recommend(self, resolved, usable_bytes: int, *, top: int = 5) -> list[Suggestion]:
         view = EstimateView(int(10.1 * GIB), breakdown={"transformer_weights": int(7.6 * GIB)})
-        changes = {"base_weights_dtype": "fp8", "blocks_to_swap": 4}
-        return [Suggestion(changes, view, usable_bytes - view.total_bytes, 0.8, "fp8 base, 4 blocks swapped")]
+        changes = {"base_weights_dtype": "fp8", "blocks_to_swap": 1}
+        return [Suggestion(changes, view, usable_bytes - view.total_bytes, 0.8, "fp8 base, 1 block swapped")]
 
 
 class UNetOnlyPlanner(FakePlanner):
@@ -204,9 +204,9 @@ def test_train_step_names_the_flux_model(project) -> None:
 
 
 def test_flux_summary_names_the_choices(project) -> None:
-    cfg = load_config(None, flags={**FLUX_STATE, "base_weights_dtype": "fp8", "blocks_to_swap": 3}).config
+    cfg = load_config(None, flags={**FLUX_STATE, "base_weights_dtype": "fp8", "blocks_to_swap": 2}).config
     text = flux_summary(cfg, "dev")
-    assert text.startswith("FLUX.1-dev: base weights fp8, 3 blocks swapped, T5 512 tokens (default)")
+    assert text.startswith("FLUX.1-dev: base weights fp8, 2 blocks swapped, T5 512 tokens (default)")
     assert "timesteps sigmoid" in text and "guidance 1" in text and "t5xxl t5xxl.safetensors" in text
     assert "guidance" not in flux_summary(cfg, "schnell") and "T5 256 tokens" in flux_summary(cfg, "schnell")
 
@@ -295,11 +295,11 @@ async def test_settings_shows_flux_fields_with_predictions(project) -> None:
         assert shown(app, "#flux-grid") and shown(app, "#adv-field-guidance_scale")
         assert "FLUX.1-dev: base storage, block swap, text and timesteps" in flat(app)
         assert "Predicted peak 24.7 GiB ± 10%" in flat(app)  # bf16 weights (fake planner)
-        assert "rank 4" not in flat(app) and "base fp8, swap 4" in flat(app)  # the option row
+        assert "rank 4" not in flat(app) and "base fp8, swap 1" in flat(app)  # the option row
         app.screen.query_one("#adv-base_weights_dtype").value = "fp8"
         await wait_for(pilot, lambda: "Predicted peak 13.6 GiB" in flat(app))
-        await set_input(pilot, app, "#adv-blocks_to_swap", "3")
-        await wait_for(pilot, lambda: "Predicted peak 12.7 GiB" in flat(app))
+        await set_input(pilot, app, "#adv-blocks_to_swap", "2")  # 1 double + 2 single of the 2 + 3 blocks
+        await wait_for(pilot, lambda: "Predicted peak 13.0 GiB" in flat(app))
         await set_input(pilot, app, "#adv-t5_max_length", "600")
         await wait_for(pilot, lambda: "T5 tokens: a whole number from 1 to 512" in flat(app))
         await set_input(pilot, app, "#adv-t5_max_length", "256")
@@ -310,7 +310,7 @@ async def test_settings_shows_flux_fields_with_predictions(project) -> None:
             k: app.state.values.get(k) for k in ("base_weights_dtype", "blocks_to_swap", "t5_max_length")
         } == {
             "base_weights_dtype": "fp8",
-            "blocks_to_swap": 3,
+            "blocks_to_swap": 2,
             "t5_max_length": 256,
         }
         assert app.state.values["timestep_sampling"] == "shift"
@@ -318,8 +318,8 @@ async def test_settings_shows_flux_fields_with_predictions(project) -> None:
         table = app.screen.query_one("#options")
         table.focus()
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.screen.query_one("#adv-blocks_to_swap").value == "4")
-        assert app.state.get("blocks_to_swap") == 4
+        await wait_for(pilot, lambda: app.screen.query_one("#adv-blocks_to_swap").value == "1")
+        assert app.state.get("blocks_to_swap") == 1
         # back to the model step for FLUX.1-schnell: no guidance field
         app.screen.show_step(1)
         await set_input(pilot, app, "#base-model", "models/schnell_aio.safetensors")

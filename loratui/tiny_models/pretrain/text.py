@@ -224,11 +224,11 @@ def save(out: Path, model: Any, tokenizer: Any, figures: dict[str, Any]) -> None
     model.half().save_pretrained(out, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(out)
-    config_path = out / "tokenizer_config.json"
-    data = json.loads(config_path.read_text("utf-8"))
+    tokenizer_file = out / "tokenizer_config.json"
+    data = json.loads(tokenizer_file.read_text("utf-8"))
     data["tokenizer_class"] = "PreTrainedTokenizerFast"
     data["chat_template"] = tokenizer.chat_template  # older transformers read it only from here
-    config_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tokenizer_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "pretraining.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(README.format(**figures, **figures["settings"]), encoding="utf-8")
 
