@@ -26,6 +26,7 @@ from loratui.models.flux.layout import (
     diffusers_to_original_slices,
     original_to_diffusers,
 )
+from loratui.models.flux.lora import DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
 from loratui.models.flux.lora_files import (
     apply_flux_init_lora,
     read_flux_init_lora,
@@ -47,21 +48,8 @@ SMALL = {
     "guidance_embeds": True,
     "axes_dims_rope": (2, 2, 4),
 }
-DOUBLE_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
-SINGLE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"]
+DOUBLE_TARGETS = list(DOUBLE_BLOCK_TARGETS)
+SINGLE_TARGETS = list(SINGLE_BLOCK_TARGETS)
 #: the trainer's defaults plus modules outside the blocks (the final-layer modulation is stored swapped)
 ALL_TARGETS = sorted(set(DOUBLE_TARGETS + SINGLE_TARGETS + ["norm_out.linear", "x_embedder", "norm1.linear"]))
 

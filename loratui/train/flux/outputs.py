@@ -10,21 +10,18 @@ is (flow-match Euler, few steps, fixed seed); `export_lora` writes the kohya fil
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from loratui.models.sd.kohya import KohyaInfo
 from loratui.models.sd.lora import LoraPlan, load_lora_state, lora_state, module_scales
-from loratui.models.sd.lora_files import usage_string
 from loratui.runs.checkpoints import load_checkpoint
 from loratui.train.flux.setup import FluxModels
 from loratui.train.job import WorkerJob
-from loratui.train.loop.checkpointing import refuse_nonfinite, restore_rng_state, rng_state, save_checkpoint
+from loratui.train.loop.checkpointing import restore_rng_state, rng_state, save_checkpoint
 from loratui.train.loop.optim import (
     apply_configured_hyperparameters,
     check_resumable,
@@ -295,25 +292,6 @@ def render_samples(
 def export_lora(checkpoints: FluxCheckpointer, output: Path, *, ema: bool = False) -> Path:
     """Write the kohya file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
     from loratui.models.flux.lora_files import export_flux_checkpoint
+    from loratui.train.sd.outputs import export_lora as export_with
 
-    job = checkpoints.job
-    latest = job.run.latest_checkpoint()
-    refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
-    written = export_flux_checkpoint(
-        latest,
-        fmt="kohya",
-        out=output,
-        overwrite=job.overwrite,
-        resuming=job.resume_from is not None,
-        finished_at=time.time(),
-        ema=ema,
-    )
-    checkpoints.reporter.event(
-        "export",
-        checkpoints.last_saved,
-        path=str(written),
-        usage=usage_string(written.stem),
-        format="kohya",
-        ema=ema,
-    )
-    return written
+    return export_with(checkpoints, output, ema=ema, exporter=export_flux_checkpoint)
