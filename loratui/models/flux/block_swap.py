@@ -2,9 +2,12 @@
 
 `count` is kohya sd-scripts' `blocks_to_swap`: the last `count // 2` double-stream blocks and the last
 `2 x (count - count // 2)` single-stream blocks (`loratui.config.flux_checks.swap_split`; one block of each
-kind always stays on the device) keep their frozen weights in (pinned) CPU memory. A block's weights are brought to the device just before it runs, and the next
-swapped block's copy starts meanwhile on a side stream (prefetch); once the block's work is done they leave
-again. Trained LoRA weights never move (the optimizer holds them), and NF4 weights stay on the device.
+kind always stays on the device) keep their frozen weights in (pinned) CPU memory. A block's weights are
+brought to the device just before it runs; when the block that runs next (after it in the forward, before it
+in the backward) is a swapped one, its copy starts meanwhile on a side stream (prefetch). Once the block's
+work is done its weights leave again, so at most two swapped blocks are on the device at once, and only
+while neighbours run. Trained LoRA weights never move (the optimizer holds them), and NF4 weights stay on
+the device.
 
 Training needs a block's weights twice: in the forward, and in the backward (autograd saved the weight
 tensors themselves, and gradient checkpointing reruns the block). Weights move by re-pointing each tensor's
@@ -12,7 +15,9 @@ tensors themselves, and gradient checkpointing reruns the block). Weights move b
 block's outputs brings the weights back when their gradient arrives, and a hook on its inputs' gradient
 sends them away after the block's backward. Without gradient (sampling), they leave right after the forward.
 
-On the CPU every move is a no-op (the same tensors), while the code path (hooks, order, prefetch) runs.
+On the CPU every move is a no-op (the same tensors), while the code path (hooks, order, prefetch) runs;
+with `copy=True` a move brings a copy there too, so that a simulated card's meter (`simulate_vram`) sees a
+block's weights arrive and leave as they do on a GPU.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class BlockSwapper:
     swapped: list[_Swapped] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     moves: int = 0  # blocks brought to the device (statistics, tests)
+    copy: bool = False  # bring copies even where the device holds the CPU copies (a simulated card)
     stream: Any = None
     backward: bool = False  # the backward of this step has begun (checkpointing reruns blocks in it)
 
@@ -77,11 +83,16 @@ class BlockSwapper:
             self._evict(entry)
         if pin:
             self.stream = torch.cuda.Stream(self.device)
-        for position, entry in enumerate(self.swapped):
-            self.handles.append(
-                entry.block.register_forward_pre_hook(self._before(position), with_kwargs=True)
-            )
-            self.handles.append(entry.block.register_forward_hook(self._after(position), with_kwargs=True))
+        order = transformer_blocks(self.model)
+        position = {id(entry.block): i for i, entry in enumerate(self.swapped)}
+        for index, block in enumerate(order):
+            mine = position.get(id(block))
+            ahead = position.get(id(order[index + 1])) if index + 1 < len(order) else None
+            behind = position.get(id(order[index - 1])) if index > 0 else None
+            if mine is None and ahead is None and behind is None:
+                continue  # a block that neither moves nor runs beside one that does
+            self.handles.append(block.register_forward_pre_hook(self._before(mine, ahead), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._after(mine, behind), with_kwargs=True))
         self.handles.append(self.model.register_forward_pre_hook(lambda *_: self.evict_all()))
         return self
 
@@ -98,50 +109,54 @@ class BlockSwapper:
         self.swapped.clear()
 
     def evict_all(self) -> None:
-        """Send every swapped block to the CPU (the start of a forward: nothing of the last step is left)."""
+        """Send every swapped block to the CPU (the start of a forward: nothing of the last step is left; after
+        a failed step: the blocks it brought, and the one it prefetched, leave the device)."""
         self.backward = False
         for entry in self.swapped:
             self._evict(entry)
 
     # --- hooks ---------------------------------------------------------------------------------------------
 
-    def _before(self, position: int):
+    # Each hooked block knows its own position in `swapped` (`mine`, None for a block that stays) and that of
+    # the swapped block running right after it in the forward (`ahead`) or in the backward (`behind`).
+
+    def _before(self, mine: int | None, ahead: int | None):
         def hook(_module, args, kwargs):
-            entry = self.swapped[position]
-            self._bring(entry)
-            self._wait(entry)
+            if mine is not None:
+                self._bring(self.swapped[mine])
+                self._wait(self.swapped[mine])
             if self.backward:  # a checkpointed block rerun in the backward: the input hook evicts it
                 return args, kwargs
-            if position + 1 < len(self.swapped):
-                self._bring(self.swapped[position + 1])  # prefetch the next one
-            if torch.is_grad_enabled():
-                args, kwargs = self._evict_after_backward(entry, args, kwargs)
+            if ahead is not None:
+                self._bring(self.swapped[ahead])  # prefetch the next block
+            if mine is not None and torch.is_grad_enabled():
+                args, kwargs = self._evict_after_backward(self.swapped[mine], args, kwargs)
             return args, kwargs
 
         return hook
 
-    def _after(self, position: int):
+    def _after(self, mine: int | None, behind: int | None):
         def hook(_module, _args, _kwargs, output):
             if self.backward:
                 return output  # the rerun's backward comes next; the block stays until it is done
-            entry = self.swapped[position]
-            self._evict(entry)
+            if mine is not None:
+                self._evict(self.swapped[mine])
             if torch.is_grad_enabled():
                 for tensor in _tensors(output):
                     if tensor.requires_grad:
-                        tensor.register_hook(self._bring_for_backward(position))
+                        tensor.register_hook(self._bring_for_backward(mine, behind))
             return output
 
         return hook
 
-    def _bring_for_backward(self, position: int):
+    def _bring_for_backward(self, mine: int | None, behind: int | None):
         def hook(grad):
             self.backward = True
-            entry = self.swapped[position]
-            self._bring(entry)
-            self._wait(entry)
-            if position > 0:
-                self._bring(self.swapped[position - 1])  # backward runs the blocks in reverse
+            if mine is not None:
+                self._bring(self.swapped[mine])
+                self._wait(self.swapped[mine])
+            if behind is not None:
+                self._bring(self.swapped[behind])  # the backward runs the blocks in reverse: prefetch
             return grad
 
         return hook
@@ -180,7 +195,7 @@ class BlockSwapper:
         self.moves += 1
         if self.stream is None:
             for tensor, master in entry.tensors:
-                tensor.data = master.to(self.device)
+                tensor.data = master.to(self.device, copy=self.copy)
             return
         with torch.cuda.stream(self.stream):
             for tensor, master in entry.tensors:

@@ -40,9 +40,15 @@ def apply_base_weights_dtype(models: Any, mode: str) -> bool:
 
 
 def apply_blocks_to_swap(models: Any, count: int) -> bool:
-    """Keep `count` transformer blocks in CPU memory from the next step on."""
+    """Keep `count` transformer blocks in CPU memory from the next step on; False when that swaps no other
+    blocks than now (each kind keeps one block on the device, so a small model runs out of blocks to swap)."""
+    from loratui.config.flux_checks import swap_split
+    from loratui.models.flux.block_swap import CONTAINERS
     from loratui.train.flux.setup import place_transformer
 
+    sizes = [len(getattr(models.transformer, name, [])) for name in CONTAINERS]
+    if swap_split(count, *sizes) == swap_split(models.blocks_to_swap, *sizes):
+        return False
     models.blocks_to_swap = int(count)
     place_transformer(models)
     return True
@@ -50,7 +56,7 @@ def apply_blocks_to_swap(models: Any, count: int) -> bool:
 
 def resident_parts(models: Any) -> list[Any]:
     """The transformer's modules whose weights stay on the device: all of it, or with block swap everything
-    but the swapped blocks (their LoRA layers, which stay, are a rounding error)."""
+    but the swapped blocks' frozen weights (their trained LoRA layers stay: the optimizer holds them)."""
     from loratui.models.flux.block_swap import CONTAINERS
 
     swapper = models.swapper
@@ -60,7 +66,36 @@ def resident_parts(models: Any) -> list[Any]:
     out = [child for name, child in models.transformer.named_children() if name not in CONTAINERS]
     for name in CONTAINERS:
         out += [block for block in getattr(models.transformer, name, []) if id(block) not in swapped]
+    for entry in swapper.swapped:
+        out += _trained_modules(entry.block)
     return out
+
+
+def _trained_modules(block: Any) -> list[Any]:
+    """The outermost modules of `block` whose parameters are all trained (its LoRA layers)."""
+    out: list[Any] = []
+
+    def visit(module: Any) -> None:
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):
+            out.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(block)
+    return out
+
+
+def flux_release(models: Any) -> Callable[[], None]:
+    """What the OOM recovery frees after a failed step beside its gradients: the swapped blocks that step
+    brought to the device (and the one it prefetched) go back to CPU memory."""
+
+    def release() -> None:
+        if models.swapper is not None:
+            models.swapper.evict_all()
+
+    return release
 
 
 def flux_meter_modules(models: Any, context: Any) -> Callable[[], list[Any]]:
@@ -92,8 +127,8 @@ def flux_rung_applier(
             models, changes["base_weights_dtype"]
         ):
             return False
-        if "blocks_to_swap" in changes:
-            apply_blocks_to_swap(models, changes["blocks_to_swap"])
+        if "blocks_to_swap" in changes and not apply_blocks_to_swap(models, changes["blocks_to_swap"]):
+            return False
         if changes.get("gradient_checkpointing"):
             models.transformer.enable_gradient_checkpointing()
             if cfg.train_text_encoder and models.parts.clip is not None:

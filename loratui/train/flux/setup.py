@@ -55,6 +55,7 @@ class FluxModels:
     forward_clip: Any = None
     notes: list[str] = field(default_factory=list)
     text_on_device: bool = True  # False once the text encoders' outputs are cached and they left the device
+    simulated_card: bool = False  # `simulate_vram`: swapped blocks are copied in and out on the CPU as well
 
     @property
     def transformer(self) -> Any:
@@ -83,6 +84,7 @@ class FluxModels:
 
 def setup_models(job: WorkerJob, precision: str, device: torch.device) -> FluxModels:
     """Load the base in the compute dtype, frozen, in CPU memory (see the module docstring for the order)."""
+    from loratui.memory.meter import simulated_budget_from_env_or_config
     from loratui.models.flux.loading import load_flux_for_config
 
     cfg = job.resolved.config
@@ -118,6 +120,7 @@ def setup_models(job: WorkerJob, precision: str, device: torch.device) -> FluxMo
         base_weights_dtype=cfg.base_weights_dtype,
         blocks_to_swap=int(cfg.blocks_to_swap),
         notes=notes,
+        simulated_card=simulated_budget_from_env_or_config(cfg) is not None,
     )
 
 
@@ -196,7 +199,9 @@ def place_transformer(models: FluxModels) -> None:
     if models.blocks_to_swap <= 0:
         models.transformer.to(models.device)
         return
-    swapper = BlockSwapper(models.transformer, models.blocks_to_swap, models.device)
+    swapper = BlockSwapper(
+        models.transformer, models.blocks_to_swap, models.device, copy=models.simulated_card
+    )
     swapper.attach()  # copies the newly swapped blocks to CPU memory and frees their device copies
     _move_except(models.transformer, swapper, models.device)
     models.swapper = swapper

@@ -34,7 +34,7 @@ from loratui.models.flux.flow_match import (
     unpack_latents,
     velocity_target,
 )
-from loratui.train.flux.oom import flux_meter_modules, flux_rung_applier
+from loratui.train.flux.oom import flux_meter_modules, flux_release, flux_rung_applier
 from loratui.train.flux.outputs import FluxCheckpointer, export_lora, render_samples
 from loratui.train.flux.setup import (
     FluxModels,
@@ -240,6 +240,7 @@ def _train(job: WorkerJob, reporter: Reporter, stop: StopFlag, stop_after_step: 
         reporter,
         apply=flux_rung_applier(job, models, context, reporter, checkpoints),
         meter_modules=flux_meter_modules(models, context),
+        release=flux_release(models),
         can_cache_latents=not cfg.random_crop,
         can_cache_text=dataset.options.captions_fixed,
         accelerator=accelerator,

@@ -5,6 +5,7 @@ runs out of memory (a CUDA, cuBLAS/cuDNN or CPU allocator failure, or `MemoryMet
 
 1. the `except` block is left first (its traceback holds the failed micro-batch's tensors and graph);
 2. gradients are dropped (`zero_grad(set_to_none=True)`), the fp16 grad scaler's per-step state is reset,
+   the trainer's `release` callback frees what it placed for the step (Flux: swapped blocks leave the device),
    `gc.collect()` and `torch.cuda.empty_cache()` run;
 3. the ladder (`oom_ladder`) picks the next rung, skipping rungs the memory planner says cannot be enough;
    all processes agree on it (`oom_dist`); the trainer's callback applies it to the live objects;
@@ -73,7 +74,8 @@ class RecoveringStep:
     `apply(changes) -> bool` is the trainer's callback that applies a rung's settings to its live objects
     (checkpointing on the model, caches, data); batch size/accumulation need no callback (the config is read
     on every attempt) and the 8-bit optimizer swap is done here. `meter_modules()` lists the modules whose
-    weights count against a simulated card (`simulate_vram`). `step_kwargs` are `optimizer_step`'s keywords.
+    weights count against a simulated card (`simulate_vram`); `release()` frees what the trainer placed on
+    the device for a failed step beyond its tensors. `step_kwargs` are `optimizer_step`'s keywords.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class RecoveringStep:
         *,
         apply: Callable[[dict[str, Any]], bool] | None = None,
         meter_modules: Callable[[], list[Any]] | None = None,
+        release: Callable[[], None] | None = None,
         can_cache_latents: bool = True,
         can_cache_text: bool = True,
         **step_kwargs: Any,
@@ -107,7 +110,7 @@ class RecoveringStep:
             can_cache_latents=can_cache_latents,
             can_cache_text=can_cache_text,
         )
-        self.memory = StepMemory(job, step_kwargs, meter_modules)
+        self.memory = StepMemory(job, step_kwargs, meter_modules, release)
         self.planner = PlannerJump(job, self.memory, self.kind)
         self.divergence = DivergenceWatch(job, reporter, step_kwargs.get("accelerator"))
 

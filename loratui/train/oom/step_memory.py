@@ -73,17 +73,20 @@ class StepMemory:
     """The memory a step uses: the simulated card's meter (`simulate_vram`) and the CUDA allocator.
 
     `step_kwargs` are `optimizer_step`'s keywords (accelerator, optimizer, model); `meter_modules()` lists the
-    modules whose weights count against a simulated card (default: the model)."""
+    modules whose weights count against a simulated card (default: the model); `release()` frees what the
+    trainer placed on the device for the failed step beyond its tensors (Flux: the swapped blocks)."""
 
     def __init__(
         self,
         job: WorkerJob,
         step_kwargs: dict[str, Any],
         meter_modules: Callable[[], list[Any]] | None = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         self.job = job
         self.step_kwargs = step_kwargs
         self.meter_modules = meter_modules
+        self.release = release
         self.budget = self._simulated_budget()
         self.meter: Any = None
         if self.budget:
@@ -180,11 +183,14 @@ class StepMemory:
         return None, "cpu"
 
     def free(self, *, full: bool = True) -> None:
-        """Drop the failed step's gradients and scaler state, collect garbage, return cached CUDA blocks.
-        `full=False` collects only the young generations (a full pass over a large heap takes ~0.4 s)."""
+        """Drop the failed step's gradients and scaler state and what `release` frees, collect garbage,
+        return cached CUDA blocks. `full=False` collects only the young generations (a full pass over a large
+        heap takes ~0.4 s)."""
         import torch
 
         self.step_kwargs["optimizer"].zero_grad(set_to_none=True)
+        if self.release is not None:
+            self.release()
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and hasattr(scaler, "_per_optimizer_states"):
             from torch.amp.grad_scaler import _refresh_per_optimizer_state
