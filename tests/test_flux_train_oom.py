@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from loratui.models.flux.block_swap import _frozen_tensors
 from loratui.models.flux.fp8 import Fp8Linear
 from loratui.models.flux.loading import load_flux
 from loratui.train.flux.oom import (
@@ -114,3 +115,49 @@ def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_and_quantising_the_b
     assert max(e["meter_peak"] for e in steps) <= budget
     finished = events_of(job.run, "run_finished")[0]
     assert "quantise_base" in [r["rung"] for r in finished["oom_recoveries"]][-1]
+
+
+@pytest.mark.slow
+def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_alone(
+    tiny_flux_dev: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORATUI_OOM_PLANNER", "0")  # one rung at a time: block_swap before quantise_base
+    data = make_image_dataset(tmp_path / "data", 4, sizes=[(72, 64)])
+    common = {
+        "model_family": "flux",
+        "lora_rank": 4,
+        "alpha": 4,
+        "save_steps": None,
+        "max_steps": 2,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True,
+        "cache_latents": True,
+        "cache_text_encoder_outputs": True,
+        "optimizer": "adamw8bit",  # the earlier rungs have nothing left to lower
+    }
+    plain = make_job(
+        seed_like_config(tmp_path / "plain", tiny_flux_dev, data, simulate_vram="1TiB", **common)
+    )
+    assert train(plain) == "finished"
+    peak = max(e["meter_peak"] for e in events_of(plain.run, "step"))
+    # block swap takes the last block of each kind off the card; one swapped block is on it at the peak
+    transformer = load_flux(tiny_flux_dev).transformer
+    last = (transformer.transformer_blocks[-1], transformer.single_transformer_blocks[-1])
+    smaller = min(sum(t.untyped_storage().nbytes() for t in _frozen_tensors(block)) for block in last)
+    budget = peak - smaller // 2
+
+    job = make_job(
+        seed_like_config(tmp_path / "oom", tiny_flux_dev, data, simulate_vram=str(budget), **common)
+    )
+    assert train(job) == "finished"
+    assert [e["rung"] for e in events_of(job.run, "oom")] == ["block_swap"]
+    recovered = events_of(job.run, "oom_recovered")[-1]["new"]
+    assert recovered["blocks_to_swap"] > 0 and recovered["base_weights_dtype"] == "bf16"
+    assert (recovered["batch_size"], recovered["gradient_accumulation_steps"]) == (1, 2)  # same batch
+    steps = events_of(job.run, "step")
+    assert [e["step"] for e in steps] == [1, 2] and all(math.isfinite(e["loss"]) for e in steps)
+    assert max(e["meter_peak"] for e in steps) <= budget
+    finished = events_of(job.run, "run_finished")[0]
+    assert [r["rung"] for r in finished["oom_recoveries"]] == ["block_swap"]
