@@ -117,7 +117,6 @@ def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_and_quantising_the_b
     assert "quantise_base" in [r["rung"] for r in finished["oom_recoveries"]][-1]
 
 
-@pytest.mark.slow
 def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_alone(
     tiny_flux_dev: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
