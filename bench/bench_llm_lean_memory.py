@@ -5,9 +5,9 @@
 Builds a Llama-3.2-1B-shaped causal LM from `LlamaConfig` (hidden 2048, 16 layers, 32 heads / 8 KV heads,
 intermediate 8192, vocabulary 128,256, tied embeddings; random weights, nothing downloaded) and saves it in
 bf16. Then, for `chunked_loss` on and off, runs one optimizer step of the LLM trainer's real step
-(`loratui.train.memory_check.realstep.llm_real_step`: LoRA rank 8 on q/k/v/o, gradient checkpointing, bf16 on
-the CPU, batch 1, every token a target) under `MemoryMeter`, and compares the metered peak with
-`estimate_peak(config, device="cpu")`. Peak host memory stays under about 8 GB (full logits) and 3.5 GB (chunked).
+(`loratui.train.memory_check.realstep.llm_real_step`: LoRA rank 8 on the default targets, every linear layer;
+gradient checkpointing, bf16 on the CPU, batch 1, every token a target) under `MemoryMeter`, and compares the
+metered peak with `estimate_peak(config, device="cpu")` (traced with the CPU's autocast rules). Peak host memory stays under about 8 GB (full logits) and 3.5 GB (chunked).
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def test_the_planner_changes_with_every_lean_option(llama8b: Path) -> None:
         half["lora_params"] * 2 == lean["lora_params"]
         and half["optimizer_state"] * 2 == lean["optimizer_state"]
     )
-    assert 0 < lean["total"] - half["total"] < 4 * lean["lora_params"]
+    # bf16 LoRA halves its weights and AdamW state, and the traced step keeps no fp32 input copy per module
+    assert lean["lora_params"] < lean["total"] - half["total"] < lean["total"] - lean["weights"]
 
     dropout = _predict(llama8b, lora_dropout=0.05)
     assert 0 < dropout["total"] - lean["total"] < 1 * GIB

@@ -131,17 +131,19 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
     if targets is None and kind == "llm":
         targets = ("all-linear",)  # the LLM default of every family (loratui.models.llm.families)
     dropout = cfg.lora_dropout > 0
+    llm = kind == "llm"
     if device == "cuda":
         sixteen = cfg.mixed_precision != "no"
     else:
         sixteen = cfg.mixed_precision == "bf16"
-        if sixteen:
+        if sixteen and not llm:
             notes.append("bf16 on the CPU is estimated with CUDA's autocast rules")
-    if cfg.load_in_4bit and kind == "llm":
+    if cfg.load_in_4bit and llm:
         precision = "qlora16" if sixteen else "qlora32"  # NF4 base; other weights in the compute dtype
     else:
         precision = "amp16" if sixteen else "fp32"
-    llm = kind == "llm"
+    # an LLM step on the CPU follows the CPU's autocast rules (fewer fp32 copies than CUDA's): its own fits
+    autocast = "cpu" if llm and sixteen and device != "cuda" else "cuda"
     # under FSDP the trainer computes the full logits (the LM head is gathered only inside the model's forward)
     chunked = llm and bool(getattr(cfg, "chunked_loss", False)) and not getattr(cfg, "fsdp", False)
     offload = llm and device == "cuda" and bool(getattr(cfg, "activation_offload", False))
@@ -155,6 +157,8 @@ def regime_for(cfg: Any, device: str, kind: str) -> tuple[Regime, list[str]]:
         network=_network_key(cfg, kind),
         chunked_loss=chunked,
         offload=offload,
+        lora_dtype=str(getattr(cfg, "lora_dtype", "fp32")) if llm else "fp32",
+        autocast=autocast,
     )
     return regime, notes
 
@@ -250,9 +254,10 @@ def optimizer_bytes(
     return state, temporaries
 
 
-def _method(source: str, table: bool) -> str:
-    where = "this CPU (random weights)" if source == "cpu" else "the meta device (CUDA autocast emulated)"
-    shipped = ", shipped table" if table else ""
+def _method(source: str, table: bool, regime: Regime | None = None) -> str:
+    rules = "CPU" if regime is not None and regime.autocast == "cpu" else "CUDA"
+    where = "this CPU (random weights)" if source == "cpu" else f"the meta device ({rules} autocast emulated)"
+    shipped = ", shipped table" if table and (regime is None or regime.autocast == "cuda") else ""
     return f"traced reference step on {where}, fitted in batch/tokens/rank{shipped}; optimizer and overheads computed"
 
 
@@ -320,11 +325,6 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     state, temporaries = optimizer_bytes(
         cfg.optimizer, tensors, r, device, shapes, cfg.optimizer_args, width=lora_bytes
     )
-    if (
-        lora_bytes != 4
-    ):  # traced with fp32 LoRA: its gradients at the peak take `lora_bytes` an element instead
-        fp32_lora = 4 * summary.lora_params(r, cfg.target_modules, lora_dropout=cfg.lora_dropout)
-        peak -= min(fp32_lora, max(peak - acts, 0)) * (4 - lora_bytes) / 4
     mask = b * s * s  # boolean 4-D attention mask for padded or packed rows
     peak, acts = peak + mask, acts + mask
     step, activations, grads_at_peak = step_parts(peak, acts, lora, cfg.gradient_accumulation_steps > 1)
@@ -356,7 +356,7 @@ def _estimate_llm(planner: Planner, cfg: Any, device: str) -> Estimate:
     return Estimate(
         sum(parts.values()),
         parts,
-        _method(source, table_for(planner.spec.fingerprint) is not None),
+        _method(source, table_for(planner.spec.fingerprint) is not None, regime),
         _band(source, fit.residual, device),
         notes,
         phase,

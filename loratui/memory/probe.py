@@ -9,7 +9,9 @@ laptop; GPU behaviour that the meta device lacks (CUDA autocast, fused attention
 Precisions: ``fp32`` (CPU training, or `mixed_precision: no`), ``amp16`` (16-bit weights, fp32 LoRA, CUDA
 autocast, outputs converted to fp32 as accelerate does), ``qlora16`` / ``qlora32`` (4-bit NF4 base layers
 emulated as bitsandbytes runs them: compute in the compute dtype, the layer input not saved; every other weight
-kept in that dtype, 16-bit with autocast or fp32 without mixed precision; the LoRA fp32).
+kept in that dtype, 16-bit with autocast or fp32 without mixed precision; the LoRA fp32). LLM steps take the
+LoRA weights in the regime's `lora_dtype`, cast as the LLM trainer casts them (`apply_lora_dtype`), and the
+regime's autocast rules (`Regime.autocast`: CUDA's, or the CPU's for a step planned on the CPU).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def full_precision(precision: str) -> bool:
     return precision in ("fp32", "qlora32")
 
 
-def _trace_mode(precision: str, device: str) -> TraceMode:
+def _trace_mode(precision: str, device: str, rules: str = "cuda") -> TraceMode:
     """The `TraceMode` for a trace; entered only where it changes something (autocast or meta attention)."""
-    mode = TraceMode(AMP_DTYPE if not full_precision(precision) else None)
+    mode = TraceMode(AMP_DTYPE if not full_precision(precision) else None, rules=rules)
     mode.autocast_active = False
     return mode
 
@@ -190,23 +192,24 @@ def _llm_train_config(regime: Regime, rank: int) -> Any:
         lora_dropout=0.05 if regime.dropout else 0.0,
         gradient_checkpointing=regime.checkpointing,
         target_modules=list(regime.targets) if regime.targets else None,
+        lora_dtype=regime.lora_dtype,
     )
 
 
 def add_llm_lora(model: torch.nn.Module, regime: Regime, rank: int) -> torch.nn.Module:
-    """LoRA as the LLM trainer adds it (`loratui.models.llm.lora`)."""
-    from loratui.models.llm.lora import setup_lora
+    """LoRA as the LLM trainer adds it (`loratui.models.llm.lora`: placed, then cast to `lora_dtype`)."""
+    from loratui.models.llm.lora import apply_lora_dtype, setup_lora
 
     cfg = _llm_train_config(regime, rank)
     if not regime.precision.startswith("qlora"):
-        return setup_lora(cfg, model)
+        return apply_lora_dtype(cfg, setup_lora(cfg, model))
     _emulate_kbit(model, torch.float32 if full_precision(regime.precision) else AMP_DTYPE)
     model = setup_lora(cfg, model)
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, Linear4bitStandIn):
             base.adapted = True
-    return model
+    return apply_lora_dtype(cfg, model)
 
 
 @contextlib.contextmanager
@@ -349,7 +352,7 @@ def trace_llm(
         for point in group:
             meter = _meter_for([model])
             static = meter.live_bytes
-            mode = _trace_mode(regime.precision, device)
+            mode = _trace_mode(regime.precision, device, regime.autocast)
             masks = _meta_masks() if device == "meta" else contextlib.nullcontext()
             autocast = _meta_autocast() if device == "meta" else contextlib.nullcontext()
             with masks, autocast, _enter(mode, regime.precision, device), meter:

@@ -18,12 +18,16 @@ class Regime:
     network: str = "lora"  # SD adapter type and its options (`loratui.models.sd.adapters.spec_key`)
     chunked_loss: bool = False  # LLM: output head + loss a chunk of tokens at a time
     offload: bool = False  # LLM: saved activations in host memory until backward (GPU only)
+    lora_dtype: str = "fp32"  # LLM: dtype of the LoRA weights (`lora_dtype`: fp32 | bf16)
+    autocast: str = "cuda"  # whose autocast rules a 16-bit step follows: "cuda" or "cpu" (`tracemode.RULES`)
 
     def key(self) -> str:
         targets = "default" if self.targets is None else ",".join(self.targets)
         network = "" if self.network == "lora" else f"|net={self.network}"
         key = f"{self.precision}|ckpt={int(self.checkpointing)}|drop={int(self.dropout)}|t={targets}{network}"
-        return key + ("|loss=chunked" if self.chunked_loss else "") + ("|offload=1" if self.offload else "")
+        key += ("|loss=chunked" if self.chunked_loss else "") + ("|offload=1" if self.offload else "")
+        key += f"|lora={self.lora_dtype}" if self.lora_dtype != "fp32" else ""
+        return key + (f"|autocast={self.autocast}" if self.autocast != "cuda" else "")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""What a GPU step would do, reproduced on the meta device or a CPU: CUDA autocast and fused attention.
+"""What a training step would do, reproduced on the meta device or a CPU: autocast and fused attention.
 
 `TraceMode` is a `TorchFunctionMode` used while tracing a reference training step:
 
-- with ``amp_dtype`` set it applies CUDA autocast's casting policy (matmul/conv/linear/attention in 16-bit;
-  norms, upsampling, softmax, exp/pow and losses in fp32; casts of trainable leaf tensors cached for the
-  forward pass) — CUDA autocast cannot run on the meta device or without a GPU, so its rules are applied here;
+- with ``amp_dtype`` set it applies an autocast casting policy — CUDA's (``rules="cuda"``: matmul/conv/linear/
+  attention in 16-bit; norms, upsampling, softmax, exp/pow and losses in fp32) or the CPU's (``rules="cpu"``:
+  the same 16-bit ops, but only the losses and ``prod`` in fp32; norms, softmax, exp/pow and reductions run in
+  their input's dtype) — with casts of trainable leaf tensors cached for the forward pass. Autocast cannot run on
+  the meta device (nor CUDA's without a GPU), so its rules are applied here;
 - on the meta device ``scaled_dot_product_attention`` is replaced by a stand-in with the memory behaviour of
   the fused kernels (flash / memory-efficient): it keeps q, k, v, the output and a float32 log-sum-exp per row,
   and never materialises the attention matrix (the meta device would otherwise pick the math kernel).
@@ -61,6 +63,21 @@ FP32 = {
     "cosine_similarity",
 }
 FP32_OUTPUT = {"softmax", "log_softmax", "sum", "cumsum", "prod"}  # autocast passes dtype=float32
+#: CPU autocast (torch's CPU fp32 list, as far as these operators go): losses and `prod` only
+CPU_FP32 = {
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "nll_loss",
+    "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "prod",
+}
+#: (ops cast to 16-bit, ops cast to fp32, ops given dtype=float32) per device's autocast
+RULES = {
+    "cuda": (LOW_PRECISION, FP32, FP32_OUTPUT),
+    "cpu": (LOW_PRECISION, CPU_FP32, set()),
+}
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -88,11 +105,15 @@ def _low_precision(value: object) -> bool:
 
 
 class TraceMode(TorchFunctionMode):
-    """Autocast emulation (``amp_dtype``) and fused-attention stand-in (``fused_attention``) while tracing."""
+    """Autocast emulation (``amp_dtype``, with the ``rules`` of the "cuda" or "cpu" autocast) and
+    fused-attention stand-in (``fused_attention``) while tracing."""
 
-    def __init__(self, amp_dtype: torch.dtype | None = None, *, fused_attention: bool = True):
+    def __init__(
+        self, amp_dtype: torch.dtype | None = None, *, fused_attention: bool = True, rules: str = "cuda"
+    ):
         super().__init__()
         self.amp_dtype = amp_dtype
+        self.low_precision, self.fp32, self.fp32_output = RULES[rules]
         self.fused_attention = fused_attention
         self.autocast_active = amp_dtype is not None
         self._cache: dict[int, torch.Tensor] = {}
@@ -118,13 +139,15 @@ class TraceMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", "")
         if self.autocast_active:
-            if name in LOW_PRECISION:
+            if name in self.low_precision:
                 args = tuple(self._cast(a, self.amp_dtype) for a in args)
                 kwargs = {k: self._cast(v, self.amp_dtype) for k, v in kwargs.items()}
-            elif name in FP32:
+            elif name in self.fp32:
                 args = tuple(self._cast(a, torch.float32) for a in args)
                 kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
-            elif name in FP32_OUTPUT and kwargs.get("dtype") is None and args and _low_precision(args[0]):
+            elif (
+                name in self.fp32_output and kwargs.get("dtype") is None and args and _low_precision(args[0])
+            ):
                 kwargs["dtype"] = torch.float32
         if name == "scaled_dot_product_attention" and self.fused_attention:
             qkv = [*args[:3], *(kwargs.get(k) for k in ("query", "key", "value")[len(args[:3]) :])]

@@ -46,12 +46,20 @@ def regimes(kind: str) -> list[Regime]:
         return [Regime(p, c, d) for p, c, d in product(("amp16", "fp32"), (False, True), (False, True))]
     # an LLM's default targets are estimated as all-linear (the same layers, `memory.estimate.regime_for`)
     targets = (("all-linear",),)
-    return [
+    fp32_lora = [
         Regime(p, c, d, t, chunked_loss=chunked)
         for p, c, d, t, chunked in product(
             ("amp16", "qlora16", "qlora32", "fp32"), (False, True), (False, True), targets, (False, True)
         )
     ]
+    # `lora_dtype: bf16` where it is used: with 16-bit compute on a GPU (16-bit LoRA and QLoRA)
+    bf16_lora = [
+        Regime(p, c, d, t, chunked_loss=chunked, lora_dtype="bf16")
+        for p, c, d, t, chunked in product(
+            ("amp16", "qlora16"), (False, True), (False, True), targets, (False, True)
+        )
+    ]
+    return fp32_lora + bf16_lora
 
 
 def build_table(name: str, log=print, keep: dict | None = None) -> dict:
@@ -64,8 +72,9 @@ def build_table(name: str, log=print, keep: dict | None = None) -> dict:
     fits = {}
     with quiet_libraries():
         for regime in regimes(spec.kind):
-            if keep and fit_key(spec, regime, "meta", "step") in keep.get("fits", {}):
-                fits.update({k: v for k, v in keep["fits"].items() if f"|{regime.key()}|" in k})
+            kept = [fit_key(spec, regime, "meta", w) for w in ("step", "text_training")]
+            if keep and kept[0] in keep.get("fits", {}):
+                fits.update({k: keep["fits"][k] for k in kept if k in keep["fits"]})
                 continue
             if spec.kind == "llm":
                 fits[fit_key(spec, regime, "meta", "step")] = calibrate_llm(spec, regime, "meta").to_dict()
