@@ -210,10 +210,21 @@ def test_image_demo_small(tmp_path):
     console = Console(record=True, width=200, no_color=True)
     assert run_demo(tmp_path / "demo", steps=4, console=console) == 0
     text = console.export_text()
-    assert "RANDOM weights" in text and "use it as:     <lora:demo_shapes:0.8>" in text
-    lora = tmp_path / "demo" / "output" / "demo_shapes" / "demo_shapes.safetensors"
-    assert lora.is_file() and (tmp_path / "demo" / "before_after.png").is_file()
-    assert "128 LoRA layers" in text
+    assert "tiny pretrained" in text and "use it as:     <lora:demo_stars:0.8>" in text
+    lora = tmp_path / "demo" / "output" / "demo_stars" / "demo_stars.safetensors"
+    assert lora.is_file() and (tmp_path / "demo" / "demo_grid.png").is_file()
+    assert "LoRA layers in the UNet" in text and "samples show a star" in text
+    renders = tmp_path / "demo" / "renders"
+    assert sorted(p.name for p in renders.iterdir()) == ["base", "lora-0.0", "lora-0.5", "lora-1.0"]
+    # Weight 0.0 renders exactly what the base model renders (same prompts, same seeds).
+    for base in sorted((renders / "base").glob("*.png")):
+        assert np.array_equal(
+            np.asarray(Image.open(base)), np.asarray(Image.open(renders / "lora-0.0" / base.name))
+        )
+
+
+#: The full image demo's LoRA (weight 1.0) must show the star in at least this share more samples than the base.
+STAR_MARGIN = 0.5
 
 
 @pytest.mark.slow
@@ -229,4 +240,12 @@ def test_image_demo_default_finishes_within_two_minutes(tmp_path):
     )
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The LoRA teaches the star: the pixel detector finds it in far more samples than with the base model.
+    from loratui.tiny_models.pretrain.scenes import read_scene
+
+    def stars(row: str) -> float:
+        files = sorted((tmp_path / "demo" / "renders" / row).glob("*.png"))
+        return sum(read_scene(Image.open(f)).shape == "star" for f in files) / len(files)
+
+    assert stars("lora-1.0") >= stars("base") + STAR_MARGIN, proc.stdout
     assert elapsed <= 120, f"demo took {elapsed:.0f} s"
