@@ -74,6 +74,8 @@ def _write_config(out: Path, model: Path, data: Path, steps: int) -> Path:
         "resolution": RESOLUTION,
         "lora_rank": 8,
         "lora_alpha": 8,
+        # Attention and feed-forward layers: the star is a new shape, not only a new word for a known one.
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
         "learning_rate": 3e-3,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 5,

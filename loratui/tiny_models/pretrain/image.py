@@ -39,6 +39,7 @@ MODEL_NAME = "shapes-sd"
 VAE_STEPS = 300
 UNET_STEPS = 1400
 UNET_BATCH = 32
+DECODER_STEPS = 900
 #: Samples per caption in the final pixel check.
 CHECK_SEEDS = 2
 
@@ -109,7 +110,8 @@ its random (seeded) weights.
 
 Licence: Apache-2.0, the same as loratui.
 
-This build: seed {seed}; autoencoder {vae_steps} steps, UNet {unet_steps} steps; {wall:.0f} s wall,
+This build: seed {seed}; autoencoder {vae_steps} steps, UNet {unet_steps} steps, decoder {decoder_steps} steps;
+{wall:.0f} s wall,
 {cpu:.0f} s CPU ({threads} threads); pixel check on {checked} samples (every caption, {seeds} seeds,
 {steps} PNDM steps, guidance {guidance}): {accuracy:.0%} right in background, colour and shape.
 """
@@ -163,6 +165,31 @@ def train_vae(seed: int, steps: int, deadline: float, log: Any) -> tuple[Any, in
     return vae.eval().requires_grad_(False), step
 
 
+def finetune_decoder(vae: Any, seed: int, steps: int, deadline: float, log: Any) -> int:
+    """Train the decoder alone on the frozen encoder's latents (which the UNet learns, so they stay put)."""
+    import torch
+
+    rng = random.Random(seed + 5)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    step = 0
+    while step < steps and time.perf_counter() < deadline:
+        images, _ = _scene_batch(rng, 8, SHAPES + EXTRA_SHAPES)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        mse = torch.nn.functional.mse_loss(vae.decode(latents).sample, images)
+        optimizer.zero_grad(set_to_none=True)
+        mse.backward()
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"decoder step {step}: reconstruction mse {mse.item():.4f}")
+    vae.requires_grad_(False)
+    return step
+
+
 def build_text_encoder(seed: int) -> Any:
     """The tiny CLIP text encoder (random, seeded, frozen) for the generated tokenizer."""
     import torch
@@ -210,7 +237,14 @@ def encode_pool(vae: Any, seed: int, count: int) -> tuple[Any, list[str], float]
 
 
 def train_unet(
-    pool: Any, conditions: Any, empty: Any, seed: int, steps: int, deadline: float, log: Any
+    pool: Any,
+    conditions: Any,
+    empty: Any,
+    seed: int,
+    steps: int,
+    deadline: float,
+    log: Any,
+    start: Any = None,
 ) -> tuple[Any, int]:
     """The UNet (its EMA weights), trained on the scaled latent pool for `steps` (fewer at `deadline`)."""
     import copy
@@ -219,7 +253,7 @@ def train_unet(
     import torch
 
     torch.manual_seed(seed + 3)
-    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG)
+    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG) if start is None else start.float().train()
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
@@ -329,7 +363,7 @@ def pretrain(
     random.seed(seed)
     torch.manual_seed(seed)
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    deadline = wall + minutes * 60 * 0.95 - 60  # leave time for saving and the check
+    deadline = wall + minutes * 60 * 0.8 - 60  # leave time for the decoder, saving and the check
     with quiet_hf("transformers", "diffusers"):
         vae_deadline = wall + (deadline - wall) * 0.2
         vae, vae_steps = train_vae(seed, vae_steps, vae_deadline, log)
@@ -348,12 +382,14 @@ def pretrain(
         conditions = table[torch.tensor([lookup[c] for c in pool_captions])]
         empty = encode_captions(tokenizer, text_encoder, [""])[0]
         unet, unet_steps = train_unet(pool / std, conditions, empty, seed, unet_steps, deadline, log)
+        decoder_steps = finetune_decoder(vae, seed, DECODER_STEPS, deadline + 30, log)
         save_pipeline(out, vae, unet, text_encoder)
         accuracy = check_model(out)
     facts = {
         "seed": seed,
         "vae_steps": vae_steps,
         "unet_steps": unet_steps,
+        "decoder_steps": decoder_steps,
         "wall": time.perf_counter() - wall,
         "cpu": _cpu_seconds() - cpu,
         "threads": torch.get_num_threads(),
