@@ -112,7 +112,7 @@ Licence: Apache-2.0, the same as loratui.
 
 This build: seed {seed}; autoencoder {vae_steps} steps, UNet {unet_steps} steps, decoder {decoder_steps} steps;
 {wall:.0f} s wall,
-{cpu:.0f} s CPU ({threads} threads); pixel check on {checked} samples (every caption, {seeds} seeds,
+{cpu:.0f} s CPU (torch threads: {threads}); pixel check on {checked} samples (every caption x {seeds} seed(s),
 {steps} PNDM steps, guidance {guidance}): {accuracy:.0%} right in background, colour and shape.
 """
 
@@ -244,7 +244,6 @@ def train_unet(
     steps: int,
     deadline: float,
     log: Any,
-    start: Any = None,
 ) -> tuple[Any, int]:
     """The UNet (its EMA weights), trained on the scaled latent pool for `steps` (fewer at `deadline`)."""
     import copy
@@ -253,7 +252,7 @@ def train_unet(
     import torch
 
     torch.manual_seed(seed + 3)
-    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG) if start is None else start.float().train()
+    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
