@@ -349,6 +349,7 @@ def pretrain(
     seed: int = 0,
     vae_steps: int = VAE_STEPS,
     unet_steps: int = UNET_STEPS,
+    decoder_steps: int = DECODER_STEPS,
     log: Any = None,
 ) -> dict[str, Any]:
     """Run the three stages and save the model in `out`; returns the build facts.
@@ -381,7 +382,7 @@ def pretrain(
         conditions = table[torch.tensor([lookup[c] for c in pool_captions])]
         empty = encode_captions(tokenizer, text_encoder, [""])[0]
         unet, unet_steps = train_unet(pool / std, conditions, empty, seed, unet_steps, deadline, log)
-        decoder_steps = finetune_decoder(vae, seed, DECODER_STEPS, deadline + 30, log)
+        decoder_steps = finetune_decoder(vae, seed, decoder_steps, deadline + 30, log)
         save_pipeline(out, vae, unet, text_encoder)
         accuracy = check_model(out)
     facts = {
@@ -422,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
+    parser.add_argument("--decoder-steps", type=int, default=DECODER_STEPS)
     args = parser.parse_args(argv)
     out = (args.out or shipped_model_path()).absolute()
-    facts = pretrain(out, args.minutes, args.seed, args.vae_steps, args.unet_steps)
+    facts = pretrain(out, args.minutes, args.seed, args.vae_steps, args.unet_steps, args.decoder_steps)
     print(
         f"saved {out}: pixel check {facts['accuracy']:.0%} right; "
         f"{facts['wall']:.0f} s wall, {facts['cpu']:.0f} s CPU"
