@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py                        # one CUDA GPU (H100/H200 class), at most 9 minutes
     python bench/gpu_check.py --out DIR --overwrite  # report folder (default gpu_check_report/)
-    python bench/gpu_check.py --only llm,oom         # some sections (llm, sd, oom, recommend_8gb, precision)
+    python bench/gpu_check.py --only llm,oom         # some sections (llm, sd, flux, oom, recommend_8gb, precision)
     python bench/gpu_check.py --smoke --out /tmp/gc  # every path on the CPU with tiny models (under a minute)
 
 Writes `gpu_check.md` (ready to paste into docs/benchmarks.md: date, device from NVML/torch, one table per
@@ -16,6 +16,11 @@ random weights built from configs; nothing is downloaded. Sections:
   (`loratui.train.memory_check.realstep`) vs a bare transformers + peft loop in the same process;
 - sd: SD1.5 architecture 512² fp16 batch 1 and 4 (checkpointing off/on) and SDXL architecture 1024² batch 1
   (checkpointing on): predicted vs measured, samples/s vs a bare diffusers + peft loop (needs diffusers);
+- flux: a FLUX.1-dev-architecture transformer (random weights, bf16, built on the GPU) at 1024² and 512², batch
+  1, LoRA rank 16, checkpointing on, cached latents and text-encoder outputs synthesised: bf16 vs fp8 base and
+  block swap (the flux-dev presets' counts) vs none, with the Flux trainer's own step pieces: the planner's
+  training-step prediction vs max allocated / max reserved + context, samples/s, the first-step loss (equal
+  with and without block swap); `bench/gpu_check_flux.py` (needs diffusers);
 - oom: a real CUDA out-of-memory forced with `torch.cuda.set_per_process_memory_fraction` between the peaks of
   micro-batch 16 x 2 and 32 x 1: the run recovers in-process, finishes its planned steps with the same
   effective batch; the time from the OOM to the next completed step (the `oom_recovered` event);
@@ -66,6 +71,8 @@ TOTAL_BUDGET_S = 540  # 9 minutes on the GPU
 OPTIONAL = ("diffusers", "pydantic", "bitsandbytes")
 REPORT_MD = "gpu_check.md"
 REPORT_JSON = "gpu_check.json"
+
+from gpu_check_flux import FLUX_COLUMNS  # noqa: E402
 
 
 class SectionTimeout(BaseException):
@@ -470,6 +477,18 @@ def section_sd(ctx: Context, sec: Section) -> None:
         _memory_case_checks(ctx, sec, name, row, ["predicted", "allocated", "rate", "bare_rate"])
 
 
+# --- Flux ------------------------------------------------------------------------------------------------------
+
+
+def section_flux(ctx: Context, sec: Section) -> None:
+    """FLUX.1-dev architecture at 1024² and 512², bf16 vs fp8 base, block swap vs none (`gpu_check_flux`)."""
+    if not ctx.has("diffusers"):
+        raise Skip("diffusers not installed")
+    from gpu_check_flux import run_flux_section
+
+    run_flux_section(ctx, sec)
+
+
 # --- OOM recovery ----------------------------------------------------------------------------------------------
 
 OOM_COLUMNS = [
@@ -858,28 +877,35 @@ def section_precision(ctx: Context, sec: Section) -> None:
 # --- running and reporting -------------------------------------------------------------------------------------
 
 SECTIONS: list[tuple[str, str, list, Callable[[Context, Section], None], float]] = [
-    ("llm", "LLM: predicted vs measured memory, tokens/s vs a bare loop", LLM_COLUMNS, section_llm, 230),
+    ("llm", "LLM: predicted vs measured memory, tokens/s vs a bare loop", LLM_COLUMNS, section_llm, 200),
     (
         "sd",
         "Stable Diffusion: predicted vs measured memory, samples/s vs a bare loop",
         SD_COLUMNS,
         section_sd,
-        150,
+        125,
     ),
-    ("oom", "A real out-of-memory error, recovered in-process", OOM_COLUMNS, section_oom, 45),
+    (
+        "flux",
+        "Flux: predicted vs measured memory, samples/s, bf16 vs fp8 base, block swap",
+        FLUX_COLUMNS,
+        section_flux,
+        80,
+    ),
+    ("oom", "A real out-of-memory error, recovered in-process", OOM_COLUMNS, section_oom, 40),
     (
         "recommend_8gb",
         'The recommender\'s top option for an "8 GB" card, 20 steps',
         RECOMMEND_COLUMNS,
         section_recommend,
-        60,
+        55,
     ),
     (
         "precision",
         "Precisions and optimizers: finite, falling loss",
         PRECISION_COLUMNS,
         section_precision,
-        45,
+        40,
     ),
 ]
 

@@ -127,3 +127,21 @@ def tiny_llm(tiny_models_dir: Path) -> Callable[[str], Path]:
     from loratui.tiny_models import build_tiny_llm
 
     return lambda family: build_tiny_llm(tiny_models_dir / f"llm-{family}", family)
+
+
+# --- tiny Flux-family models (FLUX.1 dev / schnell, Chroma) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_models_dir: Path) -> Callable[[str], Path]:
+    """Builds (once per session) the tiny Flux pipeline folder of a variant: `tiny_flux("dev")`, `"schnell"`,
+    `"chroma"` -> its folder (diffusers FluxPipeline / ChromaPipeline layout)."""
+    from loratui.tiny_models import build_tiny_flux
+
+    return lambda variant: build_tiny_flux(tiny_models_dir / f"flux-{variant}", variant)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tiny_flux: Callable[[str], Path]) -> Path:
+    """Tiny FLUX.1-dev-layout FluxPipeline folder (guidance embedding, CLIP-L + T5, 16-channel AE)."""
+    return tiny_flux("dev")

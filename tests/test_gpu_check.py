@@ -13,18 +13,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
-SECTIONS = ("llm", "sd", "oom", "recommend_8gb", "precision")
+SECTIONS = ("llm", "sd", "flux", "oom", "recommend_8gb", "precision")
 # per section: numbers every measured row must carry
 REQUIRED = {
     "llm": ("predicted", "predicted_allocated_basis", "allocated", "rate", "bare_rate", "speed_ratio"),
     "sd": ("predicted", "predicted_allocated_basis", "allocated", "rate", "bare_rate", "speed_ratio"),
+    "flux": (
+        "predicted",
+        "predicted_allocated_basis",
+        "predicted_run",
+        "allocated",
+        "rate",
+        "first_loss",
+        "last_loss",
+    ),
     "oom": ("recovery_s", "ordinary_step_s", "steps_done"),
     "recommend_8gb": ("predicted", "measured", "steps_done"),
     "precision": ("first_loss", "last_loss", "steps_done"),
 }
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 480) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
@@ -66,6 +75,19 @@ def test_smoke_reports_every_section_with_finite_numbers(tmp_path: Path) -> None
         not r["checkpointing"] for r in by_name["sd"]["rows"]
     )
     assert {r["model"] for r in by_name["sd"]["rows"]} == {"tiny SD1.5 layout", "tiny SDXL layout"}
+    # Flux: bf16 and fp8 base, each with and without block swap, in the JSON and in the markdown table
+    flux = by_name["flux"]["rows"]
+    assert {(r["base"], r["blocks_to_swap"] > 0) for r in flux} == {
+        (base, swapped) for base in ("bf16", "fp8") for swapped in (False, True)
+    }
+    for row in flux:
+        assert f"| {row['resolution']} | {row['base']} | {row['blocks_to_swap']} |" in markdown
+        if row["blocks_to_swap"]:
+            # blocks_to_swap 2 counts as kohya does: 1 double + 1 single block, swapped by the trainer as planned
+            trainer, planner = row["swapped"].split(" / ")
+            assert math.isfinite(row["rate_vs_unswapped"]) and trainer == planner == "1+1"
+    same_loss = [c for c in by_name["flux"]["checks"] if "loss equals the unswapped" in c["check"]]
+    assert len(same_loss) == 2 and all(c["passed"] for c in same_loss)
     variants = {r["variant"]: r["status"] for r in by_name["precision"]["rows"]}
     assert variants["fp16 + loss scaling"] == variants["bf16"] == "ok"
     from loratui.models.quant import bitsandbytes_problem

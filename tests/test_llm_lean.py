@@ -139,14 +139,18 @@ def test_lora_dtype_sets_the_trainable_weights_dtype_and_trains(tiny_llama: Path
     assert {p.dtype for p in _lora_model(tiny_llama).parameters() if p.requires_grad} == {torch.float32}
 
 
-def test_lora_dropout_zero_keeps_no_copy_and_each_module_has_its_own_otherwise(tiny_llama: Path) -> None:
+def test_lora_dropout_zero_keeps_no_copy_and_modules_share_one_otherwise(tiny_llama: Path) -> None:
+    from loratui.models.llm.shared_dropout import SharedDropout
+
     def dropouts(model) -> list[torch.nn.Module]:
         return [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
 
     none = dropouts(_lora_model(tiny_llama, lora_dropout=0.0))
     some = dropouts(_lora_model(tiny_llama, lora_dropout=0.05))
     assert none and all(isinstance(d, torch.nn.Identity) for d in none)
-    assert len(some) == len(none) and all(isinstance(d, torch.nn.Dropout) for d in some)
+    assert len(some) == len(none) and all(d.p == 0.05 for d in some)
+    shared = [d for d in some if isinstance(d, SharedDropout)]
+    assert shared and len({id(d) for d in shared}) == 1  # see tests/test_llm_shared_dropout.py
 
 
 def test_activation_offload_is_a_no_op_off_the_gpu(tiny_llama: Path) -> None:

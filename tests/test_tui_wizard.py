@@ -400,3 +400,50 @@ async def test_train_starts_the_run_and_opens_the_training_view(workdir) -> None
     assert started == [(4, 0)]
     assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
     assert app.return_code == 0
+
+
+@run_async
+async def test_try_the_demo_starts_the_text_demo_and_opens_the_training_view(workdir) -> None:
+    from loratui.demo.text_demo import DEFAULT_STEPS
+    from loratui.tiny_models.pretrain.text import shipped_text_model
+
+    seen: list = []
+    started: list = []
+
+    def launcher(resolved, gpu):
+        started.append(resolved.config)
+        run = write_synthetic_run(
+            workdir / "runs" / "text-demo-20261121-120000", steps=60, total_steps=120, oom_at=None, pid=None
+        )
+        return run, 12345
+
+    app = make_app(launcher=launcher)
+    async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+        await wait_for(pilot, lambda: app.state.gpu is not None)
+        assert "Try the demo" in flat(app)
+        await pilot.click("#try-demo")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainingScreen")
+        await wait_for(pilot, lambda: app.screen.view is not None)
+        await pilot.pause(0.1)
+        assert "run text-demo-20261121-120000" in flat(app) and "60/120" in flat(app)
+    [cfg] = started
+    assert cfg.base_model == str(shipped_text_model()) and cfg.max_steps == DEFAULT_STEPS
+    assert Path(cfg.train_data_dir) == workdir / "loratui-demo" / "data" / "medical_qa.jsonl"
+    assert Path(cfg.train_data_dir).is_file() and (workdir / "loratui-demo" / "llm_demo.yaml").is_file()
+    assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
+
+
+@pytest.mark.slow
+@run_async
+async def test_try_the_demo_trains_in_a_worker_and_the_view_follows_it(workdir, subprocess_env) -> None:
+    from loratui.demo.text_demo import DEFAULT_STEPS
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.gpu is not None)
+        await pilot.click("#try-demo")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainingScreen", timeout=60)
+        await wait_for(pilot, lambda: app.screen.view is not None and app.screen.view.step > 0, timeout=180)
+        assert app.screen.view.total_steps == DEFAULT_STEPS
+        await wait_for(pilot, lambda: app.screen.view.ended, timeout=300)
+        assert app.screen.view.state == "finished" and app.screen.view.step == DEFAULT_STEPS

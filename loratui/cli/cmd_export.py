@@ -13,7 +13,7 @@ def export(
     fmt: str | None = typer.Option(
         None,
         "--format",
-        help="kohya | diffusers (image LoRAs), peft or gguf (LLM adapters); default by task.",
+        help="kohya | diffusers (image LoRAs, SD and Flux), peft or gguf (LLM adapters); default by task.",
     ),
     dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 for the written tensors."),
     merge: bool = typer.Option(
@@ -79,14 +79,16 @@ def run_image_export(
 ) -> int:
     """Export an image LoRA and print where it went and how to use it. Exit code 0 written, 1 refused or
     failed, 2 an option that does not apply to image LoRAs."""
+    from loratui.export.flux_export import export_flux_lora, is_flux_source
     from loratui.export.result import UnusableExportRequest
     from loratui.export.sd_export import ExportError, export_image_lora
 
     if quant is not None:
         _say(console, "error: --quant applies to GGUF exports of LLM adapters, not image LoRAs")
         return 2
+    export_lora = export_flux_lora if is_flux_source(source) else export_image_lora
     try:
-        exported = export_image_lora(
+        exported = export_lora(
             source, fmt=fmt, dtype=dtype, merge=merge, out=out, overwrite=overwrite, ema=ema
         )
     except UnusableExportRequest as exc:

@@ -10,7 +10,7 @@ import typer
 
 def sample(
     base: str = typer.Option(
-        ..., "--base", help="Base model: diffusers folder, .safetensors checkpoint or HF LLM."
+        ..., "--base", help="Base model: diffusers folder, .safetensors checkpoint (SD or Flux) or HF LLM."
     ),
     lora: list[str] = typer.Option(
         [], "--lora", help="LoRA file or adapter, optionally PATH:WEIGHT. Repeatable."
@@ -21,10 +21,17 @@ def sample(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text (may contain <lora:NAME:W>)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Image models: negative prompt."),
     seed: int = typer.Option(1, "--seed", help="Random seed."),
-    steps: int = typer.Option(25, "--steps", help="Image models: denoising steps."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Image models: denoising steps (SD 25; Flux dev/Chroma 20, schnell 4)."
+    ),
     width: int | None = typer.Option(None, "--width", help="Image models: width (default: model's)."),
     height: int | None = typer.Option(None, "--height", help="Image models: height (default: model's)."),
-    guidance: float = typer.Option(7.0, "--guidance", help="Image models: classifier-free guidance scale."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Image models: guidance scale (SD CFG 7; Flux dev 3.5, schnell none)."
+    ),
+    vae: str | None = typer.Option(None, "--vae", help="Flux single-file base: the ae.safetensors file."),
+    clip_l: str | None = typer.Option(None, "--clip-l", help="Flux single-file base: clip_l.safetensors."),
+    t5xxl: str | None = typer.Option(None, "--t5xxl", help="Flux single-file base: the T5-XXL file."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Image models: output PNG path."),
     compare: bool = typer.Option(
         False, "--compare", help="LLMs: print base vs adapter answers side by side."
@@ -35,13 +42,34 @@ def sample(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.ckpt/.bin) weights."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folder code."),
 ) -> None:
-    """Generate an image (SD) or an answer (LLM) with the given LoRAs at the given weights."""
+    """Generate an image (SD, Flux) or an answer (LLM) with the given LoRAs at the given weights."""
     from loratui.cli.common import console, optional_dependencies
     from loratui.config.base_model import guess_task_type
+    from loratui.sample.flux_sample import is_flux_base
 
-    task = guess_task_type(base, "") or "image-generation"
+    flux = is_flux_base(base)
+    task = "image-generation" if flux else guess_task_type(base, "") or "image-generation"
     with optional_dependencies("sample"):
-        if task == "image-generation":
+        if flux:
+            if negative_prompt:
+                console().print("warning: Flux models take no negative prompt; --negative-prompt is ignored")
+            code = run_flux_sample(
+                console=console(),
+                base=base,
+                lora=lora,
+                lora_dir=lora_dir,
+                prompt=prompt,
+                seed=seed,
+                steps=steps,
+                width=width,
+                height=height,
+                guidance=guidance,
+                out=out,
+                vae=vae,
+                clip_l=clip_l,
+                t5xxl=t5xxl,
+            )
+        elif task == "image-generation":
             code = run_image_sample(
                 console=console(),
                 base=base,
@@ -50,10 +78,10 @@ def sample(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 seed=seed,
-                steps=steps,
+                steps=25 if steps is None else steps,
                 width=width,
                 height=height,
-                guidance=guidance,
+                guidance=7.0 if guidance is None else guidance,
                 out=out,
                 allow_pickle=allow_pickle,
             )
@@ -89,6 +117,23 @@ def run_image_sample(*, console: Any, **options: Any) -> int:
     try:
         sample = render(**options)
     except (SampleError, BaseModelError, FileNotFoundError) as exc:
+        _say(console, f"error: {exc}")
+        return 1
+    used = ", ".join(f"{r.path.name}:{r.weight:g}" for r in sample.loras) or "no LoRA"
+    _say(console, f"saved {sample.path} ({sample.width}x{sample.height}, seed {sample.seed}, {used})")
+    return 0
+
+
+def run_flux_sample(*, console: Any, **options: Any) -> int:
+    """Render and save a Flux image (options as `loratui.sample.flux_sample.sample_flux_image`) and say where
+    it went. Exit code 0 saved, 1 a LoRA or the base model could not be used."""
+    from loratui.models.flux.loading import FluxLoadError
+    from loratui.sample.flux_sample import sample_flux_image
+    from loratui.sample.sd_sample import SampleError
+
+    try:
+        sample = sample_flux_image(**options)
+    except (SampleError, FluxLoadError, FileNotFoundError) as exc:
         _say(console, f"error: {exc}")
         return 1
     used = ", ".join(f"{r.path.name}:{r.weight:g}" for r in sample.loras) or "no LoRA"

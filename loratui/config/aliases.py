@@ -84,7 +84,16 @@ KEY_ALIASES: dict[str, str] = {
     "report_to": "log_with",
     "log_tracker_name": "wandb_project",
     "fsdp_enabled": "fsdp",
+    # kohya sd-scripts' Flux options (flux_train_network.py)
+    "ae": "vae",
+    "t5xxl_max_token_length": "t5_max_length",
+    "fp8_base": "base_weights_dtype",
+    "fp8_base_unet": "base_weights_dtype",
+    "network_train_unet_only": "train_text_encoder",  # negated: see NEGATED_KEYS
 }
+
+#: boolean keys of other tools that mean the opposite of their canonical key
+NEGATED_KEYS = frozenset({"network_train_unet_only"})
 
 # Keys of other tools that loratui refuses with a reason and what to use instead (never silently dropped).
 UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {
@@ -142,7 +151,6 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
         "schedulefree": "schedulefree_adamw",
         "lion_32bit": "lion",
     },
-    "model_family": {"sd1": "sd15", "sd1.5": "sd15", "sd21": "sd2", "sd2.1": "sd2", "sd-xl": "sdxl"},
     "lr_scheduler": {
         "cosine_with_hard_restarts": "cosine_with_restarts",
         "polynomial_decay": "polynomial",
@@ -159,6 +167,29 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
         "false": "auto",
     },
     "method": {"supervised": "sft"},
+    # `fp8_base: true` (kohya) stores the frozen base in fp8; false keeps bf16
+    "base_weights_dtype": {
+        "true": "fp8",
+        "false": "bf16",
+        "float8": "fp8",
+        "fp8_e4m3fn": "fp8",
+        "float8_e4m3fn": "fp8",
+        "e4m3": "fp8",
+        "bfloat16": "bf16",
+        "4bit": "nf4",
+        "int4": "nf4",
+    },
+    "model_family": {
+        "sd1": "sd15",
+        "sd1.5": "sd15",
+        "sd21": "sd2",
+        "sd2.1": "sd2",
+        "sd-xl": "sdxl",
+        "flux1": "flux",
+        "flux.1": "flux",
+        "flux-dev": "flux",
+        "flux-schnell": "flux",
+    },
     "pref_loss": {"dpo": "sigmoid"},
     "network_type": {"lycoris": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora", "locon": "locon"},
 }

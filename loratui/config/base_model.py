@@ -13,6 +13,8 @@ from pathlib import Path
 from loratui.util import jsonsafe
 
 SD_FAMILIES = ("sd15", "sd2", "sdxl")
+FLUX_FAMILIES = ("flux", "chroma")
+IMAGE_FAMILIES = SD_FAMILIES + FLUX_FAMILIES
 GGML_MAGICS = {b"lmgg", b"tjgg", b"fmgg", b"ggml", b"ggjt", b"ggmf"}
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
@@ -22,15 +24,18 @@ class ModelInfo:
     """What a base-model path looks like."""
 
     path: str
-    kind: str  # diffusers-folder, sd-checkpoint, hf-folder, gguf, ggml, pickle, lora, vae, unknown, missing, hub-id
-    family: str | None = None  # sd15 | sd2 | sdxl | llm
-    params: int | None = None  # LLM parameter count estimate from config.json
+    kind: str  # diffusers-folder, sd-checkpoint, flux-checkpoint, hf-folder, gguf, ggml, pickle, lora, vae,
+    # text-encoder, unknown, missing, hub-id
+    family: str | None = None  # sd15 | sd2 | sdxl | flux | chroma | llm
+    params: int | None = None  # LLM: estimate from config.json; Flux: transformer parameters from the headers
     architecture: str | None = None
     notes: list[str] = field(default_factory=list)
     #: what a single-file SD checkpoint's marker keys say: "v_prediction" (`v_pred` key) or None
     prediction_type: str | None = None
     #: the checkpoint carries the `ztsnr` marker (trained with the zero-terminal-SNR schedule)
     zero_terminal_snr: bool = False
+    #: Flux family: dev (guidance embedding), schnell or chroma
+    variant: str | None = None
 
     @property
     def preset_family(self) -> str | None:
@@ -107,11 +112,49 @@ def schedule_markers(keys) -> tuple[str | None, bool]:
     return "v_prediction", ZTSNR_KEY in keyset
 
 
+#: where a Flux transformer's keys start in the files users have: bare (`flux1-dev.safetensors`), ComfyUI's
+#: all-in-one checkpoints (`model.diffusion_model.`) and a few re-saves
+FLUX_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "model.")
+#: tensors that only a Flux-class transformer in the original (BFL) layout has
+FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
+#: the same for a transformer saved by diffusers (`diffusion_pytorch_model.safetensors` of FluxTransformer2DModel)
+FLUX_DIFFUSERS_MARKERS = (
+    "transformer_blocks.0.attn.add_q_proj.weight",
+    "single_transformer_blocks.0.proj_mlp.weight",
+)
+#: Chroma's modulation approximator; FLUX.1-dev's guidance embedding (schnell has neither)
+CHROMA_MARKER = "distilled_guidance_layer.in_proj.weight"
+GUIDANCE_MARKERS = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
+
+
+def flux_prefix(keys) -> tuple[str, str] | None:
+    """(prefix, layout) of a Flux transformer's keys (layout `original` or `diffusers`), or None."""
+    keyset = keys if isinstance(keys, set | frozenset | dict) else set(keys)
+    for prefix in FLUX_TRANSFORMER_PREFIXES:
+        if any(prefix + marker in keyset for marker in FLUX_MARKERS):
+            return prefix, "original"
+    for prefix in ("", "transformer.", "model."):
+        if any(prefix + marker in keyset for marker in FLUX_DIFFUSERS_MARKERS):
+            return prefix, "diffusers"
+    return None
+
+
+def flux_variant(keys, prefix: str = "") -> str:
+    """chroma, dev or schnell from a Flux transformer's keys (after `prefix`)."""
+    keyset = keys if isinstance(keys, set | frozenset | dict) else set(keys)
+    if prefix + CHROMA_MARKER in keyset:
+        return "chroma"
+    return "dev" if any(prefix + marker in keyset for marker in GUIDANCE_MARKERS) else "schnell"
+
+
 def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
     """Classify a checkpoint by its tensor names: (kind, family)."""
     keyset = set(keys)
     if any(".lora_down." in k or ".lora_A." in k or k.startswith("lora_unet_") for k in keys[:2000]):
         return "lora", None
+    found = flux_prefix(keyset)
+    if found:
+        return "flux-checkpoint", "chroma" if flux_variant(keyset, found[0]) == "chroma" else "flux"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sd-checkpoint", "sdxl"
     if any(k.startswith("model.diffusion_model.") for k in keys):
@@ -122,7 +165,46 @@ def classify_state_keys(keys: list[str]) -> tuple[str, str | None]:
         return "vae", None
     if any(k.startswith(("model.layers.", "transformer.h.", "model.embed_tokens")) for k in keys):
         return "llm-weights", "llm"
+    if any(k.startswith(("text_model.encoder.", "encoder.block.", "shared.")) for k in keys):
+        return "text-encoder", None
     return "unknown", None
+
+
+def _flux_file_info(path: Path, header: dict, keys: list[str], family: str) -> ModelInfo:
+    """A Flux-class transformer file: variant, layout, parameters, what else the file holds."""
+    prefix, layout = flux_prefix(set(keys)) or ("", "original")
+    info = ModelInfo(str(path), "flux-checkpoint", family=family, variant=flux_variant(set(keys), prefix))
+    inner = [k for k in keys if k.startswith(prefix) and not k.startswith(_OTHER_PARTS)]
+    info.params = sum(_numel(header[k]) for k in inner) or None
+    info.architecture = {"chroma": "Chroma", "dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}[info.variant]
+    if layout == "diffusers":
+        info.notes.append("transformer in diffusers layout")
+    dtypes = {str(header[k].get("dtype")) for k in inner if isinstance(header[k], dict)}
+    if any(d.startswith("F8") for d in dtypes):
+        info.notes.append("fp8 weights")
+    parts = [
+        name
+        for name, markers in (
+            ("vae", ("vae.", "first_stage_model.")),
+            ("clip_l", ("text_encoders.clip_l.",)),
+            ("t5xxl", ("text_encoders.t5xxl.",)),
+        )
+        if any(k.startswith(markers) for k in keys)
+    ]
+    if parts:
+        info.notes.append("also holds " + ", ".join(parts))
+    return info
+
+
+#: key prefixes of the other models an all-in-one checkpoint holds next to the transformer
+_OTHER_PARTS = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+
+
+def _numel(entry: object) -> int:
+    count = 1
+    for dim in entry.get("shape", []) if isinstance(entry, dict) else []:
+        count *= int(dim)
+    return count
 
 
 #: the keys that hold each dimension, in the spellings families use (Llama, GPT-2/Bloom, OPT/T5-style)
@@ -208,6 +290,8 @@ def _inspect_diffusers(folder: Path) -> ModelInfo:
     info = ModelInfo(str(folder), "diffusers-folder")
     index = jsonsafe.loads((folder / "model_index.json").read_text(encoding="utf-8"), "model_index.json")
     info.architecture = str(index.get("_class_name"))
+    if info.architecture.startswith(("Flux", "Chroma")):
+        return _inspect_flux_folder(folder, info)
     if "text_encoder_2" in index or "XL" in info.architecture:
         info.family = "sdxl"
         return info
@@ -225,6 +309,23 @@ def _inspect_diffusers(folder: Path) -> ModelInfo:
         info.zero_terminal_snr = bool(sched.get("rescale_betas_zero_snr"))
     except (OSError, ValueError):
         info.notes.append("unet/config.json unreadable")
+    return info
+
+
+def _inspect_flux_folder(folder: Path, info: ModelInfo) -> ModelInfo:
+    """A diffusers FluxPipeline / ChromaPipeline folder: variant from the transformer config, parameters from
+    the transformer's weight headers."""
+    chroma = info.architecture.startswith("Chroma")
+    info.family = "chroma" if chroma else "flux"
+    try:
+        config = jsonsafe.loads(
+            (folder / "transformer" / "config.json").read_text(encoding="utf-8"), "config"
+        )
+    except (OSError, ValueError):
+        info.notes.append("transformer/config.json unreadable")
+        config = {}
+    info.variant = "chroma" if chroma else ("dev" if config.get("guidance_embeds") else "schnell")
+    info.params = params_from_weight_files(folder / "transformer")
     return info
 
 
@@ -273,6 +374,8 @@ def _inspect_file(path: Path) -> ModelInfo:
             return ModelInfo(str(path), "unknown", notes=[f"unreadable safetensors: {exc}"])
         keys = [k for k in header if k != "__metadata__"]
         kind, family = classify_state_keys(keys)
+        if kind == "flux-checkpoint":
+            return _flux_file_info(path, header, keys, family or "flux")
         info = ModelInfo(str(path), kind, family=family)
         if kind == "sd-checkpoint":
             info.prediction_type, info.zero_terminal_snr = schedule_markers(keys)
@@ -312,6 +415,10 @@ def guess_family_from_name(base_model: str, task_type: str) -> str:
     if task_type == "text-generation":
         return "llm"
     name = Path(base_model).name.lower()
+    if "chroma" in name:
+        return "chroma"
+    if "flux" in name:
+        return "flux"
     if "xl" in name:
         return "sdxl"
     if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|sd2)", name):
@@ -334,7 +441,7 @@ def _cached_hub_task(repo_id: str) -> str | None:
 def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
     """Infer the task type from the model path or dataset, or None when nothing tells."""
     info = inspect_base_model(base_model) if base_model else None
-    if info and info.family in SD_FAMILIES:
+    if info and info.family in IMAGE_FAMILIES:
         return "image-generation"
     if info and info.family == "llm":
         return "text-generation"
@@ -353,4 +460,40 @@ def guess_task_type(base_model: str, train_data_dir: str) -> str | None:
             return "text-generation"
     if lowered.endswith((".safetensors", ".ckpt")) or "stable-diffusion" in lowered:
         return "image-generation"
+    return None
+
+
+def flux_block_count(base_model: str) -> tuple[int, int] | None:
+    """(double blocks, single blocks) of a Flux-class base model, from its transformer config or its file's
+    header; None when the path is not a readable Flux model."""
+    path = Path(base_model).expanduser()
+    try:
+        if path.is_dir():
+            config_path = path / "transformer" / "config.json"
+            if not config_path.is_file():
+                config_path = path / "config.json"
+            config = jsonsafe.loads(config_path.read_text(encoding="utf-8"), "transformer config")
+            return int(config["num_layers"]), int(config["num_single_layers"])
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
+            found = flux_prefix(set(keys))
+            if not found:
+                return None
+            prefix, layout = found
+            names = (
+                ("double_blocks", "single_blocks")
+                if layout == "original"
+                else (
+                    "transformer_blocks",
+                    "single_transformer_blocks",
+                )
+            )
+            counts = []
+            for name in names:
+                pattern = re.compile(rf"^{re.escape(prefix)}{name}\.(\d+)\.")
+                indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+                counts.append(max(indices) + 1 if indices else 0)
+            return counts[0], counts[1]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return None

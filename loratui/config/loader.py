@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from loratui.config.aliases import (
     KEY_ALIASES,
+    NEGATED_KEYS,
     NETWORK_KEYS,
     UNSUPPORTED_KEYS,
     canonical_key,
@@ -96,6 +97,8 @@ def _canonicalise(layer: YamlMapping, label: str, problems: list[ConfigProblem])
             )
             continue
         given_as[canon] = key
+        if key in NEGATED_KEYS and isinstance(value, bool):
+            value = not value
         out.values[canon] = normalise_value(canon, value)
         if line:
             out.lines[canon] = line
@@ -198,6 +201,10 @@ def _infer_task_and_family(merged: dict[str, object]) -> tuple[str | None, str]:
 
 
 def _preset_family(family: str, base_model: str) -> str:
+    from loratui.config.presets import FLUX_PRESET_FAMILIES
+
+    if family in FLUX_PRESET_FAMILIES:
+        return "flux-dev"
     if family != "llm":
         return "sd15" if family == "sd2" else family
     from loratui.config.base_model import inspect_base_model, params_from_name
@@ -280,7 +287,21 @@ def load_config(
         raise ConfigError(problems)
     if config.model_family != "auto":
         family = config.model_family
+    problems += _family_problems(config, family, owner)
+    if problems:
+        raise ConfigError(problems)
     return ResolvedConfig(config, sources, family, preset, config_path)
+
+
+def _family_problems(config: TrainConfig, family: str, owner: dict[str, Layer]) -> list[ConfigProblem]:
+    """Checks that need the model family (Flux: resolution multiple of 16, blocks_to_swap vs the model)."""
+    from loratui.config.flux_checks import flux_config_problems
+
+    def where(key: str) -> tuple[str, int | None]:
+        layer = owner.get(key)
+        return (layer.source, layer.lines.get(key)) if layer else ("config", None)
+
+    return flux_config_problems(config, family, where)
 
 
 def check_paths(resolved: ResolvedConfig) -> list[ConfigProblem]:

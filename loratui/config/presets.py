@@ -22,7 +22,9 @@ LLM_SIZE_CLASSES = (
     ("llm-32b", 50e9),
     ("llm-70b", float("inf")),
 )
-PRESET_FAMILIES = ("sd15", "sdxl", *(name for name, _ in LLM_SIZE_CLASSES))
+PRESET_FAMILIES = ("sd15", "sdxl", "flux-dev", *(name for name, _ in LLM_SIZE_CLASSES))
+#: model families whose runs take the `flux-dev` section (FLUX.1-dev, schnell and Chroma)
+FLUX_PRESET_FAMILIES = ("flux", "chroma")
 
 
 def llm_preset_family(params: float) -> str:

@@ -6,7 +6,7 @@ import json
 
 from loratui.config.aliases import KEY_ALIASES
 from loratui.config.schema import TrainConfig
-from loratui.config.task_keys import IMAGE_ONLY, METHOD_KEYS, TEXT_ONLY
+from loratui.config.task_keys import FLUX_ONLY, IMAGE_ONLY, METHOD_KEYS, SD_ONLY, TEXT_ONLY, VARIANT_KEYS
 
 INTRO = """# Config reference
 
@@ -56,6 +56,24 @@ def render() -> str:
         lines += [title, "", "| key | why the other task ignores it |", "|---|---|"]
         lines += [f"| `{key}` | {reason} |" for key, reason in keys.items()]
         lines.append("")
+    for title, keys in (
+        (
+            "Read by Flux-family (FLUX.1, Chroma) runs only; SD and text runs warn when they are set:",
+            FLUX_ONLY,
+        ),
+        ("Read by SD runs but not by Flux-family runs; a Flux run warns when they are set:", SD_ONLY),
+    ):
+        lines += [title, "", "| key | why the other runs ignore it |", "|---|---|"]
+        lines += [f"| `{key}` | {reason} |" for key, reason in keys.items()]
+        lines.append("")
+    lines += [
+        "Not read by some Flux variants (found from the base model's files); a run of such a variant warns:",
+        "",
+        "| key | ignored by | why |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{key}` | {', '.join(variants)} | {why} |" for key, (variants, why) in VARIANT_KEYS.items()]
+    lines.append("")
     lines += [
         "Read by some training methods (`method`) of text runs only; a text run with another method warns:",
         "",

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 TaskType = Literal["image-generation", "text-generation"]
 ModelFamily = Literal["auto", "sd15", "sd2", "sdxl", "flux", "chroma", "llm"]
 BaseWeightsDtype = Literal["bf16", "fp8", "nf4"]
-TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "shift", "flux_shift"]
+TimestepSampling = Literal["uniform", "sigma", "sigmoid", "logit_normal", "shift", "flux_shift"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree_adamw", "came", "lion"]
 LoraDtype = Literal["fp32", "bf16"]
@@ -250,15 +250,33 @@ class TrainConfig(BaseModel):
     )
     timestep_sampling: TimestepSampling = Field(
         "sigmoid",
-        description="Flux: timestep sampling: uniform, sigmoid (logit-normal with sigmoid_scale), "
+        description="Flux: timestep sampling: uniform, sigma (kohya's: the 1000 training sigmas, uniformly, "
+        "shifted by discrete_flow_shift), sigmoid (logit-normal with sigmoid_scale), "
         "logit_normal, shift (sigmoid then discrete_flow_shift) or flux_shift (resolution-dependent shift).",
     )
     sigmoid_scale: float = Field(1.0, gt=0, description="Flux: scale of the sigmoid/shift timestep sampling.")
-    discrete_flow_shift: float = Field(3.0, gt=0, description="Flux: shift for timestep_sampling: shift.")
+    apply_t5_attn_mask: bool = Field(
+        False,
+        description="kohya's Flux option, accepted: FLUX.1 runs read T5 without an attention mask (as the model "
+        "was trained); Chroma runs always mask. Reported when set.",
+    )
+    cache_text_encoder_outputs_to_disk: bool = Field(
+        False,
+        description="kohya's option, accepted: text-encoder outputs are cached in memory "
+        "(cache_text_encoder_outputs), not on disk. Reported when set.",
+    )
+    discrete_flow_shift: float = Field(
+        3.0, gt=0, description="Flux: shift for timestep_sampling: shift and sigma."
+    )
     guidance_scale: float = Field(
         1.0,
         ge=0,
         description="Flux dev: the guidance embedding's value during training (ignored by schnell).",
+    )
+    model_prediction_type: str = Field(
+        "raw",
+        description="Flux: how the transformer output is read: raw (the flow velocity FLUX.1 was trained to "
+        "predict; kohya's recommended setting). Accepted for kohya configs; other values are refused.",
     )
 
     # --- text (LLM) --------------------------------------------------------------------------
@@ -407,6 +425,16 @@ class TrainConfig(BaseModel):
             raise ValueError("label_smoothing applies to pref_loss: sigmoid only; set it to 0 for ipo")
         return value
 
+    @field_validator("model_prediction_type")
+    @classmethod
+    def _raw_prediction(cls, value: str) -> str:
+        if value.strip().lower() != "raw":
+            raise ValueError(
+                f"{value!r}: the Flux trainer reads the transformer output as the flow velocity (kohya's raw); "
+                "additive and sigma_scaled are not offered: use raw or remove the key"
+            )
+        return "raw"
+
     @field_validator("caption_extension")
     @classmethod
     def _dot_extension(cls, value: str) -> str:
@@ -516,4 +544,7 @@ PATH_FIELDS: tuple[str, ...] = (
     "init_lora",
     "reg_data_dir",
     "mask_dir",
+    "vae",
+    "clip_l",
+    "t5xxl",
 )

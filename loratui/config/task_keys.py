@@ -91,6 +91,52 @@ IMAGE_ONLY: dict[str, str] = {
     "val_every_steps": "text runs evaluate val_split at every epoch's end",
 }
 
+#: keys only Flux-family (FLUX.1, Chroma) runs read -> why SD and text runs ignore them
+FLUX_ONLY: dict[str, str] = {
+    "vae": "only Flux runs read a separate autoencoder file (SD checkpoints and folders carry their own VAE)",
+    "clip_l": "only Flux runs read a separate CLIP-L file",
+    "t5xxl": "only Flux and Chroma runs use a T5-XXL text encoder",
+    "base_weights_dtype": "fp8/NF4 storage of the frozen base applies to the Flux transformer (LLMs: load_in_4bit)",
+    "blocks_to_swap": "block swap moves Flux transformer blocks",
+    "t5_max_length": "only Flux and Chroma runs use a T5-XXL text encoder",
+    "timestep_sampling": "flow-matching timestep sampling applies to Flux runs",
+    "sigmoid_scale": "flow-matching timestep sampling applies to Flux runs",
+    "discrete_flow_shift": "flow-matching timestep sampling applies to Flux runs",
+    "guidance_scale": "the guidance embedding is FLUX.1-dev's",
+    "model_prediction_type": "it says how a Flux transformer's output is read",
+    "apply_t5_attn_mask": "only Flux and Chroma runs use a T5-XXL text encoder",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory "
+    "(cache_text_encoder_outputs), never on disk",
+}
+
+#: keys SD (UNet) runs read that Flux-family runs do not -> why
+SD_ONLY: dict[str, str] = {
+    "prediction_type": "Flux models predict the flow-matching velocity; prediction_type is an SD (UNet) setting",
+    "zero_terminal_snr": "Flux uses a flow-matching schedule, not SD's beta schedule",
+    "min_snr_gamma": "Min-SNR weighting is defined on SD's noise schedule; Flux weighs timesteps by "
+    "timestep_sampling",
+    "conv_rank": "the Flux transformer has no convolutions",
+    "conv_alpha": "the Flux transformer has no convolutions",
+    "use_tucker": "the Flux transformer has no convolutions",
+}
+
+#: keys a Flux variant does not read -> (variants that ignore it, why)
+VARIANT_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "guidance_scale": (("schnell", "chroma"), "only FLUX.1-dev has a guidance embedding"),
+    "clip_l": (("chroma",), "Chroma has no CLIP-L text encoder (T5-XXL only)"),
+    "train_text_encoder": (("chroma",), "Chroma's only text encoder is T5-XXL, which stays frozen"),
+    "text_encoder_lr": (("chroma",), "Chroma's only text encoder is T5-XXL, which stays frozen"),
+    "apply_t5_attn_mask": (
+        ("dev", "schnell"),
+        "FLUX.1 runs read T5 without an attention mask, as FLUX.1 was trained (Chroma runs always mask)",
+    ),
+    "cache_text_encoder_outputs_to_disk": (
+        ("dev", "schnell", "chroma"),
+        "text-encoder outputs are cached in memory (cache_text_encoder_outputs: true), never on disk",
+    ),
+}
+VARIANT_NAMES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell", "chroma": "Chroma"}
+
 #: what each task ignores
 IGNORED_BY_TASK: dict[str, dict[str, str]] = {IMAGE: TEXT_ONLY, TEXT: IMAGE_ONLY}
 
@@ -134,6 +180,33 @@ def schedule_notes(cfg: TrainConfig) -> list[tuple[str, str]]:
     return notes
 
 
+def flux_variant_of(resolved: ResolvedConfig) -> str | None:
+    """dev / schnell / chroma of a Flux-family run's base model (read from its files), or None."""
+    from loratui.config.base_model import inspect_base_model
+
+    if resolved.family == "chroma":
+        return "chroma"
+    base = resolved.config.base_model
+    return inspect_base_model(base).variant if base else None
+
+
+def _family_keys(resolved: ResolvedConfig, ignored: dict[str, str], scopes: dict[str, str]) -> None:
+    """Add the keys an image run of this model family (and Flux variant) does not read."""
+    from loratui.config.base_model import FLUX_FAMILIES
+
+    if resolved.family not in FLUX_FAMILIES:
+        ignored.update(FLUX_ONLY)
+        scopes.update({key: "for SD runs" for key in FLUX_ONLY})
+        return
+    ignored.update(SD_ONLY)
+    scopes.update({key: "for Flux runs" for key in SD_ONLY})
+    variant = flux_variant_of(resolved)
+    for key, (variants, why) in VARIANT_KEYS.items():
+        if variant in variants:
+            ignored[key] = why
+            scopes[key] = f"for {VARIANT_NAMES[variant]}"
+
+
 def _set_by_user(source: str) -> bool:
     return not source.startswith(_NOT_USER_SOURCES)
 
@@ -143,10 +216,14 @@ def ignored_settings(resolved: ResolvedConfig) -> list[IgnoredSetting]:
     order. Values equal to the default are left out: they change nothing either way."""
     cfg = resolved.config
     ignored = dict(IGNORED_BY_TASK[cfg.task_type])
+    scopes: dict[str, str] = {}
     if cfg.task_type == TEXT:
         for key, (methods, why) in METHOD_KEYS.items():
             if cfg.method not in methods:
                 ignored[key] = f"{why}, and this run's method is {cfg.method}"
+        ignored.update(FLUX_ONLY)
+    else:
+        _family_keys(resolved, ignored, scopes)
     found = []
     for key, reason in ignored.items():
         source = resolved.sources.get(key)
@@ -154,7 +231,7 @@ def ignored_settings(resolved: ResolvedConfig) -> list[IgnoredSetting]:
             continue
         if getattr(cfg, key) == TrainConfig.model_fields[key].get_default(call_default_factory=True):
             continue
-        found.append(IgnoredSetting(key, source, reason, cfg.task_type))
+        found.append(IgnoredSetting(key, source, reason, cfg.task_type, scopes.get(key)))
     for key, reason in schedule_notes(cfg):
         source = resolved.sources.get(key)
         if source is None or not _set_by_user(source) or key in ignored:

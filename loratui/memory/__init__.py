@@ -22,11 +22,14 @@ How a prediction is made (called through the modules above):
 - `fit`, `tables`: activation-memory models fitted from traces; shipped tables and the disk cache.
 - `analytic`: the closed-form fallback when an architecture cannot be built.
 - `sharding`: what each GPU holds when FSDP shards the model (`fsdp: true`).
+- `flux`, `flux_probe`, `flux_search`: FLUX.1 / Chroma: the step from configs (transformer storage, block swap,
+  caching; the real transformer traced at reduced depth), and the recommender's Flux axes.
 
 Development only (the product never imports it):
 
 - `dev.calibrate`: regenerates the shipped tables; `dev.preset_sections`: chooses the presets' LLM sections
-  with the planner (`--write` rewrites them). Predicted-vs-measured checks on the trainers' real step
+  with the planner (`--write` rewrites them); `dev.flux_presets` chooses their `flux-dev` sections and
+  `dev.flux_tables` regenerates the shipped Flux tables. Predicted-vs-measured checks on the trainers' real step
   live in `loratui.train.memory_check`, above this layer.
 
 Byte sizes ("3GiB", "7.41 GiB") are parsed and formatted by `loratui.util.sizes`.

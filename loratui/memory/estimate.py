@@ -79,9 +79,15 @@ _PLANNERS: dict[tuple, Planner] = {}
 
 def planner_for(cfg: Any, family: str | None = None) -> Planner:
     """The `Planner` for a config's base model (cached per base model and family)."""
+    import sys
+
     from loratui.memory.arch import arch_from_config
+    from loratui.memory.flux import flux_family, flux_planner
 
     inner = getattr(cfg, "config", cfg)
+    flux = flux_family(inner, family or getattr(cfg, "family", None))
+    if flux is not None:  # FLUX.1 / Chroma: `loratui.memory.flux`
+        return flux_planner(inner, flux, sys.modules[__name__])  # type: ignore[return-value]
     spec = arch_from_config(cfg, family)
     key = (spec.fingerprint, spec.kind)
     if key in _PLANNERS:

@@ -13,8 +13,12 @@ its maximum:
 - SD: the traced steps' timelines are aligned allocation by allocation (batch 1 takes a few different kernels,
   which the alignment tolerates); f is fitted at every moment where some traced step came near its peak, and the
   prediction is the highest of them.
-- LLMs are traced with 1 and 2 decoder layers; f is fitted per phase (forward, backward through the top layer,
-  backward through the bottom layer), each extrapolated linearly to the real depth.
+- LLMs are traced with 1 and 2 decoder layers, in three phases (forward, backward through the top layer,
+  backward through the bottom layer). f is fitted at every candidate peak moment of each phase of the aligned
+  timelines; a phase's value is the highest of its moments, at 1 and at 2 layers, extrapolated linearly to the
+  real depth. Fitting moments, not each phase's maximum, matters where the moment that peaks changes with the
+  shape (under QLoRA a fixed-size dequantised weight copy outweighs the activations of short sequences): a
+  polynomial through the maxima bends there and runs off beyond the traced lengths.
 
 Where the traces come from (`source`): ``cpu`` — the reference step run for real on this CPU with random
 weights (small architectures); ``meta`` — traced on the meta device with CUDA autocast and fused attention
@@ -29,7 +33,7 @@ from typing import Any
 from loratui.memory.arch import ArchSpec
 from loratui.memory.regime import Point, Regime
 
-FIT_VERSION = {"sd": 5, "llm": 6}  # bump when a kind's tracing or fitting changes
+FIT_VERSION = {"sd": 5, "llm": 7}  # bump when a kind's tracing or fitting changes
 N_COEF = 7
 ENVELOPE_SIZE = 48  # moments of the step timeline kept as candidate peaks
 NEAR_PEAK = 0.6
@@ -97,12 +101,19 @@ class Fit:
     activations_envelope: list[list[float]] | None = None
     peak_envelope_per_layer: list[list[float]] | None = None  # LLM: growth per decoder layer of each moment
     activations_envelope_per_layer: list[list[float]] | None = None
+    #: LLM: [1-layer, 2-layer] phases, each a list of coefficient vectors (one per candidate peak moment)
+    peak_moments: list[list[list[list[float]]]] | None = None
+    activations_moments: list[list[list[list[float]]]] | None = None
 
     def evaluate(self, batch: int, tokens: int, rank: int, layers: int = 1) -> tuple[float, float]:
         """(peak, activations) bytes above the weights for one micro-batch of a model with `layers` decoder
         layers (LLMs; `layers=0` gives the part outside the decoder layers: embeddings, logits, loss)."""
         phi = basis(batch, tokens, rank)
         extra = layers - 1
+        if self.peak_moments and self.activations_moments:
+            peak = _moments_max(phi, self.peak_moments, extra)
+            acts = _moments_max(phi, self.activations_moments, extra)
+            return max(peak, 0.0), max(acts, 0.0)
         if self.peak_envelope and self.activations_envelope:
             peak = _envelope_max(phi, self.peak_envelope, self.peak_envelope_per_layer, extra)
             acts = _envelope_max(phi, self.activations_envelope, self.activations_envelope_per_layer, extra)
@@ -236,6 +247,102 @@ def _calibration(kind: str, source: str) -> tuple[tuple[int, ...], tuple[int, in
     return plan["tokens"], plan["ranks"]
 
 
+def _phase_moments(
+    traces: list, rows: list[list[float]], layers: int, pick
+) -> list[list[list[float]]] | None:
+    """Per phase (`_phase_series`), the coefficients at each candidate peak moment of the traces' aligned
+    timelines; None when the timelines do not line up."""
+    timelines = [t.timeline for t in traces]
+    if not all(timelines):
+        return None
+    first = min(range(len(traces)), key=lambda i: len(timelines[i]))
+    reference = timelines[first]
+    start = traces[first].backward_start
+    start = len(reference) if start is None else start
+    final = max(traces[first].gradients, 1)
+    shares = [event[1] / final for event in reference]
+    names = [_op(event[2]) for event in reference]
+    series = []
+    for timeline in timelines:
+        mapping = _align(names, [_op(event[2]) for event in timeline])
+        if mapping is None:
+            return None
+        series.append([pick(timeline[k][0], timeline[k][1]) for k in mapping])
+    backward = range(start, len(reference))
+    members = [
+        list(range(start)),
+        [i for i in backward if shares[i] <= 1 / layers + 1e-9],
+        [i for i in backward if shares[i] >= (layers - 1) / layers - 1e-9],
+    ]
+    phases = []
+    for indices in members:
+        if not indices:
+            return None
+        chosen = _candidates([[s[i] for i in indices] for s in series])
+        phases.append([solve(rows, [s[indices[m]] for s in series])[0] for m in chosen])
+    return phases
+
+
+def _depth_moments(traces: list[list], rows: list[list[float]], pick) -> tuple[list, float] | None:
+    """[1-layer phases, 2-layer phases] of moment coefficients (`Fit.evaluate`), and the worst relative error
+    of the predicted peak on the traces; None when some timelines do not line up."""
+    found = [_phase_moments(t, rows, layers, pick) for t, layers in zip(traces, (1, 2), strict=True)]
+    if any(f is None for f in found):
+        return None
+    worst = 0.0
+    for extra, group in enumerate(traces):
+        for row, trace in zip(rows, group, strict=True):
+            actual = max((pick(a, g) for a, g, *_ in trace.timeline or []), default=0)
+            predicted = _moments_max(row, found, extra)
+            worst = max(worst, abs(predicted - actual) / max(actual, 1))
+    return found, worst
+
+
+def _moments_max(phi: list[float], moments: list, extra: int) -> float:
+    """The highest phase value at depth 1 + `extra`: each phase's 1- and 2-layer maxima over its moments,
+    extrapolated linearly in depth."""
+    best = float("-inf")
+    for one, two in zip(*moments, strict=True):
+        v1 = max(_dot(phi, c) for c in one)
+        v2 = max(_dot(phi, c) for c in two)
+        best = max(best, v1 + extra * (v2 - v1))
+    return best
+
+
+#: shapes on which `prune_moments` keeps every moment that is ever the highest of its phase
+PRUNE_GRID = {
+    "batch": (1, 2, 4, 8, 16, 32, 64, 128),
+    "tokens": tuple(2**k for k in range(5, 18)),  # 32 .. 131,072
+    "rank": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+}
+
+
+def prune_moments(moments: list) -> list:
+    """The moments of each phase (`Fit.peak_moments` layout) that are the phase's highest at some shape of
+    `PRUNE_GRID`; the others never decide a prediction there (most candidates are near-copies of one moment at
+    a neighbouring allocation). Coefficients are kept to 10 significant digits."""
+    import numpy as np
+
+    grid = np.array(
+        [
+            basis(b, t, r)
+            for b in PRUNE_GRID["batch"]
+            for t in PRUNE_GRID["tokens"]
+            for r in PRUNE_GRID["rank"]
+        ]
+    )
+    pruned = []
+    for phases in moments:
+        kept_phases = []
+        for phase in phases:
+            values = grid @ np.array(phase, dtype=np.float64).T  # shapes x moments
+            top = values.max(axis=1, keepdims=True)
+            winners = (values >= top - 1e-9 * np.maximum(np.abs(top), 1.0)).any(axis=0)
+            kept_phases.append([[float(f"{c:.10g}") for c in phase[i]] for i in np.flatnonzero(winners)])
+        pruned.append(kept_phases)
+    return pruned
+
+
 def calibrate_llm(spec: ArchSpec, regime: Regime, source: str) -> Fit:
     """Trace the LLM step at 1 and 2 decoder layers over the design and fit both."""
     from loratui.memory.probe import trace_llm
@@ -243,11 +350,19 @@ def calibrate_llm(spec: ArchSpec, regime: Regime, source: str) -> Fit:
     tokens, ranks = _calibration("llm", source)
     device = "cpu" if source == "cpu" else "meta"
     points = design(ranks, tokens)
-    rows = [basis(p.batch, p.tokens, p.rank) for p in points]
-    fits, envelopes = [], []
+    traced = []
     for layers in (1, 2):
         with _single_thread():
-            traces = trace_llm(spec.configs["model"], layers, regime, points, device)
+            traced.append(trace_llm(spec.configs["model"], layers, regime, points, device))
+    return fit_llm(traced[0], traced[1], source)
+
+
+def fit_llm(one_layer: list, two_layers: list, source: str = "meta") -> Fit:
+    """The `Fit` of an LLM step from its traces at 1 and 2 decoder layers (the same points, in order)."""
+    traced = [one_layer, two_layers]
+    rows = [basis(t.point.batch, t.point.tokens, t.point.rank) for t in one_layer]
+    fits, envelopes = [], []
+    for layers, traces in zip((1, 2), traced, strict=True):
         fits.append(_fit_traces(traces))
         envelopes.append(
             (
@@ -256,12 +371,17 @@ def calibrate_llm(spec: ArchSpec, regime: Regime, source: str) -> Fit:
             )
         )
     (p1, a1, r1), (p2, a2, r2) = fits
-    fit = Fit(p1, a1, _minus(p2, p1), _minus(a2, a1), max(r1, r2), source, 2 * len(points))
+    fit = Fit(p1, a1, _minus(p2, p1), _minus(a2, a1), max(r1, r2), source, 2 * len(rows))
     ((peak1, res_p1), (acts1, res_a1)), ((peak2, res_p2), (acts2, res_a2)) = envelopes
     fit.peak_envelope, fit.activations_envelope = peak1, acts1
     fit.peak_envelope_per_layer = [_minus(b, a) for a, b in zip(peak1, peak2, strict=True)]
     fit.activations_envelope_per_layer = [_minus(b, a) for a, b in zip(acts1, acts2, strict=True)]
     fit.residual = max(res_p1, res_a1, res_p2, res_a2)
+    peak = _depth_moments(traced, rows, lambda a, g: a + g)
+    acts = _depth_moments(traced, rows, lambda a, g: a)
+    if peak is not None and acts is not None:
+        fit.peak_moments, fit.activations_moments = prune_moments(peak[0]), prune_moments(acts[0])
+        fit.residual = max(peak[1], acts[1])
     return fit
 
 

@@ -41,6 +41,12 @@ IMAGE_OPTIONS: tuple[tuple[str, str], ...] = (
     ("prediction_type", "prediction"),
     ("zero_terminal_snr", "zero terminal SNR"),
 )
+#: Flux runs also list how the frozen transformer is stored and swapped (`loratui.memory.flux`)
+FLUX_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("base_weights_dtype", "base weights"),
+    ("blocks_to_swap", "blocks swapped"),
+    ("t5_max_length", "T5 tokens"),
+)
 
 
 class NoUsableMemory(RuntimeError):
@@ -197,11 +203,14 @@ def option_rows(
     cfg = getattr(resolved, "config", resolved)
     if getattr(cfg, "task_type", "") != "image-generation":
         return []
+    from loratui.memory.flux import flux_family
+
     found = _checkpoint_schedule(cfg)
     ignored = IGNORED_BY_TASK["image-generation"]
+    flux = flux_family(cfg, getattr(resolved, "family", None)) is not None
     rows = []
-    for key, label in IMAGE_OPTIONS:
-        if key not in type(cfg).model_fields or key in ignored:
+    for key, label in IMAGE_OPTIONS + (FLUX_OPTIONS if flux else ()):
+        if key not in type(cfg).model_fields or (key in ignored and key not in dict(FLUX_OPTIONS)):
             continue
         value = getattr(cfg, key)
         default = type(cfg).model_fields[key].get_default(call_default_factory=True)
@@ -316,6 +325,7 @@ PRESET_ARCHS = {
     "sd15": "sd15",
     "sd2": "sd2",
     "sdxl": "sdxl",
+    "flux-dev": "flux1-dev",  # every Flux run (dev, schnell, Chroma) takes the flux-dev section
     # a current model of each LLM size class (shipped configs, `memory/arch_configs/`)
     "llm-3b": "llama-3.2-3b",
     "llm-7b": "llama-3.1-8b",
@@ -333,6 +343,8 @@ def preset_family_config(family: str, section: dict[str, Any]) -> Any:
         return TrainConfig(
             task_type="text-generation", model_family="llm", base_model=PRESET_ARCHS[family], **section
         )
+    if family.startswith("flux"):
+        return TrainConfig(task_type="image-generation", model_family="flux", **section)
     return TrainConfig(task_type="image-generation", model_family=family, **section)
 
 

@@ -233,6 +233,13 @@ def explore(
     """Every candidate, estimated (fitting or not); with `processes` > 1 per GPU of a data-parallel run."""
     cfg, family = unpack_config(resolved)
     planner = planner_for(cfg if isinstance(resolved, dict) else resolved, family)
+    if planner.spec.kind == "flux":  # + base_weights_dtype and blocks_to_swap (`loratui.memory.flux_search`)
+        import sys
+
+        from loratui.memory.flux_search import explore_flux
+
+        this = sys.modules[__name__]
+        return explore_flux(this, planner, cfg, usable_bytes, device, frozenset(fixed), processes), planner
     search = search_space(cfg, planner.spec.kind, planner.spec.family, device, frozenset(fixed))
     return [
         evaluate(planner, cfg, changes, usable_bytes, device, processes) for changes in candidates(search)
@@ -293,7 +300,11 @@ def no_fit_message(
     options, planner = explore(resolved, usable_bytes, device=device, fixed=fixed, processes=processes)
     smallest = smallest_option(options)
     parts = smallest.estimate.breakdown
-    frozen = sum(v for k, v in parts.items() if k in ("weights", "unet_weights", "text_encoders", "vae"))
+    frozen = sum(
+        v
+        for k, v in parts.items()
+        if k in ("weights", "unet_weights", "transformer_weights", "text_encoders", "vae")
+    )
     frozen += parts.get("cuda_context", 0)
     lines = [f"nothing fits in {format_bytes(usable_bytes)} of usable memory."]
     current = next((o for o in options if not o.changes), None)

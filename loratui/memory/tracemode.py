@@ -126,6 +126,8 @@ class TraceMode(TorchFunctionMode):
                 kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
             elif name in FP32_OUTPUT and kwargs.get("dtype") is None and args and _low_precision(args[0]):
                 kwargs["dtype"] = torch.float32
-        if name == "scaled_dot_product_attention" and self.fused_attention and args and args[0].is_meta:
-            return _FusedAttention.apply(*args[:3])
+        if name == "scaled_dot_product_attention" and self.fused_attention:
+            qkv = [*args[:3], *(kwargs.get(k) for k in ("query", "key", "value")[len(args[:3]) :])]
+            if isinstance(qkv[0], torch.Tensor) and qkv[0].is_meta:  # diffusers passes them by keyword
+                return _FusedAttention.apply(*qkv)
         return func(*args, **kwargs)

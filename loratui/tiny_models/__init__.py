@@ -13,16 +13,19 @@ Importing this package is cheap; torch/transformers/diffusers are imported when 
 
 from loratui.tiny_models.blip import build_tiny_blip
 from loratui.tiny_models.common import LABEL_FILE, MARKER_FILE, is_tiny_model, read_marker
+from loratui.tiny_models.flux import FLUX_VARIANTS, build_tiny_flux
 from loratui.tiny_models.llama import build_tiny_llama
 from loratui.tiny_models.llm_families import LLM_FAMILIES, build_tiny_llm
 from loratui.tiny_models.sd import SD_FAMILIES, build_tiny_sd
 
 __all__ = [
+    "FLUX_VARIANTS",
     "LABEL_FILE",
     "LLM_FAMILIES",
     "MARKER_FILE",
     "SD_FAMILIES",
     "build_tiny_blip",
+    "build_tiny_flux",
     "build_tiny_llama",
     "build_tiny_llm",
     "build_tiny_sd",

@@ -56,8 +56,11 @@ def chat_template_text() -> str:
     return bundled_text("configs", "llama_chat_template.jinja").strip()
 
 
-def make_llama_tokenizer(vocab_size: int, pad_token: bool, min_frequency: int = 2) -> Any:
-    """A ``tokenizers.Tokenizer``: byte-level BPE learned on the bundled English + Chinese corpus.
+def make_llama_tokenizer(
+    vocab_size: int, pad_token: bool, min_frequency: int = 2, corpus: list[str] | None = None
+) -> Any:
+    """A ``tokenizers.Tokenizer``: byte-level BPE learned on ``corpus`` (default: the bundled English + Chinese
+    corpus).
 
     Never produces unknown tokens (every byte has an id). When the corpus yields fewer merges than
     ``vocab_size`` needs, the remaining ids are reserved special tokens ``<|reserved_N|>``.
@@ -66,7 +69,9 @@ def make_llama_tokenizer(vocab_size: int, pad_token: bool, min_frequency: int = 
 
     specials = [UNK, BOS, EOS] + ([PAD] if pad_token else [])
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    pieces = [piece for line in read_corpus("en", "zh") for piece, _ in pre.pre_tokenize_str(line)]
+    pieces = [
+        piece for line in (corpus or read_corpus("en", "zh")) for piece, _ in pre.pre_tokenize_str(line)
+    ]
     budget = vocab_size - len(specials) - 256
     merges = learn_bpe(count_words(pieces), budget, min_frequency=min_frequency)
     reserved = [f"<|reserved_{i}|>" for i in range(budget - len(merges))]

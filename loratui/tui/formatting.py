@@ -59,6 +59,8 @@ SHORT_KEYS = {
     "resolution": "res",
     "max_seq_len": "seq",
     "lora_rank": "rank",
+    "base_weights_dtype": "base",
+    "blocks_to_swap": "swap",
 }
 
 

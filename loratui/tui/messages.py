@@ -155,6 +155,10 @@ class TrainingStarted(Message):
     pid: int
 
 
+class DemoRequested(Message):
+    """The person asked to try the demo (train a LoRA on the shipped small model and watch it)."""
+
+
 @dataclass
 class WorkFailed(Message):
     """A worker raised: shown once in the error modal."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from textual import on
+from textual import on, work
 
 from loratui.tui.base_app import STYLES, LoratuiApp
-from loratui.tui.messages import TrainingStarted
+from loratui.tui.messages import DemoRequested, TrainingStarted, WorkFailed
 from loratui.tui.screens.training import TrainingScreen
 from loratui.tui.screens.wizard import WizardScreen
-from loratui.tui.wizard_state import WizardState
+from loratui.tui.wizard_state import GpuChoice, WizardState
 
 
 class WizardApp(LoratuiApp):
-    """The wizard. `launcher(resolved, gpu) -> (run_dir, pid)` starts training (tests may replace it)."""
+    """The wizard. `launcher(resolved, gpu) -> (run_dir, pid)` starts training (tests may replace it); the demo
+    ("try the demo" on the first step) prepares its model, data and config in `demo_dir` and starts the same
+    way, so its run opens in the training view."""
 
     CSS_PATH = [*LoratuiApp.CSS_PATH, STYLES / "wizard.tcss", STYLES / "training.tcss"]
 
@@ -26,6 +28,7 @@ class WizardApp(LoratuiApp):
         browse_root: str = ".",
         launcher: Callable | None = None,
         poll_interval: float = 0.25,
+        demo_dir: Path | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -34,6 +37,7 @@ class WizardApp(LoratuiApp):
         self.launcher = launcher
         self.poll_interval = poll_interval
         self.run_dir: Path | None = None
+        self.demo_dir = demo_dir or Path(browse_root) / "loratui-demo"
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -53,3 +57,24 @@ class WizardApp(LoratuiApp):
                 predicted_bytes=self.state.predicted_bytes,
             )
         )
+
+    @on(DemoRequested)
+    def _demo_requested(self, message: DemoRequested) -> None:
+        message.stop()
+        self.start_demo()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
+    def start_demo(self) -> None:
+        """Write the text demo's data and config, then start its run like the Train step does."""
+        from loratui.config import load_config
+        from loratui.demo.text_demo import prepare_demo
+        from loratui.tui.steps.train import start_run
+
+        launcher = self.launcher or start_run
+        try:
+            resolved = load_config(prepare_demo(self.demo_dir))
+            run_dir, pid = launcher(resolved, GpuChoice(None, "CPU", None, None))  # sized for a CPU
+        except Exception as exc:
+            self.post_message(WorkFailed("Could not start the demo", f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(TrainingStarted(Path(run_dir), pid))

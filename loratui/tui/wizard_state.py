@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from loratui.config import ConfigError, ResolvedConfig, TrainConfig, check_paths, load_config
+from loratui.tui.flux_choices import FLUX_FAMILIES, PART_KEYS, missing_part_problems
 
 WIZARD_SOURCE = "wizard"
 STEP_NAMES = ("GPU", "Model", "Data", "Captions", "Settings", "Review", "Train")
@@ -104,7 +105,12 @@ class WizardState:
         resolved = self.try_resolve()
         if resolved is None:
             return list(self._problems)
-        return [str(p) for p in check_paths(resolved)]
+        problems = [str(p) for p in check_paths(resolved)]
+        if resolved.family in FLUX_FAMILIES:
+            cfg = resolved.config
+            values = {key: getattr(cfg, key) for key in PART_KEYS}
+            problems += missing_part_problems(cfg.base_model, values)
+        return problems
 
     @property
     def task(self) -> str:

@@ -4,12 +4,9 @@ Which modules are adapted is decided by `loratui.models.llm.families` (the famil
 `all-linear`); the PEFT config always lists short module names (`q_proj`), as PEFT writes them for a list.
 
 Dropout: PEFT gives every adapted module its own `lora_dropout` layer, applied to that module's input inside the
-module's forward; with `lora_dropout: 0` it is `nn.Identity` (no copy of the input). With dropout > 0 each adapted
-module keeps its own dropped-out copy of its input for backward, also where modules share an input (q, k and v
-projections). PEFT has no hook for a dropout shared by modules with the same input: it would need a dropout layer
-that remembers another module's input tensor and output across calls (tied to the call order, to checkpoint
-recomputation and to PEFT's internals), and it would change PEFT's independent masks into one shared mask. Not
-done; the memory planner traces exactly what PEFT does.
+module's forward; with `lora_dropout: 0` it is `nn.Identity` (no copy of the input). With dropout > 0 the modules
+that read the same tensor (q, k and v; gate and up) share one dropped-out copy of it
+(`loratui.models.llm.shared_dropout`), where PEFT alone would keep one per module.
 """
 
 from __future__ import annotations
@@ -95,6 +92,7 @@ def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> An
     receives what the run's log should say about the targets (MoE experts adapted or left out, ...)."""
     from peft import PeftModel, get_peft_model
 
+    from loratui.models.llm.shared_dropout import share_lora_dropout
     from loratui.util.seeding import set_global_seed
 
     freeze_base(model, cfg.gradient_checkpointing)
@@ -103,7 +101,9 @@ def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> An
         folder = Path(cfg.init_lora)
         if not (folder / "adapter_config.json").is_file():
             raise ValueError(f"init_lora: {folder} is not a PEFT adapter folder (no adapter_config.json)")
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        share_lora_dropout(model)
+        return model
     plan = plan_for(cfg, model)
     for level, text in plan.notes:
         if notify is not None:
@@ -111,7 +111,7 @@ def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> An
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lora_config(cfg, model, plan))
+            model = get_peft_model(model, lora_config(cfg, model, plan))
     except UnsupportedArchitecture:
         raise
     except ValueError as exc:
@@ -119,6 +119,8 @@ def setup_lora(cfg: TrainConfig, model: Any, notify: Notify | None = None) -> An
             f"cannot place LoRA on target_modules {plan.modules + plan.parameters}: {exc}. "
             "Set target_modules to this model's linear layer names, or target_modules: all-linear"
         ) from exc
+    share_lora_dropout(model)
+    return model
 
 
 LORA_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}

@@ -14,8 +14,16 @@ lower settings before restarting a worker that died. Rungs, in order:
 5. `optimizer_8bit`: 8-bit AdamW (bitsandbytes on CUDA, or on the CPU from bitsandbytes 0.50), optimizer state
    carried over; only from AdamW (its two moments map onto 8-bit AdamW's): for Prodigy, Adafactor, schedule-free
    AdamW, CAME and Lion the rung is skipped with the reason (`skipped`);
-6. `quality`: lower the resolution (SD, 64 px) or max_seq_len (LLM, a quarter) one step, never below half of
-   the value the run started with; only with `oom_allow_quality_reduction`.
+6. Flux only (`flux_rung`), ordered by what they cost:
+   `block_swap`: raise `blocks_to_swap` (kohya's meaning: N // 2 double and 2 x (N - N // 2) single blocks,
+   the last of each kind, in CPU memory) by `SWAP_STEP`, up to `FAST_SWAP_LIMIT` (9 double + 18 single blocks
+   of FLUX.1, 47 % of the blocks' weights): the weights stay exact and, with prefetch, moving the small single blocks hides behind the blocks' compute; then `quantise_base` to fp8 (e4m3 storage of the frozen block weights:
+   halves them, a rounding of the frozen weights only, and faster than moving them over PCIe every step); then
+   `block_swap` beyond the fast limit up to `max_blocks_to_swap` (transfer-bound: slower steps, still exact);
+   then `quantise_base` to nf4 (4-bit: a coarser base than fp8, and dequantisation is slower), last before
+   lowering quality;
+7. `quality`: lower the resolution (SD, Flux: 64 px) or max_seq_len (LLM, a quarter) one step, never below half
+   of the value the run started with; only with `oom_allow_quality_reduction`.
 
 The LoRA rank is never changed mid-run.
 """
@@ -45,14 +53,31 @@ LLM_KEYS = (
     "optimizer",
     "max_seq_len",
 )
+FLUX_KEYS = (*SD_KEYS, "base_weights_dtype", "blocks_to_swap")
 RUNG_ORDER = (
     "micro_batch",
     "gradient_checkpointing",
     "offload",
     "activation_offload",
     "optimizer_8bit",
+    "block_swap",
+    "quantise_fp8",
+    "block_swap_more",
+    "quantise_nf4",
     "quality",
 )
+#: the rung name each step of `RUNG_ORDER` reports (and is marked unavailable under)
+RUNG_NAMES = {
+    "block_swap_more": "block_swap",
+    "quantise_fp8": "quantise_base",
+    "quantise_nf4": "quantise_base",
+}
+FLUX_FAMILIES = ("flux", "chroma")
+SWAP_STEP = (
+    6  # `blocks_to_swap` a block-swap rung adds: 3 double + 6 single FLUX.1 blocks (about 1.7 GiB in bf16)
+)
+FAST_SWAP_LIMIT = 18  # kohya's meaning: 9 double + 18 single FLUX.1 blocks, 47 % of the blocks' weights
+MAX_BLOCKS_TO_SWAP = 36  # FLUX.1 and Chroma (19 double + 38 single): 18 + 36, one block of each kind stays
 MIN_RESOLUTION = 64
 MIN_SEQ_LEN = 32
 
@@ -73,19 +98,21 @@ def eight_bit_skip_reason(optimizer: str) -> str | None:
 
 
 def kind_of(family: str) -> str:
-    """'llm' or 'sd' for a model family (sd15, sd2, sdxl, llm)."""
+    """'llm', 'flux' or 'sd' for a model family (sd15, sd2, sdxl, flux, chroma, llm)."""
+    if family in FLUX_FAMILIES:
+        return "flux"
     return "llm" if family == "llm" else "sd"
 
 
 def settings_keys(kind: str) -> tuple[str, ...]:
-    return LLM_KEYS if kind == "llm" else SD_KEYS
+    return {"llm": LLM_KEYS, "flux": FLUX_KEYS}.get(kind, SD_KEYS)
 
 
 def settings_of(cfg: Any, kind: str) -> dict[str, Any]:
     """The ladder-controlled settings of a config (TrainConfig or mapping)."""
     get = cfg.get if isinstance(cfg, Mapping) else lambda key: getattr(cfg, key, None)
     settings = {key: get(key) for key in settings_keys(kind)}
-    if kind == "sd" and not isinstance(cfg, Mapping) and cfg.ema_decay is None:
+    if kind != "llm" and not isinstance(cfg, Mapping) and cfg.ema_decay is None:
         settings["ema_on_cpu"] = None
     return settings
 
@@ -148,11 +175,12 @@ class OomLadder:
     unavailable: set[str] = field(default_factory=set)
     can_cache_latents: bool = True
     can_cache_text: bool = True
+    max_blocks_to_swap: int = MAX_BLOCKS_TO_SWAP
 
     def next_rung(self, settings: Mapping[str, Any]) -> Rung | None:
         """The first rung that changes something, or None when the ladder is exhausted."""
         for name in RUNG_ORDER:
-            if name in self.unavailable:
+            if name in self.unavailable or RUNG_NAMES.get(name) in self.unavailable:
                 continue
             rung = self._rung(name, settings)
             if rung is not None:
@@ -217,6 +245,8 @@ class OomLadder:
             if s["optimizer"] not in EIGHT_BIT_FROM:  # already 8-bit, or no state mapping (`skipped`)
                 return None
             return Rung(name, "8-bit AdamW", {"optimizer": "adamw8bit"})
+        if name in ("block_swap", "block_swap_more", "quantise_fp8", "quantise_nf4") and self.kind == "flux":
+            return flux_rung(name, s, self.max_blocks_to_swap)
         if name == "quality" and self.allow_quality:
             return self._quality(s)
         return None
@@ -266,6 +296,30 @@ class OomLadder:
             {"resolution": new},
             quality=True,
         )
+
+
+def flux_rung(step: str, s: Mapping[str, Any], max_blocks: int = MAX_BLOCKS_TO_SWAP) -> Rung | None:
+    """A Flux rung (see the module docstring): more blocks swapped, or the frozen base quantised."""
+    if step in ("block_swap", "block_swap_more"):
+        current = int(s.get("blocks_to_swap") or 0)
+        limit = min(FAST_SWAP_LIMIT, max_blocks) if step == "block_swap" else max_blocks
+        if current >= limit:
+            return None
+        new = min(current + SWAP_STEP, limit)
+        label = (
+            f"keep {new} transformer blocks in CPU memory (blocks_to_swap {current} -> {new}; slower steps)"
+        )
+        return Rung("block_swap", label, {"blocks_to_swap": new})
+    dtype = str(s.get("base_weights_dtype") or "bf16")
+    if step == "quantise_fp8" and dtype == "bf16":
+        label = "store the frozen transformer in fp8 e4m3 (base_weights_dtype bf16 -> fp8)"
+        return Rung("quantise_base", label, {"base_weights_dtype": "fp8"})
+    if step == "quantise_nf4" and dtype in ("bf16", "fp8"):
+        label = (
+            f"store the frozen transformer in NF4 (base_weights_dtype {dtype} -> nf4; slower, coarser base)"
+        )
+        return Rung("quantise_base", label, {"base_weights_dtype": "nf4"})
+    return None
 
 
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:

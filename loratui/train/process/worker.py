@@ -65,7 +65,9 @@ def run_job(job: WorkerJob) -> int:
                 f"before (OOM cache; --no-oom-cache to turn off): {cached}",
             )
     # Only the family's trainer is imported: an image run never loads the LLM stack, and the other way round.
-    if task == "image-generation":
+    if task == "image-generation" and job.resolved.family in ("flux", "chroma"):
+        from loratui.train.flux.trainer import train as trainer
+    elif task == "image-generation":
         from loratui.train.sd.trainer import train as trainer
     else:
         from loratui.train.llm.trainer import train as trainer

@@ -300,12 +300,14 @@ def render_samples(models: Models, prompts: list[str], step: int, folder: Path, 
     return paths
 
 
-def export_lora(checkpoints: Checkpointer, output: Path, *, ema: bool = False) -> Path:
-    """Write the kohya file (the EMA weights with `ema`) from the newest checkpoint and announce it."""
+def export_lora(checkpoints: Checkpointer, output: Path, *, ema: bool = False, exporter: Any = None) -> Path:
+    """Write the kohya file (the EMA weights with `ema`) from the newest checkpoint and announce it.
+
+    `exporter` is the family's checkpoint exporter (default: the SD one, `export_checkpoint`)."""
     job = checkpoints.job
     latest = job.run.latest_checkpoint()
     refuse_nonfinite(load_file(str(latest / "lora.safetensors")), job.run)
-    written = export_checkpoint(
+    written = (exporter or export_checkpoint)(
         latest,
         fmt="kohya",
         out=output,

@@ -1,5 +1,6 @@
 """The settings step's "Advanced" fields as a table: one `FieldSpec` per line (adapter type, optimizer,
-scheduler, regularization, masked loss, EMA, validation). No Textual here: the step builds the widgets.
+scheduler, regularization, masked loss, EMA, validation), and the FLUX.1 / Chroma fields (base weight storage,
+block swap, T5 length, timestep sampling, guidance). No Textual here: the step builds the widgets.
 
 A spec's `key` is a config key, except `mask_source`, which stands for masked_loss + alpha_mask (its
 `changes` turn a choice into config values and `shown` reads it back).
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from loratui.config.schema import NetworkType, Optimizer, Scheduler
+from loratui.config.schema import BaseWeightsDtype, NetworkType, Optimizer, Scheduler, TimestepSampling
 
 IMAGE = ("image",)
 BOTH = ("image", "text")
@@ -31,6 +32,7 @@ class FieldSpec:
     placeholder: str = ""  # what an empty input shows (default: "folder" or "number")
     changes: Callable[[Any], dict[str, Any]] | None = None  # value -> config changes (default {key: value})
     shown: Callable[[Callable[[str], Any]], Any] | None = None  # get(config key) -> the value shown
+    variants: tuple[str, ...] = ()  # Flux fields: the variants (dev, schnell, chroma) it applies to
 
     def applies_to(self, task: str) -> bool:
         return task in self.tasks
@@ -89,7 +91,62 @@ ADVANCED_FIELDS: tuple[FieldSpec, ...] = (
     ),
     FieldSpec("val_data_dir", "val folder", "path"),
 )
-FIELDS_BY_KEY = {spec.key: spec for spec in ADVANCED_FIELDS}
+FLUX_VARIANTS = ("dev", "schnell", "chroma")
+FLUX_FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec(
+        "base_weights_dtype",
+        "base weights",
+        "select",
+        choices=get_args(BaseWeightsDtype),
+        variants=FLUX_VARIANTS,
+    ),
+    FieldSpec(
+        "blocks_to_swap",
+        "blocks to swap",
+        "int",
+        valid=lambda v: v >= 0,
+        problem="blocks to swap: a whole number ≥ 0 (0: every block stays on the GPU)",
+        placeholder="0",
+        variants=FLUX_VARIANTS,
+    ),
+    FieldSpec(
+        "t5_max_length",
+        "T5 tokens",
+        "int",
+        valid=lambda v: 1 <= v <= 512,
+        problem="T5 tokens: a whole number from 1 to 512; empty: 512 for dev, 256 for schnell",
+        placeholder="auto",
+        variants=FLUX_VARIANTS,
+    ),
+    FieldSpec(
+        "timestep_sampling", "timesteps", "select", choices=get_args(TimestepSampling), variants=FLUX_VARIANTS
+    ),
+    FieldSpec(
+        "sigmoid_scale",
+        "sigmoid scale",
+        "float",
+        valid=lambda v: v > 0,
+        problem="sigmoid scale: a number > 0 (e.g. 1.0)",
+        variants=FLUX_VARIANTS,
+    ),
+    FieldSpec(
+        "discrete_flow_shift",
+        "flow shift",
+        "float",
+        valid=lambda v: v > 0,
+        problem="flow shift: a number > 0 (e.g. 3.0; used by timesteps: shift)",
+        variants=FLUX_VARIANTS,
+    ),
+    FieldSpec(
+        "guidance_scale",
+        "guidance",
+        "float",
+        valid=lambda v: v >= 0,
+        problem="guidance: a number ≥ 0 (FLUX.1-dev trains at 1.0 by default)",
+        variants=("dev",),
+    ),
+)
+FIELDS_BY_KEY = {spec.key: spec for spec in (*ADVANCED_FIELDS, *FLUX_FIELDS)}
 
 
 def parse(spec: FieldSpec, text: str) -> Any:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
-from textual.widgets import ListItem, ListView, Static
+from textual.widgets import Button, ListItem, ListView, Static
 
 from loratui.gpu.nvml import GpuSnapshot, SystemSnapshot
-from loratui.tui.messages import GpuChosen
+from loratui.tui.messages import DemoRequested, GpuChosen
 from loratui.tui.steps.base import WizardStep
 from loratui.tui.widgets.gpu_card import GpuCard
 from loratui.tui.wizard_state import GpuChoice
@@ -15,6 +15,7 @@ from loratui.util.sizes import format_bytes
 
 GIB = 1024**3
 CARD_SIZES = (8, 12, 16, 24, 48, 80)  # hypothetical cards offered on machines without a GPU
+DEMO_LABEL = "Try the demo: train a LoRA on a small bundled model (CPU, about a minute)"
 
 
 def usable_bytes(gpu: GpuSnapshot) -> int | None:
@@ -68,6 +69,7 @@ class HardwareStep(WizardStep):
         yield self.summary()
         yield ListView(id="gpu-list")
         yield Static("", markup=False, id="chosen")
+        yield Button(DEMO_LABEL, id="try-demo", compact=True)
 
     def on_mount(self) -> None:
         self.watch(self.app, "gpu", self._telemetry)
@@ -137,6 +139,12 @@ class HardwareStep(WizardStep):
         event.stop()
         if event.item.id:
             self.post_message(GpuChosen(self.choice_for(event.item.id)))
+
+    @on(Button.Pressed, "#try-demo")
+    def _try_demo(self, event: Button.Pressed) -> None:
+        event.stop()
+        event.button.disabled = True
+        self.post_message(DemoRequested())
 
     def state_changed(self, key: str) -> None:
         if key == "gpu":

@@ -1,5 +1,5 @@
-"""Step 6: the resolved config with where each value came from, and saving it (atomically, asking before
-replacing a file)."""
+"""Step 6: the resolved config with where each value came from (for FLUX.1 / Chroma runs, a line with the
+Flux choices first), and saving it (atomically, asking before replacing a file)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Button, Input, Static
 
+from loratui.tui.flux_choices import flux_model, flux_summary, is_flux_family
 from loratui.tui.formatting import display_path
 from loratui.tui.messages import ConfigSaved, WorkFailed
 from loratui.tui.screens.confirm import ConfirmScreen
@@ -51,16 +52,21 @@ class ReviewStep(WizardStep):
         problems = self.state.problems()
         if resolved is not None:
             self.query_one(ConfigView).show(resolved)
+        flux = ""
+        if resolved is not None and is_flux_family(resolved.family):
+            model = flux_model(resolved.config.base_model)
+            variant = model.variant if model else ("chroma" if resolved.family == "chroma" else None)
+            flux = flux_summary(resolved.config, variant) + "\n"
         if problems:
             lines = "\n".join(f"  - {p}" for p in problems[:4])
             more = f"\n  … and {len(problems) - 4} more" if len(problems) > 4 else ""
             self.say(
-                f"✗ {len(problems)} problem{'s' if len(problems) != 1 else ''} to fix before training:\n"
+                f"{flux}✗ {len(problems)} problem{'s' if len(problems) != 1 else ''} to fix before training:\n"
                 f"{lines}{more}"
             )
         else:
             self.say(
-                "✓ The config resolves with no problems. Values you chose are marked `# wizard`; "
+                f"{flux}✓ The config resolves with no problems. Values you chose are marked `# wizard`; "
                 "save it to rerun with `loratui train --config FILE`."
             )
         self.set_class(bool(problems), "-problem")

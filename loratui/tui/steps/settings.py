@@ -1,5 +1,6 @@
 """Step 5: memory-aware settings: the planner's ranked options for the chosen card, each with a predicted
-VRAM bar, and the main knobs, whose prediction updates as they are edited."""
+VRAM bar, and the main knobs, whose prediction updates as they are edited. FLUX.1 / Chroma runs also get
+their own fields (base weight storage, block swap, T5 length, timestep sampling, guidance for dev)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from textual.widgets import Checkbox, DataTable, Input, Select, Static
 
 from loratui.memory.facade import EstimateView, MemoryPlanner, PlannerFacade, Suggestion
 from loratui.tui.background import Cancelled, call_cancellable
+from loratui.tui.flux_choices import FLUX_KEYS, VARIANT_NAMES, flux_model, is_flux_estimate, is_flux_family
 from loratui.tui.formatting import SHORT_KEYS, bar_text, fmt_number
 from loratui.tui.messages import EstimateReady, OptionsReady, PresetChosen, ValueChosen
 from loratui.tui.steps.advanced import (
     ADVANCED_FIELDS,
     FIELDS_BY_KEY,
+    FLUX_FIELDS,
     FieldSpec,
     changes_for,
     parse,
@@ -95,6 +98,9 @@ class SettingsStep(WizardStep):
         super().__init__(state, **kwargs)
         self._options: list[Suggestion] = []
         self._filling = False
+        self._filled = (
+            False  # the fields hold the state's values (until then a select shows its first choice)
+        )
 
     def compose(self) -> ComposeResult:
         yield self.heading()
@@ -115,6 +121,13 @@ class SettingsStep(WizardStep):
             yield Input(id="learning_rate", compact=True, classes="knob wide")
             yield Static("output", classes="knob-label")
             yield Input(id="output_dir", compact=True, classes="knob path")
+        yield Static("", markup=False, id="flux-title")
+        with Grid(id="flux-grid"):
+            for spec in FLUX_FIELDS:
+                with Horizontal(classes="adv-field", id=f"adv-field-{spec.key}"):
+                    yield Static(spec.label, markup=False, classes="adv-label")
+                    yield self._advanced_widget(spec)
+        yield Static("", markup=False, id="flux-problem")
         with Vertical(id="prediction-box"):
             yield self.summary()
             yield MemoryBar(id="prediction")
@@ -183,6 +196,7 @@ class SettingsStep(WizardStep):
             if select.value != wanted:
                 select.value = wanted
             self._fill_advanced()
+            self._fill_flux()
         finally:
             self.call_after_refresh(self._done_filling)
 
@@ -202,8 +216,35 @@ class SettingsStep(WizardStep):
                 self.query_one(f"#adv-{spec.key}", Input).remove_class("-invalid")
         self.query_one("#advanced-problem", Static).update("")
 
+    def _fill_flux(self) -> None:
+        """Show the Flux fields for a FLUX.1 / Chroma run (guidance only for dev), holding the current values."""
+        resolved = self.state.try_resolve()
+        family = resolved.family if resolved else None
+        model = flux_model(self.state.get("base_model")) if is_flux_family(family) else None
+        variant = model.variant if model else ("chroma" if family == "chroma" else "dev")
+        shown = is_flux_family(family)
+        for widget_id in ("#flux-title", "#flux-grid", "#flux-problem"):
+            self.query_one(widget_id).display = shown
+        if not shown:
+            return
+        self.query_one("#flux-title", Static).update(
+            f"{VARIANT_NAMES.get(variant, 'FLUX.1')}: base storage, block swap, text and timesteps"
+        )
+        for spec in FLUX_FIELDS:
+            self.query_one(f"#adv-field-{spec.key}").display = variant in spec.variants
+            value = shown_value(spec, self.state.get)
+            if spec.kind == "select":
+                select = self.query_one(f"#adv-{spec.key}", Select)
+                if select.value != value:
+                    select.value = value
+            else:
+                self._set_input(f"adv-{spec.key}", field_text(value))
+                self.query_one(f"#adv-{spec.key}", Input).remove_class("-invalid")
+        self.query_one("#flux-problem", Static).update("")
+
     def _done_filling(self) -> None:
         self._filling = False
+        self._filled = True
 
     def _set_input(self, widget_id: str, value: str) -> None:
         field = self.query_one(f"#{widget_id}", Input)
@@ -216,6 +257,12 @@ class SettingsStep(WizardStep):
             self.plan(copy_state(self.state))
         if key in ("preset", "option", "task_type"):
             self._fill()
+        elif key in FLUX_KEYS:  # an applied option (base storage, block swap) shows in its field
+            self._filling = True
+            try:
+                self._fill_flux()
+            finally:
+                self.call_after_refresh(self._done_filling)
 
     # --- edits -------------------------------------------------------------------------------------
     @on(Input.Changed, ".knob")
@@ -254,10 +301,11 @@ class SettingsStep(WizardStep):
     def _advanced_changed(self, event: Select.Changed | Input.Changed) -> None:
         event.stop()
         widget = event.select if isinstance(event, Select.Changed) else event.input
-        if self._filling or not widget.id:
+        if self._filling or not self._filled or not widget.id:
             return
         spec = FIELDS_BY_KEY[widget.id.removeprefix("adv-")]
-        problem = self.query_one("#advanced-problem", Static)
+        problem_id = "#flux-problem" if spec in FLUX_FIELDS else "#advanced-problem"
+        problem = self.query_one(problem_id, Static)
         if isinstance(event, Select.Changed):
             if event.value is Select.NULL:
                 return
@@ -305,11 +353,16 @@ class SettingsStep(WizardStep):
             self.post_message(EstimateReady(None, "No prediction: " + "; ".join(state.problems()[:2])))
             return
         try:
-            self.post_message(EstimateReady(call_cancellable(planner().estimate, resolved)))
+            view = call_cancellable(planner().estimate, resolved)
         except Cancelled:
             return
         except Exception as exc:
             self.post_message(EstimateReady(None, f"No prediction ({type(exc).__name__}: {exc})."))
+            return
+        if is_flux_family(resolved.family) and not is_flux_estimate(view):
+            self.post_message(EstimateReady(None, flux_unavailable(resolved, "prediction")))
+            return
+        self.post_message(EstimateReady(view))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
     def plan(self, state: WizardState) -> None:
@@ -323,6 +376,9 @@ class SettingsStep(WizardStep):
         try:
             tools = planner()
             options = call_cancellable(tools.recommend, resolved, usable, top=5)
+            if is_flux_family(resolved.family) and not all(is_flux_estimate(o.estimate) for o in options):
+                self.post_message(OptionsReady([], flux_unavailable(resolved, "options")))
+                return
             note = ""
             if not options:
                 message = call_cancellable(tools.no_fit_message, resolved, usable)
@@ -387,6 +443,16 @@ class SettingsStep(WizardStep):
             self.query_one("#option-note", Static).update(
                 f"Option {index + 1}: {spare} to spare. {note}".strip()
             )
+
+
+def flux_unavailable(resolved, what: str) -> str:
+    """Said instead of a number when the memory planner has no Flux step (its UNet figure would be wrong)."""
+    model = flux_model(resolved.config.base_model)
+    name = model.name if model else VARIANT_NAMES.get(resolved.family, "FLUX.1")
+    return (
+        f"No {what} for {name}: the memory planner in this version has no Flux step, and a Stable Diffusion "
+        "figure would be wrong. Base storage and block swap still apply when training."
+    )
 
 
 def gpu_title(state: WizardState) -> str:

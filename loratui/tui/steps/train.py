@@ -8,6 +8,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import Button, Static
 
+from loratui.tui.flux_choices import VARIANT_NAMES, flux_model, is_flux_family
 from loratui.tui.formatting import display_path
 from loratui.tui.messages import TrainingStarted, WorkFailed
 from loratui.tui.screens.confirm import ConfirmScreen
@@ -35,6 +36,9 @@ def plan_sentences(state) -> str:
     cfg = resolved.config
     kind = "Stable Diffusion" if cfg.task_type == "image-generation" else "LLM"
     family = {"sd15": "1.x", "sd2": "2.x", "sdxl": "XL"}.get(resolved.family, "")
+    if is_flux_family(resolved.family):
+        model = flux_model(cfg.base_model)
+        kind, family = (model.name if model else VARIANT_NAMES.get(resolved.family, "FLUX.1")), ""
     where = "the CPU"
     if state.gpu is not None and state.gpu.index is not None:
         where = f"GPU {state.gpu.index} ({state.gpu.name})"
