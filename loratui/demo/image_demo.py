@@ -19,8 +19,9 @@ import yaml
 from loratui.demo.image_assets import IMAGES, PROMPT_SCENES, TRIGGER, prompts, write_dataset
 from loratui.demo.session import demo_session
 from loratui.demo.session import say as _say
+from loratui.tiny_models.pretrain.image import NOISE_OFFSET
 
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 400
 RESOLUTION = 64
 #: Seeds every prompt is rendered with (the grid shows the first).
 SEEDS = (1, 2, 3, 4)
@@ -72,10 +73,16 @@ def _write_config(out: Path, model: Path, data: Path, steps: int) -> Path:
         "runs_dir": str(out / "runs"),
         "run_name": "image-demo",
         "resolution": RESOLUTION,
-        "lora_rank": 8,
-        "lora_alpha": 8,
-        # Attention and feed-forward layers: the star is a new shape, not only a new word for a known one.
-        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+        # LoCon: LoRA on the attention layers and on the 3x3 convolutions, where this small UNet draws the
+        # outlines (it has attention only at 8x8 and 4x4): the star is a new shape, not a new word for a known one.
+        "network_type": "locon",
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "conv_rank": 16,
+        "conv_alpha": 16,
+        # The trigger word is new to the text encoder too: its LoRA gives the word a meaning.
+        "train_text_encoder": True,
+        "min_snr_gamma": 5,
         "learning_rate": 3e-3,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 5,
@@ -84,6 +91,7 @@ def _write_config(out: Path, model: Path, data: Path, steps: int) -> Path:
         "mixed_precision": "no",
         "flip_aug": True,
         "trigger_word": TRIGGER,
+        "noise_offset": NOISE_OFFSET,  # as the base model was pretrained
         "cache_latents": True,
         "cache_text_encoder_outputs": True,
         "save_steps": max(1, steps // 2),

@@ -104,8 +104,12 @@ def random_scene(rng: random.Random, shapes: tuple[str, ...] = SHAPES) -> Scene:
 
 # --- the pixel check --------------------------------------------------------------------------------------
 
-#: A shape whose pixels cover less than this share of their convex hull is a star (hull-convex shapes ~1).
+#: A shape whose pixels cover less than this share of their convex hull may be a star (convex shapes ~1)...
 STAR_SOLIDITY = 0.75
+#: ... if its outline's radius (seen from its centroid) swings five times around the shape: the 5th harmonic of
+#: the radius over the angle is the strongest of the 2nd-8th and at least this share of the mean radius (a
+#: drawn star: about 0.3; a circle, square or triangle: under 0.05; a ragged blob: no clear 5-fold swing).
+STAR_HARMONIC = 0.15
 #: Fewer shape pixels than this (of 64x64) and there is no shape.
 MIN_PIXELS = 40
 
@@ -119,6 +123,7 @@ class Reading:
     shape: str
     fill: float = 0.0
     solidity: float = 0.0
+    points: float = 0.0
 
     def matches(self, scene: Scene) -> bool:
         return (self.background, self.colour, self.shape) == (scene.background, scene.colour, scene.shape)
@@ -154,18 +159,45 @@ def read_scene(image: Any) -> Reading:
     if mask.sum() < MIN_PIXELS:
         return Reading(background, colour, "none")
     fill, solidity = _fill_and_solidity(mask)
-    return Reading(background, colour, shape_of(fill, solidity), fill, solidity)
+    points = five_point_swing(mask)
+    return Reading(background, colour, shape_of(fill, solidity, points), fill, solidity, points)
 
 
-def shape_of(fill: float, solidity: float) -> str:
-    """The shape told by its bounding-box fill and its solidity (area / convex-hull area)."""
+def shape_of(fill: float, solidity: float, points: float) -> str:
+    """The shape told by its bounding-box fill, its solidity (area / convex-hull area) and its five-point
+    swing (`five_point_swing`; 0 when another harmonic is stronger)."""
     if solidity < STAR_SOLIDITY:
-        return "star"
+        return "star" if points >= STAR_HARMONIC else "none"
     if fill > 0.88:
         return "square"
     if fill > 0.64:
         return "circle"
     return "triangle"
+
+
+def five_point_swing(mask: Any, bins: int = 40) -> float:
+    """The 5th harmonic of the outline's radius over the angle around the centroid, relative to the mean
+    radius; 0 if a harmonic from the 2nd to the 8th is stronger (a star's points make the 5th stand out)."""
+    import numpy as np
+
+    rows, cols = np.nonzero(mask)
+    cy, cx = rows.mean(), cols.mean()
+    angle = np.arctan2(rows - cy, cols - cx)
+    radius = np.hypot(rows - cy, cols - cx)
+    index = ((angle + np.pi) / (2 * np.pi) * bins).astype(int) % bins
+    outline = np.zeros(bins)
+    np.maximum.at(outline, index, radius)
+    empty = outline == 0
+    if empty.mean() > 0.25:  # many angles without a pixel: not one solid shape around its centroid
+        return 0.0
+    if empty.any():  # a thin angle between pixels (a small shape's inner corners): the neighbours' mean
+        outline[empty] = ((np.roll(outline, 1) + np.roll(outline, -1)) / 2)[empty]
+    spectrum = np.abs(np.fft.rfft(outline)) / bins
+    mean = spectrum[0]
+    harmonics = spectrum[2:9]
+    if mean <= 0 or harmonics.argmax() != 5 - 2:
+        return 0.0
+    return float(2 * spectrum[5] / mean)
 
 
 def _fill_and_solidity(mask: Any) -> tuple[float, float]:
