@@ -202,18 +202,38 @@ def test_sample_cli_with_weights_and_prompt_tags(trained, tiny_sd15):
     assert missing.exit_code == 1 and "nothing.safetensors" in missing.output
 
 
-def test_image_demo_small(tmp_path):
+#: The image demo's LoRA (weight 1.0) must show the star in at least this share more samples than the base
+#: model (the shipped build: 12 of 24 vs 0 of 24).
+STAR_MARGIN = 0.35
+
+
+def test_image_demo_teaches_the_star(tmp_path):
+    """The whole default image demo: the pixel detector finds the star in far more samples with the LoRA (weight
+    1.0) than with the base model, and weight 0.0 renders exactly what the base model renders."""
     from rich.console import Console
 
     from loratui.demo.image_demo import run_demo
+    from loratui.tiny_models.pretrain.scenes import read_scene
 
     console = Console(record=True, width=200, no_color=True)
-    assert run_demo(tmp_path / "demo", steps=4, console=console) == 0
+    assert run_demo(tmp_path / "demo", console=console) == 0
     text = console.export_text()
-    assert "RANDOM weights" in text and "use it as:     <lora:demo_shapes:0.8>" in text
-    lora = tmp_path / "demo" / "output" / "demo_shapes" / "demo_shapes.safetensors"
-    assert lora.is_file() and (tmp_path / "demo" / "before_after.png").is_file()
-    assert "128 LoRA layers" in text
+    assert "tiny pretrained" in text and "use it as:     <lora:demo_stars:0.8>" in text
+    lora = tmp_path / "demo" / "output" / "demo_stars" / "demo_stars.safetensors"
+    assert lora.is_file() and (tmp_path / "demo" / "demo_grid.png").is_file()
+    assert "LoRA layers in the UNet" in text and "samples show a star" in text
+    renders = tmp_path / "demo" / "renders"
+    assert sorted(p.name for p in renders.iterdir()) == ["base", "lora-0.0", "lora-0.5", "lora-1.0"]
+    for base in sorted((renders / "base").glob("*.png")):  # same prompts, same seeds
+        assert np.array_equal(
+            np.asarray(Image.open(base)), np.asarray(Image.open(renders / "lora-0.0" / base.name))
+        )
+
+    def stars(row: str) -> float:
+        files = sorted((renders / row).glob("*.png"))
+        return sum(read_scene(Image.open(f)).shape == "star" for f in files) / len(files)
+
+    assert stars("lora-1.0") >= stars("base") + STAR_MARGIN, (stars("base"), stars("lora-1.0"))
 
 
 @pytest.mark.slow
