@@ -433,6 +433,36 @@ async def test_try_the_demo_starts_the_text_demo_and_opens_the_training_view(wor
     assert [m.pid for m in distinct(seen, TrainingStarted)] == [12345]
 
 
+@run_async
+async def test_try_the_image_demo_starts_the_image_demo_and_opens_the_training_view(workdir) -> None:
+    from loratui.demo.image_demo import DEFAULT_STEPS
+    from loratui.tiny_models.pretrain.image import shipped_model_path
+
+    started: list = []
+
+    def launcher(resolved, gpu):
+        started.append(resolved.config)
+        run = write_synthetic_run(
+            workdir / "runs" / "image-demo-20261121-120000", steps=100, total_steps=400, oom_at=None, pid=None
+        )
+        return run, 12346
+
+    app = make_app(launcher=launcher)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.gpu is not None)
+        assert "Try the image demo" in flat(app)
+        await pilot.click("#try-image-demo")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainingScreen")
+        await wait_for(pilot, lambda: app.screen.view is not None)
+        await pilot.pause(0.1)
+        assert "run image-demo-20261121-120000" in flat(app) and "100/400" in flat(app)
+    [cfg] = started
+    assert cfg.base_model == str(shipped_model_path()) and cfg.max_steps == DEFAULT_STEPS
+    data = Path(cfg.train_data_dir)
+    assert data == workdir / "loratui-demo" / "image" / "data"
+    assert len(list((data / "5_stars").glob("*.png"))) == 20 and cfg.network_type == "locon"
+
+
 @pytest.mark.slow
 @run_async
 async def test_try_the_demo_trains_in_a_worker_and_the_view_follows_it(workdir, subprocess_env) -> None:

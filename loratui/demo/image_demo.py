@@ -105,6 +105,15 @@ def _write_config(out: Path, model: Path, data: Path, steps: int) -> Path:
     return path
 
 
+def prepare_demo(out: Path, steps: int | None = None) -> Path:
+    """The drawn stars and the config in ``out`` (the shipped base model); returns the config's path."""
+    from loratui.tiny_models.pretrain.image import shipped_model_path
+
+    out = Path(out).absolute()
+    data = write_dataset(out / "data")
+    return _write_config(out, shipped_model_path(), data, steps or DEFAULT_STEPS)
+
+
 def _render(pipe: Any) -> list[Any]:
     """Every prompt with every seed (prompt-major), one batch."""
     import torch

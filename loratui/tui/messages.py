@@ -155,8 +155,11 @@ class TrainingStarted(Message):
     pid: int
 
 
+@dataclass
 class DemoRequested(Message):
-    """The person asked to try the demo (train a LoRA on the shipped small model and watch it)."""
+    """The person asked to try a demo (train a LoRA on a shipped small model and watch it): `text` or `image`."""
+
+    task: str = "text"
 
 
 @dataclass

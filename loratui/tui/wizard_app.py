@@ -61,18 +61,23 @@ class WizardApp(LoratuiApp):
     @on(DemoRequested)
     def _demo_requested(self, message: DemoRequested) -> None:
         message.stop()
-        self.start_demo()
+        self.start_demo(message.task)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
-    def start_demo(self) -> None:
-        """Write the text demo's data and config, then start its run like the Train step does."""
+    def start_demo(self, task: str = "text") -> None:
+        """Write the demo's data and config (`text` or `image`), then start its run like the Train step does."""
         from loratui.config import load_config
-        from loratui.demo.text_demo import prepare_demo
         from loratui.tui.steps.train import start_run
+
+        if task == "image":
+            from loratui.demo.image_demo import prepare_demo
+        else:
+            from loratui.demo.text_demo import prepare_demo
 
         launcher = self.launcher or start_run
         try:
-            resolved = load_config(prepare_demo(self.demo_dir))
+            folder = self.demo_dir / "image" if task == "image" else self.demo_dir  # its own data folder
+            resolved = load_config(prepare_demo(folder))
             run_dir, pid = launcher(resolved, GpuChoice(None, "CPU", None, None))  # sized for a CPU
         except Exception as exc:
             self.post_message(WorkFailed("Could not start the demo", f"{type(exc).__name__}: {exc}"))

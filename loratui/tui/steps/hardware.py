@@ -16,6 +16,7 @@ from loratui.util.sizes import format_bytes
 GIB = 1024**3
 CARD_SIZES = (8, 12, 16, 24, 48, 80)  # hypothetical cards offered on machines without a GPU
 DEMO_LABEL = "Try the demo: train a LoRA on a small bundled model (CPU, about a minute)"
+IMAGE_DEMO_LABEL = "Try the image demo: teach a small bundled picture model a star (CPU, about a minute)"
 
 
 def usable_bytes(gpu: GpuSnapshot) -> int | None:
@@ -70,6 +71,7 @@ class HardwareStep(WizardStep):
         yield ListView(id="gpu-list")
         yield Static("", markup=False, id="chosen")
         yield Button(DEMO_LABEL, id="try-demo", compact=True)
+        yield Button(IMAGE_DEMO_LABEL, id="try-image-demo", compact=True)
 
     def on_mount(self) -> None:
         self.watch(self.app, "gpu", self._telemetry)
@@ -140,11 +142,13 @@ class HardwareStep(WizardStep):
         if event.item.id:
             self.post_message(GpuChosen(self.choice_for(event.item.id)))
 
-    @on(Button.Pressed, "#try-demo")
+    @on(Button.Pressed, "#try-demo, #try-image-demo")
     def _try_demo(self, event: Button.Pressed) -> None:
         event.stop()
-        event.button.disabled = True
-        self.post_message(DemoRequested())
+        for button in self.query(Button):
+            if button.id in ("try-demo", "try-image-demo"):
+                button.disabled = True
+        self.post_message(DemoRequested("image" if event.button.id == "try-image-demo" else "text"))
 
     def state_changed(self, key: str) -> None:
         if key == "gpu":
