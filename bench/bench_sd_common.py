@@ -15,23 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHAPES = ("circle", "square", "triangle", "diamond", "ring", "stripes", "checkerboard", "cross")
-
 
 def write_dataset(root: Path, n: int, size: int) -> Path:
     """`n` drawn images of `size` px with sidecar captions (reused when present)."""
-    from loratui.demo.image_assets import COLOURS, draw
+    from loratui.tiny_models.pretrain.scenes import (
+        BACKGROUNDS,
+        COLOURS,
+        EXTRA_SHAPES,
+        SHAPES,
+        Scene,
+        draw_scene,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
-    colours = list(COLOURS)
+    shapes, colours, backgrounds = SHAPES + EXTRA_SHAPES, list(COLOURS), list(BACKGROUNDS)
     for i in range(n):
         image = root / f"img{i:04d}.png"
         if image.exists():
             continue
-        shape, colour = SHAPES[i % len(SHAPES)], colours[(i // len(SHAPES)) % len(colours)]
-        draw(shape, COLOURS[colour], (size, size)).save(image)
+        scene = Scene(shapes[i % len(shapes)], colours[(i // len(shapes)) % len(colours)], backgrounds[i % 3])
+        draw_scene(scene, size=size).save(image)
         (root / f"img{i:04d}.txt").write_text(
-            f"a {colour} {shape}, flat colours, sample {i}\n", encoding="utf-8"
+            f"{scene.caption}, flat colours, sample {i}\n", encoding="utf-8"
         )
     return root
 
