@@ -49,8 +49,10 @@ MIN_SNR_GAMMA = 5.0
 #: at the last timestep, and over 16x16 latents the noise's own mean is small, so without it the UNet learns to
 #: read a picture's overall colour (here: mostly its background) from the noise rather than from the caption.
 NOISE_OFFSET = 0.2
-#: Samples per caption in the final pixel check.
+#: Samples per caption in the final pixel check, and the sampler settings of every pixel check.
 CHECK_SEEDS = 2
+CHECK_STEPS = 20
+CHECK_GUIDANCE = 4.0
 
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
@@ -266,7 +268,7 @@ def build_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) -> An
 
 
 def pixel_check(
-    pipe: Any, seeds: int = CHECK_SEEDS, steps: int = 20, guidance: float = 4.0
+    pipe: Any, seeds: int = CHECK_SEEDS, steps: int = CHECK_STEPS, guidance: float = CHECK_GUIDANCE
 ) -> dict[str, float]:
     """Shares of samples (every caption x `seeds`) right in background, colour, shape and all three."""
     import torch
@@ -382,7 +384,7 @@ def save_pipeline(out: Path, vae: Any, unet: Any, text_encoder: Any) -> None:
 
 
 def check_model(
-    path: Path, seeds: int = CHECK_SEEDS, steps: int = 20, guidance: float = 4.0
+    path: Path, seeds: int = CHECK_SEEDS, steps: int = CHECK_STEPS, guidance: float = CHECK_GUIDANCE
 ) -> dict[str, float]:
     """The pixel check of the saved model (loaded in fp32, as the demo loads it)."""
     import diffusers
@@ -448,8 +450,8 @@ def pretrain(
         "threads": torch.get_num_threads(),
         "checked": len(all_scenes()) * CHECK_SEEDS,
         "seeds": CHECK_SEEDS,
-        "steps": 20,
-        "guidance": 4.0,
+        "steps": CHECK_STEPS,
+        "guidance": CHECK_GUIDANCE,
         "noise_offset": NOISE_OFFSET,
         "min_snr": MIN_SNR_GAMMA,
         "preview": PREVIEW_WEIGHT,
