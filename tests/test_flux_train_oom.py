@@ -68,38 +68,42 @@ def test_rungs_apply_to_the_live_transformer(tiny_flux_dev: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
 
 
+#: The OOM runs' settings: two micro-batches of one per step, caches on, the earlier rungs with nothing left.
+OOM_RUN = {
+    "model_family": "flux",
+    "lora_rank": 4,
+    "alpha": 4,
+    "save_steps": None,
+    "max_steps": 2,
+    "batch_size": 1,
+    "gradient_accumulation_steps": 2,
+    "gradient_checkpointing": True,
+    "cache_latents": True,
+    "cache_text_encoder_outputs": True,
+    "optimizer": "adamw8bit",  # the earlier rungs have nothing left to lower
+}
+
+
+def _metered_peak(folder: Path, model: Path, data: Path, **settings) -> int:
+    """The simulated card's peak over a finished run's steps (on a card too large to run out)."""
+    job = make_job(seed_like_config(folder, model, data, simulate_vram="1TiB", **OOM_RUN, **settings))
+    assert train(job) == "finished"
+    return max(e["meter_peak"] for e in events_of(job.run, "step"))
+
+
 @pytest.mark.slow
 def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_and_quantising_the_base(
     tiny_flux_dev: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
     data = make_image_dataset(tmp_path / "data", 4, sizes=[(72, 64)])
-    common = {
-        "model_family": "flux",
-        "lora_rank": 4,
-        "alpha": 4,
-        "save_steps": None,
-        "max_steps": 2,
-        "batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "gradient_checkpointing": True,
-        "cache_latents": True,
-        "cache_text_encoder_outputs": True,
-        "optimizer": "adamw8bit",  # the earlier rungs have nothing left to lower
-    }
 
-    def peak(name: str, **settings) -> int:
-        job = make_job(
-            seed_like_config(tmp_path / name, tiny_flux_dev, data, simulate_vram="1TiB", **settings)
-        )
-        assert train(job) == "finished"
-        return max(e["meter_peak"] for e in events_of(job.run, "step"))
-
-    plain, fp8 = peak("plain", **common), peak("fp8", base_weights_dtype="fp8", **common)
+    plain = _metered_peak(tmp_path / "plain", tiny_flux_dev, data)
+    fp8 = _metered_peak(tmp_path / "fp8", tiny_flux_dev, data, base_weights_dtype="fp8")
     budget = (plain + fp8) // 2  # the model loads; its step needs a smaller base
 
     job = make_job(
-        seed_like_config(tmp_path / "oom", tiny_flux_dev, data, simulate_vram=str(budget), **common)
+        seed_like_config(tmp_path / "oom", tiny_flux_dev, data, simulate_vram=str(budget), **OOM_RUN)
     )
     assert train(job) == "finished"
     rungs = "+".join(e["rung"] for e in events_of(job.run, "oom")).split("+")
@@ -123,24 +127,7 @@ def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_alone(
     monkeypatch.setenv("LORATUI_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LORATUI_OOM_PLANNER", "0")  # one rung at a time: block_swap before quantise_base
     data = make_image_dataset(tmp_path / "data", 4, sizes=[(72, 64)])
-    common = {
-        "model_family": "flux",
-        "lora_rank": 4,
-        "alpha": 4,
-        "save_steps": None,
-        "max_steps": 2,
-        "batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "gradient_checkpointing": True,
-        "cache_latents": True,
-        "cache_text_encoder_outputs": True,
-        "optimizer": "adamw8bit",  # the earlier rungs have nothing left to lower
-    }
-    plain = make_job(
-        seed_like_config(tmp_path / "plain", tiny_flux_dev, data, simulate_vram="1TiB", **common)
-    )
-    assert train(plain) == "finished"
-    peak = max(e["meter_peak"] for e in events_of(plain.run, "step"))
+    peak = _metered_peak(tmp_path / "plain", tiny_flux_dev, data)
     # block swap takes the last block of each kind off the card; one swapped block is on it at the peak
     transformer = load_flux(tiny_flux_dev).transformer
     last = (transformer.transformer_blocks[-1], transformer.single_transformer_blocks[-1])
@@ -148,7 +135,7 @@ def test_a_flux_run_recovers_from_an_oom_by_swapping_blocks_alone(
     budget = peak - smaller // 2
 
     job = make_job(
-        seed_like_config(tmp_path / "oom", tiny_flux_dev, data, simulate_vram=str(budget), **common)
+        seed_like_config(tmp_path / "oom", tiny_flux_dev, data, simulate_vram=str(budget), **OOM_RUN)
     )
     assert train(job) == "finished"
     assert [e["rung"] for e in events_of(job.run, "oom")] == ["block_swap"]
